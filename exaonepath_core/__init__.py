@@ -1,0 +1,2 @@
+"""EXAONEPath compendium core package."""
+__version__ = "0.1.0"
