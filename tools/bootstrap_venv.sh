@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install the project only when its dependency spec changed.
+# Sourced by run_all.sh and run_tests.sh; sets VENV_PY. A second run costs a hash and a file read.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${EXAONEPATH_VENV:-$ROOT/.venv}"
+PYTHON_BIN="${PYTHON:-python3}"
+STAMP="$VENV/.exaonepath-install-stamp"
+
+if ! command -v "$PYTHON_BIN" >/dev/null 2>&1; then
+    echo "[bootstrap] $PYTHON_BIN not found: install Python >= 3.10 (or set PYTHON=/path/to/python3)" >&2
+    exit 2
+fi
+if ! "$PYTHON_BIN" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
+    echo "[bootstrap] Python >= 3.10 is required, found $("$PYTHON_BIN" --version 2>&1)" >&2
+    exit 2
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[bootstrap] creating $VENV"
+    "$PYTHON_BIN" -m venv "$VENV"
+fi
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/tools/bootstrap_venv.sh" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
+    echo "[bootstrap] installing exaonepath_core and its pinned dependencies into $VENV (first run: a few minutes, ~6.5 GB)"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[dev]"
+    "$VENV/bin/python" -m ipykernel install --sys-prefix --name exaonepath --display-name "Python (exaonepath)" >/dev/null
+    echo "$WANT" > "$STAMP"
+    echo "[bootstrap] environment ready"
+fi
+VENV_PY="$VENV/bin/python"
+export VENV_PY
