@@ -76,3 +76,43 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
 def read_slide_table(path: str | Path) -> pd.DataFrame:
     """Read `slides.csv` written by stage 01 (empty strings stay strings)."""
     return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/N' -> (i, N) with 0 <= i < N: this process handles the i-th of N parts of the slide list."""
+    try:
+        i, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {text!r}: need 0 <= i < N")
+    return i, n
+
+
+def tile_sets(slides: pd.DataFrame, tiles_dir: str | Path) -> list:
+    """TileSets of the given slides that tiled successfully (a slide without a coords file is skipped and
+    reported on stderr: it failed or belonged to another shard, as the stage 01 ledger says)."""
+    import sys
+
+    from exaonepath_core import tiling
+
+    sets, missing = [], []
+    for sid in slides["slide_id"]:
+        f = Path(tiles_dir) / "coords" / f"{sid}.h5"
+        if f.is_file():
+            sets.append(tiling.load_tile_set(f))
+        else:
+            missing.append(sid)
+    if missing:
+        print(f"[tile_sets] {len(missing)} slide(s) without coordinates (see 01_tiles ledger): "
+              f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}", file=sys.stderr)
+    return sets
+
+
+def tile_sources(sets: list, batch_size: int = 64) -> list:
+    """(slide_id, coords, make_batch_iterator) per slide, the input of `patch_store.normalize_slides`."""
+    from functools import partial
+
+    from exaonepath_core import tiling
+
+    return [(ts.slide_id, ts.coords, partial(tiling.read_tiles, ts, batch_size=batch_size)) for ts in sets]

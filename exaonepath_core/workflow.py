@@ -1,0 +1,488 @@
+"""Glue between stages: what the notebooks call to wire one stage's outputs into the next.
+
+Each function here is small and reads only what an earlier stage wrote (`slides.csv`, tile coordinates,
+patch stores, teacher exports, feature folders), so a stage can be rerun alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from exaonepath_core.config import REPO_ROOT, ProjectConfig, pick_device, resolve_path
+
+SYNTHETIC_TASK = "synthetic_heldout"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# small I/O
+# --------------------------------------------------------------------------------------------------------------
+def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> Path:
+    """CSV via temp file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def device(cfg: ProjectConfig) -> str:
+    """The run's device ('cuda' when present and device=auto)."""
+    return pick_device(cfg.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stage 01/02
+# --------------------------------------------------------------------------------------------------------------
+def tiling_summary(slides: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
+    """Slides, ok, failed and tiles per (source, split): the cohort summary table of stage 01."""
+    merged = slides.merge(ledger[["slide_id", "status", "reason", "n_tiles"]], on="slide_id", how="left")
+    merged["status"] = merged["status"].fillna("not run (other shard)")
+    merged["n_tiles"] = merged["n_tiles"].fillna(0).astype(int)
+    rows = []
+    for (source, split), g in merged.groupby(["source", "split"], sort=True):
+        ok = g["status"] == "ok"
+        rows.append(dict(source=source, split=split, slides=len(g), ok=int(ok.sum()),
+                         failed=int((g["status"] == "failed").sum()), tiles=int(g.loc[ok, "n_tiles"].sum()),
+                         zero_tile_slides=int((ok & (g["n_tiles"] == 0)).sum())))
+    total = pd.DataFrame(rows)
+    if len(total):
+        total.loc[len(total)] = dict(source="all", split="all", slides=int(total.slides.sum()),
+                                     ok=int(total.ok.sum()), failed=int(total.failed.sum()),
+                                     tiles=int(total.tiles.sum()), zero_tile_slides=int(total.zero_tile_slides.sum()))
+    return total
+
+
+def stain_reference(cfg: ProjectConfig):
+    """The Macenko reference: the standard H&E one, or fitted once to `normalize.reference_image`."""
+    from exaonepath_core import stain
+
+    if not cfg.normalize.reference_image:
+        return stain.MacenkoReference.default()
+    from PIL import Image
+
+    image = np.asarray(Image.open(resolve_path(cfg.normalize.reference_image)).convert("RGB"))
+    return stain.fit_reference(image, Io=cfg.normalize.Io, alpha=cfg.normalize.alpha, beta=cfg.normalize.beta)
+
+
+def normalize_summary(ledgers: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per store: slides ok/failed, patches, fallback (degenerate patches passed through unchanged)."""
+    rows = []
+    for mode, led in ledgers.items():
+        ok = led["status"] == "ok"
+        n = int(led.loc[ok, "n_patches"].sum())
+        fb = int(led.loc[ok, "n_fallback"].sum())
+        rows.append(dict(store=mode, slides_ok=int(ok.sum()), slides_failed=int((~ok).sum()), patches=n,
+                         fallback_passed_through=fb, fallback_fraction=round(fb / n, 4) if n else 0.0,
+                         failed_reasons="; ".join(sorted(set(led.loc[~ok, "reason"].astype(str))))))
+    return pd.DataFrame(rows)
+
+
+def qc_examples(tile_sets: list, reference, n_slides: int = 6) -> tuple[list, list, list]:
+    """One tissue-rich tile per slide (sites spread out) before and after Macenko, for the QC grid."""
+    import torch
+
+    from exaonepath_core import stain, tiling
+
+    chosen = _spread(tile_sets, n_slides)
+    before, titles = [], []
+    for ts in chosen:
+        if len(ts.coords) == 0:
+            continue
+        best = int(np.argmax(ts.tissue_fraction)) if len(ts.tissue_fraction) else 0
+        batch = next(iter(tiling.read_tiles(ts, indices=[best], batch_size=1)))
+        before.append(batch[0])
+        titles.append(ts.slide_id)
+    if not before:
+        return [], [], []
+    out, _ = stain.macenko_normalize_batch(torch.from_numpy(np.stack(before)), reference)
+    return before, list(out.numpy()), titles
+
+
+def _spread(items: list, n: int) -> list:
+    if len(items) <= n:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in idx]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stage 03
+# --------------------------------------------------------------------------------------------------------------
+def write_pretrain_config(cfg: ProjectConfig, arm: str, normalize_dir: Path, out_dir: Path) -> Path:
+    """The flat pretraining YAML of one arm: same settings and seed for every arm, only the input differs."""
+    import yaml
+
+    from exaonepath_core.training import PretrainConfig
+
+    settings = dict(cfg.pretrain)
+    on_the_fly = bool(settings.get("normalize_on_the_fly", False)) and arm == "macenko"
+    store = "macenko" if arm == "macenko" and not on_the_fly else "raw"
+    settings.update(
+        data_root=str(Path(normalize_dir) / store),
+        input_arm=arm,
+        normalize_on_the_fly=on_the_fly,
+        macenko_reference=str(Path(normalize_dir) / "reference.json"),
+        output_dir=str(out_dir),
+        seed=cfg.seed,
+        device=cfg.device,
+    )
+    PretrainConfig.from_mapping(settings)  # validate now, with the key named, rather than in the subprocess
+    path = Path(out_dir) / "pretrain.yaml"
+    tmp = path.with_name(".pretrain.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(settings, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1, force: bool = False) -> dict:
+    """Run `exaonepath_core.training` in a subprocess (torchrun when nproc > 1); resume when a checkpoint exists.
+
+    A finished run (teacher export present and newer than the config) is reused unless `force`.
+    The subprocess's output goes to `train_stdout.log`; on failure its tail is raised in the error.
+    """
+    out_dir = Path(out_dir)
+    teacher = out_dir / "teacher_backbone.pth"
+    summary_path = out_dir / "summary.json"
+    if not force and teacher.is_file() and summary_path.is_file() and \
+            summary_path.stat().st_mtime >= Path(pretrain_yaml).stat().st_mtime:
+        return {**json.loads(summary_path.read_text()), "reused": True}
+    args = ["--config", str(pretrain_yaml)]
+    if not force and (out_dir / "checkpoint.pth").is_file():
+        args.append("--resume")
+    if nproc_per_node > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc_per_node}", "-m", "exaonepath_core.training", *args]
+    else:
+        cmd = [sys.executable, "-m", "exaonepath_core.training", *args]
+    log_path = out_dir / "train_stdout.log"
+    print("running:", " ".join(cmd), flush=True)
+    t0 = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "a") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+    tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+    if proc.returncode != 0:
+        raise RuntimeError(f"pretraining exited with code {proc.returncode}; last lines of {log_path}:\n{tail}")
+    records = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines() if x.strip()]
+    first = records[: max(1, len(records) // 10)]
+    last = records[-max(1, len(records) // 10):]
+    summary = dict(
+        steps=int(records[-1].get("step", len(records))) if records else 0,
+        seconds=round(time.time() - t0, 1),
+        loss_first=float(np.mean([r["loss"] for r in first])) if records else float("nan"),
+        loss_last=float(np.mean([r["loss"] for r in last])) if records else float("nan"),
+        teacher_entropy_last=float(np.mean([r.get("teacher_entropy", np.nan) for r in last])) if records else None,
+        img_per_s=float(np.nanmean([r.get("img_per_s", np.nan) for r in last])) if records else None,
+        resumed="--resume" in args,
+    )
+    tmp = summary_path.with_name(".summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, summary_path)
+    print(tail)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stage 04
+# --------------------------------------------------------------------------------------------------------------
+def backbone_specs(cfg: ProjectConfig, pretrain_dir: Path) -> dict[str, str]:
+    """Backbones to embed with: each arm's teacher plus `features.extra_backbones`."""
+    specs = {f"dino_{arm}": f"ours:{Path(pretrain_dir) / arm / 'teacher_backbone.pth'}" for arm in cfg.arms}
+    for spec in cfg.features.extra_backbones:
+        name = spec.split(":", 1)[0] + "_" + Path(spec.split(":", 1)[-1]).stem
+        specs[name.replace("/", "_")] = spec
+    return specs
+
+
+def load_backbone_with_transform(spec: str, cfg: ProjectConfig, normalize_dir: Path):
+    """Model (eval, on the run's device), its batch transform, and info. The macenko arm's teacher sees
+    Macenko-normalized inputs (the same reference as its training data), the others raw inputs."""
+    from exaonepath_core import backbones
+
+    dev = device(cfg)
+    macenko = None
+    if spec.startswith("ours:") and Path(spec[5:]).parent.name == "macenko":
+        from exaonepath_core.stain import MacenkoReference
+
+        macenko = MacenkoReference.from_json(Path(normalize_dir) / "reference.json")
+    model, info = backbones.load_backbone(spec)
+    transform = backbones.make_transform(info, macenko_reference=macenko) if macenko is not None \
+        else backbones.make_transform(info)
+    return model.to(dev).eval(), transform, info
+
+
+class SyntheticTileDataset:
+    """Held-out synthetic tiles: (uint8 HWC, tissue class, 'slide|x|y'); tiles of no single class get -1."""
+
+    def __init__(self, tile_sets: list, sidecars: dict[str, str]):
+        from exaonepath_core import synthetic, tiling
+
+        self._tiles = tiling.TileDataset(tile_sets)
+        labels = []
+        for ts in tile_sets:
+            if len(ts.coords):
+                labels.append(synthetic.tile_class_labels(sidecars[ts.slide_id], ts.coords, ts.level0_patch_size))
+        self.labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+        assert len(self.labels) == len(self._tiles), (len(self.labels), len(self._tiles))
+
+    def __len__(self) -> int:
+        return len(self._tiles)
+
+    def __getitem__(self, i: int):
+        image, slide_id, x, y = self._tiles[i]
+        return image, int(self.labels[i]), f"{slide_id}|{int(x)}|{int(y)}"
+
+
+def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dict[str, Any]]:
+    """Datasets to embed: held-out synthetic slides (when generated) and each configured downstream root."""
+    from exaonepath_core import cohort, downstream
+
+    out: dict[str, dict[str, Any]] = {}
+    slides = cohort.read_slide_table(Path(tiles_stage_dir) / "slides.csv")
+    held = slides[(slides.source == "synthetic") & (slides.split == "heldout")]
+    if len(held):
+        tiles_dir = Path(json.loads((Path(tiles_stage_dir) / "tiles.json").read_text())["tiles_dir"])
+        sets = cohort.tile_sets(held, tiles_dir)
+        ds = SyntheticTileDataset(sets, dict(zip(held.slide_id, held.sidecar)))
+        out[SYNTHETIC_TASK] = {"status": "present", "splits": {"all": ds}, "n": len(ds)}
+    for name, root in cfg.data.downstream_roots.items():
+        root_path = resolve_path(root)
+        try:
+            splits = {split: downstream.get_dataset(name, root_path, split, strict=cfg.profile == "paper")
+                      for split in downstream.splits_of(name)}
+            if cfg.features.max_samples_per_split:
+                splits = {k: _subset(v, cfg.features.max_samples_per_split, cfg.seed) for k, v in splits.items()}
+            out[name] = {"status": "present", "splits": splits, "n": sum(len(v) for v in splits.values())}
+        except Exception as err:  # absent or incomplete: reported, never faked
+            out[name] = {"status": f"absent: {type(err).__name__}: {err}", "splits": {}, "n": 0}
+    return out
+
+
+def _subset(ds, n: int, seed: int):
+    import torch
+
+    if len(ds) <= n:
+        return ds
+    idx = np.sort(np.random.default_rng(seed).choice(len(ds), n, replace=False))
+    return torch.utils.data.Subset(ds, idx.tolist())
+
+
+def dataset_status_table(datasets: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per dataset: present/absent (with the reason) and sample counts per split."""
+    rows = []
+    for name, entry in datasets.items():
+        rows.append(dict(dataset=name, status=entry["status"].split(":")[0], detail=entry["status"],
+                         n=entry["n"], splits=",".join(f"{k}={len(v)}" for k, v in entry["splits"].items())))
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stage 05
+# --------------------------------------------------------------------------------------------------------------
+def _slide_of(ids: np.ndarray) -> np.ndarray:
+    return np.array([s.split("|", 1)[0] for s in ids])
+
+
+def synthetic_probe_split(ids: np.ndarray, labels: np.ndarray, slide_site: dict[str, str]) -> np.ndarray:
+    """Leave-slides-out split of the held-out synthetic tiles: within each site alternate slides go to train
+    and test, so the tissue-class probe is scored on slides it never saw. Returns a bool 'is_train' mask."""
+    slides = _slide_of(ids)
+    train_slides = set()
+    by_site: dict[str, list[str]] = {}
+    for s in sorted(set(slides)):
+        by_site.setdefault(slide_site.get(s, "?"), []).append(s)
+    for site_slides in by_site.values():
+        train_slides.update(site_slides[::2])
+    if len(train_slides) == len(set(slides)):  # one slide per site: split tiles of each slide by position
+        return (np.arange(len(ids)) % 2) == 0
+    return np.isin(slides, sorted(train_slides))
+
+
+def run_all_probes(cfg: ProjectConfig, features_dir: Path) -> pd.DataFrame:
+    """Every (backbone, task) present: logistic probe and kNN, several seeds, long-format results."""
+    from exaonepath_core import features, probes
+
+    features_dir = Path(features_dir)
+    slides = _slides_table(cfg)
+    slide_site = dict(zip(slides.slide_id, slides.site)) if slides is not None else {}
+    frames = []
+    for bdir in sorted(p for p in features_dir.iterdir() if p.is_dir()):
+        for ddir in sorted(p for p in bdir.iterdir() if p.is_dir()):
+            splits = {s.name: features.load_features(s) for s in ddir.iterdir() if (s / "manifest.json").is_file()}
+            if ddir.name == SYNTHETIC_TASK and "all" in splits:
+                X, y, ids, _ = splits["all"]
+                keep = y >= 0
+                is_train = synthetic_probe_split(np.asarray(ids), y, slide_site)
+                tr, te = keep & is_train, keep & ~is_train
+                data = dict(Xtr=X[tr], ytr=y[tr], Xval=None, yval=None, Xte=X[te], yte=y[te])
+                note = f"{int((~keep).sum())} mixed/background tiles without a class excluded"
+            elif "train" in splits and "test" in splits:
+                Xtr, ytr, _, _ = splits["train"]
+                Xte, yte, _, _ = splits["test"]
+                Xval, yval = (splits["valid"][0], splits["valid"][1]) if "valid" in splits else (None, None)
+                data = dict(Xtr=Xtr, ytr=ytr, Xval=Xval, yval=yval, Xte=Xte, yte=yte)
+                note = ""
+            else:
+                continue
+            df = probes.evaluate_task(task=ddir.name, backbone=bdir.name, seeds=cfg.probes.seeds,
+                                      n_boot=cfg.probes.n_boot, knn_k=cfg.probes.knn_k, **data)
+            df["note"] = note
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _slides_table(cfg: ProjectConfig) -> pd.DataFrame | None:
+    from exaonepath_core import cohort
+    from exaonepath_core.paths import ResultsPaths
+
+    p = ResultsPaths.for_profile(cfg.profile, cfg.results_root).stage_dir("01", create=False) / "slides.csv"
+    return cohort.read_slide_table(p) if p.is_file() else None
+
+
+def probe_summary(results: pd.DataFrame, features_dir: Path) -> pd.DataFrame:
+    """Top-1 accuracy per (task, backbone) beside the paper's numbers; the paper's tasks absent here say so."""
+    from exaonepath_core import probes
+
+    status_csv = Path(features_dir) / "datasets.csv"
+    status = pd.read_csv(status_csv) if status_csv.is_file() else None
+    return probes.summary_table(results, dataset_status=status)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stage 06
+# --------------------------------------------------------------------------------------------------------------
+def collapse_by_arm(cfg: ProjectConfig, features_dir: Path) -> tuple[pd.DataFrame, dict]:
+    """Collapse metrics of every backbone's held-out synthetic features, plus 2-D embeddings for the figure."""
+    from exaonepath_core import collapse, features, figures
+
+    slides = _slides_table(cfg)
+    slide_site = dict(zip(slides.slide_id, slides.site)) if slides is not None else {}
+    frames, embeds = [], {}
+    for bdir in sorted(p for p in Path(features_dir).iterdir() if p.is_dir()):
+        fdir = bdir / SYNTHETIC_TASK / "all"
+        if not (fdir / "manifest.json").is_file():
+            continue
+        X, y, ids, _ = features.load_features(fdir)
+        slide_ids = _slide_of(np.asarray(ids))
+        sites = np.array([slide_site.get(s, "?") for s in slide_ids])
+        df = collapse.collapse_metrics(X, slide_ids, class_labels=y, site_ids=sites, k=cfg.collapse.k,
+                                       n_boot=cfg.collapse.n_boot, seed=cfg.seed)
+        arm = bdir.name.removeprefix("dino_")
+        df.insert(0, "arm", arm)
+        frames.append(df)
+        xy_idx = np.random.default_rng(cfg.seed).permutation(len(X))[: cfg.collapse.max_points]
+        xy = figures.embedding_2d(X[xy_idx], method=cfg.collapse.embedding, max_points=cfg.collapse.max_points,
+                                  seed=cfg.seed)
+        embeds[arm] = (xy, slide_ids[xy_idx], y[xy_idx], sites[xy_idx])
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), embeds
+
+
+def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.DataFrame:
+    """The paper's claim checked per non-raw arm against raw: slide identifiability lower, class kept."""
+    if metrics.empty or "raw" not in set(metrics["arm"]):
+        return pd.DataFrame()
+    value = metrics.pivot_table(index="metric", columns="arm", values="value", aggfunc="first")
+    rows = []
+    slide_metrics = [m for m in ("slide_probe_accuracy", "same_slide_neighbor_fraction", "site_probe_accuracy",
+                                 "same_site_neighbor_fraction") if m in value.index]
+    class_metric = next((m for m in ("loso_knn_class_accuracy", "class_probe_accuracy") if m in value.index), None)
+    for arm in value.columns:
+        if arm == "raw":
+            continue
+        row = {"arm": arm}
+        for m in slide_metrics:
+            row[f"{m}_raw"] = value.loc[m, "raw"]
+            row[f"{m}_{arm}"] = value.loc[m, arm]
+            row[f"{m}_lower"] = bool(value.loc[m, arm] < value.loc[m, "raw"])
+        if class_metric:
+            drop = value.loc[class_metric, "raw"] - value.loc[class_metric, arm]
+            row[f"{class_metric}_drop"] = drop
+            row["class_kept"] = bool(drop <= class_margin)
+        main = [row.get(f"{m}_lower") for m in ("slide_probe_accuracy", "same_slide_neighbor_fraction")
+                if f"{m}_lower" in row]
+        row["claim_holds"] = bool(main and all(main) and row.get("class_kept", True))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stage 07
+# --------------------------------------------------------------------------------------------------------------
+def report_items(cfg: ProjectConfig, paths) -> tuple[list, dict[str, pd.DataFrame]]:
+    """Every figure and table of the run with one line of context, and the tables stage 07 writes."""
+    from exaonepath_core.report import ReportItem
+
+    s = {k: paths.stage_dir(k, create=False) for k in ("01", "02", "03", "04", "05", "06", "07")}
+    items: list[ReportItem] = []
+    tiles_json = s["01"] / "tiles.json"
+    tiles_dir = Path(json.loads(tiles_json.read_text())["tiles_dir"]) if tiles_json.is_file() else s["01"]
+    items.append(ReportItem("01 Tiling", s["01"] / "tiling_summary.csv", "slides, failures and tiles per source"))
+    for qc in sorted(tiles_dir.glob("qc/*.png"), key=lambda p: (not p.stem.startswith("CMU"), p.name))[:4]:
+        items.append(ReportItem("01 Tiling", qc, f"tissue mask and tile grid of {qc.stem}"))
+    items.append(ReportItem("01 Tiling", s["01"] / "synthetic_examples.png",
+                            "synthetic cohort: tissue classes (rows) by site (columns)"))
+    items.append(ReportItem("02 Stain normalization", s["02"] / "normalize_summary.csv",
+                            "patches per store and degenerate patches passed through (counted, not dropped)"))
+    items.append(ReportItem("02 Stain normalization", s["02"] / "stain_qc.png", "before / after Macenko"))
+    curves = []
+    for arm in cfg.arms:
+        items.append(ReportItem("03 DINO pretraining", s["03"] / arm / "training_curves.png",
+                                f"arm {arm}: loss, schedules, teacher entropy"))
+        sp = s["03"] / arm / "summary.json"
+        if sp.is_file():
+            curves.append({"arm": arm, **json.loads(sp.read_text())})
+    tables: dict[str, pd.DataFrame] = {}
+    if curves:
+        tables["pretraining_summary"] = pd.DataFrame(curves)
+        items.append(ReportItem("03 DINO pretraining", s["07"] / "pretraining_summary.csv",
+                                "steps, first/last loss, teacher entropy, img/s per arm"))
+    items.append(ReportItem("04 Features", s["04"] / "datasets.csv", "datasets present or absent (with reason)"))
+    items.append(ReportItem("04 Features", s["04"] / "features_index.csv", "feature sets written"))
+    items.append(ReportItem("05 Linear probes", s["05"] / "probe_summary.csv",
+                            "top-1 accuracy per task and backbone beside the paper's reported numbers"))
+    items.append(ReportItem("05 Linear probes", s["05"] / "probe_results.png", "probe metrics with 95% intervals"))
+    items.append(ReportItem("05 Linear probes", s["05"] / "probe_results_long.csv", "every probe, seed and metric"))
+    items.append(ReportItem("06 Feature collapse", s["06"] / "collapse_verdict.csv",
+                            "the paper's claim per arm vs raw: slide identifiability lower, tissue class kept"))
+    items.append(ReportItem("06 Feature collapse", s["06"] / "collapse_metrics.png", "collapse metrics per arm"))
+    items.append(ReportItem("06 Feature collapse", s["06"] / "embeddings_by_arm.png",
+                            "embeddings coloured by slide, class and site, one column per arm"))
+    items.append(ReportItem("06 Feature collapse", s["06"] / "collapse_metrics.csv", "all collapse metrics"))
+    summary_csv = s["05"] / "probe_summary.csv"
+    if summary_csv.is_file():
+        tables["paper_table"] = pd.read_csv(summary_csv)
+        items.insert(0, ReportItem("Headline", s["07"] / "paper_table.csv",
+                                   "six-task table beside the paper (absent datasets marked absent)"))
+    for nb in sorted(paths.notebooks_dir.glob("*.ipynb")):
+        items.append(ReportItem("Executed notebooks", nb, "executed copy with outputs"))
+    return items, tables
+
+
+def report_preamble(cfg: ProjectConfig, paths) -> str:
+    """A paragraph: profile, git state, time per stage from the done-markers."""
+    import html
+
+    from exaonepath_core.paths import STAGES
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=REPO_ROOT).stdout.strip()
+    except OSError:
+        sha = "?"
+    times = []
+    for key, (nb, _) in STAGES.items():
+        marker = paths.done_marker(key)
+        if marker.is_file():
+            times.append(f"{nb}: {json.loads(marker.read_text()).get('seconds', '?')} s")
+    return (f"<p>Profile <b>{html.escape(cfg.profile)}</b>, git {html.escape(sha)}, device {device(cfg)}. "
+            f"Stage times: {html.escape('; '.join(times) or 'n/a')}. Resolved config: "
+            f"<a href='config.yaml'>config.yaml</a>.</p>")

@@ -1,0 +1,273 @@
+"""Write notebooks/*.ipynb (stored without outputs) from the cell sources below.
+
+Edit a stage here or in JupyterLab; if you edit here, run `.venv/bin/python tools/build_notebooks.py`.
+tests/test_notebooks.py checks the stored notebooks carry a tagged `parameters` cell, no outputs and no
+function or class definitions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PARAMS = '''# Parameters (papermill injects the run's values below this cell)
+config_path = "results/smoke/config.yaml"
+profile = "smoke"
+force = False
+'''
+
+SETUP = '''import json
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+from IPython.display import Image, display
+
+from exaonepath_core.config import load_config, save_config, resolve_path
+from exaonepath_core.paths import ResultsPaths, write_json_atomic
+
+matplotlib.use("Agg")
+cfg = load_config(config_path)
+paths = ResultsPaths.for_profile(cfg.profile, cfg.results_root)
+'''
+
+NOTEBOOKS: dict[str, list[tuple[str, str]]] = {}
+
+NOTEBOOKS["01_tile_slides"] = [
+    ("md", "# 01 · Tile slides\n\nCollect the run's slides (the real CC0 slide `CMU-1-Small-Region.svs`, the synthetic "
+           "multi-site cohort, real slide folders), detect tissue on a low-resolution level, lay a grid at the target "
+           "mpp and store level-0 coordinates per slide with a per-slide ledger. Outputs: `results/<profile>/01_tiles/`."),
+    ("code", PARAMS),
+    ("code", SETUP + '''from exaonepath_core import cohort, workflow, tiling
+
+out = paths.stage_dir("01")
+save_config(cfg, out / "config.yaml")
+slides = cohort.build_slide_table(cfg)
+workflow.write_csv_atomic(slides, out / "slides.csv")
+print(slides.groupby(["source", "split"]).size().rename("slides").to_string())
+'''),
+    ("md", "## Tiling with a per-slide ledger (rerun skips finished slides; failed ones retried with `force`)"),
+    ("code", '''params = tiling.TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
+                             overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction)
+tiles_dir = out / params.folder_name()
+overrides = {p: cfg.data.mpp_override for p in slides.path} if cfg.data.mpp_override else None
+ledger = tiling.tile_cohort(list(slides.path), tiles_dir, params, workers=cfg.tiling.workers,
+                            shard=cohort.parse_shard(cfg.tiling.shard), force=force, mpp_overrides=overrides)
+write_json_atomic(out / "tiles.json", {"tiles_dir": str(tiles_dir), "params": params.folder_name()})
+summary = workflow.tiling_summary(slides, ledger)
+workflow.write_csv_atomic(summary, out / "tiling_summary.csv")
+summary
+'''),
+    ("code", '''failed = ledger[ledger.status != "ok"]
+print(f"{len(ledger)} slides, {int((ledger.status == 'ok').sum())} ok, {len(failed)} failed, "
+      f"{int(ledger.n_tiles.fillna(0).sum())} tiles")
+if len(failed):
+    display(failed)
+'''),
+    ("md", "## QC: tissue mask and tile grid"),
+    ("code", '''qc = sorted(tiles_dir.glob("qc/*.png"))
+cmu_first = sorted(qc, key=lambda p: (not p.stem.startswith("CMU"), p.name))[: cfg.tiling.qc_figures]
+for p in cmu_first:
+    display(Image(filename=str(p)))
+'''),
+    ("md", "## The synthetic cohort: example tiles per tissue class (rows) and per site (columns)"),
+    ("code", '''if cfg.data.synthetic.enabled:
+    from exaonepath_core import synthetic
+
+    manifest = pd.read_csv(cohort.synthetic_cohort_dir(cfg) / "manifest.csv")
+    synthetic.plot_cohort_examples(manifest, out / "synthetic_examples.png")
+    display(Image(filename=str(out / "synthetic_examples.png")))
+'''),
+]
+
+NOTEBOOKS["02_normalize_stains"] = [
+    ("md", "# 02 · Normalize stains (Macenko) into patch stores\n\nThe paper normalizes every patch with Macenko "
+           "(Io=240, alpha=1, beta=0.15) before pretraining. We write the pretraining slides' tiles once into sharded "
+           "stores, one per input (`raw`, `macenko`); degenerate patches (background) pass through unchanged and are "
+           "counted, never dropped. Outputs: `results/<profile>/02_normalize/`."),
+    ("code", PARAMS),
+    ("code", SETUP + '''import numpy as np
+from exaonepath_core import cohort, workflow, patch_store, stain
+
+out = paths.stage_dir("02")
+save_config(cfg, out / "config.yaml")
+slides = cohort.read_slide_table(paths.stage_dir("01") / "slides.csv")
+tiles_dir = Path(json.loads((paths.stage_dir("01") / "tiles.json").read_text())["tiles_dir"])
+reference = workflow.stain_reference(cfg)
+reference.to_json(out / "reference.json")
+print("reference stain matrix (columns H, E):\\n", np.round(reference.stain_matrix, 4),
+      "\\nmax concentrations:", np.round(reference.max_concentrations, 4))
+'''),
+    ("code", '''train_sets = cohort.tile_sets(slides[slides.split == "train"], tiles_dir)
+sources = cohort.tile_sources(train_sets, batch_size=cfg.normalize.batch_size)
+ledgers = {}
+for mode in cfg.normalize.stores:
+    ledgers[mode] = patch_store.normalize_slides(
+        sources, out / mode, mode=mode, reference=reference if mode == "macenko" else None,
+        batch_size=cfg.normalize.batch_size, device=workflow.device(cfg),
+        shard=cohort.parse_shard(cfg.normalize.shard), force=force)
+counts = workflow.normalize_summary(ledgers)
+workflow.write_csv_atomic(counts, out / "normalize_summary.csv")
+counts
+'''),
+    ("md", "## QC: before / after Macenko for several slides"),
+    ("code", '''before, after, titles = workflow.qc_examples(train_sets, reference, n_slides=6)
+stain.plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
+display(Image(filename=str(out / "stain_qc.png")))
+'''),
+]
+
+NOTEBOOKS["03_pretrain_dino"] = [
+    ("md", "# 03 · DINO pretraining (one arm per run)\n\nThe runner executes this notebook once per arm "
+           "(`raw`, `macenko` = the paper, `stain_augmentation`), each with the same seed, data order and steps. "
+           "Training runs in a subprocess through `torchrun` (DDP) or plain python; an interrupted run resumes from "
+           "its last checkpoint. Outputs: `results/<profile>/03_pretrain/<arm>/`."),
+    ("code", PARAMS + 'arm = "macenko"\n'),
+    ("code", SETUP + '''from exaonepath_core import cohort, workflow, training
+
+out = paths.stage_dir("03") / arm
+out.mkdir(parents=True, exist_ok=True)
+save_config(cfg, out / "config.yaml")
+pretrain_yaml = workflow.write_pretrain_config(cfg, arm, paths.stage_dir("02"), out)
+print(pretrain_yaml.read_text())
+'''),
+    ("code", '''summary = workflow.run_pretraining(pretrain_yaml, out, nproc_per_node=cfg.nproc_per_node, force=force)
+summary
+'''),
+    ("md", "## Training curves: loss, schedules, teacher entropy and centre (collapse watch)"),
+    ("code", '''training.plot_training_curves(out / "log.jsonl", out / "training_curves.png")
+display(Image(filename=str(out / "training_curves.png")))
+'''),
+]
+
+NOTEBOOKS["04_extract_features"] = [
+    ("md", "# 04 · Frozen features\n\nEvery backbone (each pretraining arm's teacher, plus any configured timm model "
+           "or the official EXAONEPath checkpoint) embeds every dataset once with its own preprocessing: the held-out "
+           "synthetic slides (slide, site and tissue labels known) and each real downstream dataset present on disk. "
+           "Outputs: `results/<profile>/04_features/<backbone>/<dataset>/<split>/`."),
+    ("code", PARAMS),
+    ("code", SETUP + '''from exaonepath_core import cohort, workflow, features
+
+out = paths.stage_dir("04")
+save_config(cfg, out / "config.yaml")
+backbones = workflow.backbone_specs(cfg, paths.stage_dir("03"))
+datasets = workflow.feature_datasets(cfg, paths.stage_dir("01"))
+print("backbones:", list(backbones))
+print("datasets:", {k: v["status"] for k, v in datasets.items()})
+'''),
+    ("code", '''rows = []
+for bname, spec in backbones.items():
+    model, transform, info = workflow.load_backbone_with_transform(spec, cfg, paths.stage_dir("02"))
+    for dname, entry in datasets.items():
+        if entry["status"] != "present":
+            continue
+        for split, ds in entry["splits"].items():
+            target = out / bname / dname / split
+            done = (target / "manifest.json").is_file() and not force
+            if not done:
+                features.extract_features(model, transform, ds, target, batch_size=cfg.features.batch_size,
+                                          num_workers=cfg.features.num_workers, device=workflow.device(cfg),
+                                          overwrite=force)
+            m = json.loads((target / "manifest.json").read_text())
+            rows.append(dict(backbone=bname, dataset=dname, split=split, n=m.get("n"), dim=m.get("dim"),
+                             reused=done))
+table = pd.DataFrame(rows)
+workflow.write_csv_atomic(table, out / "features_index.csv")
+workflow.write_csv_atomic(workflow.dataset_status_table(datasets), out / "datasets.csv")
+table
+'''),
+]
+
+NOTEBOOKS["05_linear_probes"] = [
+    ("md", "# 05 · Linear probes\n\nL2 logistic regression on frozen features (regularisation chosen on the "
+           "validation split), kNN (k=20, cosine) as a second view; top-1 accuracy (the paper's metric), balanced "
+           "accuracy, macro F1, AUROC, each with a bootstrap 95% interval, over several seeds. Absent datasets are "
+           "listed as absent, never faked. Outputs: `results/<profile>/05_probes/`."),
+    ("code", PARAMS),
+    ("code", SETUP + '''from exaonepath_core import cohort, workflow, probes
+
+out = paths.stage_dir("05")
+save_config(cfg, out / "config.yaml")
+results = workflow.run_all_probes(cfg, paths.stage_dir("04"))
+workflow.write_csv_atomic(results, out / "probe_results_long.csv")
+summary = workflow.probe_summary(results, paths.stage_dir("04"))
+workflow.write_csv_atomic(summary, out / "probe_summary.csv")
+summary
+'''),
+    ("code", '''probes.plot_probe_results(results, out / "probe_results.png")
+display(Image(filename=str(out / "probe_results.png")))
+'''),
+]
+
+NOTEBOOKS["06_feature_collapse"] = [
+    ("md", "# 06 · WSI-specific feature collapse, measured\n\nOn features of held-out slides: slide-ID probe "
+           "accuracy (vs chance), same-slide fraction among the k nearest neighbours, silhouette by slide and by "
+           "class, and the within-slide vs leave-one-slide-out kNN gap, with bootstrap intervals over slides; "
+           "per-site versions. The paper's claim: normalization lowers slide identifiability while tissue class "
+           "stays predictable. Outputs: `results/<profile>/06_collapse/`."),
+    ("code", PARAMS),
+    ("code", SETUP + '''from exaonepath_core import cohort, workflow, collapse, figures
+
+out = paths.stage_dir("06")
+save_config(cfg, out / "config.yaml")
+figures.set_style()
+metrics, embeds = workflow.collapse_by_arm(cfg, paths.stage_dir("04"))
+workflow.write_csv_atomic(metrics, out / "collapse_metrics.csv")
+verdict = workflow.collapse_verdict(metrics)
+workflow.write_csv_atomic(verdict, out / "collapse_verdict.csv")
+verdict
+'''),
+    ("code", '''figures.plot_collapse_bars(metrics, out / "collapse_metrics.png")
+figures.plot_embeddings_by_arm(embeds, out / "embeddings_by_arm.png")
+display(Image(filename=str(out / "collapse_metrics.png")))
+display(Image(filename=str(out / "embeddings_by_arm.png")))
+'''),
+]
+
+NOTEBOOKS["07_figures_and_tables"] = [
+    ("md", "# 07 · Figures and tables\n\nGathers every stage's outputs: the probe table beside the paper's reported "
+           "numbers, the collapse figure per arm, QC figures and training curves, and writes "
+           "`results/<profile>/index.html` linking each with one line of context."),
+    ("code", PARAMS),
+    ("code", SETUP + '''from exaonepath_core import cohort, workflow, report
+
+out = paths.stage_dir("07")
+save_config(cfg, out / "config.yaml")
+items, tables = workflow.report_items(cfg, paths)
+for name, df in tables.items():
+    workflow.write_csv_atomic(df, out / f"{name}.csv")
+index = report.write_index_html(paths.profile_dir, items, title=f"EXAONEPath compendium — {cfg.profile} run",
+                                preamble=workflow.report_preamble(cfg, paths))
+missing = [p for p in report.linked_files(index) if not p.exists()]
+assert not missing, missing
+print(index, len(items), "items")
+tables.get("paper_table")
+'''),
+]
+
+
+def build() -> list[Path]:
+    """Write every notebook; returns their paths."""
+    written = []
+    for name, cells in NOTEBOOKS.items():
+        nb = nbformat.v4.new_notebook()
+        for kind, src in cells:
+            cell = nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
+            if kind == "code" and src.startswith("# Parameters"):
+                cell.metadata["tags"] = ["parameters"]
+            cell.pop("id", None)
+            nb.cells.append(cell)
+        nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+        nb.metadata["language_info"] = {"name": "python"}
+        path = ROOT / "notebooks" / f"{name}.ipynb"
+        path.parent.mkdir(exist_ok=True)
+        nbformat.write(nb, path)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in build():
+        print(p.relative_to(ROOT))
