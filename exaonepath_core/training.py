@@ -1,0 +1,867 @@
+"""DINO pretraining loop: data, networks, loss, optimizer, schedules, resume, loop (as dino's `train_dino()`).
+
+Single process: `python -m exaonepath_core.training --config PRETRAIN.yaml [--resume] [--output-dir DIR]
+[--set key=value ...]`. Multi-GPU / multi-node: the same command under `torchrun --nproc_per_node=G ...` runs DDP
+(NCCL on GPU, gloo on CPU); every collective is guarded by `dist.is_initialized()`.
+
+Exact resume: each epoch's data order is a seeded per-rank permutation, each sample's augmentations are seeded
+from (seed, epoch, index), schedules are indexed by the global step, and the RNG state (drop-path) is saved with
+the checkpoint; a resumed run skips the first k batches of the interrupted epoch without loading them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from exaonepath_core import dino
+from exaonepath_core.backbones import create_backbone
+from exaonepath_core.schedules import cosine_schedule, warmup_then_constant
+
+INPUT_ARMS = ("raw", "macenko", "stain_augmentation")
+CHECKPOINT_NAME = "checkpoint.pth"
+TEACHER_EXPORT_NAME = "teacher_backbone.pth"
+LOG_NAME = "log.jsonl"
+# settings a resumed run may change without breaking "same step, same schedules, same data order"
+RESUME_MUTABLE_KEYS = frozenset(
+    {"max_steps", "output_dir", "num_workers", "saveckp_freq", "keep_numbered_checkpoints", "log_every",
+     "compile", "device", "data_root", "progress_bar"}
+)
+
+
+class ConfigError(ValueError):
+    """A pretraining setting is unknown, mistyped or inconsistent."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped without touching the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class PretrainConfig:
+    """Every setting of a DINO pretraining run (defaults: the DINO ViT recipe; the smoke profile overrides sizes)."""
+
+    # model
+    arch: str = "vit_base_patch16_224"
+    patch_size: int | None = None
+    drop_path_rate: float = 0.1
+    out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    norm_last_layer: bool = True
+    # multi-crop
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    n_local_crops: int = 8
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # optimisation (lr is the base rate for a total batch of 256, scaled linearly as DINO)
+    epochs: int = 100
+    batch_size_per_gpu: int = 64
+    lr: float = 0.0005
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer: int = 1
+    # DINO loss and teacher
+    momentum_teacher: float = 0.996
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    # speed
+    use_amp: bool = True  # bf16 autocast, applied on CUDA only (CPUs without AMX run bf16 slower than fp32)
+    fused_adamw: bool = True
+    compile: bool = False
+    channels_last: bool = False
+    num_workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+    # data
+    data_root: str = ""
+    input_arm: str = "macenko"  # raw | macenko | stain_augmentation
+    normalize_on_the_fly: bool = False  # macenko arm only: read a raw store, normalise each batch on the device
+    macenko_reference: str = ""  # JSON written by stain.MacenkoReference.to_json; empty: the standard reference
+    # run
+    seed: int = 0
+    deterministic: bool = False
+    saveckp_freq: int = 1000
+    keep_numbered_checkpoints: bool = False
+    log_every: int = 1
+    progress_bar: bool = True
+    max_steps: int | None = None
+    output_dir: str = "results/smoke/03_pretrain"
+
+    def __post_init__(self) -> None:
+        if self.input_arm not in INPUT_ARMS:
+            raise ConfigError(f"input_arm must be one of {INPUT_ARMS}, got {self.input_arm!r}")
+        if self.normalize_on_the_fly and self.input_arm != "macenko":
+            raise ConfigError("normalize_on_the_fly applies to input_arm 'macenko' only (it reads a raw store)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("epochs", "batch_size_per_gpu", "out_dim", "global_crop_size", "local_crop_size",
+                     "saveckp_freq", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must lie in [0, epochs={self.epochs}]")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"max_steps must be >= 0 or null, got {self.max_steps}")
+        for name in ("global_crop_scale", "local_crop_scale", "blur_sigma"):
+            if len(getattr(self, name)) != 2:
+                raise ConfigError(f"{name} must hold two numbers, got {getattr(self, name)}")
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any]) -> PretrainConfig:
+        """Build from a flat mapping; unknown keys and mistyped values raise ConfigError naming them."""
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"a pretraining config must be a flat mapping, got {type(mapping).__name__}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise ConfigError(f"unknown pretraining config key(s): {', '.join(unknown)}")
+        return cls(**{key: _coerce(key, hints[key], value) for key, value in mapping.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> PretrainConfig:
+        """Load a flat YAML mapping (an empty file gives the defaults)."""
+        import yaml
+
+        with open(path) as handle:
+            mapping = yaml.safe_load(handle) or {}
+        try:
+            return cls.from_mapping(mapping)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def with_overrides(self, assignments: Sequence[str]) -> PretrainConfig:
+        """A copy with `key=value` assignments applied (values parsed as YAML scalars/lists)."""
+        import yaml
+
+        mapping = dataclasses.asdict(self)
+        for assignment in assignments:
+            key, sep, text = assignment.partition("=")
+            if not sep:
+                raise ConfigError(f"--set expects key=value, got {assignment!r}")
+            mapping[key.strip()] = yaml.safe_load(text)
+        return type(self).from_mapping(mapping)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every setting."""
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check a YAML value against a field's annotation; ints are accepted where floats are expected."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if args and type(None) in args:  # Optional[X]
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", item_type, v) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+def epoch_indices(n: int, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
+    """This rank's share of the epoch's seeded permutation (equal length on every rank)."""
+    from exaonepath_core import patch_store
+
+    return np.asarray(patch_store.rank_indices(n, rank, world_size, seed, epoch), dtype=np.int64)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields `(epoch, index)` so each worker can seed a sample's augmentations without shared state."""
+
+    def __init__(self, indices: np.ndarray, epoch: int) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, int(i)) for i in self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class MultiCropDataset(Dataset):
+    """Wraps a patch dataset (uint8 (T, T, 3) per item): optional stain augmentation, then DINO multi-crop.
+
+    With `augmentation=None` it returns the uint8 patch as a tensor (for on-the-fly normalisation on the device,
+    after which the loop applies the multi-crop with the same per-sample seed).
+    """
+
+    def __init__(
+        self,
+        patches: Dataset,
+        augmentation: dino.MultiCropAugmentation | None,
+        seed: int,
+        stain_augmentation: bool = False,
+    ) -> None:
+        self.patches = patches
+        self.augmentation = augmentation
+        self.seed = int(seed)
+        self.stain_augment_batch = _stain_function("stain_augment_batch") if stain_augmentation else None
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor] | torch.Tensor:
+        epoch, index = key
+        patch = torch.from_numpy(np.ascontiguousarray(self.patches[index]))
+        generator = torch.Generator().manual_seed(dino.sample_seed(self.seed, epoch, index))
+        if self.stain_augment_batch is not None:
+            patch = self.stain_augment_batch(patch[None], generator)[0]
+        if self.augmentation is None:
+            return patch
+        return self.augmentation(patch, generator)
+
+
+def _stain_function(name: str) -> Any:
+    """A function of `exaonepath_core.stain`, with a clear error when it is not available."""
+    try:
+        from exaonepath_core import stain
+
+        return getattr(stain, name)
+    except (ImportError, AttributeError) as err:
+        raise RuntimeError(
+            f"exaonepath_core.stain.{name} is required for this input arm but is not available ({err})"
+        ) from err
+
+
+def _load_patch_dataset(cfg: PretrainConfig) -> Dataset:
+    if not cfg.data_root:
+        raise ConfigError("data_root is empty: point it at a patch store (raw or macenko) written by stage 02")
+    from exaonepath_core.patch_store import PatchStoreDataset
+
+    return PatchStoreDataset(cfg.data_root)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run environment
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    initialized_here: bool
+
+
+def _init_distributed(cfg: PretrainConfig) -> _Runtime:
+    """DDP from torchrun's environment (NCCL on GPU, gloo on CPU); a plain single process otherwise."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but no CUDA device is available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    initialized_here = False
+    if world_size > 1 and not dist.is_initialized():
+        if want_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        initialized_here = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    return _Runtime(rank, world_size, local_rank, device, initialized_here)
+
+
+def _git_state() -> dict[str, Any]:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
+        return {"git_sha": sha, "git_dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": "unknown", "git_dirty": None}
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _gather_rng_states(runtime: _Runtime) -> list[dict[str, Any]]:
+    """Every rank's RNG state (drop-path draws depend on it), as tensors for `weights_only` loading."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    if not dist.is_initialized():
+        return [state]
+    gathered: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices only: not on biases, norms, tokens or position embeddings (ndim <= 1)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def train(cfg: PretrainConfig, resume: bool = False, dataset: Dataset | None = None) -> dict[str, Any]:
+    """Run (or resume) DINO pretraining as configured; returns a summary dict (also written to summary.json).
+
+    `dataset` replaces the patch store named by `cfg.data_root` (any map-style dataset of uint8 (T, T, 3) arrays).
+    """
+    runtime = _init_distributed(cfg)
+    try:
+        return _train(cfg, runtime, resume, dataset)
+    finally:
+        if runtime.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Dataset | None) -> dict[str, Any]:
+    is_main = runtime.rank == 0
+    device = runtime.device
+    output_dir = Path(cfg.output_dir)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    git = _git_state()
+    if is_main:
+        print(f"[pretrain] git {git['git_sha']} dirty={git['git_dirty']} world_size={runtime.world_size} "
+              f"device={device} torch={torch.__version__}", flush=True)
+        print("[pretrain] settings:\n" + "\n".join(f"  {k}: {v!r}" for k, v in cfg.to_dict().items()), flush=True)
+        _atomic_write_text(output_dir / "pretrain_config.json",
+                           json.dumps({**cfg.to_dict(), **git, "world_size": runtime.world_size}, indent=2) + "\n")
+
+    # ============ data ... ============
+    patches = dataset if dataset is not None else _load_patch_dataset(cfg)
+    augmentation = dino.MultiCropAugmentation(
+        global_size=cfg.global_crop_size,
+        local_size=cfg.local_crop_size,
+        n_local=cfg.n_local_crops,
+        global_scale=tuple(cfg.global_crop_scale),
+        local_scale=tuple(cfg.local_crop_scale),
+        blur_sigma=tuple(cfg.blur_sigma),
+    )
+    crop_dataset = MultiCropDataset(
+        patches,
+        augmentation=None if cfg.normalize_on_the_fly else augmentation,
+        seed=cfg.seed,
+        stain_augmentation=cfg.input_arm == "stain_augmentation",
+    )
+    normalize_batch, macenko_reference = None, None
+    if cfg.normalize_on_the_fly:
+        normalize_batch = _stain_function("macenko_normalize_batch")
+        from exaonepath_core.stain import MacenkoReference
+
+        macenko_reference = (MacenkoReference.from_json(cfg.macenko_reference) if cfg.macenko_reference
+                             else MacenkoReference.default())
+    n_patches = len(patches)
+    per_rank = len(epoch_indices(n_patches, runtime.rank, runtime.world_size, cfg.seed, 0))
+    batch_size = cfg.batch_size_per_gpu
+    steps_per_epoch = per_rank // batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{n_patches} patches give {per_rank} per rank, fewer than one batch of {batch_size}")
+    total_steps = cfg.epochs * steps_per_epoch
+    last_step = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+    if is_main:
+        print(f"[pretrain] data: {n_patches} patches, arm={cfg.input_arm}, {steps_per_epoch} steps/epoch, "
+              f"{total_steps} steps in {cfg.epochs} epochs, stopping at step {last_step}", flush=True)
+
+    # ============ building student and teacher networks ... ============
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+    student_backbone = create_backbone(cfg.arch, cfg.global_crop_size, cfg.patch_size,
+                                       drop_path_rate=cfg.drop_path_rate)
+    embed_dim = int(student_backbone.num_features)
+    head_kwargs = {"in_dim": embed_dim, "out_dim": cfg.out_dim, "hidden_dim": cfg.head_hidden_dim,
+                       "bottleneck_dim": cfg.head_bottleneck_dim, "nlayers": cfg.head_nlayers}
+    student_net = dino.MultiCropWrapper(
+        student_backbone, dino.DINOHead(**head_kwargs, norm_last_layer=cfg.norm_last_layer)
+    )
+    teacher_net = dino.MultiCropWrapper(
+        create_backbone(cfg.arch, cfg.global_crop_size, cfg.patch_size, drop_path_rate=0.0),
+        dino.DINOHead(**head_kwargs),
+    )
+    student_net.to(device)
+    teacher_net.to(device)
+    teacher_net.load_state_dict(student_net.state_dict())
+    for param in teacher_net.parameters():
+        param.requires_grad_(False)
+    teacher_net.eval()
+    if cfg.channels_last:
+        student_net.to(memory_format=torch.channels_last)
+        teacher_net.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        # in place, so state_dict keys keep the timm layout
+        student_net.backbone.compile()
+        teacher_net.backbone.compile()
+    student = student_net
+    if dist.is_initialized():
+        student = nn.parallel.DistributedDataParallel(
+            student_net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if is_main:
+        n_params = sum(p.numel() for p in student_net.backbone.parameters())
+        print(f"[pretrain] networks: {cfg.arch} (patch {cfg.patch_size or 'default'}, {n_params / 1e6:.2f}M "
+              f"backbone parameters, embed_dim {embed_dim}) + DINO head out_dim {cfg.out_dim}", flush=True)
+
+    # ============ preparing loss ... ============
+    center = torch.zeros(1, cfg.out_dim, device=device)
+
+    # ============ preparing optimizer ... ============
+    fused = cfg.fused_adamw and device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(_param_groups(student_net), lr=0.0, weight_decay=0.0, fused=fused or None)
+    last_layer_params = dino.last_layer_parameters(student_net.head)
+    use_amp = cfg.use_amp and device.type == "cuda"
+
+    # ============ init schedulers ... ============
+    global_batch = batch_size * runtime.world_size
+    lr_schedule = cosine_schedule(cfg.lr * global_batch / 256.0, cfg.min_lr, cfg.epochs, steps_per_epoch,
+                                  warmup_epochs=cfg.warmup_epochs)
+    wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch)
+    momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
+    teacher_temp_schedule = warmup_then_constant(cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                                 cfg.warmup_teacher_temp_epochs, cfg.epochs, steps_per_epoch)
+
+    # ============ optionally resume training ... ============
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    start_step = 0
+    if resume:
+        start_step, center = _resume(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center)
+    elif is_main and checkpoint_path.exists():
+        print(f"[pretrain] note: {checkpoint_path} exists and will be overwritten (pass --resume to continue it)",
+              flush=True)
+    if is_main:
+        _truncate_log(output_dir / LOG_NAME, start_step)
+    # drop-path draws differ per rank; on resume the saved per-rank state was restored above
+    if start_step == 0:
+        torch.manual_seed(cfg.seed + runtime.rank)
+    last_saved_step = start_step if resume and checkpoint_path.exists() else None
+
+    # ============ training ... ============
+    if is_main:
+        print(f"[pretrain] starting at step {start_step} (epoch {start_step // steps_per_epoch})", flush=True)
+    progress = None
+    if is_main and cfg.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=last_step, initial=start_step, desc=f"DINO {cfg.input_arm}", mininterval=2.0,
+                        dynamic_ncols=True)
+    log_handle = open(output_dir / LOG_NAME, "a") if is_main else None  # noqa: SIM115 (closed in finally)
+    step = start_step
+    losses: list[float] = []
+    rates: list[float] = []
+    last_record: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    try:
+        for epoch in range(start_step // steps_per_epoch, cfg.epochs):
+            if step >= last_step:
+                break
+            indices = epoch_indices(n_patches, runtime.rank, runtime.world_size, cfg.seed, epoch)
+            indices = indices[: steps_per_epoch * batch_size]
+            # resume mid-epoch: skip the batches already trained on, without loading them
+            indices = indices[(step - epoch * steps_per_epoch) * batch_size:]
+            loader = DataLoader(
+                crop_dataset,
+                batch_size=batch_size,
+                sampler=EpochSampler(indices, epoch),
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
+                drop_last=True,
+                # a private generator keeps the global RNG (drop-path) untouched by loader start-up
+                generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                persistent_workers=False,
+            )
+            for batch_in_epoch, batch in enumerate(loader):
+                if step >= last_step:
+                    break
+                t_step = time.perf_counter()
+                n_fallback = None
+                if normalize_batch is not None:
+                    keys = indices[batch_in_epoch * batch_size:(batch_in_epoch + 1) * batch_size]
+                    views, n_fallback = _normalize_and_crop(batch, keys, epoch, cfg.seed, device, normalize_batch,
+                                                macenko_reference, augmentation)
+                else:
+                    views = [v.to(device, non_blocking=True) for v in batch]
+                if cfg.channels_last:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lr_schedule[step])
+                    if group["apply_wd"]:
+                        group["weight_decay"] = float(wd_schedule[step])
+                teacher_temp = float(teacher_temp_schedule[step])
+
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    with torch.no_grad():
+                        teacher_out = teacher_net(views[:2])
+                    student_out = student(views)
+                loss = dino.dino_loss(student_out, teacher_out, center, cfg.student_temp, teacher_temp)
+
+                loss_value = _global_mean(loss.detach())
+                if not math.isfinite(loss_value):
+                    where = (f"the last good checkpoint {checkpoint_path} (step {last_saved_step}) is intact"
+                             if last_saved_step is not None else "no checkpoint was written yet")
+                    raise NonFiniteLossError(
+                        f"loss is {loss_value} at step {step} (epoch {epoch}); training stopped, {where}"
+                    )
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = None
+                if cfg.clip_grad > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        [p for p in student_net.parameters() if p.grad is not None], cfg.clip_grad))
+                if epoch < cfg.freeze_last_layer:
+                    for param in last_layer_params:
+                        param.grad = None  # AdamW then skips them entirely (no moment updates either)
+                optimizer.step()
+                momentum = float(momentum_schedule[step])
+                dino.ema_update_(teacher_net, student_net, momentum)
+                stats = dino.teacher_stats(teacher_out, center, teacher_temp)
+                center = dino.update_center(center, teacher_out, cfg.center_momentum)
+                step += 1
+
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                img_per_s = global_batch / max(time.perf_counter() - t_step, 1e-9)
+                losses.append(loss_value)
+                rates.append(img_per_s)
+                last_record = {
+                    "step": step, "epoch": epoch, "loss": loss_value, "lr": float(lr_schedule[step - 1]),
+                    "wd": float(wd_schedule[step - 1]), "momentum": momentum, "teacher_temp": teacher_temp,
+                    **stats, "grad_norm": grad_norm, "img_per_s": img_per_s,
+                    "macenko_fallback": n_fallback,
+                    "gpu_mem_mb": (torch.cuda.max_memory_allocated(device) / 2**20
+                                   if device.type == "cuda" else None),
+                }
+                if log_handle is not None and (step % cfg.log_every == 0 or step == last_step):
+                    log_handle.write(json.dumps(last_record) + "\n")
+                    log_handle.flush()
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss_value:.3f}", H=f"{stats['teacher_entropy']:.2f}",
+                                         ips=f"{img_per_s:.1f}", refresh=False)
+                if step % cfg.saveckp_freq == 0 and step < last_step:
+                    _save_checkpoint(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center,
+                                     step, steps_per_epoch)
+                    last_saved_step = step
+    finally:
+        if progress is not None:
+            progress.close()
+        if log_handle is not None:
+            log_handle.close()
+
+    # ============ final checkpoint and teacher export ... ============
+    _save_checkpoint(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center, step,
+                     steps_per_epoch)
+    wall_s = time.perf_counter() - t_start
+    summary: dict[str, Any] = {
+        "steps": step, "start_step": start_step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+        "epochs_completed": step / steps_per_epoch, "world_size": runtime.world_size, "device": str(device),
+        "arch": cfg.arch, "input_arm": cfg.input_arm, "wall_s": wall_s,
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "mean_img_per_s": float(np.mean(rates[1:] if len(rates) > 1 else rates)) if rates else None,
+        **{k: last_record.get(k) for k in ("teacher_entropy", "teacher_entropy_of_mean", "teacher_kl",
+                                           "teacher_max_entropy", "center_norm")},
+        "checkpoint": str(checkpoint_path), "teacher_backbone": str(output_dir / TEACHER_EXPORT_NAME),
+        "log": str(output_dir / LOG_NAME), **git,
+    }
+    if is_main:
+        export_teacher_backbone(teacher_net.backbone, output_dir, cfg)
+        _atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(f"[pretrain] done: step {step}, loss {summary['first_loss']} -> {summary['final_loss']}, "
+              f"{summary['mean_img_per_s']} img/s, {wall_s:.1f} s", flush=True)
+    return summary
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    """The loss averaged over ranks (so every rank takes the same non-finite decision)."""
+    value = value.float().reshape(1).clone()
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def _normalize_and_crop(
+    batch: torch.Tensor,
+    keys: np.ndarray,
+    epoch: int,
+    seed: int,
+    device: torch.device,
+    normalize_batch: Any,
+    reference: Any,
+    augmentation: dino.MultiCropAugmentation,
+) -> tuple[list[torch.Tensor], int]:
+    """Macenko-normalise a uint8 batch on the device, then multi-crop each patch with its own seed.
+
+    Returns the views and how many patches Macenko left unchanged (background: counted, never dropped).
+    """
+    normalized, fallback = normalize_batch(batch.to(device, non_blocking=True), reference)
+    per_sample = []
+    for patch, index in zip(normalized, keys):
+        generator = torch.Generator().manual_seed(dino.sample_seed(seed, epoch, int(index)))
+        per_sample.append(augmentation(patch, generator))
+    views = [torch.stack([sample[c] for sample in per_sample]) for c in range(len(per_sample[0]))]
+    return views, int(fallback.sum())
+
+
+def _save_checkpoint(
+    path: Path,
+    cfg: PretrainConfig,
+    runtime: _Runtime,
+    student_net: nn.Module,
+    teacher_net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    center: torch.Tensor,
+    step: int,
+    steps_per_epoch: int,
+) -> None:
+    """Tensors and plain dicts only (loads with `weights_only=True`); written atomically by rank 0."""
+    rng_states = _gather_rng_states(runtime)  # collective: every rank takes part
+    if runtime.rank != 0:
+        return
+    payload = {
+        "step": step,
+        "epoch": step // steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": runtime.world_size,
+        "student": student_net.state_dict(),
+        "teacher": teacher_net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "center": center.detach().cpu(),
+        "rng": rng_states,
+        "config": cfg.to_dict(),
+    }
+    _atomic_torch_save(payload, path)
+    if cfg.keep_numbered_checkpoints:
+        _atomic_torch_save(payload, path.with_name(f"checkpoint_{step:08d}.pth"))
+
+
+def _resume(
+    path: Path,
+    cfg: PretrainConfig,
+    runtime: _Runtime,
+    student_net: nn.Module,
+    teacher_net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    center: torch.Tensor,
+) -> tuple[int, torch.Tensor]:
+    if not path.exists():
+        if runtime.rank == 0:
+            print(f"[pretrain] --resume: no checkpoint at {path}, starting from step 0", flush=True)
+        return 0, center
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved = checkpoint["config"]
+    changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_MUTABLE_KEYS and saved.get(k) != v)
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume {path}: settings differ from the checkpoint's ({details})")
+    if checkpoint["world_size"] != runtime.world_size:
+        raise ConfigError(f"cannot resume {path}: it was written with world_size {checkpoint['world_size']}, "
+                          f"this run has {runtime.world_size} (the data order and schedules depend on it)")
+    student_net.load_state_dict(checkpoint["student"], strict=True)
+    teacher_net.load_state_dict(checkpoint["teacher"], strict=True)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    rng = checkpoint["rng"][runtime.rank]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and runtime.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], runtime.device)
+    if runtime.rank == 0:
+        print(f"[pretrain] resumed from {path} at step {checkpoint['step']}", flush=True)
+    return int(checkpoint["step"]), checkpoint["center"].to(center.device)
+
+
+def _truncate_log(log_path: Path, start_step: int) -> None:
+    """Keep only log lines of steps already trained (a killed run may have logged past its last checkpoint)."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= start_step]
+    _atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+
+
+def export_teacher_backbone(backbone: nn.Module, output_dir: str | os.PathLike, cfg: PretrainConfig) -> Path:
+    """Write the teacher backbone as a plain timm state_dict plus `teacher_backbone.json` (arch, sizes, dim)."""
+    output_dir = Path(output_dir)
+    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    path = output_dir / TEACHER_EXPORT_NAME
+    _atomic_torch_save(state, path)
+    meta = {
+        "arch": cfg.arch,
+        "patch_size": cfg.patch_size if cfg.patch_size is not None else int(backbone.patch_embed.patch_size[0]),
+        "img_size": cfg.global_crop_size,
+        "embed_dim": int(backbone.num_features),
+        "input_arm": cfg.input_arm,
+    }
+    _atomic_write_text(output_dir / "teacher_backbone.json", json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def load_teacher_backbone(output_dir: str | os.PathLike) -> nn.Module:
+    """Rebuild the exported teacher backbone (strict load) from `teacher_backbone.{pth,json}`."""
+    output_dir = Path(output_dir)
+    meta = json.loads((output_dir / "teacher_backbone.json").read_text())
+    backbone = create_backbone(meta["arch"], meta["img_size"], meta["patch_size"])
+    backbone.load_state_dict(torch.load(output_dir / TEACHER_EXPORT_NAME, map_location="cpu", weights_only=True),
+                             strict=True)
+    return backbone.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figure
+# ----------------------------------------------------------------------------------------------------------------
+def read_log(log_jsonl: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a `log.jsonl` (one JSON object per line)."""
+    with open(log_jsonl) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot_training_curves(log_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """Loss, schedules, teacher entropy (collapse check), centre and throughput against the step, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_jsonl)
+    if not records:
+        raise ValueError(f"{log_jsonl} holds no records")
+    steps = np.array([r["step"] for r in records])
+
+    def series(key: str) -> np.ndarray:
+        return np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=float)
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    axes[0, 0].plot(steps, series("loss"))
+    axes[0, 0].set(title="DINO loss", ylabel="cross-entropy (nats)")
+    axes[0, 1].plot(steps, series("teacher_entropy"), label="mean per-sample entropy")
+    axes[0, 1].plot(steps, series("teacher_entropy_of_mean"), label="entropy of batch mean")
+    axes[0, 1].plot(steps, series("teacher_max_entropy"), "k--", label="log K (uniform collapse)")
+    axes[0, 1].set(title="Teacher entropy (collapse check)", ylabel="nats")
+    axes[0, 1].legend(fontsize=8)
+    axes[0, 2].plot(steps, series("teacher_kl"))
+    axes[0, 2].set(title="Teacher KL(p_i || mean p)  (0 = collapsed)", ylabel="nats")
+    axes[1, 0].plot(steps, series("lr"), label="lr")
+    ax_wd = axes[1, 0].twinx()
+    ax_wd.plot(steps, series("wd"), color="tab:orange", label="weight decay")
+    axes[1, 0].set(title="Schedules", ylabel="learning rate")
+    ax_wd.set_ylabel("weight decay")
+    axes[1, 0].legend(loc="upper left", fontsize=8)
+    ax_wd.legend(loc="upper right", fontsize=8)
+    axes[1, 1].plot(steps, series("center_norm"), label="centre norm")
+    axes[1, 1].plot(steps, series("momentum"), label="teacher momentum")
+    axes[1, 1].set(title="Centre norm and teacher momentum")
+    axes[1, 1].legend(fontsize=8)
+    axes[1, 2].plot(steps, series("img_per_s"))
+    axes[1, 2].set(title="Throughput", ylabel="images / s")
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m exaonepath_core.training --config PRETRAIN.yaml [--resume] [--output-dir DIR] [--set k=v ...]`."""
+    parser = argparse.ArgumentParser(description="DINO pretraining (run under torchrun for DDP)")
+    parser.add_argument("--config", required=True, help="flat YAML mapping of PretrainConfig settings")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    parser.add_argument("--output-dir", default=None, help="overrides output_dir")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument("--plot", action="store_true", help="also write training_curves.png (rank 0)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = PretrainConfig.from_yaml(args.config)
+        overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+        cfg = cfg.with_overrides(overrides)
+        summary = train(cfg, resume=args.resume)
+    except ConfigError as err:
+        print(f"[pretrain] configuration error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"[pretrain] ERROR: {err}", file=sys.stderr, flush=True)
+        return 3
+    if args.plot and int(os.environ.get("RANK", "0")) == 0:
+        plot_training_curves(summary["log"], Path(cfg.output_dir) / "training_curves.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
