@@ -253,11 +253,11 @@ def build() -> list[Path]:
     written = []
     for name, cells in NOTEBOOKS.items():
         nb = nbformat.v4.new_notebook()
-        for kind, src in cells:
+        for i, (kind, src) in enumerate(cells):
             cell = nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
             if kind == "code" and src.startswith("# Parameters"):
                 cell.metadata["tags"] = ["parameters"]
-            cell.pop("id", None)
+            cell.id = f"{name[:2]}-cell-{i}"  # stable ids: rebuilding gives the same bytes
             nb.cells.append(cell)
         nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
         nb.metadata["language_info"] = {"name": "python"}
