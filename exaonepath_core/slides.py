@@ -1,0 +1,301 @@
+"""Open a whole-slide image, read its physical resolution, pick pyramid levels and read RGB pixels.
+
+A thin wrapper around `openslide.OpenSlide` that every stage uses the same way:
+
+    with open_slide(path) as slide:
+        level, scale = slide.best_level_for_mpp(0.5)
+        rgb = slide.read_rgb(x0, y0, level, w, h)      # uint8 (h, w, 3), transparent areas composited on white
+
+Memory: nothing here ever holds a whole level. `thumbnail()` picks the coarsest level that is sharp enough and
+reads it in horizontal strips, resizing each strip to its share of output rows, so a 100k x 100k slide without
+a pyramid still costs one strip plus the (small) thumbnail.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+# A level-0 resolution outside this range is not a microscope slide (72 dpi screen images give 352 um/px).
+PLAUSIBLE_MPP_RANGE = (0.05, 20.0)
+# Pixels of one thumbnail strip read at a time (bounded memory for slides without a pyramid).
+THUMBNAIL_STRIP_PIXELS = 16 * 1024 * 1024
+
+
+class SlideError(Exception):
+    """Base class of the errors raised for a slide that cannot be used."""
+
+
+class SlideOpenError(SlideError):
+    """The file is missing, corrupt, truncated or not a format OpenSlide reads."""
+
+
+class MissingMppError(SlideError):
+    """The slide has no usable physical resolution (mpp) and no override was given."""
+
+
+def _mpp_from_properties(props: dict[str, str]) -> tuple[float | None, str]:
+    """Level-0 um/px from OpenSlide properties (mpp-x, then TIFF resolution tags), with where it came from."""
+    for key in ("openslide.mpp-x", "openslide.mpp-y"):
+        value = props.get(key)
+        if value:
+            try:
+                mpp = float(value)
+            except ValueError:
+                continue
+            if mpp > 0:
+                return mpp, key
+    # OpenSlide fills mpp-x from the TIFF tags itself for generic TIFFs; this covers vendors where it does not.
+    unit = (props.get("tiff.ResolutionUnit") or "").lower()
+    xres = props.get("tiff.XResolution")
+    if xres and unit in ("centimeter", "inch"):
+        try:
+            per_unit = float(xres)
+        except ValueError:
+            per_unit = 0.0
+        if per_unit > 0:
+            um_per_unit = 10_000.0 if unit == "centimeter" else 25_400.0
+            return um_per_unit / per_unit, "tiff.XResolution"
+    return None, "none"
+
+
+class Slide:
+    """An open whole-slide image with its level-0 mpp; use through `open_slide`."""
+
+    def __init__(self, path: str | Path, mpp_override: float | None = None, require_mpp: bool = True):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SlideOpenError(f"slide file not found: {self.path}")
+        if self.path.stat().st_size == 0:
+            raise SlideOpenError(f"slide file is empty: {self.path}")
+        try:
+            self._osr = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise SlideOpenError(f"not a slide format OpenSlide reads: {self.path.name} ({exc})") from exc
+        except openslide.OpenSlideError as exc:
+            raise SlideOpenError(f"corrupt or truncated slide {self.path.name}: {exc}") from exc
+        except OSError as exc:  # some corrupt files surface as plain OS errors from the C library
+            raise SlideOpenError(f"cannot open slide {self.path.name}: {exc}") from exc
+        try:
+            self._validate_readable()
+            self.properties: dict[str, str] = dict(self._osr.properties)
+            self.mpp_source: str
+            file_mpp, source = _mpp_from_properties(self.properties)
+            if mpp_override is not None:
+                if not mpp_override > 0:
+                    raise ValueError(f"mpp_override must be > 0, got {mpp_override}")
+                self._mpp: float | None = float(mpp_override)
+                self.mpp_source = "override"
+            elif file_mpp is not None and PLAUSIBLE_MPP_RANGE[0] <= file_mpp <= PLAUSIBLE_MPP_RANGE[1]:
+                self._mpp, self.mpp_source = file_mpp, source
+            else:
+                self._mpp = None
+                self.mpp_source = "none" if file_mpp is None else f"implausible {file_mpp:.4g} um/px from {source}"
+            if self._mpp is None and require_mpp:
+                raise MissingMppError(
+                    f"no mpp in {self.path.name} ({self.mpp_source}); pass an mpp override "
+                    "(--mpp-override / mpp_override=) with the scanner's um per pixel at level 0"
+                )
+        except BaseException:
+            self._osr.close()
+            raise
+
+    def _validate_readable(self) -> None:
+        """Read one pixel at each corner of level 0: truncated files often open fine and fail on first read."""
+        w, h = self._osr.dimensions
+        if w <= 0 or h <= 0:
+            raise SlideOpenError(f"slide {self.path.name} has empty dimensions {w}x{h}")
+        try:
+            for x, y in ((0, 0), (w - 1, h - 1)):
+                self._osr.read_region((x, y), 0, (1, 1))
+        except openslide.OpenSlideError as exc:
+            raise SlideOpenError(f"corrupt or truncated slide {self.path.name}: {exc}") from exc
+
+    # -- geometry ---------------------------------------------------------------------------------------------
+    @property
+    def slide_id(self) -> str:
+        """File name without its extension (the id used in every output)."""
+        return slide_id_from_path(self.path)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) at level 0."""
+        return self._osr.dimensions
+
+    @property
+    def level_count(self) -> int:
+        return self._osr.level_count
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._osr.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._osr.level_downsamples
+
+    @property
+    def mpp(self) -> float:
+        """Level-0 micrometres per pixel (override, openslide.mpp-x or the TIFF resolution tags)."""
+        if self._mpp is None:
+            raise MissingMppError(f"no mpp in {self.path.name} ({self.mpp_source}) and no override")
+        return self._mpp
+
+    @property
+    def has_mpp(self) -> bool:
+        return self._mpp is not None
+
+    @property
+    def objective_power(self) -> float | None:
+        """Scanner objective magnification (e.g. 20.0), or None when the file does not say."""
+        value = self.properties.get("openslide.objective-power")
+        try:
+            return float(value) if value else None
+        except ValueError:
+            return None
+
+    @property
+    def vendor(self) -> str:
+        return self.properties.get("openslide.vendor", "unknown")
+
+    def level_mpp(self, level: int) -> float:
+        """Micrometres per pixel at `level`."""
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, target_mpp: float, tolerance: float = 0.01) -> tuple[int, float]:
+        """The coarsest level at least as sharp as target_mpp, and scale = target_mpp / level_mpp (>= 1 shrinks).
+
+        A level within `tolerance` (relative) of the target counts as a match, so a 0.499 um/px scan serves a
+        0.5 um/px target from level 0 with scale 1.002. Targets sharper than level 0 return level 0, scale < 1.
+        """
+        if not target_mpp > 0:
+            raise ValueError(f"target_mpp must be > 0, got {target_mpp}")
+        best = 0
+        for level in range(self.level_count):
+            if self.level_mpp(level) <= target_mpp * (1.0 + tolerance):
+                best = level  # downsamples increase with level, so the last match is the coarsest
+        return best, target_mpp / self.level_mpp(best)
+
+    # -- pixels -----------------------------------------------------------------------------------------------
+    def read_rgb(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+        """uint8 (h, w, 3) region whose top-left is level-0 (x0, y0), size w x h in `level` pixels; alpha on white."""
+        if w <= 0 or h <= 0:
+            raise ValueError(f"region size must be positive, got {w}x{h}")
+        region = self._osr.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
+        return rgba_to_rgb_on_white(region)
+
+    def read_rgb_image(self, x0: int, y0: int, level: int, w: int, h: int) -> Image.Image:
+        """Like `read_rgb` but as a PIL RGB image (saves a copy when the caller resizes with PIL next)."""
+        region = self._osr.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
+        return _composite_on_white(region)
+
+    def thumbnail(self, max_size: int, use_associated: bool = True, sharpness_slack: float = 1.25) -> np.ndarray:
+        """uint8 RGB overview whose longer side is at most max_size, read with bounded memory.
+
+        Reads the coarsest level whose downsample is <= slack x the needed one (a mask need not be sharper
+        than asked), in strips. When even that level costs > 16x the output pixels (single-level files such as
+        small SVS crops) and the file carries an associated 'thumbnail' of the same aspect ratio, that image
+        is used instead: reading the whole level would cost as much as tiling the slide.
+        """
+        if max_size < 1:
+            raise ValueError(f"max_size must be >= 1, got {max_size}")
+        w0, h0 = self.dimensions
+        factor = max(w0, h0) / max_size
+        if factor <= 1.0:
+            out_w, out_h = w0, h0
+        else:
+            out_w, out_h = max(1, round(w0 / factor)), max(1, round(h0 / factor))
+        needed = max(factor, 1.0) * sharpness_slack
+        level = 0
+        for lv, ds in enumerate(self.level_downsamples):
+            if ds <= needed:
+                level = lv
+        lw, lh = self.level_dimensions[level]
+        if use_associated and lw * lh > 16 * out_w * out_h:
+            assoc = self._associated_thumbnail(out_w, out_h)
+            if assoc is not None:
+                return assoc
+        return self._strip_thumbnail(level, out_w, out_h)
+
+    def _associated_thumbnail(self, out_w: int, out_h: int) -> np.ndarray | None:
+        """The file's own overview image resized to (out_w, out_h), if it has the slide's aspect ratio."""
+        try:
+            images = self._osr.associated_images
+            if "thumbnail" not in images:
+                return None
+            img = images["thumbnail"]
+        except openslide.OpenSlideError:
+            return None
+        w0, h0 = self.dimensions
+        if abs((img.width / img.height) / (w0 / h0) - 1.0) > 0.02:
+            return None  # a label/macro-like image of another region: not a faithful overview
+        rgb = _composite_on_white(img)
+        if rgb.size != (out_w, out_h):
+            rgb = rgb.resize((out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return np.asarray(rgb)
+
+    def _strip_thumbnail(self, level: int, out_w: int, out_h: int) -> np.ndarray:
+        """Resize `level` to (out_w, out_h) strip by strip; each strip maps exactly onto its output rows."""
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        sy = lh / out_h  # level rows per output row
+        rows_per_strip = max(1, int(THUMBNAIL_STRIP_PIXELS / max(1, lw) / max(sy, 1.0)))
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        for o0 in range(0, out_h, rows_per_strip):
+            o1 = min(out_h, o0 + rows_per_strip)
+            top, bottom = o0 * sy, o1 * sy
+            r0, r1 = int(math.floor(top)), min(lh, int(math.ceil(bottom)))
+            strip = self.read_rgb_image(0, int(round(r0 * ds)), level, lw, max(1, r1 - r0))
+            box = (0.0, top - r0, float(lw), min(bottom - r0, float(r1 - r0)))
+            out[o0:o1] = np.asarray(strip.resize((out_w, o1 - o0), Image.Resampling.BILINEAR, box=box))
+        return out
+
+    def close(self) -> None:
+        self._osr.close()
+
+    def __repr__(self) -> str:
+        mpp = f"{self._mpp:.4g}" if self._mpp is not None else "None"
+        return f"Slide({self.path.name!r}, {self.dimensions[0]}x{self.dimensions[1]}, levels={self.level_count}, mpp={mpp})"
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    """RGB image with transparent pixels (outside the scanned area) set to white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode != "RGBA":
+        return img.convert("RGB")
+    alpha = img.getchannel("A")
+    lo, _ = alpha.getextrema()
+    if lo == 255:
+        return img.convert("RGB")
+    background = Image.new("RGB", img.size, (255, 255, 255))
+    background.paste(img, mask=alpha)
+    return background
+
+
+def rgba_to_rgb_on_white(img: Image.Image) -> np.ndarray:
+    """uint8 (h, w, 3) array of a PIL image, alpha composited on white."""
+    return np.asarray(_composite_on_white(img))
+
+
+def slide_id_from_path(path: str | Path) -> str:
+    """Slide id = file name without its (last) extension, e.g. 'CMU-1-Small-Region'."""
+    name = Path(path).name
+    stem, ext = os.path.splitext(name)
+    return stem if ext else name
+
+
+@contextlib.contextmanager
+def open_slide(path: str | Path, mpp_override: float | None = None, require_mpp: bool = True) -> Iterator[Slide]:
+    """Open a slide for the duration of a `with` block (raises SlideOpenError / MissingMppError)."""
+    slide = Slide(path, mpp_override=mpp_override, require_mpp=require_mpp)
+    try:
+        yield slide
+    finally:
+        slide.close()
