@@ -1,0 +1,112 @@
+"""The whole pipeline through ./run_all.sh on the `ci` profile (a smaller smoke run), asserting on its numbers."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT
+from exaonepath_core.paths import STAGES, ResultsPaths
+from exaonepath_core.report import linked_files
+
+
+def _run_all(results_root, *args, timeout=1500):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = ["./run_all.sh", "--profile", "ci", "--set", f"results_root={results_root}", *args]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    return proc, time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory, shared_data):
+    results_root = tmp_path_factory.mktemp("results")
+    proc, seconds = _run_all(results_root)
+    assert proc.returncode == 0, f"run_all.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    print(f"ci profile end to end: {seconds:.0f} s")
+    return ResultsPaths(results_root, "ci"), proc
+
+
+def test_every_stage_finished_with_marker_and_executed_notebook(ci_run):
+    paths, proc = ci_run
+    for key, (nb, _) in STAGES.items():
+        assert paths.done_marker(key).is_file(), nb
+    assert (paths.notebooks_dir / "01_tile_slides.ipynb").is_file()
+    for arm in ("raw", "macenko", "stain_augmentation"):
+        assert (paths.notebooks_dir / f"03_pretrain_dino_{arm}.ipynb").is_file()
+    assert "total time" in proc.stdout
+
+
+def test_tiling_stage_numbers_and_qc_png(ci_run):
+    paths, _ = ci_run
+    summary = pd.read_csv(paths.stage_dir("01") / "tiling_summary.csv")
+    total = summary[summary.source == "all"].iloc[0]
+    assert total.failed == 0 and total.ok == total.slides >= 10
+    cmu = summary[summary.source == "cmu_cc0"].iloc[0]
+    assert 30 <= cmu.tiles <= 400  # CMU-1-Small-Region at 1.0 um/px, 96 px tiles: tissue covers part of the slide
+    pngs = sorted(paths.stage_dir("01").rglob("*.png"))
+    assert pngs
+    for p in pngs[:5]:
+        with Image.open(p) as im:
+            im.verify()
+
+
+def test_normalization_counts_every_patch(ci_run):
+    paths, _ = ci_run
+    counts = pd.read_csv(paths.stage_dir("02") / "normalize_summary.csv").set_index("store")
+    assert counts.loc["raw", "patches"] == counts.loc["macenko", "patches"] > 100
+    assert counts.loc["raw", "fallback_passed_through"] == 0
+    assert 0 <= counts.loc["macenko", "fallback_fraction"] < 0.5
+
+
+def test_pretraining_loss_falls_in_every_arm(ci_run):
+    paths, _ = ci_run
+    for arm in ("raw", "macenko", "stain_augmentation"):
+        summary = json.loads((paths.stage_dir("03") / arm / "summary.json").read_text())
+        assert summary["steps"] > 0 and math.isfinite(summary["loss_last"])
+        assert summary["loss_last"] < summary["loss_first"], (arm, summary)
+
+
+def test_probe_table_has_finite_accuracies_and_absent_paper_tasks(ci_run):
+    paths, _ = ci_run
+    results = pd.read_csv(paths.stage_dir("05") / "probe_results_long.csv")
+    acc = results[results.metric == "accuracy"]
+    assert len(acc) and acc.value.between(0, 1).all()
+    assert {"synthetic_heldout", "pcam_subset"} <= set(acc.task)
+    summary = pd.read_csv(paths.stage_dir("05") / "probe_summary.csv")
+    text = summary.to_csv()
+    for task in ("pcam", "mhist", "crc100k", "til", "msi_crc", "msi_stad"):
+        assert task in text
+    assert "absent" in text
+
+
+def test_collapse_metrics_per_arm(ci_run):
+    paths, _ = ci_run
+    metrics = pd.read_csv(paths.stage_dir("06") / "collapse_metrics.csv")
+    assert set(metrics.arm) == {"raw", "macenko", "stain_augmentation"}
+    probe = metrics[metrics.metric == "slide_probe_accuracy"]
+    assert len(probe) == 3 and probe.value.between(0, 1).all()
+    assert (probe.ci_low <= probe.value + 1e-9).all() and (probe.value <= probe.ci_high + 1e-9).all()
+    assert (paths.stage_dir("06") / "collapse_verdict.csv").is_file()
+
+
+def test_index_links_only_existing_files(ci_run):
+    paths, _ = ci_run
+    index = paths.profile_dir / "index.html"
+    links = linked_files(index)
+    assert len(links) >= 15
+    assert all(p.exists() for p in links), [str(p) for p in links if not p.exists()]
+
+
+def test_second_run_skips_every_stage(ci_run):
+    paths, _ = ci_run
+    proc, seconds = _run_all(paths.root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipped") == len(STAGES)
+    print(f"second run: {seconds:.1f} s")
