@@ -250,8 +250,8 @@ class Slide:
         for o0 in range(0, out_h, rows_per_strip):
             o1 = min(out_h, o0 + rows_per_strip)
             top, bottom = o0 * sy, o1 * sy
-            r0, r1 = int(math.floor(top)), min(lh, int(math.ceil(bottom)))
-            strip = self.read_rgb_image(0, int(round(r0 * ds)), level, lw, max(1, r1 - r0))
+            r0, r1 = math.floor(top), min(lh, math.ceil(bottom))
+            strip = self.read_rgb_image(0, round(r0 * ds), level, lw, max(1, r1 - r0))
             box = (0.0, top - r0, float(lw), min(bottom - r0, float(r1 - r0)))
             out[o0:o1] = np.asarray(strip.resize((out_w, o1 - o0), Image.Resampling.BILINEAR, box=box))
         return out

@@ -103,8 +103,8 @@ class TilingParams:
 def tile_geometry(source_mpp: float, target_mpp: float, tile_size: int, overlap: int = 0) -> tuple[int, int]:
     """(level-0 patch size, level-0 step) in pixels for tiles of tile_size px at target_mpp."""
     factor = target_mpp / source_mpp
-    patch = max(1, int(round(tile_size * factor)))
-    step = max(1, int(round((tile_size - overlap) * factor)))
+    patch = max(1, round(tile_size * factor))
+    step = max(1, round((tile_size - overlap) * factor))
     return patch, step
 
 
@@ -328,7 +328,7 @@ def tile_slide(
         source_mpp = slide.mpp
         patch, step = tile_geometry(source_mpp, params.target_mpp, params.tile_size, params.overlap)
         read_level, read_scale = slide.best_level_for_mpp(params.target_mpp)
-        read_size = max(1, int(round(patch / slide.level_downsamples[read_level])))
+        read_size = max(1, round(patch / slide.level_downsamples[read_level]))
         thumb = slide.thumbnail(_mask_thumbnail_size(slide, params))
         mask_mpp = max(slide.dimensions) * source_mpp / max(thumb.shape[:2])
         px_area_um2 = mask_mpp * mask_mpp
@@ -336,8 +336,8 @@ def tile_slide(
             thumb,
             median_size=params.median_size,
             close_radius=params.close_radius,
-            min_object_px=int(round(params.min_object_um2 / px_area_um2)),
-            max_hole_px=int(round(params.max_hole_um2 / px_area_um2)),
+            min_object_px=round(params.min_object_um2 / px_area_um2),
+            max_hole_px=round(params.max_hole_um2 / px_area_um2),
             reject_pens=params.reject_pens,
         )
         grid = grid_coordinates(slide.dimensions, source_mpp, params.target_mpp, params.tile_size, params.overlap)
@@ -381,7 +381,7 @@ def tile_slide(
             "min_tissue_fraction": float(params.min_tissue_fraction),
             "mask_mpp": float(mask_mpp),
             "mask_tissue_fraction": float(mask.mean()) if mask.size else 0.0,
-            "n_grid_tiles": int(len(grid)),
+            "n_grid_tiles": len(grid),
             "reason": reason,
             "params_json": json.dumps(params.to_dict(), sort_keys=True),
         }
@@ -397,7 +397,7 @@ def tile_slide(
         "slide_path": str(slide_path),
         "status": "ok",
         "reason": reason,
-        "n_tiles": int(len(coords)),
+        "n_tiles": len(coords),
         "seconds": round(time.perf_counter() - start, 3),
         "coords_path": str(coords_path),
         "qc_path": str(qc_path) if qc_path else "",
@@ -549,7 +549,7 @@ def _write_tables(out_dir: Path) -> pd.DataFrame:
     ok = ledger["status"] == "ok"
     summary = pd.DataFrame(
         [{
-            "slides": int(len(ledger)),
+            "slides": len(ledger),
             "ok": int(ok.sum()),
             "failed": int((~ok).sum()),
             "tiles": int(pd.to_numeric(ledger.loc[ok, "n_tiles"]).sum()) if ok.any() else 0,
@@ -580,10 +580,8 @@ def _tile_one_safely(slide_path: str, out_dir: str, params_dict: dict[str, Any],
         return tile_slide(slide_path, out_dir, TilingParams.from_dict(params_dict), mpp_override=mpp)
     except SlideError as exc:
         reason = str(exc)
-    except Exception as exc:  # a bad slide must never stop the cohort; keep the cause in the ledger
+    except Exception as exc:  # noqa: BLE001 - a bad slide must never stop the cohort; the cause goes to the ledger
         reason = f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=3).splitlines()[-2].strip()}"
-    if "no mpp" in reason.lower() and not reason.lower().startswith("no mpp"):
-        reason = f"no mpp: {reason}"
     return {
         "slide_id": slide_id_from_path(slide_path),
         "slide_path": str(slide_path),
@@ -647,13 +645,17 @@ def tile_cohort(
         _write_text_atomic(ledger_dir / f"{record['slide_id']}.json", json.dumps(record, indent=1))
 
     first_path: dict[str, Path] = {}
-    tasks, seen_ids = [], []
+    tasks, seen_ids, duplicates = [], [], []
     for path in mine:
         sid = slide_id_from_path(path)
         seen_ids.append(sid)
         if sid in first_path:
             # Two files with one id would overwrite each other's coords: record, never drop silently.
             print(f"[tiling] duplicate slide id {sid!r}: {path} skipped (also {first_path[sid]})", file=sys.stderr)
+            duplicates.append({
+                "slide_id": sid, "slide_path": str(path), "status": "failed",
+                "reason": f"duplicate slide id (also {first_path[sid]}); not tiled", "n_tiles": 0, "seconds": 0.0,
+            })
             continue
         first_path[sid] = path
         previous = _read_record(ledger_dir / f"{sid}.json")
@@ -688,8 +690,10 @@ def tile_cohort(
     finally:
         bar.close()
     ledger = _write_tables(out_dir)
-    mine_rows = ledger[ledger["slide_id"].isin(set(seen_ids))].reset_index(drop=True)
-    return mine_rows
+    mine_rows = ledger[ledger["slide_id"].isin(set(seen_ids))]
+    if duplicates:  # not in the ledger files (one record per id), but reported to the caller
+        mine_rows = pd.concat([mine_rows, pd.DataFrame(duplicates)], ignore_index=True)
+    return mine_rows.reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------------------------

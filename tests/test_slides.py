@@ -1,0 +1,139 @@
+"""Slide wrapper: real SVS / generic TIFF facts, level choice, pixel reads, thumbnails and bad files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from exaonepath_core import slides
+from exaonepath_core.slides import MissingMppError, SlideOpenError, open_slide
+
+
+@pytest.fixture(scope="module")
+def svs(shared_data):
+    return shared_data / "wsi" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="module")
+def pyramid(shared_data):
+    return shared_data / "wsi" / "CMU-1-Small-Region_pyramid_generic.tiff"
+
+
+def write_tiled_tiff(path, rgb, resolution=None, unit=None, tile=64):
+    """A single-level tiled TIFF that OpenSlide opens as generic-tiff (resolution tags optional)."""
+    kwargs = {"tile": (tile, tile), "photometric": "rgb"}
+    if resolution is not None:
+        kwargs.update(resolution=(resolution, resolution), resolutionunit=unit)
+    tifffile.imwrite(path, rgb, **kwargs)
+    return path
+
+
+def test_svs_metadata(svs):
+    with open_slide(svs) as s:
+        assert s.dimensions == (2220, 2967)
+        assert s.level_count == 1
+        assert s.mpp == pytest.approx(0.499)
+        assert s.mpp_source == "openslide.mpp-x"
+        assert s.objective_power == 20.0
+        assert s.slide_id == "CMU-1-Small-Region"
+        assert s.best_level_for_mpp(0.5) == (0, pytest.approx(0.5 / 0.499))
+
+
+def test_pyramid_levels_and_best_level(pyramid):
+    with open_slide(pyramid) as s:
+        assert s.level_count == 3
+        assert s.mpp == pytest.approx(0.499)
+        assert s.objective_power is None
+        # 0.5 um/px is within 1% of the 0.499 scan: level 0, nearly no resize.
+        assert s.best_level_for_mpp(0.5) == (0, pytest.approx(1.002, abs=1e-3))
+        # 2 um/px matches level 1 (downsample 4.002 -> 1.997 um/px); 8 um/px matches level 2.
+        assert s.best_level_for_mpp(2.0)[0] == 1
+        assert s.best_level_for_mpp(8.0)[0] == 2
+        # Between levels: never the coarser one (that would upsample); shrink from the sharper one.
+        level, scale = s.best_level_for_mpp(1.0)
+        assert level == 0 and scale == pytest.approx(2.004, abs=1e-3)
+        # Sharper than the scan: level 0 with scale < 1 (an upsample).
+        assert s.best_level_for_mpp(0.25)[1] < 1.0
+
+
+def test_same_pixels_through_both_files(svs, pyramid):
+    """Level-0 tiles at the same coordinates agree across SVS and its JPEG re-encoding."""
+    with open_slide(svs) as a, open_slide(pyramid) as b:
+        for x, y in [(896, 1344), (1000, 2000), (600, 900)]:
+            ra = a.read_rgb(x, y, 0, 224, 224).astype(np.int16)
+            rb = b.read_rgb(x, y, 0, 224, 224).astype(np.int16)
+            assert ra.shape == rb.shape == (224, 224, 3)
+            assert ra.dtype == np.int16  # sanity of the cast; reads themselves are uint8 (checked below)
+            diff = np.abs(ra - rb)
+            assert diff.mean() < 10.0  # observed 6.4-7.5 grey levels on tissue (double JPEG)
+            assert np.corrcoef(ra.ravel(), rb.ravel())[0, 1] > 0.97  # observed 0.985-0.987
+        assert a.read_rgb(0, 0, 0, 8, 8).dtype == np.uint8
+
+
+def test_read_outside_slide_is_white(pyramid):
+    with open_slide(pyramid) as s:
+        w, h = s.dimensions
+        region = s.read_rgb(w - 32, h - 32, 0, 64, 64)
+        assert region.shape == (64, 64, 3)
+        assert (region[40:, :] == 255).all() and (region[:, 40:] == 255).all()
+        with pytest.raises(ValueError):
+            s.read_rgb(0, 0, 0, 0, 10)
+
+
+def test_thumbnail_sources_agree(svs, pyramid):
+    """The SVS's associated thumbnail and the TIFF's level-2 read give the same overview."""
+    with open_slide(svs) as a, open_slide(pyramid) as b:
+        ta, tb = a.thumbnail(300), b.thumbnail(300)
+    assert ta.shape == tb.shape == (300, 224, 3)
+    assert np.abs(ta.astype(np.int16) - tb).mean() < 4.0  # observed 1.7
+
+
+def test_strip_thumbnail_matches_single_read(pyramid, monkeypatch):
+    """Reading in many strips gives the same thumbnail as one read (no seams, no shifted rows)."""
+    with open_slide(pyramid) as s:
+        whole = s.thumbnail(400, use_associated=False)
+        monkeypatch.setattr(slides, "THUMBNAIL_STRIP_PIXELS", 555 * 20)  # about 20 level-1 rows per strip
+        stripped = s.thumbnail(400, use_associated=False)
+    assert whole.shape == stripped.shape == (400, 299, 3)
+    assert np.abs(whole.astype(np.int16) - stripped).mean() < 1.0
+
+
+def test_corrupt_and_non_slide_files(svs, tmp_path):
+    data = svs.read_bytes()
+    cases = {
+        "half.svs": data[: len(data) // 2],
+        "head.svs": data[:4096],
+        "empty.svs": b"",
+        "notes.svs": b"this is a text file, not a slide\n" * 10,
+    }
+    for name, payload in cases.items():
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(SlideOpenError) as info:
+            with open_slide(tmp_path / name):
+                pass
+        assert name in str(info.value)
+    with pytest.raises(SlideOpenError, match="not found"):
+        with open_slide(tmp_path / "missing.svs"):
+            pass
+
+
+def test_missing_mpp_and_override(tmp_path):
+    path = write_tiled_tiff(tmp_path / "nores.tiff", np.full((256, 256, 3), 200, np.uint8))
+    with pytest.raises(MissingMppError, match="no mpp"):
+        with open_slide(path):
+            pass
+    with open_slide(path, mpp_override=0.25) as s:
+        assert s.mpp == 0.25 and s.mpp_source == "override"
+        assert s.best_level_for_mpp(0.5) == (0, pytest.approx(2.0))
+    with open_slide(path, require_mpp=False) as s:
+        assert not s.has_mpp
+        with pytest.raises(MissingMppError):
+            _ = s.mpp
+    # 72 dpi is what image editors write: 352.8 um/px is no microscope scan.
+    screen = write_tiled_tiff(tmp_path / "screen.tiff", np.full((128, 128, 3), 9, np.uint8), 72, "INCH")
+    with pytest.raises(MissingMppError, match="implausible"):
+        with open_slide(screen):
+            pass
+    scan = write_tiled_tiff(tmp_path / "scan.tiff", np.full((128, 128, 3), 9, np.uint8), 40000, "CENTIMETER")
+    with open_slide(scan) as s:
+        assert s.mpp == pytest.approx(0.25)
