@@ -1,0 +1,399 @@
+"""Probes on frozen features: L2 logistic regression, a torch linear head, weighted kNN; metrics with bootstrap CIs.
+
+Embed once, fit many heads: every probe reads the folders `features.extract_features` wrote. Results are one
+long-format table (task, backbone, probe, seed, metric, value, ci_low, ci_high) and a summary beside the
+paper's accuracies, where datasets that are not on disk are listed as absent, never filled in.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from exaonepath_core.downstream import PAPER_ACCURACY
+
+DEFAULT_CS = tuple(np.logspace(-4, 2, 7))
+METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+RESULT_COLUMNS = ("task", "backbone", "probe", "seed", "metric", "value", "ci_low", "ci_high")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics with bootstrap intervals
+# ----------------------------------------------------------------------------------------------------------
+def _confusion_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[float, float, float]:
+    """(accuracy, balanced accuracy, macro F1) from one confusion matrix, sklearn's conventions."""
+    confusion = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes).astype(np.float64)
+    true_pos = np.diag(confusion)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    accuracy = true_pos.sum() / max(confusion.sum(), 1.0)
+    in_true = support > 0
+    balanced = float(np.mean(true_pos[in_true] / support[in_true])) if in_true.any() else float("nan")
+    # sklearn's macro F1 averages over labels seen in y_true or y_pred, with 0 where undefined
+    seen = in_true | (predicted > 0)
+    f1 = np.divide(2 * true_pos, support + predicted, out=np.zeros(n_classes), where=(support + predicted) > 0)
+    return float(accuracy), balanced, float(np.mean(f1[seen])) if seen.any() else float("nan")
+
+
+def _auroc(y_true: np.ndarray, positive_score: np.ndarray) -> float:
+    """Binary AUROC via the rank-sum statistic (ties get average ranks); NaN when one class is absent."""
+    from scipy.stats import rankdata
+
+    n_pos = int(y_true.sum())
+    n_neg = len(y_true) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(positive_score)
+    return float((ranks[y_true == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def metrics(y_true: Sequence[int], y_pred: Sequence[int], y_score: np.ndarray | None = None,
+            n_boot: int = 200, seed: int = 0, n_classes: int | None = None,
+            ci: float = 0.95) -> dict[str, dict[str, float]]:
+    """Top-1 accuracy, balanced accuracy, macro F1 and (binary, with scores) AUROC, each with a bootstrap CI.
+
+    Returns {metric: {"value", "ci_low", "ci_high"}}; the interval is the percentile bootstrap over test
+    samples (`n_boot` resamples; 0 disables it and the bounds are NaN).
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1 or len(y_true) == 0:
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be equal non-empty 1-D arrays")
+    n_classes = int(n_classes or max(y_true.max(), y_pred.max()) + 1)
+    positive = None
+    if y_score is not None and n_classes == 2:
+        y_score = np.asarray(y_score, dtype=np.float64)
+        positive = y_score[:, 1] if y_score.ndim == 2 else y_score
+        if positive.shape != y_true.shape:
+            raise ValueError(f"y_score {y_score.shape} does not match y_true {y_true.shape}")
+
+    def compute(index: np.ndarray | slice) -> list[float]:
+        values = list(_confusion_metrics(y_true[index], y_pred[index], n_classes))
+        if positive is not None:
+            values.append(_auroc(y_true[index], positive[index]))
+        return values
+
+    point = compute(slice(None))
+    names = list(METRIC_NAMES[:len(point)])
+    rng = np.random.default_rng(seed)
+    boots = np.array([compute(rng.integers(0, len(y_true), len(y_true))) for _ in range(n_boot)]).reshape(
+        n_boot, len(point))
+    alpha = (1 - ci) / 2
+    out = {}
+    for j, name in enumerate(names):
+        column = boots[:, j][np.isfinite(boots[:, j])]
+        low, high = (np.quantile(column, [alpha, 1 - alpha]) if len(column) else (np.nan, np.nan))
+        out[name] = {"value": float(point[j]), "ci_low": float(low), "ci_high": float(high)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Probes
+# ----------------------------------------------------------------------------------------------------------
+def _standardize(train: np.ndarray, *others: np.ndarray | None) -> list[np.ndarray | None]:
+    """Z-score every array with the train mean/std (constant features keep std 1)."""
+    train = np.asarray(train, dtype=np.float64)
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std[std < 1e-12] = 1.0
+    return [(train - mean) / std] + [None if x is None else (np.asarray(x, dtype=np.float64) - mean) / std
+                                     for x in others]
+
+
+def _validation_split(X: np.ndarray, y: np.ndarray, seed: int, fraction: float = 0.2
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train_idx, val_idx) of a train split, for choosing hyper-parameters when no val exists."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(y))
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
+    return train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+
+
+def _check_inputs(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray) -> None:
+    if len(Xtr) != len(ytr) or len(Xte) != len(yte):
+        raise ValueError(f"features/labels lengths differ: train {len(Xtr)}/{len(ytr)}, test {len(Xte)}/{len(yte)}")
+    if Xtr.shape[1] != Xte.shape[1]:
+        raise ValueError(f"train and test feature dimensions differ: {Xtr.shape[1]} vs {Xte.shape[1]}")
+    for name, X in (("train", Xtr), ("test", Xte)):
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        if bad:
+            raise ValueError(f"{bad} {name} feature rows are not finite")
+    if len(np.unique(ytr)) < 2:
+        raise ValueError("the training labels hold a single class")
+
+
+def logistic_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None, yval: np.ndarray | None,
+                   Xte: np.ndarray, yte: np.ndarray, Cs: Iterable[float] = DEFAULT_CS, seed: int = 0,
+                   max_iter: int = 2000, n_boot: int = 200) -> dict[str, Any]:
+    """L2 logistic regression on standardised features; C chosen by validation accuracy, then refit on train.
+
+    Without a validation split, 20% of train (stratified, `seed`) picks C and the final model is refit
+    on all of train.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    Xtr, ytr, Xte, yte = np.asarray(Xtr), np.asarray(ytr, dtype=np.int64), np.asarray(Xte), np.asarray(yte)
+    _check_inputs(Xtr, ytr, Xte, yte)
+    n_classes = int(max(ytr.max(), yte.max()) + 1)
+    if Xval is None:
+        fit_idx, val_idx = _validation_split(Xtr, ytr, seed)
+        X_fit, y_fit, X_sel, y_sel, selection = Xtr[fit_idx], ytr[fit_idx], Xtr[val_idx], ytr[val_idx], "train_split"
+    else:
+        X_fit, y_fit, X_sel, y_sel, selection = Xtr, ytr, np.asarray(Xval), np.asarray(yval, np.int64), "val"
+    Z_fit, Z_sel = _standardize(X_fit, X_sel)
+    scores = {}
+    for C in Cs:
+        model = LogisticRegression(C=float(C), max_iter=max_iter, random_state=seed)
+        scores[float(C)] = float((model.fit(Z_fit, y_fit).predict(Z_sel) == y_sel).mean())
+    best_C = max(scores, key=lambda c: (scores[c], -c))  # ties -> stronger regularisation
+    Z_tr, Z_te = _standardize(Xtr, Xte)
+    model = LogisticRegression(C=best_C, max_iter=max_iter, random_state=seed).fit(Z_tr, ytr)
+    proba = np.zeros((len(Xte), n_classes))
+    proba[:, model.classes_] = model.predict_proba(Z_te)
+    y_pred = proba.argmax(axis=1)
+    return {"probe": "logistic", "C": best_C, "selection": selection, "val_scores": scores,
+            "y_pred": y_pred, "y_score": proba,
+            "metrics": metrics(yte, y_pred, proba, n_boot=n_boot, seed=seed, n_classes=n_classes)}
+
+
+def linear_head_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None, yval: np.ndarray | None,
+                      Xte: np.ndarray, yte: np.ndarray, weight_decays: Iterable[float] = (0.0, 1e-4, 1e-3, 1e-2),
+                      epochs: int = 50, batch_size: int = 1024, lr: float = 1e-3, seed: int = 0,
+                      device: str | None = None, n_boot: int = 200) -> dict[str, Any]:
+    """A torch linear layer (AdamW, cosine schedule) on standardised features, for sets too large for lbfgs.
+
+    The weight decay is chosen by validation accuracy (or on a 20% split of train), then the head is
+    retrained with it on all of train.
+    """
+    import torch
+
+    Xtr, ytr, Xte, yte = np.asarray(Xtr), np.asarray(ytr, dtype=np.int64), np.asarray(Xte), np.asarray(yte)
+    _check_inputs(Xtr, ytr, Xte, yte)
+    n_classes = int(max(ytr.max(), yte.max()) + 1)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def train_head(X: np.ndarray, y: np.ndarray, weight_decay: float) -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        X = np.asarray(X, dtype=np.float64)
+        mean, std = X.mean(axis=0), X.std(axis=0)
+        std[std < 1e-12] = 1.0
+        inputs = torch.as_tensor((X - mean) / std, dtype=torch.float32)
+        targets = torch.as_tensor(y)
+        head = torch.nn.Linear(X.shape[1], n_classes).to(dev)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        steps = epochs * int(np.ceil(len(y) / batch_size))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=generator)
+            for start in range(0, len(y), batch_size):
+                batch = order[start:start + batch_size]
+                loss = torch.nn.functional.cross_entropy(head(inputs[batch].to(dev)), targets[batch].to(dev))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        return head.eval(), mean, std
+
+    def predict(head: torch.nn.Module, mean: np.ndarray, std: np.ndarray, X: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits = head(torch.as_tensor((np.asarray(X, np.float64) - mean) / std, dtype=torch.float32).to(dev))
+            return torch.softmax(logits, dim=1).cpu().numpy()
+
+    if Xval is None:
+        fit_idx, val_idx = _validation_split(Xtr, ytr, seed)
+        X_fit, y_fit, X_sel, y_sel, selection = Xtr[fit_idx], ytr[fit_idx], Xtr[val_idx], ytr[val_idx], "train_split"
+    else:
+        X_fit, y_fit, X_sel, y_sel, selection = Xtr, ytr, np.asarray(Xval), np.asarray(yval, np.int64), "val"
+    scores = {}
+    for wd in weight_decays:
+        head, mean, std = train_head(X_fit, y_fit, float(wd))
+        scores[float(wd)] = float((predict(head, mean, std, X_sel).argmax(1) == y_sel).mean())
+    best_wd = max(scores, key=lambda w: (scores[w], w))
+    head, mean, std = train_head(Xtr, ytr, best_wd)
+    proba = predict(head, mean, std, Xte)
+    y_pred = proba.argmax(axis=1)
+    return {"probe": "linear_head", "weight_decay": best_wd, "selection": selection, "val_scores": scores,
+            "y_pred": y_pred, "y_score": proba,
+            "metrics": metrics(yte, y_pred, proba, n_boot=n_boot, seed=seed, n_classes=n_classes)}
+
+
+def knn_probe(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray, k: int = 20,
+              metric: str = "cosine", temperature: float = 0.07, chunk: int = 1024, seed: int = 0,
+              n_boot: int = 200) -> dict[str, Any]:
+    """Weighted kNN (DINO's: votes exp(similarity / T) of the k nearest train points), cosine by default."""
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    Xtr, ytr, Xte, yte = np.asarray(Xtr), np.asarray(ytr, dtype=np.int64), np.asarray(Xte), np.asarray(yte)
+    _check_inputs(Xtr, ytr, Xte, yte)
+    n_classes = int(max(ytr.max(), yte.max()) + 1)
+    k = min(k, len(ytr))
+    train = Xtr.astype(np.float32)
+    if metric == "cosine":
+        train = train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
+    votes = np.zeros((len(Xte), n_classes))
+    for start in range(0, len(Xte), chunk):  # chunks bound the (chunk, N_train) similarity matrix
+        query = Xte[start:start + chunk].astype(np.float32)
+        if metric == "cosine":
+            query = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+            similarity = query @ train.T
+        else:
+            similarity = -np.sqrt(np.maximum(
+                (query ** 2).sum(1)[:, None] - 2 * query @ train.T + (train ** 2).sum(1)[None], 0.0))
+        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        weights = np.exp(np.take_along_axis(similarity, nearest, axis=1) / temperature
+                         - (similarity.max(axis=1, keepdims=True) / temperature))
+        block = votes[start:start + len(query)]
+        np.add.at(block, (np.repeat(np.arange(len(query)), k), ytr[nearest].ravel()), weights.ravel())
+    proba = votes / votes.sum(axis=1, keepdims=True)
+    y_pred = proba.argmax(axis=1)
+    return {"probe": "knn", "k": k, "metric": metric, "y_pred": y_pred, "y_score": proba,
+            "metrics": metrics(yte, y_pred, proba, n_boot=n_boot, seed=seed, n_classes=n_classes)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running probes over feature folders, tables, figure
+# ----------------------------------------------------------------------------------------------------------
+def _load_split(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    from exaonepath_core.features import load_features
+
+    X, y, _, manifest = load_features(directory)
+    return np.asarray(X, dtype=np.float32), y, manifest
+
+
+def run_probes(task: str, feature_dirs: Mapping[str, Mapping[str, str | os.PathLike]],
+               seeds: Sequence[int] = (0, 1, 2), probes: Sequence[str] = ("logistic", "knn"),
+               n_boot: int = 200, knn_k: int = 20, Cs: Iterable[float] = DEFAULT_CS) -> pd.DataFrame:
+    """Every probe x seed on every backbone's features of `task`, as a long-format DataFrame.
+
+    `feature_dirs` maps backbone name -> {"train": dir, "val": dir (optional), "test": dir}.
+    """
+    known = {"logistic", "linear_head", "knn"}
+    if set(probes) - known:
+        raise ValueError(f"unknown probe(s) {sorted(set(probes) - known)}; known: {sorted(known)}")
+    Cs = tuple(Cs)
+    rows = []
+    for backbone, dirs in feature_dirs.items():
+        missing = [role for role in ("train", "test") if role not in dirs]
+        if missing:
+            raise KeyError(f"{task}/{backbone}: feature folder(s) for {', '.join(missing)} not given")
+        Xtr, ytr, manifest_tr = _load_split(dirs["train"])
+        Xte, yte, manifest_te = _load_split(dirs["test"])
+        Xval, yval = (None, None)
+        if dirs.get("val"):
+            Xval, yval, _ = _load_split(dirs["val"])
+        if manifest_tr.get("class_names") != manifest_te.get("class_names"):
+            raise ValueError(f"{task}/{backbone}: train and test class names differ "
+                             f"({manifest_tr.get('class_names')} vs {manifest_te.get('class_names')})")
+        for seed in seeds:
+            for probe in probes:
+                if probe == "logistic":
+                    result = logistic_probe(Xtr, ytr, Xval, yval, Xte, yte, Cs=Cs, seed=seed, n_boot=n_boot)
+                    hparam = f"C={result['C']:.3g}"
+                elif probe == "linear_head":
+                    result = linear_head_probe(Xtr, ytr, Xval, yval, Xte, yte, seed=seed, n_boot=n_boot)
+                    hparam = f"weight_decay={result['weight_decay']:.3g}"
+                else:
+                    result = knn_probe(Xtr, ytr, Xte, yte, k=knn_k, seed=seed, n_boot=n_boot)
+                    hparam = f"k={result['k']}"
+                for metric, values in result["metrics"].items():
+                    rows.append({"task": task, "backbone": backbone, "probe": probe, "seed": int(seed),
+                                 "metric": metric, **values, "hparam": hparam,
+                                 "n_train": len(ytr), "n_test": len(yte)})
+    return pd.DataFrame(rows, columns=[*RESULT_COLUMNS, "hparam", "n_train", "n_test"])
+
+
+def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, metric: str = "accuracy",
+                  paper: Mapping[str, float] = PAPER_ACCURACY) -> pd.DataFrame:
+    """Mean/std over seeds of `metric` per (task, backbone, probe) beside the paper's value.
+
+    Paper tasks without results are listed with status "absent: <reason>" (from `available`) and NaN values.
+    """
+    columns = ["task", "backbone", "probe", "status", "n_seeds", "mean", "std", "ci_low", "ci_high",
+               "paper_accuracy", "delta_vs_paper"]
+    rows = []
+    if len(df):
+        selected = df[df["metric"] == metric]
+        for (task, backbone, probe), group in selected.groupby(["task", "backbone", "probe"], sort=False):
+            mean = float(group["value"].mean())
+            reference = paper.get(task, np.nan)
+            rows.append({"task": task, "backbone": backbone, "probe": probe, "status": "present",
+                         "n_seeds": int(group["seed"].nunique()), "mean": mean,
+                         "std": float(group["value"].std(ddof=0)), "ci_low": float(group["ci_low"].mean()),
+                         "ci_high": float(group["ci_high"].mean()), "paper_accuracy": reference,
+                         "delta_vs_paper": mean - reference if metric == "accuracy" else np.nan})
+    done = {row["task"] for row in rows}
+    for task in paper:
+        if task not in done:
+            status = (available or {}).get(task, "absent: no results")
+            if status == "present":
+                status = "absent: present on disk but not probed"
+            rows.append({"task": task, "backbone": "", "probe": "", "status": status, "n_seeds": 0,
+                         "mean": np.nan, "std": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                         "paper_accuracy": paper[task], "delta_vs_paper": np.nan})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a DataFrame as CSV atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            df.to_csv(handle, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plot_probe_results(df: pd.DataFrame, out_png: str | os.PathLike, metric: str = "accuracy",
+                       probe: str = "logistic", paper: Mapping[str, float] = PAPER_ACCURACY) -> Path:
+    """Bar chart of `metric` per task and backbone (mean over seeds, bootstrap CI), paper values as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_png = Path(out_png)
+    selected = df[(df["metric"] == metric) & (df["probe"] == probe)]
+    if selected.empty:
+        raise ValueError(f"no rows with metric={metric!r} and probe={probe!r} to plot")
+    summary = selected.groupby(["task", "backbone"], sort=False).agg(
+        value=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean")).reset_index()
+    tasks = list(dict.fromkeys(summary["task"]))
+    backbones = list(dict.fromkeys(summary["backbone"]))
+    width = 0.8 / len(backbones)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) + 2), 4.0), dpi=120)
+    for j, backbone in enumerate(backbones):
+        part = summary[summary["backbone"] == backbone].set_index("task").reindex(tasks)
+        x = np.arange(len(tasks)) + (j - (len(backbones) - 1) / 2) * width
+        err = np.vstack([part["value"] - part["ci_low"], part["ci_high"] - part["value"]]).clip(min=0)
+        ax.bar(x, part["value"], width=width, yerr=err, capsize=3, label=backbone)
+    paper_x = [i for i, t in enumerate(tasks) if t in paper]
+    if paper_x and metric == "accuracy":
+        ax.scatter(paper_x, [paper[tasks[i]] for i in paper_x], marker="D", color="black", zorder=3,
+                   label="EXAONEPath (paper)")
+    ax.set_xticks(np.arange(len(tasks)), tasks)
+    ax.set_ylabel(f"test {metric.replace('_', ' ')} ({probe} probe)")
+    ax.set_ylim(0, 1)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Linear probes on frozen features (bars: 95% bootstrap CI)")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.stem}.", suffix=".png", dir=out_png.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
