@@ -1,0 +1,327 @@
+"""DINO building blocks against their definitions: loss, centre, EMA, head, multi-crop, schedules, DDP gradients."""
+from __future__ import annotations
+
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from exaonepath_core import dino
+from exaonepath_core.backbones import create_backbone
+from exaonepath_core.schedules import cosine_schedule, warmup_then_constant
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loss, centre, EMA
+# ---------------------------------------------------------------------------------------------------------------
+def _loss_by_definition(student, teacher, center, student_temp, teacher_temp, n_global):
+    """Float64 loops straight from the paper: mean over (teacher view, other student view) pairs and samples."""
+    student = student.double().numpy()
+    teacher = teacher.double().numpy()
+    center = center.double().numpy()
+    batch = teacher.shape[0] // n_global
+    n_crops = student.shape[0] // batch
+    pair_losses = []
+    for iq in range(n_global):
+        for v in range(n_crops):
+            if v == iq:
+                continue
+            per_sample = []
+            for b in range(batch):
+                t = (teacher[iq * batch + b] - center[0]) / teacher_temp
+                p_t = np.exp(t - t.max()) / np.exp(t - t.max()).sum()
+                s = student[v * batch + b] / student_temp
+                log_p_s = s - s.max() - np.log(np.exp(s - s.max()).sum())
+                per_sample.append(-(p_t * log_p_s).sum())
+            pair_losses.append(np.mean(per_sample))
+    return float(np.mean(pair_losses)), len(pair_losses)
+
+
+@pytest.mark.parametrize("n_local", [0, 3])
+def test_dino_loss_equals_definition(n_local):
+    gen = torch.Generator().manual_seed(n_local)
+    batch, k = 5, 17
+    n_crops = 2 + n_local
+    student = torch.randn(n_crops * batch, k, generator=gen) * 3
+    teacher = torch.randn(2 * batch, k, generator=gen) * 3
+    center = torch.randn(1, k, generator=gen)
+    got = dino.dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=0.04)
+    want, n_pairs = _loss_by_definition(student, teacher, center, 0.1, 0.04, 2)
+    assert n_pairs == 2 * n_crops - 2  # same-view pairs skipped
+    assert got.ndim == 0
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_dino_loss_gradient_only_reaches_student():
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(8, 6, generator=gen, requires_grad=True)
+    teacher = torch.randn(4, 6, generator=gen, requires_grad=True)
+    dino.dino_loss(student, teacher, torch.zeros(1, 6), 0.1, 0.04).backward()
+    assert student.grad is not None and float(student.grad.abs().sum()) > 0
+    assert teacher.grad is None
+
+
+def test_dino_loss_rejects_inconsistent_shapes():
+    with pytest.raises(ValueError, match="not divisible"):
+        dino.dino_loss(torch.zeros(6, 4), torch.zeros(3, 4), torch.zeros(1, 4), 0.1, 0.04)
+    with pytest.raises(ValueError, match="multiple of the batch"):
+        dino.dino_loss(torch.zeros(7, 4), torch.zeros(4, 4), torch.zeros(1, 4), 0.1, 0.04)
+
+
+def test_update_center_matches_formula():
+    gen = torch.Generator().manual_seed(2)
+    center = torch.randn(1, 9, generator=gen)
+    teacher = torch.randn(12, 9, generator=gen)
+    new = dino.update_center(center, teacher, momentum=0.9)
+    expected = 0.9 * center.double() + 0.1 * teacher.double().mean(0, keepdim=True)
+    torch.testing.assert_close(new.double(), expected, rtol=0, atol=1e-6)
+    assert new.shape == (1, 9)
+    torch.testing.assert_close(center, torch.randn(1, 9, generator=torch.Generator().manual_seed(2)))  # untouched
+
+
+def test_ema_update_matches_formula():
+    torch.manual_seed(3)
+    student = dino.DINOHead(8, out_dim=10, hidden_dim=12, bottleneck_dim=4)
+    teacher = dino.DINOHead(8, out_dim=10, hidden_dim=12, bottleneck_dim=4)
+    before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before_s = {k: v.clone() for k, v in student.state_dict().items()}
+    dino.ema_update_(teacher, student, momentum=0.7)
+    after = teacher.state_dict()
+    for key in before_t:
+        torch.testing.assert_close(after[key], 0.7 * before_t[key] + 0.3 * before_s[key], rtol=0, atol=1e-6)
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, before_s[key])  # the student is read, never written
+    with pytest.raises(ValueError, match="parameters differ"):
+        dino.ema_update_(teacher, nn.Linear(2, 2), 0.5)
+
+
+def test_teacher_stats_detect_collapse():
+    k = 32
+    uniform = dino.teacher_stats(torch.zeros(6, k), torch.zeros(1, k), 0.04)
+    assert uniform["teacher_entropy"] == pytest.approx(math.log(k), rel=1e-5)
+    assert uniform["teacher_kl"] == pytest.approx(0.0, abs=1e-5)
+    one_hot = torch.zeros(6, k)
+    one_hot[:, 3] = 10.0
+    dominant = dino.teacher_stats(one_hot, torch.zeros(1, k), 0.04)
+    assert dominant["teacher_entropy_of_mean"] < 1e-3 and dominant["teacher_kl"] == pytest.approx(0.0, abs=1e-3)
+    diverse = torch.eye(k)[:6] * 10.0
+    healthy = dino.teacher_stats(diverse, torch.zeros(1, k), 0.04)
+    assert healthy["teacher_kl"] == pytest.approx(math.log(6), rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# head and wrapper
+# ---------------------------------------------------------------------------------------------------------------
+def test_dino_head_weight_norm_layout_and_frozen_norm():
+    head = dino.DINOHead(16, out_dim=40, hidden_dim=24, bottleneck_dim=8, nlayers=3)
+    keys = set(head.state_dict())
+    assert {"last_layer.parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"} <= keys
+    assert not any(k.endswith("weight_g") or k.endswith("weight_v") for k in keys)
+    g = head.last_layer.parametrizations.weight.original0
+    assert g.shape == (40, 1) and not g.requires_grad and torch.all(g == 1)
+    # with g = 1 every output row of the effective weight has unit norm
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(40))
+    out = head(torch.randn(3, 16))
+    assert out.shape == (3, 40)
+    # state dict round trip into a fresh head (strict) reproduces outputs
+    other = dino.DINOHead(16, out_dim=40, hidden_dim=24, bottleneck_dim=8, nlayers=3)
+    other.load_state_dict(head.state_dict(), strict=True)
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(other(x), head(x))
+    assert dino.DINOHead(16, out_dim=40, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_multicrop_wrapper_runs_backbone_once_per_resolution():
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8)
+    head = dino.DINOHead(backbone.num_features, out_dim=20, hidden_dim=16, bottleneck_dim=8)
+    wrapper = dino.MultiCropWrapper(backbone, head).eval()
+    calls = []
+    backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    crops = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    out = wrapper(crops)
+    assert calls == [(4, 3, 32, 32), (6, 3, 16, 16)]
+    assert out.shape == (10, 20)
+    with torch.no_grad():
+        separate = torch.cat([head(backbone(c)) for c in crops])
+    torch.testing.assert_close(out, separate, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# multi-crop augmentation
+# ---------------------------------------------------------------------------------------------------------------
+def _he_like_patch(size: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = np.array([200, 120, 180], dtype=np.float64)
+    field = rng.normal(0, 30, (size // 8, size // 8, 3)).repeat(8, 0).repeat(8, 1)
+    return np.clip(base + field, 0, 255).astype(np.uint8)
+
+
+def test_multicrop_shapes_and_determinism():
+    aug = dino.MultiCropAugmentation(global_size=48, local_size=24, n_local=3)
+    image = _he_like_patch()
+    views = aug(image, torch.Generator().manual_seed(5))
+    assert aug.n_crops == 5 and len(views) == 5
+    assert [tuple(v.shape) for v in views] == [(3, 48, 48)] * 2 + [(3, 24, 24)] * 3
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+    again = aug(torch.from_numpy(image), torch.Generator().manual_seed(5))  # tensor input, same seed
+    assert all(torch.equal(a, b) for a, b in zip(views, again))
+    other = aug(image, torch.Generator().manual_seed(6))
+    assert not torch.equal(views[0], other[0])
+    # normalised with ImageNet statistics: the pixel range maps into [-mean/std, (1-mean)/std]
+    low = -max(m / s for m, s in zip(dino.IMAGENET_MEAN, dino.IMAGENET_STD))
+    high = max((1 - m) / s for m, s in zip(dino.IMAGENET_MEAN, dino.IMAGENET_STD))
+    assert all(float(v.min()) >= low - 1e-4 and float(v.max()) <= high + 1e-4 for v in views)
+
+
+def test_multicrop_views_differ_and_crops_follow_scale():
+    aug = dino.MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
+    gen = torch.Generator().manual_seed(0)
+    areas_global, areas_local = [], []
+    for _ in range(200):
+        top, left, h, w = aug._crop_box(96, 96, aug.global_scale, gen)
+        assert 0 <= top <= 96 - h and 0 <= left <= 96 - w
+        areas_global.append(h * w / 96**2)
+        areas_local.append(np.prod(aug._crop_box(96, 96, aug.local_scale, gen)[2:]) / 96**2)
+    assert 0.35 <= min(areas_global) and max(areas_global) <= 1.0
+    assert 0.04 <= min(areas_local) and max(areas_local) <= 0.45
+    assert np.mean(areas_global) > 2 * np.mean(areas_local)
+
+
+def test_multicrop_rejects_bad_input():
+    aug = dino.MultiCropAugmentation(32, 16, 1)
+    with pytest.raises(ValueError, match="uint8"):
+        aug(np.zeros((32, 32, 3), dtype=np.float32), torch.Generator())
+    with pytest.raises(ValueError, match="uint8"):
+        aug(np.zeros((3, 32, 32), dtype=np.uint8), torch.Generator())
+    with pytest.raises(ValueError, match="global_scale"):
+        dino.MultiCropAugmentation(32, 16, 1, global_scale=(0.5, 0.2))
+
+
+def test_sample_seed_is_pure_and_distinct():
+    assert dino.sample_seed(0, 1, 2) == dino.sample_seed(0, 1, 2)
+    seeds = {dino.sample_seed(0, e, i) for e in range(3) for i in range(100)}
+    assert len(seeds) == 300
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schedules
+# ---------------------------------------------------------------------------------------------------------------
+def test_cosine_schedule_length_and_end_points():
+    sched = cosine_schedule(1.0, 0.1, epochs=5, steps_per_epoch=7, warmup_epochs=2, start_warmup=0.0)
+    assert len(sched) == 35
+    assert sched[0] == 0.0
+    assert sched[14] == pytest.approx(1.0)  # first step after warm-up starts the cosine at `base`
+    assert sched[-1] == pytest.approx(0.1)
+    assert np.all(np.diff(sched[:14]) > 0) and np.all(np.diff(sched[14:]) < 0)
+    midpoint = 14 + (35 - 14 - 1) / 2
+    assert np.interp(midpoint, np.arange(35), sched) == pytest.approx(0.55, abs=1e-3)
+    no_warmup = cosine_schedule(0.996, 1.0, epochs=3, steps_per_epoch=4)
+    assert len(no_warmup) == 12 and no_warmup[0] == pytest.approx(0.996) and no_warmup[-1] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        cosine_schedule(1, 0, epochs=2, steps_per_epoch=3, warmup_epochs=3)
+
+
+def test_teacher_temperature_schedule():
+    sched = warmup_then_constant(0.04, 0.07, warmup_epochs=2, epochs=4, steps_per_epoch=5)
+    assert len(sched) == 20
+    assert sched[0] == pytest.approx(0.04) and sched[9] == pytest.approx(0.07)
+    assert np.all(sched[10:] == 0.07) and np.all(np.diff(sched[:10]) > 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimisation
+# ---------------------------------------------------------------------------------------------------------------
+def _tiny_student(seed: int = 0, out_dim: int = 64) -> dino.MultiCropWrapper:
+    torch.manual_seed(seed)
+    backbone = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8)
+    head = dino.DINOHead(backbone.num_features, out_dim=out_dim, hidden_dim=64, bottleneck_dim=16)
+    return dino.MultiCropWrapper(backbone, head)
+
+
+def _fixed_views(batch: int, seed: int = 0) -> list[torch.Tensor]:
+    aug = dino.MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
+    per_sample = [aug(_he_like_patch(64, seed + i), torch.Generator().manual_seed(seed + i)) for i in range(batch)]
+    return [torch.stack([s[c] for s in per_sample]) for c in range(aug.n_crops)]
+
+
+def test_few_steps_decrease_loss_on_fixed_batch():
+    student = _tiny_student(0)
+    teacher = _tiny_student(1)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    views = _fixed_views(8)
+    center = torch.zeros(1, 64)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(8):
+        with torch.no_grad():
+            teacher_out = teacher(views[:2])
+        loss = dino.dino_loss(student(views), teacher_out, center, 0.1, 0.04)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        dino.ema_update_(teacher, student, 0.99)
+        center = dino.update_center(center, teacher_out, 0.9)
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDP: 2 gloo processes on half batches == 1 process on the whole batch
+# ---------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, result_path: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        student = _tiny_student(0)
+        teacher = _tiny_student(0)
+        ddp = nn.parallel.DistributedDataParallel(student)
+        views = _fixed_views(8)
+        half = [v[rank * 4:(rank + 1) * 4] for v in views]
+        center = torch.full((1, 64), 0.01)
+        with torch.no_grad():
+            teacher_out = teacher(half[:2])
+        loss = dino.dino_loss(ddp(half), teacher_out, center, 0.1, 0.04)
+        loss.backward()
+        new_center = dino.update_center(center, teacher_out, 0.9)
+        if rank == 0:
+            grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+            torch.save({"grads": grads, "center": new_center}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path):
+    result_path = tmp_path / "ddp_rank0.pt"
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(result_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    ddp = torch.load(result_path, weights_only=True)
+
+    student = _tiny_student(0)
+    teacher = _tiny_student(0)
+    views = _fixed_views(8)
+    center = torch.full((1, 64), 0.01)
+    with torch.no_grad():
+        teacher_out = teacher(views[:2])
+    # one forward over the whole batch: the per-sample mean over 8 equals the average of two 4-sample means
+    dino.dino_loss(student(views), teacher_out, center, 0.1, 0.04).backward()
+    grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert grads.keys() == ddp["grads"].keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(ddp["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    expected_center = 0.9 * center + 0.1 * teacher_out.mean(0, keepdim=True)
+    torch.testing.assert_close(ddp["center"], expected_center, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,214 @@
+"""The pretraining loop on a small real patch store: config loading, exact resume, NaN stop, exports, figure."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from exaonepath_core import dino, training
+from exaonepath_core.backbones import create_backbone
+from exaonepath_core.training import ConfigError, PretrainConfig
+
+PATCH = 48
+
+
+@pytest.fixture(scope="module")
+def raw_store(shared_data, tmp_path_factory) -> Path:
+    """A raw patch store of 40 real H&E patches (48 px) cut from a TCGA region, as two 'slides'."""
+    from exaonepath_core.patch_store import PatchStoreWriter
+
+    image = np.asarray(Image.open(shared_data / "stain" / "tiatoolbox_TCGA-HE-7130-01Z-00-DX1.png").convert("RGB"))
+    root = tmp_path_factory.mktemp("store") / "raw"
+    writer = PatchStoreWriter(root, PATCH, "raw")
+    for slide, (y0, x0) in enumerate([(100, 100), (500, 500)]):
+        coords = np.array([(x0 + PATCH * (i % 5), y0 + PATCH * (i // 5)) for i in range(20)], dtype=np.int64)
+        patches = np.stack([image[y:y + PATCH, x:x + PATCH] for x, y in coords])
+        writer.write_slide(f"slide{slide}", coords, [patches[:10], patches[10:]])
+    writer.finalize()
+    return root
+
+
+def _tiny_config(store: Path, out: Path, **overrides) -> PretrainConfig:
+    settings = dict(
+        arch="vit_tiny_patch16_224", patch_size=8, global_crop_size=32, local_crop_size=16, n_local_crops=2,
+        out_dim=128, head_hidden_dim=64, head_bottleneck_dim=16, epochs=2, batch_size_per_gpu=8, lr=0.002,
+        warmup_epochs=1, drop_path_rate=0.1, num_workers=0, seed=3, deterministic=True, saveckp_freq=100,
+        data_root=str(store), input_arm="raw", output_dir=str(out), progress_bar=False, fused_adamw=False,
+    )
+    settings.update(overrides)
+    return PretrainConfig(**settings)
+
+
+def _load_checkpoint(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------------------------
+def test_config_yaml_rejects_unknown_and_mistyped_keys(tmp_path):
+    path = tmp_path / "pretrain.yaml"
+    path.write_text("arch: vit_small_patch16_224\nepochs: 30\nlr: 1\nglobal_crop_scale: [0.3, 1]\n")
+    cfg = PretrainConfig.from_yaml(path)
+    assert (cfg.arch, cfg.epochs, cfg.lr, cfg.global_crop_scale) == ("vit_small_patch16_224", 30, 1.0, [0.3, 1.0])
+    assert isinstance(cfg.lr, float)
+    path.write_text("epochs: 3\nlearning_rate: 0.1\nbatchsize: 4\n")
+    with pytest.raises(ConfigError, match="batchsize, learning_rate"):
+        PretrainConfig.from_yaml(path)
+    path.write_text("epochs: three\n")
+    with pytest.raises(ConfigError, match="epochs must be an integer"):
+        PretrainConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="input_arm"):
+        PretrainConfig(input_arm="grey")
+    with pytest.raises(ConfigError, match="normalize_on_the_fly"):
+        PretrainConfig(input_arm="raw", normalize_on_the_fly=True)
+    cfg = PretrainConfig().with_overrides(["max_steps=5", "use_amp=false", "patch_size=8"])
+    assert (cfg.max_steps, cfg.use_amp, cfg.patch_size) == (5, False, 8)
+    with pytest.raises(ConfigError, match="unknown"):
+        PretrainConfig().with_overrides(["nope=1"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------------------------
+def test_train_writes_checkpoint_log_and_loadable_teacher(raw_store, tmp_path):
+    out = tmp_path / "run"
+    summary = training.train(_tiny_config(raw_store, out, max_steps=3))
+    assert summary["steps"] == 3 and summary["steps_per_epoch"] == 5 and summary["total_steps"] == 10
+    assert all(np.isfinite([summary["first_loss"], summary["final_loss"]]))
+
+    checkpoint = _load_checkpoint(out)  # weights_only=True: tensors and plain containers only
+    assert checkpoint["step"] == 3 and checkpoint["config"]["arch"] == "vit_tiny_patch16_224"
+    assert checkpoint["center"].shape == (1, 128) and float(checkpoint["center"].abs().sum()) > 0
+
+    records = training.read_log(out / "log.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "center_norm", "img_per_s"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    # lr warm-up over the first epoch: base lr scaled by batch/256, starting from 0
+    assert records[0]["lr"] == 0.0 and 0 < records[2]["lr"] < 0.002 * 8 / 256
+
+    meta = json.loads((out / "teacher_backbone.json").read_text())
+    assert meta == {"arch": "vit_tiny_patch16_224", "patch_size": 8, "img_size": 32, "embed_dim": 192,
+                    "input_arm": "raw"}
+    backbone = create_backbone(meta["arch"], meta["img_size"], meta["patch_size"])
+    state = torch.load(out / "teacher_backbone.pth", map_location="cpu", weights_only=True)
+    backbone.load_state_dict(state, strict=True)
+    teacher_backbone_keys = {k[len("backbone."):]: v for k, v in checkpoint["teacher"].items()
+                             if k.startswith("backbone.")}
+    assert teacher_backbone_keys.keys() == state.keys()
+    assert all(torch.equal(teacher_backbone_keys[k], state[k]) for k in state)
+    features = training.load_teacher_backbone(out)(torch.randn(2, 3, 32, 32))
+    assert features.shape == (2, 192)
+
+    png = training.plot_training_curves(out / "log.jsonl", tmp_path / "curves.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_kill_and_resume_equals_uninterrupted(raw_store, tmp_path):
+    full = tmp_path / "full"
+    training.train(_tiny_config(raw_store, full, max_steps=7))
+    split = tmp_path / "split"
+    training.train(_tiny_config(raw_store, split, max_steps=3))  # "killed" mid-epoch 0 after step 3
+    with open(split / "log.jsonl", "a") as handle:  # a killed run may have logged past its checkpoint
+        handle.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
+    summary = training.train(_tiny_config(raw_store, split, max_steps=7), resume=True)
+    assert summary["start_step"] == 3 and summary["steps"] == 7  # crossed into epoch 1 (5 steps/epoch)
+
+    a, b = _load_checkpoint(full), _load_checkpoint(split)
+    assert a["step"] == b["step"] == 7
+    for part in ("student", "teacher"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
+    assert torch.equal(a["center"], b["center"])
+    losses_full = [r["loss"] for r in training.read_log(full / "log.jsonl")]
+    losses_split = [r["loss"] for r in training.read_log(split / "log.jsonl")]
+    assert len(losses_full) == 7 and losses_split == losses_full
+
+
+def test_resume_refuses_changed_recipe(raw_store, tmp_path):
+    out = tmp_path / "run"
+    training.train(_tiny_config(raw_store, out, max_steps=1))
+    with pytest.raises(ConfigError, match="lr"):
+        training.train(_tiny_config(raw_store, out, max_steps=2, lr=0.1), resume=True)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(raw_store, tmp_path, monkeypatch, capsys):
+    reference = tmp_path / "reference"
+    training.train(_tiny_config(raw_store, reference, max_steps=2))
+
+    out = tmp_path / "nan"
+    config = out / "pretrain.yaml"
+    out.mkdir()
+    import yaml
+
+    config.write_text(yaml.safe_dump(_tiny_config(raw_store, out, saveckp_freq=2).to_dict()))
+    real_loss = dino.dino_loss
+    calls = {"n": 0}
+
+    def loss_with_nan_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(dino, "dino_loss", loss_with_nan_at_step_3)
+    code = training.main(["--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "loss is nan at step 3" in err and "checkpoint" in err and "(step 2)" in err
+    good, ref = _load_checkpoint(out), _load_checkpoint(reference)
+    assert good["step"] == 2
+    assert all(torch.equal(good["student"][k], ref["student"][k]) for k in ref["student"])
+    assert [r["step"] for r in training.read_log(out / "log.jsonl")] == [1, 2, 3]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_normalize_on_the_fly_counts_fallback_patches(raw_store, tmp_path):
+    out = tmp_path / "otf"
+    cfg = _tiny_config(raw_store, out, max_steps=2, input_arm="macenko", normalize_on_the_fly=True)
+    summary = training.train(cfg)
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    records = training.read_log(out / "log.jsonl")
+    assert all(isinstance(r["macenko_fallback"], int) and 0 <= r["macenko_fallback"] <= 8 for r in records)
+
+
+def test_stain_augmentation_arm(raw_store, tmp_path):
+    from exaonepath_core import stain
+
+    if not hasattr(stain, "stain_augment_batch"):
+        with pytest.raises(RuntimeError, match="stain_augment_batch"):
+            training.train(_tiny_config(raw_store, tmp_path / "sa", max_steps=1, input_arm="stain_augmentation"))
+        return
+    summary = training.train(_tiny_config(raw_store, tmp_path / "sa", max_steps=2, input_arm="stain_augmentation"))
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_end_identical(raw_store, tmp_path):
+    """`torchrun --nproc_per_node=2` on CPU (gloo): both ranks hold identical weights after training."""
+    import yaml
+
+    out = tmp_path / "ddp"
+    out.mkdir()
+    config = out / "pretrain.yaml"
+    config.write_text(yaml.safe_dump(_tiny_config(raw_store, out, batch_size_per_gpu=4, max_steps=3).to_dict()))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node=2", "--master_port", "0", "-m", "exaonepath_core.training",
+         "--config", str(config), "--plot"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = _load_checkpoint(out)
+    assert checkpoint["world_size"] == 2 and checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
+    assert (out / "training_curves.png").is_file()
