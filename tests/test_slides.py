@@ -108,20 +108,17 @@ def test_corrupt_and_non_slide_files(svs, tmp_path):
     }
     for name, payload in cases.items():
         (tmp_path / name).write_bytes(payload)
-        with pytest.raises(SlideOpenError) as info:
-            with open_slide(tmp_path / name):
-                pass
-        assert name in str(info.value)
-    with pytest.raises(SlideOpenError, match="not found"):
-        with open_slide(tmp_path / "missing.svs"):
+        with pytest.raises(SlideOpenError) as info, open_slide(tmp_path / name):
             pass
+        assert name in str(info.value)
+    with pytest.raises(SlideOpenError, match="not found"), open_slide(tmp_path / "missing.svs"):
+        pass
 
 
 def test_missing_mpp_and_override(tmp_path):
     path = write_tiled_tiff(tmp_path / "nores.tiff", np.full((256, 256, 3), 200, np.uint8))
-    with pytest.raises(MissingMppError, match="no mpp"):
-        with open_slide(path):
-            pass
+    with pytest.raises(MissingMppError, match="no mpp"), open_slide(path):
+        pass
     with open_slide(path, mpp_override=0.25) as s:
         assert s.mpp == 0.25 and s.mpp_source == "override"
         assert s.best_level_for_mpp(0.5) == (0, pytest.approx(2.0))
@@ -131,9 +128,8 @@ def test_missing_mpp_and_override(tmp_path):
             _ = s.mpp
     # 72 dpi is what image editors write: 352.8 um/px is no microscope scan.
     screen = write_tiled_tiff(tmp_path / "screen.tiff", np.full((128, 128, 3), 9, np.uint8), 72, "INCH")
-    with pytest.raises(MissingMppError, match="implausible"):
-        with open_slide(screen):
-            pass
+    with pytest.raises(MissingMppError, match="implausible"), open_slide(screen):
+        pass
     scan = write_tiled_tiff(tmp_path / "scan.tiff", np.full((128, 128, 3), 9, np.uint8), 40000, "CENTIMETER")
     with open_slide(scan) as s:
         assert s.mpp == pytest.approx(0.25)

@@ -115,7 +115,7 @@ def test_otsu_and_hsv():
                for t in cands]
     assert abs(threshold - cands[int(np.argmax(between))]) < 0.02
     assert ((sample > threshold) == (np.arange(8000) >= 5000)).mean() > 0.99
-    h, s, v = rgb_to_hsv(np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]], np.uint8))
+    h, s, _ = rgb_to_hsv(np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]], np.uint8))
     np.testing.assert_allclose(h[0], [0, 120, 240, 0], atol=1e-3)
     np.testing.assert_allclose(s[0], [1, 1, 1, 0], atol=1e-6)
 
@@ -291,6 +291,7 @@ def test_tile_dataset_pickles_and_works_in_dataloader(wsi, tmp_path):
                      TilingParams(target_mpp=1.0, tile_size=96, qc_figure=False))
     ts = load_tile_set(rec["coords_path"])
     ds = TileDataset([ts, ts], max_open_slides=1)
+    assert isinstance(ds, torch.utils.data.Dataset)
     assert len(ds) == 2 * len(ts)
     first = ds[0][0]
     clone = pickle.loads(pickle.dumps(ds))
