@@ -197,7 +197,8 @@ def strip_key_prefixes(state_dict: Mapping[str, torch.Tensor],
     return out
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                           assign: bool = False) -> None:
     """Load with exact key and shape equality; raise `CheckpointMismatchError` listing every difference."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -216,7 +217,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         if wrong_shape:
             lines.append(f"  shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape)}")
         raise CheckpointMismatchError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 def _torch_load(path: Path) -> Any:
@@ -264,8 +265,12 @@ def load_exaonepath_checkpoint(path: str | Path, arch: str = EXAONEPATH_ARCH) ->
     state_dict = exaonepath_state_dict(_torch_load(path), source=str(path))
     # DINO's vit_base(num_classes=0) and timm's vit_base_patch16_224(num_classes=0, global_pool='token')
     # share every parameter name (no `head.*`, no `fc_norm.*`), so no renaming is needed.
-    model = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="token")
-    load_state_dict_strict(model, state_dict, source=str(path))
+    # Built on the meta device: random init of 86M parameters would be wasted work (seconds on a CPU)
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="token")
+    if any(True for _ in model.buffers()):
+        model = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="token")
+    load_state_dict_strict(model, state_dict, source=str(path), assign=True)
     return model.eval()
 
 

@@ -1,0 +1,167 @@
+"""Backbone loading: the official EXAONEPath checkpoint layout (strict), timm, our exports; batch transforms."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from exaonepath_core.backbones import (
+    CheckpointMismatchError,
+    PreprocessSpec,
+    create_backbone,
+    load_backbone,
+    load_exaonepath_checkpoint,
+    make_transform,
+)
+
+
+def _dino_vit_base_state_dict() -> dict[str, torch.Tensor]:
+    """A random timm vit_base_patch16_224 state_dict renamed to DINO's `vit_base(patch_size=16, num_classes=0)`.
+
+    The only difference between the two layouts is the classifier: timm's default model has `head.weight` /
+    `head.bias`, DINO's num_classes=0 model has an Identity head (no keys). Every other name is shared.
+    """
+    import timm
+
+    torch.manual_seed(0)
+    timm_model = timm.create_model("vit_base_patch16_224", pretrained=False)  # with its 1000-class head
+    state_dict = timm_model.state_dict()
+    assert {"head.weight", "head.bias"} <= set(state_dict)
+    return {k: v.clone() for k, v in state_dict.items() if not k.startswith("head.")}
+
+
+@pytest.fixture(scope="module")
+def exaonepath_ckpt(tmp_path_factory):
+    state_dict = _dino_vit_base_state_dict()
+    path = tmp_path_factory.mktemp("ckpt") / "EXAONEPath.ckpt"
+    torch.save({"state_dict": state_dict}, path)
+    return path, state_dict
+
+
+def test_official_layout_loads_and_reproduces_outputs(exaonepath_ckpt):
+    path, state_dict = exaonepath_ckpt
+    model = load_exaonepath_checkpoint(path)
+    assert len(state_dict) == 150 and "cls_token" in state_dict and "blocks.0.attn.qkv.bias" in state_dict
+    for key in ("cls_token", "pos_embed", "blocks.11.mlp.fc2.weight", "norm.bias"):
+        assert torch.equal(model.state_dict()[key], state_dict[key])
+    # a DINO-style forward by hand: CLS token of the final norm
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        features = model(x)
+        tokens = model.forward_features(x)
+    assert features.shape == (2, 768)
+    torch.testing.assert_close(features, tokens[:, 0], rtol=0, atol=0)
+    assert model.blocks[0].norm1.eps == pytest.approx(1e-6)
+
+
+def test_missing_key_is_named(exaonepath_ckpt, tmp_path):
+    _, state_dict = exaonepath_ckpt
+    broken = dict(state_dict)
+    del broken["blocks.3.attn.qkv.bias"]
+    path = tmp_path / "missing.ckpt"
+    torch.save({"state_dict": broken}, path)
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): blocks\.3\.attn\.qkv\.bias"):
+        load_exaonepath_checkpoint(path)
+
+
+def test_renamed_and_reshaped_keys_are_named(exaonepath_ckpt, tmp_path):
+    _, state_dict = exaonepath_ckpt
+    renamed = dict(state_dict)
+    renamed["fc_norm.weight"] = renamed.pop("norm.weight")
+    renamed["pos_embed"] = renamed["pos_embed"][:, :100]
+    path = tmp_path / "renamed.ckpt"
+    torch.save({"state_dict": renamed}, path)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_exaonepath_checkpoint(path)
+    message = str(info.value)
+    assert "missing keys (1): norm.weight" in message
+    assert "unexpected keys (1): fc_norm.weight" in message
+    assert "pos_embed: checkpoint (1, 100, 768) vs model (1, 197, 768)" in message
+
+
+def test_wrapper_prefixes_and_dino_teacher_layout(exaonepath_ckpt, tmp_path):
+    _, state_dict = exaonepath_ckpt
+    teacher = {f"module.backbone.{k}": v for k, v in state_dict.items()}
+    teacher["module.head.last_layer.weight_g"] = torch.ones(1, 1)  # DINO projection head, not backbone
+    path = tmp_path / "dino_checkpoint.pth"
+    torch.save({"teacher": teacher, "epoch": 3}, path)
+    model = load_exaonepath_checkpoint(path)
+    assert torch.equal(model.state_dict()["blocks.5.mlp.fc1.weight"], state_dict["blocks.5.mlp.fc1.weight"])
+    torch.save({"weights": state_dict}, tmp_path / "odd.ckpt")
+    with pytest.raises(CheckpointMismatchError, match="no 'state_dict'"):
+        load_exaonepath_checkpoint(tmp_path / "odd.ckpt")
+
+
+def test_load_backbone_exaonepath_carries_official_preprocessing(exaonepath_ckpt):
+    path, _ = exaonepath_ckpt
+    model, info = load_backbone(f"exaonepath:{path}")
+    assert (info.embed_dim, info.input_size) == (768, 224)
+    spec = info.preprocess
+    assert (spec.macenko, spec.resize, spec.crop, spec.interpolation) == (True, 256, 224, "bicubic")
+    assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
+    assert not any(p.requires_grad for p in model.parameters())
+    batch = torch.randint(0, 256, (2, 96, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert make_transform(info)(batch).shape == (2, 3, 224, 224)
+
+
+def test_transform_matches_torchvision_pil_pipeline(shared_data):
+    from torchvision import transforms as T
+
+    reference = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                           T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    paths = sorted((shared_data / "patches" / "crc_val_he_7k_subset" / "TUM").glob("*.png"))[:2]
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    ours = make_transform(PreprocessSpec(resize=256, crop=224))(torch.from_numpy(images))
+    expected = torch.stack([reference(Image.open(p).convert("RGB")) for p in paths])
+    difference = (ours - expected).abs()
+    # PIL resamples in uint8, torch in float: differences stay below ~1 grey level on average
+    assert float(difference.mean()) < 0.01, float(difference.mean())
+    assert float(difference.max()) < 0.2
+
+
+def test_macenko_step_uses_the_stain_reference(shared_data):
+    from exaonepath_core.stain import MacenkoReference, macenko_normalize_batch
+
+    tile = np.asarray(Image.open(shared_data / "stain" / "tiatoolbox_source_image.png").convert("RGB"))[:224, :224]
+    batch = torch.from_numpy(np.ascontiguousarray(tile))[None]
+    with_macenko = make_transform(PreprocessSpec(resize=224, crop=224, macenko=True))
+    plain = make_transform(PreprocessSpec(resize=224, crop=224))
+    normalized, fallback = macenko_normalize_batch(batch, MacenkoReference.default())
+    assert not bool(fallback.any())
+    torch.testing.assert_close(with_macenko(batch), plain(normalized))
+    assert float((with_macenko(batch) - plain(batch)).abs().mean()) > 0.05  # the stain step changed the colours
+
+
+def test_ours_export_roundtrip_and_errors(tmp_path):
+    torch.manual_seed(0)
+    model = create_backbone("vit_tiny_patch16_224", img_size=64, patch_size=16)
+    torch.save(model.state_dict(), tmp_path / "teacher_backbone.pth")
+    meta = {"arch": "vit_tiny_patch16_224", "patch_size": 16, "img_size": 64, "embed_dim": 192, "arm": "macenko"}
+    (tmp_path / "teacher_backbone.json").write_text(json.dumps(meta))
+    loaded, info = load_backbone(f"ours:{tmp_path / 'teacher_backbone.pth'}")
+    assert (info.embed_dim, info.input_size, info.preprocess.macenko) == (192, 64, True)
+    assert info.name == "ours-macenko"
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+    del meta["embed_dim"]
+    (tmp_path / "teacher_backbone.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="lacks embed_dim"):
+        load_backbone(f"ours:{tmp_path / 'teacher_backbone.pth'}")
+
+
+def test_timm_specs():
+    model, info = load_backbone({"kind": "timm", "model_name": "resnet18", "input_size": 96, "seed": 0})
+    assert (info.embed_dim, info.input_size, info.name) == (512, 96, "timm-resnet18-random")
+    with torch.inference_mode():
+        out = model(make_transform(info)(torch.zeros(2, 96, 96, 3, dtype=torch.uint8)))
+    assert out.shape == (2, 512)
+    with pytest.raises(ValueError, match="no model named"):
+        load_backbone("timm:not_a_model_xyz")
+    with pytest.raises(ValueError, match="unknown backbone kind"):
+        load_backbone("hub:dinov2")
+    with pytest.raises(ValueError, match="must look like"):
+        load_backbone("resnet18")
