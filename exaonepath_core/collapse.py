@@ -68,11 +68,11 @@ def l2_normalized(features: np.ndarray | torch.Tensor, block_rows: int = 16384) 
     out = torch.empty(x.shape, dtype=torch.float32)
     n_bad_rows, n_zero_rows = 0, 0
     for start in range(0, x.shape[0], block_rows):
-        block = x[start : start + block_rows].to(torch.float64)
+        block = x[start : start + block_rows].to(torch.float32)
         n_bad_rows += int((~torch.isfinite(block)).any(dim=1).sum())
         norms = block.norm(dim=1, keepdim=True)
         n_zero_rows += int((norms == 0).sum())
-        out[start : start + block_rows] = (block / norms).to(torch.float32)
+        torch.div(block, norms, out=out[start : start + block_rows])
     if n_bad_rows or n_zero_rows:
         raise ValueError(
             f"features have {n_bad_rows} rows with NaN/inf and {n_zero_rows} all-zero rows; cosine metrics "
@@ -81,39 +81,68 @@ def l2_normalized(features: np.ndarray | torch.Tensor, block_rows: int = 16384) 
     return out
 
 
+def cosine_silhouettes(unit_features: torch.Tensor, labellings: list[np.ndarray]) -> list[np.ndarray]:
+    """Exact per-patch cosine silhouettes for several labellings in one pass (code -1: not in that labelling).
+
+    sklearn's conventions: 0 for a patch in a singleton cluster; excluded patches get NaN.
+    """
+    n, dim = unit_features.shape
+    blocks, offsets, sizes_all = [], [0], []
+    for codes in labellings:
+        codes = np.asarray(codes, dtype=np.int64)
+        if codes.shape != (n,):
+            raise ValueError(f"cluster codes must have shape ({n},), got {codes.shape}")
+        n_clusters = int(codes.max()) + 1 if n else 0
+        sizes = np.bincount(codes[codes >= 0], minlength=n_clusters).astype(np.float64)
+        if np.count_nonzero(sizes) < 2:
+            raise ValueError("silhouette needs at least 2 clusters")
+        blocks.append(codes)
+        sizes_all.append(sizes)
+        offsets.append(offsets[-1] + n_clusters)
+    # all labellings' cluster sums side by side: one (block x D) @ (D x sum C) matmul per row block
+    sums = torch.zeros(offsets[-1], dim, dtype=torch.float64)
+    global_codes = [np.where(c >= 0, c + off, -1) for c, off in zip(blocks, offsets)]
+    rows = int(max(64, _MAX_BLOCK_ENTRIES // (4 * max(offsets[-1], dim))))
+    for start in range(0, n, rows):
+        chunk = unit_features[start : start + rows].to(torch.float64)
+        for codes in global_codes:
+            part = torch.from_numpy(codes[start : start + rows])
+            member = part >= 0
+            sums.index_add_(0, part[member], chunk[member])
+    # float32 matmul: the sums are exact (float64); the products' rounding (~1e-6 of n_c) is far below
+    # the silhouette's resolution
+    sums32 = sums.to(torch.float32)
+    results = [np.full(n, math.nan) for _ in labellings]
+    for start in range(0, n, rows):
+        x = unit_features[start : start + rows]
+        dots = (x @ sums32.T).to(torch.float64)
+        self_distance = (1.0 - (x.to(torch.float64) ** 2).sum(1))
+        for i, codes in enumerate(blocks):
+            own = torch.from_numpy(codes[start : start + rows])
+            member = own >= 0
+            if not bool(member.any()):
+                continue
+            sizes_t = torch.from_numpy(sizes_all[i])
+            own_m = own[member]
+            # summed cosine distance to every cluster; the own cluster's sum includes d(x, x) = 1 - |x|^2
+            summed = sizes_t[None, :] - dots[member][:, offsets[i] : offsets[i + 1]]
+            own_size = sizes_t[own_m]
+            own_sum = summed.gather(1, own_m[:, None]).squeeze(1) - self_distance[member]
+            a = own_sum / (own_size - 1).clamp(min=1)
+            mean_other = summed / sizes_t.clamp(min=1)[None, :]
+            mean_other[:, sizes_t == 0] = math.inf
+            mean_other.scatter_(1, own_m[:, None], math.inf)
+            b = mean_other.min(dim=1).values
+            s = (b - a) / torch.maximum(a, b).clamp(min=1e-12)
+            s[own_size <= 1] = 0.0
+            out = results[i][start : start + rows]
+            out[member.numpy()] = s.numpy()
+    return results
+
+
 def cosine_silhouette_samples(unit_features: torch.Tensor, cluster_codes: np.ndarray) -> np.ndarray:
     """Exact per-patch silhouette with cosine distance (sklearn's convention: 0 for singleton clusters)."""
-    codes = np.asarray(cluster_codes, dtype=np.int64)
-    n = unit_features.shape[0]
-    if codes.shape != (n,):
-        raise ValueError(f"cluster_codes must have shape ({n},), got {codes.shape}")
-    n_clusters = int(codes.max()) + 1 if n else 0
-    sizes = np.bincount(codes, minlength=n_clusters).astype(np.float64)
-    if np.count_nonzero(sizes) < 2:
-        raise ValueError("silhouette needs at least 2 clusters")
-    codes_t = torch.from_numpy(codes)
-    sums = torch.zeros(n_clusters, unit_features.shape[1], dtype=torch.float64)
-    rows = max(1, _MAX_BLOCK_ENTRIES // (8 * max(n_clusters, unit_features.shape[1])))
-    for start in range(0, n, rows):
-        sums.index_add_(0, codes_t[start : start + rows], unit_features[start : start + rows].to(torch.float64))
-    sizes_t = torch.from_numpy(sizes)
-    out = np.empty(n, dtype=np.float64)
-    for start in range(0, n, rows):
-        x = unit_features[start : start + rows].to(torch.float64)
-        own = codes_t[start : start + rows]
-        # summed cosine distance to every cluster; the own cluster's sum includes d(x, x) = 1 - |x|^2 ~ 0
-        summed = sizes_t[None, :] - x @ sums.T
-        own_size = sizes_t[own]
-        own_sum = summed.gather(1, own[:, None]).squeeze(1) - (1.0 - (x * x).sum(1))
-        a = own_sum / (own_size - 1).clamp(min=1)
-        mean_other = summed / sizes_t.clamp(min=1)[None, :]
-        mean_other[:, sizes_t == 0] = math.inf
-        mean_other.scatter_(1, own[:, None], math.inf)
-        b = mean_other.min(dim=1).values
-        s = (b - a) / torch.maximum(a, b).clamp(min=1e-12)
-        s[own_size <= 1] = 0.0
-        out[start : start + rows] = s.numpy()
-    return out
+    return cosine_silhouettes(unit_features, [cluster_codes])[0]
 
 
 def slide_stratified_split(
@@ -200,24 +229,27 @@ def linear_probe_predictions(
     """Fit a softmax probe on z-scored (then PCA-reduced to probe_dim) train features; predict the test codes."""
     x = torch.as_tensor(features)
     labels = np.asarray(labels, dtype=np.int64)
-    x_train = x[torch.from_numpy(train_idx)].to(torch.float64)
-    mean = x_train.mean(0)
-    std = x_train.std(0, unbiased=False).clamp(min=1e-8)  # sklearn StandardScaler: population std
-    x_train = (x_train - mean) / std
+    x_train = x[torch.from_numpy(train_idx)].to(torch.float32)
+    mean = x_train.mean(0, dtype=torch.float64)
+    # sklearn StandardScaler: population std
+    std = ((x_train.to(torch.float64) - mean) ** 2).mean(0).sqrt().clamp(min=1e-8)
+    scale = (1.0 / std).to(torch.float32)
+    x_train = (x_train - mean.to(torch.float32)) * scale
     projection = None
     if probe_dim is not None and probe_dim < x_train.shape[1]:
         # eigh of the D x D covariance: exact PCA without an N x D SVD
-        eigvals, eigvecs = torch.linalg.eigh(x_train.T @ x_train / max(1, x_train.shape[0] - 1))
-        projection = eigvecs[:, torch.argsort(eigvals, descending=True)[:probe_dim]]
+        covariance = (x_train.T @ x_train).to(torch.float64) / max(1, x_train.shape[0] - 1)
+        eigvals, eigvecs = torch.linalg.eigh(covariance)
+        projection = eigvecs[:, torch.argsort(eigvals, descending=True)[:probe_dim]].to(torch.float32)
         x_train = x_train @ projection
-    x_test = (x[torch.from_numpy(test_idx)].to(torch.float64) - mean) / std
+    x_test = (x[torch.from_numpy(test_idx)].to(torch.float32) - mean.to(torch.float32)) * scale
     if projection is not None:
         x_test = x_test @ projection
     n_classes = int(labels.max()) + 1
     weight, bias = fit_softmax_probe(
-        x_train.to(torch.float32), torch.from_numpy(labels[train_idx]), n_classes, inverse_regularization, max_iter
+        x_train, torch.from_numpy(labels[train_idx]), n_classes, inverse_regularization, max_iter
     )
-    return (x_test.to(torch.float32) @ weight + bias).argmax(1).numpy()
+    return (x_test @ weight + bias).argmax(1).numpy()
 
 
 @dataclass
@@ -471,13 +503,13 @@ def collapse_metrics(
         finite = np.isfinite(values)
         value = float(values[finite].mean()) if finite.any() else math.nan
         low, high = boot.interval(values, codes)
-        rows.append(dict(metric=metric, value=value / scale, ci_low=low / scale, ci_high=high / scale,
-                         chance=chance, n=int(finite.sum()),
-                         note="; ".join([*notes_common, note] if note else notes_common)))
+        rows.append({"metric": metric, "value": value / scale, "ci_low": low / scale, "ci_high": high / scale,
+                         "chance": chance, "n": int(finite.sum()),
+                         "note": "; ".join([*notes_common, note] if note else notes_common)})
 
     def skip(metric: str, reason: str) -> None:
-        rows.append(dict(metric=metric, value=math.nan, ci_low=math.nan, ci_high=math.nan, chance=math.nan,
-                         n=0, note="; ".join([*notes_common, f"skipped: {reason}"])))
+        rows.append({"metric": metric, "value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "chance": math.nan,
+                         "n": 0, "note": "; ".join([*notes_common, f"skipped: {reason}"])})
 
     # ---- slide-ID linear probe (held-out patches within slides) ----
     train_idx, test_idx, n_single = slide_stratified_split(slide_codes, test_fraction, seed)
@@ -520,8 +552,14 @@ def collapse_metrics(
     same_slide_chance = float(np.mean((slide_sizes[slide_codes[slide_queries]] - 1) / max(n - 1, 1)))
     add(SAME_SLIDE_NEIGHBOURS, stats.same_slide_fraction, slide_codes[slide_queries], same_slide_chance,
         query_note(slide_queries.size, n) + "; chance = expected fraction for random neighbours")
-    add(SILHOUETTE_SLIDE, cosine_silhouette_samples(unit, slide_codes), slide_codes, 0.0,
-        f"exact cosine silhouette over all {n} patches")
+    n_sites = int(site_codes.max()) + 1 if site_codes is not None else 0
+    labellings = [slide_codes]
+    if has_classes:
+        labellings.append(class_codes)
+    if n_sites >= 2:
+        labellings.append(site_codes)
+    silhouettes = cosine_silhouettes(unit, labellings)
+    add(SILHOUETTE_SLIDE, silhouettes[0], slide_codes, 0.0, f"exact cosine silhouette over all {n} patches")
 
     # ---- class metrics ----
     if class_codes is None:
@@ -533,8 +571,7 @@ def collapse_metrics(
     else:
         unl = f"{n_unlabelled} unlabelled patches excluded" if n_unlabelled else "all patches labelled"
         lab = labelled_pool
-        add(SILHOUETTE_CLASS, cosine_silhouette_samples(unit[torch.from_numpy(lab)], class_codes[lab]),
-            slide_codes[lab], 0.0, f"exact cosine silhouette over {lab.size} labelled patches; {unl}")
+        add(SILHOUETTE_CLASS, silhouettes[1], slide_codes, 0.0, f"exact cosine silhouette over {lab.size} labelled patches; {unl}")
         paired = np.isfinite(stats.within_correct) & np.isfinite(stats.loso_correct)
         n_unpaired = int((~paired).sum())
         qn = query_note(class_queries.size, lab.size)
@@ -551,7 +588,6 @@ def collapse_metrics(
             f"{query_note(class_queries.size, lab.size, 2.0)}; {unl}; {n_unpaired} unpaired queries excluded")
 
     # ---- site metrics ----
-    n_sites = int(site_codes.max()) + 1 if site_codes is not None else 0
     if site_codes is None or n_sites < 2:
         reason = "no site ids given" if site_codes is None else "fewer than 2 sites"
         for metric in SITE_METRICS:
@@ -577,7 +613,7 @@ def collapse_metrics(
             float(np.nanmean(stats.same_site_chance)),
             "among the k nearest neighbours from other slides; " + query_note(slide_queries.size, n)
             + "; chance = expected fraction for random other-slide neighbours")
-        add(SILHOUETTE_SITE, cosine_silhouette_samples(unit, site_codes), slide_codes, 0.0,
+        add(SILHOUETTE_SITE, silhouettes[-1], slide_codes, 0.0,
             f"exact cosine silhouette over all {n} patches")
 
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
