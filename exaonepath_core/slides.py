@@ -254,7 +254,7 @@ class Slide:
         """The file's own overview image resized to (out_w, out_h), if it has the slide's aspect ratio."""
         try:
             images = self._osr.associated_images
-            if "thumbnail" not in images.keys():  # Mapping.__contains__ would decode the image once more
+            if "thumbnail" not in images.keys():  # noqa: SIM118 - Mapping.__contains__ would decode the image
                 return None
             img = images["thumbnail"]
         except openslide.OpenSlideError:
