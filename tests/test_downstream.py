@@ -133,9 +133,9 @@ def test_crc100k_layout(shared_data, tmp_path):
     assert train.class_names == ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
     assert len(train) == 8 * 3 + 1 and len(test) == 8 + 1
     assert train.class_counts()["BACK"] == 1 and train.class_counts()["TUM"] == 3
-    image, label, sample_id = train[len(train) - 1]
+    _image, label, sample_id = train[len(train) - 1]
     assert train.class_names[label] == "TUM" and sample_id.startswith("NCT-CRC-HE-100K/TUM/")
-    back = [i for i, lab in enumerate(train.labels) if lab == 1][0]
+    back = next(i for i, lab in enumerate(train.labels) if lab == 1)
     assert train[back][0].shape == (224, 224, 3)  # a real .tif tile decodes
     with pytest.raises(DatasetLayoutError, match=r"TUM: found 1, expected 1233"):
         get_dataset("crc100k", tmp_path, "test", strict=True)
@@ -210,7 +210,7 @@ def test_labels_csv_must_agree_with_folders(shared_data, tmp_path):
     shutil.copytree(source / "valid", tmp_path / "valid")
     shutil.copy(source / "labels.csv", tmp_path / "labels.csv")
     assert len(get_dataset("pcam_subset", tmp_path, "valid", strict=True)) == 500
-    victim = sorted((tmp_path / "valid" / "1").glob("*.jpg"))[0]
+    victim = min((tmp_path / "valid" / "1").glob("*.jpg"))
     victim.rename(tmp_path / "valid" / "0" / victim.name)
     with pytest.raises(DatasetLayoutError) as info:
         get_dataset("pcam_subset", tmp_path, "valid", strict=False)
