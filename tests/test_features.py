@@ -1,0 +1,94 @@
+"""Frozen-feature extraction: exact features, files and manifest, overwrite refusal, rank sharding + merge."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from exaonepath_core.backbones import load_backbone, make_transform
+from exaonepath_core.downstream import get_dataset
+from exaonepath_core.features import (
+    extract_feature_shard,
+    extract_features,
+    load_features,
+    merge_feature_shards,
+    shard_indices,
+)
+
+
+@pytest.fixture(scope="module")
+def small_setup(shared_data):
+    dataset = get_dataset("pcam_subset", shared_data / "patches" / "pcam_subset", "valid").subset(30, seed=0)
+    model, info = load_backbone({"kind": "timm", "model_name": "resnet18", "input_size": 64, "resize": 64,
+                                 "seed": 0})
+    return dataset, model, info, make_transform(info)
+
+
+def test_extract_features_writes_exact_features_and_manifest(small_setup, tmp_path):
+    dataset, model, info, transform = small_setup
+    out = extract_features(model, transform, dataset, tmp_path / "feats", batch_size=7, progress=False,
+                           backbone_info=info)
+    X, y, ids, manifest = load_features(out)
+    assert X.dtype == np.float32 and X.shape == (30, 512)
+    np.testing.assert_array_equal(y, dataset.labels)
+    assert ids == dataset.sample_ids
+    images = torch.from_numpy(np.stack([dataset[i][0] for i in range(len(dataset))]))
+    with torch.inference_mode():
+        direct = model(transform(images)).numpy()
+    np.testing.assert_allclose(X, direct, rtol=1e-4, atol=1e-5)  # batch size 7 vs 30: same numbers
+    assert manifest["n"] == 30 and manifest["dim"] == 512 and manifest["world_size"] == 1
+    assert manifest["dataset"] == "pcam_subset" and manifest["split"] == "valid"
+    assert manifest["backbone"]["name"] == "timm-resnet18-random"
+    assert manifest["preprocessing"]["resize"] == 64 and manifest["preprocessing"]["macenko"] is False
+    assert manifest["class_names"] == ["normal", "metastatic"] and manifest["n_nonfinite_rows"] == 0
+    assert manifest["dataset_info"]["class_counts"] == {"normal": 15, "metastatic": 15}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats"]  # no temporary leftovers
+    json.loads((out / "manifest.json").read_text())
+
+
+def test_refuses_to_overwrite_unless_asked(small_setup, tmp_path):
+    dataset, model, _info, transform = small_setup
+    out = extract_features(model, transform, dataset, tmp_path / "f", progress=False)
+    first = np.load(out / "features.npy")
+    (out / "marker").write_text("old")
+    with pytest.raises(FileExistsError, match="already holds features; pass overwrite=True"):
+        extract_features(model, transform, dataset, out, progress=False)
+    assert (out / "marker").is_file()
+    extract_features(model, transform, dataset, out, progress=False, overwrite=True, batch_size=16)
+    assert not (out / "marker").exists()
+    np.testing.assert_allclose(np.load(out / "features.npy"), first, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_rank_shards_merge_to_the_single_process_result(small_setup, tmp_path):
+    dataset, model, _info, transform = small_setup
+    single = extract_features(model, transform, dataset, tmp_path / "single", progress=False)
+    world = 3
+    assert [len(shard_indices(30, r, world)) for r in range(world)] == [10, 10, 10]
+    np.testing.assert_array_equal(np.concatenate([shard_indices(31, r, 4) for r in range(4)]), np.arange(31))
+    out = tmp_path / "sharded"
+    for rank in (2, 0):  # ranks finish in any order
+        extract_feature_shard(model, transform, dataset, out, rank, world, batch_size=4, progress=False)
+    with pytest.raises(FileNotFoundError, match="rank-00001 missing"):
+        merge_feature_shards(out, world, {"dataset": "pcam_subset"})
+    extract_feature_shard(model, transform, dataset, out, 1, world, batch_size=4, progress=False)
+    merge_feature_shards(out, world, {"dataset": "pcam_subset", "split": "valid"})
+    Xs, ys, ids_s, manifest_s = load_features(out)
+    X1, y1, ids_1, _ = load_features(single)
+    np.testing.assert_allclose(Xs, X1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(ys, y1)
+    assert ids_s == ids_1 and manifest_s["world_size"] == 3 and manifest_s["n"] == 30
+    assert not (tmp_path / "sharded.parts").exists()
+
+
+def test_load_features_rejects_incomplete_folders(small_setup, tmp_path):
+    dataset, model, _info, transform = small_setup
+    out = extract_features(model, transform, dataset.subset(6), tmp_path / "f", progress=False)
+    (out / "sample_ids.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match="inconsistent sizes"):
+        load_features(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="missing manifest.json"):
+        load_features(out)
