@@ -137,7 +137,7 @@ def test_silhouette_matches_sklearn_samples_with_singletons_and_exclusions():
 
 
 def test_query_subsampling_stays_within_its_stated_bound():
-    slides, sites, classes, rng = _cohort(9)
+    slides, _, classes, rng = _cohort(9)
     features = 0.7 * rng.standard_normal((N_SLIDES, DIM))[slides] + rng.standard_normal((slides.size, DIM))
     exact = _metrics_dict(collapse.collapse_metrics(features, slides, classes, None, k=10, n_boot=0, max_queries=None))
     m = 150
@@ -154,7 +154,7 @@ def test_query_subsampling_stays_within_its_stated_bound():
 
 
 def test_unlabelled_patches_are_excluded_and_counted():
-    slides, sites, classes, rng = _cohort(10)
+    slides, _, classes, rng = _cohort(10)
     features = 3.0 * rng.standard_normal((N_CLASSES, DIM))[classes] + rng.standard_normal((slides.size, DIM))
     labels = classes.copy()
     labels[::5] = -1
