@@ -634,7 +634,8 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         "log": str(output_dir / LOG_NAME), **git,
     }
     if is_main:
-        export_teacher_backbone(teacher_net.backbone, output_dir, cfg)
+        export_teacher_backbone(teacher_net.backbone, output_dir, cfg,
+                                macenko_reference=_training_reference(cfg, patches, macenko_reference))
         _atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"[pretrain] done: step {step}, loss {summary['first_loss']} -> {summary['final_loss']}, "
               f"{summary['mean_img_per_s']} img/s, {wall_s:.1f} s", flush=True)
@@ -748,8 +749,33 @@ def _truncate_log(log_path: Path, start_step: int) -> None:
     _atomic_write_text(log_path, "".join(line + "\n" for line in kept))
 
 
-def export_teacher_backbone(backbone: nn.Module, output_dir: str | os.PathLike, cfg: PretrainConfig) -> Path:
-    """Write the teacher backbone as a plain timm state_dict plus `teacher_backbone.json` (arch, sizes, dim)."""
+def _training_reference(cfg: PretrainConfig, patches: Dataset, on_the_fly_reference: Any) -> dict | None:
+    """The Macenko reference the macenko arm trained on (inference must normalise the same way); else None."""
+    if cfg.input_arm != "macenko":
+        return None
+    if on_the_fly_reference is not None:
+        return on_the_fly_reference.to_dict()
+    store_reference = getattr(patches, "reference", None)  # PatchStoreDataset reads it from the manifest
+    if store_reference is not None:
+        return store_reference.to_dict()
+    if cfg.macenko_reference:
+        from exaonepath_core.stain import MacenkoReference
+
+        return MacenkoReference.from_json(cfg.macenko_reference).to_dict()
+    return None
+
+
+def export_teacher_backbone(
+    backbone: nn.Module,
+    output_dir: str | os.PathLike,
+    cfg: PretrainConfig,
+    macenko_reference: dict | None = None,
+) -> Path:
+    """Write the teacher backbone as a plain timm state_dict plus `teacher_backbone.json`.
+
+    The JSON holds arch, patch_size, img_size, embed_dim (what `backbones.load_backbone("ours:...")` needs),
+    the input arm, whether inputs must be Macenko-normalised, and the reference used for it.
+    """
     output_dir = Path(output_dir)
     state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     path = output_dir / TEACHER_EXPORT_NAME
@@ -759,7 +785,9 @@ def export_teacher_backbone(backbone: nn.Module, output_dir: str | os.PathLike, 
         "patch_size": cfg.patch_size if cfg.patch_size is not None else int(backbone.patch_embed.patch_size[0]),
         "img_size": cfg.global_crop_size,
         "embed_dim": int(backbone.num_features),
-        "input_arm": cfg.input_arm,
+        "arm": cfg.input_arm,
+        "macenko": cfg.input_arm == "macenko",
+        "macenko_reference": macenko_reference,
     }
     _atomic_write_text(output_dir / "teacher_backbone.json", json.dumps(meta, indent=2) + "\n")
     return path
