@@ -203,43 +203,57 @@ def backbone_specs(cfg: ProjectConfig, pretrain_dir: Path) -> dict[str, str]:
     return specs
 
 
-def load_backbone_with_transform(spec: str, cfg: ProjectConfig, normalize_dir: Path):
-    """Model (eval, on the run's device), its batch transform, and info. The macenko arm's teacher sees
-    Macenko-normalized inputs (the same reference as its training data), the others raw inputs."""
+def load_backbone_with_transform(spec: str, cfg: ProjectConfig):
+    """Model (eval, on the run's device), its batch transform and info. Each backbone carries its own
+    preprocessing: our macenko arm's teacher (its export records the arm and reference) and the official
+    EXAONEPath checkpoint see Macenko-normalized inputs, the others raw inputs."""
     from exaonepath_core import backbones
 
-    dev = device(cfg)
-    macenko = None
-    if spec.startswith("ours:") and Path(spec[5:]).parent.name == "macenko":
-        from exaonepath_core.stain import MacenkoReference
-
-        macenko = MacenkoReference.from_json(Path(normalize_dir) / "reference.json")
     model, info = backbones.load_backbone(spec)
-    transform = backbones.make_transform(info, macenko_reference=macenko) if macenko is not None \
-        else backbones.make_transform(info)
-    return model.to(dev).eval(), transform, info
+    return model.to(device(cfg)).eval(), backbones.make_transform(info), info
 
 
 class SyntheticTileDataset:
-    """Held-out synthetic tiles: (uint8 HWC, tissue class, 'slide|x|y'); tiles of no single class get -1."""
+    """Held-out synthetic tiles with a tissue class: (uint8 HWC, class, 'slide|x|y').
+
+    Tiles whose majority class covers less than the purity threshold (mixed or background) have no label;
+    they are left out and counted in `n_unlabelled` (reported in datasets.csv), never dropped silently.
+    """
 
     def __init__(self, tile_sets: list, sidecars: dict[str, str]):
         from exaonepath_core import synthetic, tiling
 
         self._tiles = tiling.TileDataset(tile_sets)
-        labels = []
-        for ts in tile_sets:
-            if len(ts.coords):
-                labels.append(synthetic.tile_class_labels(sidecars[ts.slide_id], ts.coords, ts.level0_patch_size))
-        self.labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
-        assert len(self.labels) == len(self._tiles), (len(self.labels), len(self._tiles))
+        labels = [synthetic.tile_class_labels(sidecars[ts.slide_id], ts.coords, ts.level0_patch_size)
+                  for ts in tile_sets if len(ts.coords)]
+        labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+        if len(labels) != len(self._tiles):
+            raise RuntimeError(f"{len(labels)} labels for {len(self._tiles)} tiles")
+        self.index = np.flatnonzero(labels >= 0)
+        self.labels = labels[self.index]
+        self.n_unlabelled = int((labels < 0).sum())
+        self.class_names = list(synthetic.CLASS_NAMES)
 
     def __len__(self) -> int:
-        return len(self._tiles)
+        return len(self.index)
 
     def __getitem__(self, i: int):
-        image, slide_id, x, y = self._tiles[i]
+        image, slide_id, x, y = self._tiles[int(self.index[i])]
         return image, int(self.labels[i]), f"{slide_id}|{int(x)}|{int(y)}"
+
+
+def synthetic_probe_slides(held: pd.DataFrame) -> dict[str, list[str]]:
+    """Leave-slides-out split of the held-out synthetic slides: within each site alternate slides go to
+    `train` and `test`, so the tissue-class probe is scored on slides (and stains) it never saw."""
+    split: dict[str, list[str]] = {"train": [], "test": []}
+    for _, group in held.groupby("site", sort=True):
+        ids = sorted(group["slide_id"])
+        if len(ids) == 1:
+            raise ValueError(f"site {group['site'].iloc[0]}: the tissue-class probe needs >= 2 held-out slides "
+                             "per site (data.synthetic.heldout_slides_per_site)")
+        split["train"] += ids[0::2]
+        split["test"] += ids[1::2]
+    return split
 
 
 def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dict[str, Any]]:
@@ -251,19 +265,26 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
     held = slides[(slides.source == "synthetic") & (slides.split == "heldout")]
     if len(held):
         tiles_dir = Path(json.loads((Path(tiles_stage_dir) / "tiles.json").read_text())["tiles_dir"])
-        sets = cohort.tile_sets(held, tiles_dir)
-        ds = SyntheticTileDataset(sets, dict(zip(held.slide_id, held.sidecar)))
-        out[SYNTHETIC_TASK] = {"status": "present", "splits": {"all": ds}, "n": len(ds)}
+        sidecars = dict(zip(held.slide_id, held.sidecar))
+        splits = {name: SyntheticTileDataset(cohort.tile_sets(held[held.slide_id.isin(ids)], tiles_dir), sidecars)
+                  for name, ids in synthetic_probe_slides(held).items()}
+        unlabelled = sum(ds.n_unlabelled for ds in splits.values())
+        out[SYNTHETIC_TASK] = {"status": f"present ({unlabelled} mixed/background tiles without a class left out)",
+                               "splits": splits, "n": sum(len(v) for v in splits.values())}
     for name, root in cfg.data.downstream_roots.items():
         root_path = resolve_path(root)
         try:
+            cls = downstream.dataset_class(name)
+            wanted = [s for s in cls.probe_splits if s is not None]
             splits = {split: downstream.get_dataset(name, root_path, split, strict=cfg.profile == "paper")
-                      for split in downstream.splits_of(name)}
+                      for split in wanted}
             if cfg.features.max_samples_per_split:
                 splits = {k: _subset(v, cfg.features.max_samples_per_split, cfg.seed) for k, v in splits.items()}
             out[name] = {"status": "present", "splits": splits, "n": sum(len(v) for v in splits.values())}
         except Exception as err:  # absent or incomplete: reported, never faked
-            out[name] = {"status": f"absent: {type(err).__name__}: {err}", "splits": {}, "n": 0}
+            out[name] = {"status": f"absent: {type(err).__name__}: {str(err).splitlines()[0]}", "splits": {}, "n": 0}
+    for name in downstream.PAPER_ACCURACY:
+        out.setdefault(name, {"status": "absent: no root configured", "splits": {}, "n": 0})
     return out
 
 
@@ -280,7 +301,7 @@ def dataset_status_table(datasets: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per dataset: present/absent (with the reason) and sample counts per split."""
     rows = []
     for name, entry in datasets.items():
-        rows.append(dict(dataset=name, status=entry["status"].split(":")[0], detail=entry["status"],
+        rows.append(dict(dataset=name, status=entry["status"].split(":")[0].split(" (")[0], detail=entry["status"],
                          n=entry["n"], splits=",".join(f"{k}={len(v)}" for k, v in entry["splits"].items())))
     return pd.DataFrame(rows)
 
@@ -292,51 +313,22 @@ def _slide_of(ids: np.ndarray) -> np.ndarray:
     return np.array([s.split("|", 1)[0] for s in ids])
 
 
-def synthetic_probe_split(ids: np.ndarray, labels: np.ndarray, slide_site: dict[str, str]) -> np.ndarray:
-    """Leave-slides-out split of the held-out synthetic tiles: within each site alternate slides go to train
-    and test, so the tissue-class probe is scored on slides it never saw. Returns a bool 'is_train' mask."""
-    slides = _slide_of(ids)
-    train_slides = set()
-    by_site: dict[str, list[str]] = {}
-    for s in sorted(set(slides)):
-        by_site.setdefault(slide_site.get(s, "?"), []).append(s)
-    for site_slides in by_site.values():
-        train_slides.update(site_slides[::2])
-    if len(train_slides) == len(set(slides)):  # one slide per site: split tiles of each slide by position
-        return (np.arange(len(ids)) % 2) == 0
-    return np.isin(slides, sorted(train_slides))
-
-
 def run_all_probes(cfg: ProjectConfig, features_dir: Path) -> pd.DataFrame:
-    """Every (backbone, task) present: logistic probe and kNN, several seeds, long-format results."""
-    from exaonepath_core import features, probes
+    """Every task with train and test features: logistic probe and kNN over the configured seeds, long format."""
+    from exaonepath_core import probes
 
     features_dir = Path(features_dir)
-    slides = _slides_table(cfg)
-    slide_site = dict(zip(slides.slide_id, slides.site)) if slides is not None else {}
-    frames = []
+    tasks: dict[str, dict[str, dict[str, Path]]] = {}
     for bdir in sorted(p for p in features_dir.iterdir() if p.is_dir()):
         for ddir in sorted(p for p in bdir.iterdir() if p.is_dir()):
-            splits = {s.name: features.load_features(s) for s in ddir.iterdir() if (s / "manifest.json").is_file()}
-            if ddir.name == SYNTHETIC_TASK and "all" in splits:
-                X, y, ids, _ = splits["all"]
-                keep = y >= 0
-                is_train = synthetic_probe_split(np.asarray(ids), y, slide_site)
-                tr, te = keep & is_train, keep & ~is_train
-                data = dict(Xtr=X[tr], ytr=y[tr], Xval=None, yval=None, Xte=X[te], yte=y[te])
-                note = f"{int((~keep).sum())} mixed/background tiles without a class excluded"
-            elif "train" in splits and "test" in splits:
-                Xtr, ytr, _, _ = splits["train"]
-                Xte, yte, _, _ = splits["test"]
-                Xval, yval = (splits["valid"][0], splits["valid"][1]) if "valid" in splits else (None, None)
-                data = dict(Xtr=Xtr, ytr=ytr, Xval=Xval, yval=yval, Xte=Xte, yte=yte)
-                note = ""
-            else:
-                continue
-            df = probes.evaluate_task(task=ddir.name, backbone=bdir.name, seeds=cfg.probes.seeds,
-                                      n_boot=cfg.probes.n_boot, knn_k=cfg.probes.knn_k, **data)
-            df["note"] = note
-            frames.append(df)
+            splits = {s.name: s for s in ddir.iterdir() if (s / "manifest.json").is_file()}
+            if "train" in splits and "test" in splits:
+                dirs = {"train": splits["train"], "test": splits["test"]}
+                if "valid" in splits:
+                    dirs["val"] = splits["valid"]
+                tasks.setdefault(ddir.name, {})[bdir.name] = dirs
+    frames = [probes.run_probes(task, dirs, seeds=cfg.probes.seeds, n_boot=cfg.probes.n_boot, knn_k=cfg.probes.knn_k)
+              for task, dirs in sorted(tasks.items())]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -353,8 +345,11 @@ def probe_summary(results: pd.DataFrame, features_dir: Path) -> pd.DataFrame:
     from exaonepath_core import probes
 
     status_csv = Path(features_dir) / "datasets.csv"
-    status = pd.read_csv(status_csv) if status_csv.is_file() else None
-    return probes.summary_table(results, dataset_status=status)
+    available = {}
+    if status_csv.is_file():
+        table = pd.read_csv(status_csv)
+        available = dict(zip(table["dataset"], table["detail"]))
+    return probes.summary_table(results, available=available)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,10 +363,13 @@ def collapse_by_arm(cfg: ProjectConfig, features_dir: Path) -> tuple[pd.DataFram
     slide_site = dict(zip(slides.slide_id, slides.site)) if slides is not None else {}
     frames, embeds = [], {}
     for bdir in sorted(p for p in Path(features_dir).iterdir() if p.is_dir()):
-        fdir = bdir / SYNTHETIC_TASK / "all"
-        if not (fdir / "manifest.json").is_file():
+        parts = [features.load_features(d) for d in sorted((bdir / SYNTHETIC_TASK).glob("*"))
+                 if (d / "manifest.json").is_file()]
+        if not parts:
             continue
-        X, y, ids, _ = features.load_features(fdir)
+        X = np.concatenate([np.asarray(p[0], dtype=np.float32) for p in parts])
+        y = np.concatenate([np.asarray(p[1]) for p in parts])
+        ids = np.concatenate([np.asarray(p[2]) for p in parts])
         slide_ids = _slide_of(np.asarray(ids))
         sites = np.array([slide_site.get(s, "?") for s in slide_ids])
         df = collapse.collapse_metrics(X, slide_ids, class_labels=y, site_ids=sites, k=cfg.collapse.k,
@@ -388,13 +386,15 @@ def collapse_by_arm(cfg: ProjectConfig, features_dir: Path) -> tuple[pd.DataFram
 
 def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.DataFrame:
     """The paper's claim checked per non-raw arm against raw: slide identifiability lower, class kept."""
+    from exaonepath_core import collapse
+
     if metrics.empty or "raw" not in set(metrics["arm"]):
         return pd.DataFrame()
     value = metrics.pivot_table(index="metric", columns="arm", values="value", aggfunc="first")
     rows = []
-    slide_metrics = [m for m in ("slide_probe_accuracy", "same_slide_neighbor_fraction", "site_probe_accuracy",
-                                 "same_site_neighbor_fraction") if m in value.index]
-    class_metric = next((m for m in ("loso_knn_class_accuracy", "class_probe_accuracy") if m in value.index), None)
+    slide_metrics = [m for m in (collapse.SLIDE_PROBE, collapse.SAME_SLIDE_NEIGHBOURS, collapse.SITE_PROBE,
+                                 collapse.SAME_SITE_NEIGHBOURS) if m in value.index]
+    class_metric = collapse.KNN_LEAVE_ONE_SLIDE_OUT if collapse.KNN_LEAVE_ONE_SLIDE_OUT in value.index else None
     for arm in value.columns:
         if arm == "raw":
             continue
@@ -407,7 +407,7 @@ def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.Da
             drop = value.loc[class_metric, "raw"] - value.loc[class_metric, arm]
             row[f"{class_metric}_drop"] = drop
             row["class_kept"] = bool(drop <= class_margin)
-        main = [row.get(f"{m}_lower") for m in ("slide_probe_accuracy", "same_slide_neighbor_fraction")
+        main = [row.get(f"{m}_lower") for m in (collapse.SLIDE_PROBE, collapse.SAME_SLIDE_NEIGHBOURS)
                 if f"{m}_lower" in row]
         row["claim_holds"] = bool(main and all(main) and row.get("class_kept", True))
         rows.append(row)

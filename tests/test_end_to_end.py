@@ -90,7 +90,7 @@ def test_collapse_metrics_per_arm(ci_run):
     paths, _ = ci_run
     metrics = pd.read_csv(paths.stage_dir("06") / "collapse_metrics.csv")
     assert set(metrics.arm) == {"raw", "macenko", "stain_augmentation"}
-    probe = metrics[metrics.metric == "slide_probe_accuracy"]
+    probe = metrics[metrics.metric == "slide_id_probe_accuracy"]
     assert len(probe) == 3 and probe.value.between(0, 1).all()
     assert (probe.ci_low <= probe.value + 1e-9).all() and (probe.value <= probe.ci_high + 1e-9).all()
     assert (paths.stage_dir("06") / "collapse_verdict.csv").is_file()

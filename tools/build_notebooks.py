@@ -159,7 +159,7 @@ print("datasets:", {k: v["status"] for k, v in datasets.items()})
 '''),
     ("code", '''rows = []
 for bname, spec in backbones.items():
-    model, transform, info = workflow.load_backbone_with_transform(spec, cfg, paths.stage_dir("02"))
+    model, transform, info = workflow.load_backbone_with_transform(spec, cfg)
     for dname, entry in datasets.items():
         if entry["status"] != "present":
             continue
