@@ -1,0 +1,139 @@
+"""Probes and metrics: agreement with sklearn, bootstrap intervals, tables, and the real-data PCam probe."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from exaonepath_core.backbones import load_backbone, make_transform
+from exaonepath_core.downstream import PAPER_ACCURACY, get_dataset
+from exaonepath_core.features import extract_features
+from exaonepath_core.probes import (
+    knn_probe,
+    linear_head_probe,
+    logistic_probe,
+    metrics,
+    plot_probe_results,
+    run_probes,
+    summary_table,
+    write_table,
+)
+
+
+def _blobs(n: int, n_classes: int, dim: int, separation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_classes, dim)) * separation
+    y = rng.integers(0, n_classes, n)
+    return (centers[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def test_metrics_match_sklearn_and_intervals_cover():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 3, 400)
+    y_pred = np.where(rng.random(400) < 0.7, y_true, rng.integers(0, 3, 400))
+    out = metrics(y_true, y_pred, n_boot=300, seed=1)
+    assert set(out) == {"accuracy", "balanced_accuracy", "macro_f1"}  # no AUROC for 3 classes
+    assert out["accuracy"]["value"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+    assert out["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-12)
+    assert out["macro_f1"]["value"] == pytest.approx(f1_score(y_true, y_pred, average="macro"), abs=1e-12)
+    for values in out.values():
+        assert values["ci_low"] < values["value"] < values["ci_high"]
+        assert values["ci_high"] - values["ci_low"] < 0.15
+    y_bin = rng.integers(0, 2, 300)
+    score = np.clip(y_bin * 0.3 + rng.random(300), 0, None).round(1)  # ties on purpose
+    binary = metrics(y_bin, (score > 0.65).astype(int), np.stack([1 - score, score], 1), n_boot=100)
+    assert binary["auroc"]["value"] == pytest.approx(roc_auc_score(y_bin, score), abs=1e-12)
+    # a class never predicted and one never present: sklearn's macro-F1 conventions
+    y_true2, y_pred2 = np.array([0, 0, 1, 1, 2]), np.array([0, 0, 1, 0, 3])
+    assert metrics(y_true2, y_pred2, n_boot=0)["macro_f1"]["value"] == pytest.approx(
+        f1_score(y_true2, y_pred2, average="macro", zero_division=0), abs=1e-12)
+
+
+def test_probes_on_separable_and_random_features():
+    Xtr, ytr = _blobs(300, 3, 16, 1.5, 0)
+    Xva, yva = _blobs(100, 3, 16, 1.5, 0)
+    Xte, yte = _blobs(200, 3, 16, 1.5, 0)
+    logistic = logistic_probe(Xtr, ytr, Xva, yva, Xte, yte, seed=0, n_boot=50)
+    assert logistic["selection"] == "val" and logistic["metrics"]["accuracy"]["value"] > 0.9
+    no_val = logistic_probe(Xtr, ytr, None, None, Xte, yte, seed=0, n_boot=50)
+    assert no_val["selection"] == "train_split" and no_val["metrics"]["accuracy"]["value"] > 0.9
+    head = linear_head_probe(Xtr, ytr, Xva, yva, Xte, yte, epochs=30, batch_size=64, lr=1e-2, n_boot=50)
+    assert head["metrics"]["accuracy"]["value"] > 0.9
+    knn = knn_probe(Xtr, ytr, Xte, yte, k=20, n_boot=50)
+    assert knn["metrics"]["accuracy"]["value"] > 0.9 and np.allclose(knn["y_score"].sum(1), 1)
+    # labels independent of features: every probe stays near chance (1/3)
+    rng = np.random.default_rng(5)
+    shuffled = logistic_probe(Xtr, rng.permutation(ytr), None, None, Xte, rng.permutation(yte), n_boot=50)
+    assert shuffled["metrics"]["accuracy"]["value"] < 0.5
+    with pytest.raises(ValueError, match="not finite"):
+        knn_probe(np.full_like(Xtr, np.nan), ytr, Xte, yte)
+
+
+def _write_feature_folder(path, X, y, class_names):
+    path.mkdir(parents=True)
+    np.save(path / "features.npy", X.astype(np.float32))
+    np.save(path / "labels.npy", y.astype(np.int64))
+    (path / "sample_ids.txt").write_text("".join(f"s{i}\n" for i in range(len(y))))
+    (path / "manifest.json").write_text(json.dumps({"n": len(y), "dim": X.shape[1], "class_names": class_names}))
+
+
+def test_run_probes_summary_and_plot(tmp_path):
+    dirs = {}
+    for backbone, separation in (("strong", 2.0), ("weak", 0.2)):
+        dirs[backbone] = {}
+        for split, seed in (("train", 1), ("test", 2)):
+            X, y = _blobs(150, 2, 8, separation, seed if backbone == "strong" else seed + 10)
+            # same class centres for train and test: regenerate with a shared centre seed
+            rng = np.random.default_rng(100 + (backbone == "weak"))
+            centers = rng.normal(size=(2, 8)) * separation
+            X = centers[y] + np.random.default_rng(seed).normal(size=X.shape)
+            _write_feature_folder(tmp_path / backbone / split, X, y, ["a", "b"])
+            dirs[backbone][split] = tmp_path / backbone / split
+    df = run_probes("toy", dirs, seeds=(0, 1), n_boot=50)
+    assert list(df.columns[:8]) == ["task", "backbone", "probe", "seed", "metric", "value", "ci_low", "ci_high"]
+    assert len(df) == 2 * 2 * 2 * 4  # backbones x probes x seeds x metrics (binary: with AUROC)
+    accuracy = df[df.metric == "accuracy"].groupby("backbone")["value"].mean()
+    assert accuracy["strong"] > 0.9 and accuracy["weak"] < accuracy["strong"] - 0.2
+    table = summary_table(df, available={"pcam": "absent: no root configured", "mhist": "present"})
+    present = table[table.status == "present"]
+    assert set(present.task) == {"toy"} and (present.n_seeds == 2).all()
+    absent = table.set_index("task").loc[list(PAPER_ACCURACY)]
+    assert absent["mean"].isna().all()  # never faked
+    assert absent.loc["pcam", "status"] == "absent: no root configured"
+    assert absent.loc["mhist", "status"] == "absent: present on disk but not probed"
+    assert absent.loc["crc100k", "paper_accuracy"] == pytest.approx(0.946)
+    csv_path = write_table(df, tmp_path / "out" / "probes.csv")
+    assert len(pd.read_csv(csv_path)) == len(df)
+    png = plot_probe_results(df, tmp_path / "out" / "probes.png")
+    with Image.open(png) as image:
+        assert image.size[0] > 400 and image.size[1] > 300
+
+
+def test_real_pcam_subset_probe_beats_chance(shared_data, tmp_path):
+    """Frozen random-init ResNet-18 features of real PCam patches: the linear probe clears 0.70 test accuracy.
+
+    No pretrained weights exist offline; random convolutional features still carry colour/texture statistics
+    (a colour-histogram baseline reaches about 0.82 here). Measured: 0.786 [0.748, 0.818] test accuracy.
+    """
+    root = shared_data / "patches" / "pcam_subset"
+    model, info = load_backbone({"kind": "timm", "model_name": "resnet18", "input_size": 96, "seed": 0})
+    transform = make_transform(info)
+    dirs = {}
+    # stratified subsets of train/valid keep the default test run short; the whole test split is used
+    for split, role, size in (("train", "train", 1000), ("valid", "val", 200), ("test", "test", 0)):
+        dataset = get_dataset("pcam_subset", root, split, strict=True).subset(size, seed=0)
+        dirs[role] = extract_features(model, transform, dataset, tmp_path / split, batch_size=100, progress=False,
+                                      backbone_info=info)
+    df = run_probes("pcam_subset", {info.name: dirs}, seeds=(0,), probes=("logistic",), n_boot=200)
+    accuracy = df[df.metric == "accuracy"].iloc[0]
+    print(f"pcam_subset logistic probe on random resnet18: {accuracy.value:.3f} "
+          f"[{accuracy.ci_low:.3f}, {accuracy.ci_high:.3f}] {accuracy.hparam}")
+    assert accuracy.value >= 0.70
+    assert accuracy.n_test == 500 and accuracy.n_train == 1000
+    assert accuracy.ci_low > 0.5
+    auroc = df[df.metric == "auroc"].iloc[0]
+    assert auroc.value > 0.75
