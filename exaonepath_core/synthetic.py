@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "5"
 CLASS_NAMES: tuple[str, ...] = ("tumor", "stroma", "lymphocytes", "adipose", "mucin", "necrosis")
 BACKGROUND = -1
 TUMOR, STROMA, LYMPHOCYTES, ADIPOSE, MUCIN, NECROSIS = range(len(CLASS_NAMES))
@@ -52,6 +52,12 @@ _TEXTURE_PX = 512  # period of the texture tables (256 um at 0.5 um/px: repetiti
 _OBJECT_ROW_PX = 64  # height of the grid rows that own the nuclei seeds
 _MARGIN_PX = 24  # rows rendered above and below a strip so blur and nuclei cross strip borders seamlessly
 _N_FIBRE_ORIENTATIONS = 4
+# Focus blur is drawn per slide around one value for all sites: a site-level sharpness difference would be a
+# non-colour site signal that stain normalization cannot remove, blurring the experiment's answer key.
+_SITE_BLUR_SIGMA = 0.5
+# Likewise the glass brightness Io is drawn per slide: Macenko assumes one Io (240), so a per-site Io would
+# survive normalization as a site offset in optical density.
+_SITE_IO = 245.0
 
 # Nuclear morphology per class (level-0 px at 0.5 um/px). Density is nuclei per px^2; radius is the major
 # semi-axis; aspect = major/minor; rim > 0 makes a vesicular nucleus (paler centre); irregularity is the
@@ -66,7 +72,9 @@ _NUCLEI = {
     NECROSIS:     (5.0e-3,  1.2, 3.0, 1.0, 2.0, 0.90, 1.60, 0.00, 0.35),
 }
 _NUCLEI_TABLE = np.array([_NUCLEI[c] for c in range(len(CLASS_NAMES))], dtype=np.float64)
-_MAX_DENSITY = float(_NUCLEI_TABLE[:, 0].max())
+_REGION_VARIATION = 0.3  # per-region nuclear density in [1-v, 1+v]
+_UPTAKE_VARIATION = 0.1  # per-region H and E uptake in [1-u, 1+u] (larger hides the site colours in raw tiles)
+_MAX_DENSITY = float(_NUCLEI_TABLE[:, 0].max()) * (1 + _REGION_VARIATION)
 _MAX_NUCLEUS_EXTENT = math.ceil(float((_NUCLEI_TABLE[:, 2] * (1 + _NUCLEI_TABLE[:, 8])).max())) + 2
 
 
@@ -183,11 +191,14 @@ def _rotate_randomly(v: np.ndarray, angle_rad: float, rng: np.random.Generator) 
 
 def _stains_are_plausible(h: np.ndarray, e: np.ndarray) -> bool:
     # Macenko tells H from E by the larger red OD; keep that true and the two vectors apart.
-    return _angle(h, e) > math.radians(15) and h[0] > e[0] + 0.15
+    # Every OD component stays >= 0.1: a stain that barely absorbs one channel leaves its pixels below
+    # Macenko's per-channel beta threshold, which real H&E does not do.
+    return (_angle(h, e) > math.radians(15) and h[0] > e[0] + 0.15 and bool(np.all(h >= 0.1))
+            and bool(np.all(e >= 0.1)))
 
 
 def site_stain_params(spec: CohortSpec) -> list[StainParams]:
-    """One stain setting per site: H/E vectors rotated 4-16 degrees from the reference, mutually distinct."""
+    """One stain setting per site: H/E vectors rotated 8-20 degrees from the reference, mutually distinct."""
     rng = np.random.default_rng([spec.seed, 0x517E])
     sites: list[StainParams] = []
     attempts = 0
@@ -195,18 +206,17 @@ def site_stain_params(spec: CohortSpec) -> list[StainParams]:
         attempts += 1
         if attempts > 100_000:
             raise RuntimeError("could not draw plausible site stains")
-        h = _rotate_randomly(H_REFERENCE / np.linalg.norm(H_REFERENCE), math.radians(rng.uniform(4, 16)), rng)
-        e = _rotate_randomly(E_REFERENCE / np.linalg.norm(E_REFERENCE), math.radians(rng.uniform(4, 16)), rng)
+        h = _rotate_randomly(H_REFERENCE / np.linalg.norm(H_REFERENCE), math.radians(rng.uniform(8, 20)), rng)
+        e = _rotate_randomly(E_REFERENCE / np.linalg.norm(E_REFERENCE), math.radians(rng.uniform(8, 20)), rng)
         h_scale, e_scale = rng.uniform(0.75, 1.35), rng.uniform(0.7, 1.35)
-        io, blur = rng.uniform(238, 253), rng.uniform(0.2, 0.9)
         if not _stains_are_plausible(h, e):
             continue
-        # Many sites cannot all be 6 degrees apart: relax the separation after enough tries.
-        min_separation = math.radians(6) if attempts < 5_000 else 0.0
+        # Many sites cannot all be 8 degrees apart: relax the separation after enough tries.
+        min_separation = math.radians(8) if attempts < 5_000 else 0.0
         if any(max(_angle(h, np.array(s.h_od)), _angle(e, np.array(s.e_od))) < min_separation for s in sites):
             continue
         sites.append(StainParams(tuple(map(float, h)), tuple(map(float, e)), float(h_scale), float(e_scale),
-                                 float(io), float(blur)))
+                                 _SITE_IO, _SITE_BLUR_SIGMA))
     return sites
 
 
@@ -224,8 +234,8 @@ def _slide_stain_params(site: StainParams, rng: np.random.Generator) -> StainPar
         tuple(map(float, h)), tuple(map(float, e)),
         h_scale=float(site.h_scale * math.exp(rng.normal(0, 0.06))),
         e_scale=float(site.e_scale * math.exp(rng.normal(0, 0.06))),
-        io=float(np.clip(site.io + rng.normal(0, 1.5), 225, 254)),
-        blur_sigma=float(np.clip(site.blur_sigma + rng.normal(0, 0.1), 0.0, 2.0)),
+        io=float(site.io + rng.uniform(-5, 5)),
+        blur_sigma=float(site.blur_sigma + rng.uniform(-0.2, 0.2)),
     )
 
 
@@ -237,8 +247,12 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     return (field - field.mean()) / (field.std() + 1e-12)
 
 
-def _layout_class_map(spec: CohortSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Low-res class map (int8, -1 background) and fibre orientation index per cell, from warped Voronoi regions."""
+def _layout_class_map(spec: CohortSpec, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Low-res class map (int8, -1 background) from warped Voronoi regions, plus per-cell region attributes.
+
+    The attributes (fibre orientation, nuclear density, H and E uptake, section thickness) vary morphology and
+    staining between regions of one class, as real tissue does, independently of the site.
+    """
     size, ds = spec.slide_size_px, spec.class_map_downsample
     cells = -(-size // ds)
     centres = (np.arange(cells) + 0.5) * ds
@@ -268,8 +282,15 @@ def _layout_class_map(spec: CohortSpec, rng: np.random.Generator) -> tuple[np.nd
                             for _ in range(-(-len(tissue_regions) // len(CLASS_NAMES)))])
     region_class[tissue_regions] = order[: len(tissue_regions)]
     class_map = np.where(tissue, region_class[region], BACKGROUND).astype(np.int8)
-    region_orientation = rng.integers(0, _N_FIBRE_ORIENTATIONS, len(seeds)).astype(np.int8)
-    return class_map, region_orientation[region]
+    v = _REGION_VARIATION
+    thickness = 1.0 + 0.06 * np.clip(_smooth_noise(rng, (cells, cells), size / 10 / ds), -2, 2) / 2
+    attributes = {
+        "orientation": rng.integers(0, _N_FIBRE_ORIENTATIONS, len(seeds)).astype(np.int8)[region],
+        "density": rng.uniform(1 - v, 1 + v, len(seeds))[region].astype(np.float32),
+        "h_uptake": (rng.uniform(1 - _UPTAKE_VARIATION, 1 + _UPTAKE_VARIATION, len(seeds))[region] * thickness).astype(np.float32),
+        "e_uptake": (rng.uniform(1 - _UPTAKE_VARIATION, 1 + _UPTAKE_VARIATION, len(seeds))[region] * thickness).astype(np.float32),
+    }
+    return class_map, attributes
 
 
 def _periodic_texture(rng: np.random.Generator, gain: Any) -> np.ndarray:
@@ -333,7 +354,7 @@ class _SlideContext:
     spec: CohortSpec
     entropy: tuple[int, ...]
     class_map: np.ndarray
-    orientation_map: np.ndarray
+    region_maps: dict[str, np.ndarray]
     textures: dict[str, np.ndarray]
     stain: StainParams
 
@@ -350,9 +371,9 @@ def _build_context(spec: CohortSpec, site: int, slide: int, site_stain: StainPar
     entropy = _slide_entropy(spec, site, slide)
     rng = np.random.default_rng(list(entropy))
     stain = _slide_stain_params(site_stain, rng)
-    class_map, orientation_map = _layout_class_map(spec, rng)
+    class_map, region_maps = _layout_class_map(spec, rng)
     textures = _slide_textures(rng)
-    return _SlideContext(spec, entropy, class_map, orientation_map, textures, stain)
+    return _SlideContext(spec, entropy, class_map, region_maps, textures, stain)
 
 
 def _class_at(ctx: _SlideContext, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -377,7 +398,11 @@ def _nuclei_in_row(ctx: _SlideContext, row: int) -> dict[str, np.ndarray]:
     cls = _class_at(ctx, y, x)
     tissue = cls >= 0
     table = _NUCLEI_TABLE[np.where(tissue, cls, 0)]
-    keep = tissue & (u[:, 2] < table[:, 0] / _MAX_DENSITY)
+    ds = ctx.spec.class_map_downsample
+    cell_y = np.clip(y.astype(np.int64) // ds, 0, ctx.class_map.shape[0] - 1)
+    cell_x = np.clip(x.astype(np.int64) // ds, 0, ctx.class_map.shape[1] - 1)
+    density = table[:, 0] * ctx.region_maps["density"][cell_y, cell_x]
+    keep = tissue & (u[:, 2] < density / _MAX_DENSITY)
     p = _TEXTURE_PX
     in_lumen = ctx.textures["lumen"][y.astype(np.int64) % p, x.astype(np.int64) % p] > 0.3
     keep &= ~((cls == TUMOR) & in_lumen)
@@ -389,8 +414,7 @@ def _nuclei_in_row(ctx: _SlideContext, row: int) -> dict[str, np.ndarray]:
     # Stromal nuclei lie along their fibres.
     oriented = cls == STROMA
     if oriented.any():
-        ori = ctx.orientation_map[y[oriented].astype(np.int64) // ctx.spec.class_map_downsample,
-                                  x[oriented].astype(np.int64) // ctx.spec.class_map_downsample]
+        ori = ctx.region_maps["orientation"][y[oriented].astype(np.int64) // ds, x[oriented].astype(np.int64) // ds]
         theta[oriented] = ori * math.pi / _N_FIBRE_ORIENTATIONS + (u[oriented, 5] - 0.5) * 0.3
     return {"x": x, "y": y, "rx": r_major, "ry": r_major / aspect, "theta": theta,
                 "intensity": lerp(table[:, 5], table[:, 6], u[:, 6]), "rim": table[:, 7],
@@ -467,28 +491,28 @@ def _concentrations(ctx: _SlideContext, y0: int, y1: int) -> tuple[np.ndarray, n
 
     idx = np.flatnonzero(cls == TUMOR)
     open_ = 1.0 - lookup("lumen", idx)
-    ce[idx] = (0.28 + 0.08 * lookup("cytoplasm", idx)) * open_
+    ce[idx] = (0.45 + 0.12 * lookup("cytoplasm", idx)) * open_
     ch[idx] = 0.06 * open_
     idx = np.flatnonzero(cls == STROMA)
-    ori = ctx.orientation_map[(idx // width + y0).clip(0, ctx.size - 1) // ds, (idx % width) // ds]
+    ori = ctx.region_maps["orientation"][(idx // width + y0).clip(0, ctx.size - 1) // ds, (idx % width) // ds]
     fibre = tex["fibre"][ori, (idx // width + y0) % p, (idx % width) % p]
-    ce[idx] = 0.12 + 0.85 * fibre
-    ch[idx] = 0.03
-    idx = np.flatnonzero(cls == LYMPHOCYTES)
-    ce[idx] = 0.12 + 0.03 * lookup("cytoplasm", idx)
+    ce[idx] = 0.25 + 0.9 * fibre
     ch[idx] = 0.05
+    idx = np.flatnonzero(cls == LYMPHOCYTES)
+    ce[idx] = 0.25 + 0.05 * lookup("cytoplasm", idx)
+    ch[idx] = 0.08
     idx = np.flatnonzero(cls == ADIPOSE)
     membrane = lookup("membrane", idx)
-    ce[idx] = 0.03 + 0.65 * membrane
-    ch[idx] = 0.02 + 0.08 * membrane
+    ce[idx] = 0.04 + 0.8 * membrane
+    ch[idx] = 0.02 + 0.12 * membrane
     idx = np.flatnonzero(cls == MUCIN)
     wisp = lookup("wisp", idx)
-    ce[idx] = 0.06 + 0.16 * wisp
-    ch[idx] = 0.10 + 0.22 * wisp  # mucin takes haematoxylin faintly: pale blue-grey strands
+    ce[idx] = 0.18 + 0.3 * wisp
+    ch[idx] = 0.22 + 0.35 * wisp  # mucin takes haematoxylin faintly: pale blue-grey strands
     idx = np.flatnonzero(cls == NECROSIS)
     grain = lookup("granular", idx)
-    ce[idx] = np.clip(0.32 + 0.12 * grain, 0.05, None)
-    ch[idx] = np.clip(0.10 + 0.06 * grain, 0.0, None)
+    ce[idx] = np.clip(0.5 + 0.15 * grain, 0.05, None)
+    ch[idx] = np.clip(0.14 + 0.08 * grain, 0.0, None)
 
     nuclei = _stamp_nuclei(_nuclei_in_rows(ctx, y0 - _MAX_NUCLEUS_EXTENT, y1 + _MAX_NUCLEUS_EXTENT),
                            y0, height, width)
@@ -496,7 +520,10 @@ def _concentrations(ctx: _SlideContext, y0: int, y1: int) -> tuple[np.ndarray, n
     nuclei[idx] *= 0.85 + 0.12 * lookup("granular", idx)  # chromatin texture
     ch += nuclei
     ce *= 1.0 - 0.6 * np.clip(nuclei, 0.0, 1.0)  # nuclei displace cytoplasm and fibres
-    return ch.reshape(height, width), ce.reshape(height, width)
+    ch, ce = ch.reshape(height, width), ce.reshape(height, width)
+    ch *= ctx.region_maps["h_uptake"][row_cells][:, col_cells]
+    ce *= ctx.region_maps["e_uptake"][row_cells][:, col_cells]
+    return ch, ce
 
 
 def _render_rows(ctx: _SlideContext, y0: int, y1: int) -> np.ndarray:
@@ -740,8 +767,11 @@ def generate_cohort(out_dir: str | os.PathLike, spec: CohortSpec, force: bool = 
                 if bar is not None:
                     bar.update()
         else:
-            # spawn: the parent may hold torch/OpenMP threads that fork would copy in a broken state.
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            # fork: spawn would re-run an unguarded calling script (no `if __name__ == "__main__"`) in every
+            # worker. The workers use only numpy/scipy code paths without thread pools, so inheriting a parent's
+            # torch/OpenMP threads is harmless here.
+            method = "fork" if "fork" in get_all_start_methods() else "spawn"
+            with ProcessPoolExecutor(workers, mp_context=get_context(method)) as pool:
                 futures = {pool.submit(_generate_slide, str(out), spec.to_dict(), site, slide): (site, slide)
                            for site, slide in todo}
                 for future in as_completed(futures):
