@@ -46,7 +46,7 @@ def _read_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.array(image.convert("RGB"), dtype=np.uint8)  # writable: torch.from_numpy needs it
 
 
 # ----------------------------------------------------------------------------------------------------------
