@@ -730,13 +730,20 @@ def generate_cohort(out_dir: str | os.PathLike, spec: CohortSpec, force: bool = 
     spec_path, manifest_path = out / "spec.json", out / "manifest.csv"
     wanted = {"spec": spec.to_dict(), "digest": spec.digest(), "generator_version": GENERATOR_VERSION}
     if spec_path.is_file():
-        stored = json.loads(spec_path.read_text())
-        if stored.get("digest") != wanted["digest"]:
+        try:
+            stored = json.loads(spec_path.read_text())
+        except json.JSONDecodeError as err:
             if not force:
-                raise FileExistsError(
-                    f"{out} holds a synthetic cohort of another spec ({stored.get('spec')}); "
-                    f"pass force=True to regenerate it or choose another folder")
-        elif manifest_path.is_file() and not force:
+                raise FileExistsError(f"{spec_path} is not valid JSON ({err}); pass force=True to regenerate "
+                                      f"the cohort or choose another folder") from err
+            stored = {}
+        # The same spec from an older generator version (another digest) is a stale cache of ours: it is
+        # regenerated below without asking; only a different spec is refused.
+        if not force and stored.get("spec") != wanted["spec"]:
+            raise FileExistsError(
+                f"{out} holds a synthetic cohort of another spec ({stored.get('spec')}); "
+                f"pass force=True to regenerate it or choose another folder")
+        if stored.get("digest") == wanted["digest"] and manifest_path.is_file() and not force:
             manifest = _read_manifest(out)
             missing = [p for p in manifest["path"] if not Path(p).is_file()]
             if not missing and len(manifest) == spec.n_sites * spec.slides_per_site:
