@@ -88,11 +88,19 @@ class MacenkoReference:
 # ---------------------------------------------------------------------------------------------------------------
 # Batched Macenko
 # ---------------------------------------------------------------------------------------------------------------
-# Layout: pixels are kept as channel planes (b, 3, P) so that every per-pixel op runs over contiguous rows
-# (a strided (b, P, 3) layout made atan2 and the projections ~9x slower on CPU). Optical density comes from a
-# 256-entry table, the covariance from one batched matmul, the output from one fused matmul-add and exp.
-# Percentiles are exact nearest-rank order statistics like torchstain's kthvalue, via one batched top-k per
-# statistic (a threshold-and-compact selection was tried and was not faster on CPU).
+# Speed notes (CPU, measured on 224 px CMU tiles, see benchmarks/macenko.py):
+# - Pixels are kept as channel planes (b, 3, P) so every per-pixel op runs over contiguous rows; the uint8
+#   input is transposed while widening to int32 (a uint8 -> uint8 transposed copy is ~10x slower in torch),
+#   and the output goes back through int32 planes -> int32 interleaved -> uint8 for the same reason.
+# - Every large temporary lives in one per-call workspace reused by all chunks: fresh multi-MB allocations
+#   (page faults on first touch) cost more than the arithmetic.
+# - Percentiles are exact nearest-rank order statistics (torchstain's kthvalue) found by a histogram over a
+#   known value range, one cumulative sum, then an exact sort of only the few values in the bin holding the
+#   rank: a per-row top-k or sort was the largest single cost.
+# - Patches without enough tissue are detected on the integer planes and skipped before any float work.
+
+_ANGLE_BINS = 4096
+_CONCENTRATION_BINS = 4096
 
 
 def optical_density_lut(Io: float = 240, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -106,11 +114,56 @@ def _nearest_rank(q: float, count: torch.Tensor) -> torch.Tensor:
     return 1 + torch.round((0.01 * float(q)) * (count.to(torch.float64) - 1)).to(torch.int64)
 
 
-def _topk_kth(keyed: torch.Tensor, k: torch.Tensor, largest: bool) -> torch.Tensor:
-    """Per row, the k-th (1-based) largest/smallest of `keyed` (masked entries already set to -/+inf)."""
-    depth = min(int(k.max().item()), keyed.shape[1])
-    top = torch.topk(keyed, depth, dim=1, largest=largest, sorted=True).values
-    return top.gather(1, (k - 1).clamp(0, depth - 1).unsqueeze(1)).squeeze(1)
+def _histogram_select(values: torch.Tensor, ranks: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                      bins: int, invalid: torch.Tensor | None = None,
+                      scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact k-th smallest valid values per row of a (rows, n) float tensor, for (rows, t) 1-based ranks.
+
+    Values are binned monotonically over [low, high] per row (values outside land in the end bins, so the
+    range only affects speed, never the result), the bin holding each rank is found from cumulative counts,
+    and only that bin's values are sorted. Ranks outside [1, valid count] give NaN.
+    `scratch` is an optional int32 buffer of at least rows * n elements.
+    """
+    rows, n = values.shape
+    device = values.device
+    slots = bins + 1  # one extra bin per row collects the invalid entries, after all valid ones
+    if scratch is None:
+        scratch = torch.empty(rows * n, dtype=torch.int32, device=device)
+    binned = scratch[: rows * n].view(rows, n)
+    scale = (bins / (high - low).clamp(min=1e-30)).to(values.dtype).unsqueeze(1)
+    position = (values - low.to(values.dtype).unsqueeze(1)).mul_(scale).clamp_(0, bins - 1)
+    binned.copy_(position)  # truncation = floor here; NaN becomes INT_MIN, sent to bin 0 by the clamp below
+    del position
+    binned.clamp_(min=0)
+    if invalid is not None:
+        binned.masked_fill_(invalid, bins)
+    row_start = torch.arange(rows, dtype=torch.int32, device=device).mul_(slots).unsqueeze(1)
+    binned += row_start
+    counts = torch.bincount(binned.view(-1), minlength=rows * slots).view(rows, slots)
+    cumulative = counts.cumsum(1)
+    ranks = ranks.to(torch.int64).contiguous()
+    target = torch.searchsorted(cumulative, ranks)  # first bin whose cumulative count reaches the rank
+    found = (ranks >= 1) & (target < bins)
+    target = target.clamp(max=bins - 1)
+    below = torch.where(target > 0, cumulative.gather(1, (target - 1).clamp(min=0)), 0)
+    within = ranks - below  # 1-based rank inside the target bin
+    flat_target = torch.where(found, target + row_start, -1).to(torch.int32)
+    # candidates: the entries in any row's target bin (a handful per rank for smooth data)
+    is_candidate = binned == flat_target[:, :1]
+    for column in range(1, flat_target.shape[1]):
+        is_candidate |= binned == flat_target[:, column:column + 1]
+    where = is_candidate.view(-1).nonzero().squeeze(1)
+    candidate_values = values.reshape(-1)[where]
+    candidate_bins = binned.view(-1)[where]
+    # order by (bin, value): sort by value, then stably by bin
+    candidate_values, order = torch.sort(candidate_values, stable=True)
+    candidate_bins, bin_order = torch.sort(candidate_bins[order], stable=True)
+    candidate_values = candidate_values[bin_order]
+    start = torch.searchsorted(candidate_bins, flat_target.clamp(min=0))
+    pick = (start + within - 1).clamp(0, max(candidate_values.numel() - 1, 0))
+    if candidate_values.numel() == 0:
+        return torch.full(ranks.shape, float("nan"), dtype=values.dtype, device=device)
+    return torch.where(found, candidate_values[pick], float("nan"))
 
 
 def select_kth(values: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None,
@@ -121,9 +174,34 @@ def select_kth(values: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None
     """
     if values.shape[0] == 0:
         return values.new_empty(0)
-    fill = float("-inf") if largest else float("inf")
-    keyed = values if valid is None else values.masked_fill(~valid, fill)
-    return _topk_kth(keyed, k.to(torch.int64).clamp(min=1), largest)
+    invalid = None if valid is None else ~valid
+    finite = torch.isfinite(values) if invalid is None else torch.isfinite(values) & valid
+    low = torch.where(finite, values, float("inf")).amin(1)
+    high = torch.where(finite, values, float("-inf")).amax(1)
+    low, high = torch.where(low <= high, low, 0.0), torch.where(low <= high, high, 1.0)
+    n_valid = torch.full((values.shape[0],), values.shape[1], device=values.device) if valid is None \
+        else valid.sum(1)
+    k = k.to(torch.int64).to(values.device)
+    rank = n_valid - k + 1 if largest else k
+    result = _histogram_select(values, rank.unsqueeze(1), low, high, _ANGLE_BINS, invalid).squeeze(1)
+    missing = (k < 1) | (k > n_valid)
+    return result.masked_fill(missing, float("-inf") if largest else float("inf"))
+
+
+class _Workspace:
+    """Scratch buffers for chunks of up to `rows` patches of `n_pixels`, reused across chunks."""
+
+    def __init__(self, rows: int, n_pixels: int, device: torch.device) -> None:
+        self.index = torch.empty(rows, 3, n_pixels, dtype=torch.int32, device=device)  # also the int output
+        self.od = torch.empty(rows, 3, n_pixels, dtype=torch.float32, device=device)
+        self.masked_od = torch.empty(rows, 3, n_pixels, dtype=torch.float32, device=device)  # also the image
+        self.brightest = torch.empty(rows, n_pixels, dtype=torch.int32, device=device)
+        self.tissue = torch.empty(rows, n_pixels, dtype=torch.float32, device=device)
+        self.background = torch.empty(rows, n_pixels, dtype=torch.bool, device=device)
+        self.projected = torch.empty(rows, 2, n_pixels, dtype=torch.float32, device=device)  # also concentrations
+        self.angle = torch.empty(rows, n_pixels, dtype=torch.float32, device=device)
+        self.bins = torch.empty(2 * rows * n_pixels, dtype=torch.int32, device=device)
+        self.interleaved = torch.empty(rows, n_pixels, 3, dtype=torch.int32, device=device)
 
 
 @dataclass
@@ -137,32 +215,47 @@ class _StainEstimate:
     n_tissue: torch.Tensor
 
 
-def _od_planes(patches: torch.Tensor, lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (b, H, W, 3) -> (uint8 planes (b, 3, P), float32 OD planes (b, 3, P))."""
-    b, h, w, _ = patches.shape
-    planes = patches.reshape(b, h * w, 3).transpose(1, 2).contiguous()
-    od = lut.index_select(0, planes.reshape(-1).to(torch.int32)).view(b, 3, h * w)
-    return planes, od
+def _tissue_level(lut: torch.Tensor, beta: float) -> int:
+    """The brightest uint8 level whose OD still reaches beta (-1 if none): OD >= beta <=> level <= this."""
+    levels = torch.nonzero(lut >= beta)
+    return int(levels.max()) if levels.numel() else -1
 
 
-def _estimate_stains(planes: torch.Tensor, od: torch.Tensor, lut: torch.Tensor, alpha: float, beta: float,
-                     min_tissue_pixels: int) -> _StainEstimate:
-    """Macenko stain vectors and 99th-percentile concentrations of every patch in a chunk."""
-    b, _, n_pixels = od.shape
-    device = od.device
-    # OD >= beta on all channels <=> every channel value <= the brightest level whose OD still reaches beta
-    tissue_levels = torch.nonzero(lut >= beta)
-    if tissue_levels.numel() == 0:
-        tissue = torch.zeros(b, n_pixels, dtype=torch.bool, device=device)
-    else:
-        brightest = tissue_levels.max()
-        tissue = torch.maximum(torch.maximum(planes[:, 0], planes[:, 1]), planes[:, 2]) <= brightest
-    n_tissue = tissue.sum(1)
+def _load_planes(patches: torch.Tensor, ws: _Workspace, tissue_level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (b, H, W, 3) -> int32 channel planes (b, 3, P) and the count of tissue pixels per patch."""
+    b = patches.shape[0]
+    index = ws.index[:b]
+    index.copy_(patches.view(b, -1, 3).transpose(1, 2))
+    brightest = torch.maximum(index[:, 0], index[:, 1], out=ws.brightest[:b])
+    torch.maximum(brightest, index[:, 2], out=brightest)
+    # OD >= beta on all channels <=> every channel level <= tissue_level
+    n_tissue = torch.le(brightest, tissue_level, out=ws.tissue[:b]).sum(1).to(torch.int64)
+    return index, n_tissue
+
+
+def _keep_rows(ws: _Workspace, keep: torch.Tensor) -> None:
+    """Move the kept rows of the loaded planes to the front of the workspace (in place, order kept)."""
+    for destination, source in enumerate(keep.tolist()):
+        if destination != source:
+            ws.index[destination].copy_(ws.index[source])
+            ws.brightest[destination].copy_(ws.brightest[source])
+
+
+def _estimate_stains(ws: _Workspace, b: int, lut: torch.Tensor, tissue_level: int, n_tissue: torch.Tensor,
+                     alpha: float, min_tissue_pixels: int) -> _StainEstimate:
+    """Macenko stain vectors and 99th-percentile concentrations of the first b loaded patches of `ws`."""
+    device = lut.device
+    n_pixels = ws.od.shape[2]
+    od = ws.od[:b]
+    torch.index_select(lut, 0, ws.index[:b].view(-1), out=od.view(-1))
+    brightest = ws.brightest[:b]
+    tissue = torch.le(brightest, tissue_level, out=ws.tissue[:b])
+    background = torch.gt(brightest, tissue_level, out=ws.background[:b])
+    masked_od = torch.mul(od, tissue.unsqueeze(1), out=ws.masked_od[:b])
 
     # stain plane: the two leading eigenvectors of the tissue-pixel OD covariance (torchstain: unbiased cov)
-    tissue_od = od * tissue.unsqueeze(1).to(od.dtype)
-    sums = tissue_od.sum(2, dtype=torch.float64)
-    products = torch.bmm(tissue_od, od.transpose(1, 2)).to(torch.float64)
+    sums = masked_od.sum(2).to(torch.float64)
+    products = torch.bmm(masked_od, masked_od.transpose(1, 2)).to(torch.float64)
     count = n_tissue.to(torch.float64).clamp(min=1).view(b, 1, 1)
     covariance = (products - sums.unsqueeze(2) * sums.unsqueeze(1) / count) / (count - 1).clamp(min=1)
     usable = (n_tissue >= max(int(min_tissue_pixels), 2)) & torch.isfinite(covariance).flatten(1).all(1)
@@ -180,10 +273,12 @@ def _estimate_stains(planes: torch.Tensor, od: torch.Tensor, lut: torch.Tensor, 
     plane[:, :, 1] *= torch.where(plane[:, :, 1].sum(1, keepdim=True) > 0, -1.0, 1.0)
 
     # robust extremes of the angle in that plane give the two stain vectors
-    projected = torch.bmm(plane.transpose(1, 2), od)  # (b, 2, P)
-    angle = torch.atan2(projected[:, 1], projected[:, 0])
-    min_angle = select_kth(angle, _nearest_rank(alpha, n_tissue), tissue, largest=False)
-    max_angle = select_kth(angle, n_tissue - _nearest_rank(100 - alpha, n_tissue) + 1, tissue, largest=True)
+    projected = torch.bmm(plane.transpose(1, 2), masked_od, out=ws.projected[:b])  # (b, 2, P)
+    angle = torch.atan2(projected[:, 1], projected[:, 0], out=ws.angle[:b])
+    ranks = torch.stack([_nearest_rank(alpha, n_tissue), _nearest_rank(100 - alpha, n_tissue)], 1)
+    half_turn = torch.full((b,), torch.pi, dtype=torch.float64, device=device)
+    extremes = _histogram_select(angle, ranks, -half_turn, half_turn, _ANGLE_BINS, background, ws.bins)
+    min_angle, max_angle = extremes[:, 0], extremes[:, 1]
     v_min = torch.bmm(plane, torch.stack([torch.cos(min_angle), torch.sin(min_angle)], 1).unsqueeze(2))
     v_max = torch.bmm(plane, torch.stack([torch.cos(max_angle), torch.sin(max_angle)], 1).unsqueeze(2))
     # hematoxylin first: the vector with the larger red OD component
@@ -195,46 +290,72 @@ def _estimate_stains(planes: torch.Tensor, od: torch.Tensor, lut: torch.Tensor, 
     # least-squares concentrations of every pixel, then their 99th percentiles over all pixels
     stains64 = stains.to(torch.float64)
     gram = stains64.transpose(1, 2) @ stains64
-    usable &= torch.linalg.det(gram) > 1e-10
-    gram = torch.where(usable.view(b, 1, 1), gram, torch.eye(2, dtype=gram.dtype, device=device))
-    pseudo_inverse = torch.linalg.solve(gram, stains64.transpose(1, 2)).to(torch.float32)  # (b, 2, 3)
-    concentrations = torch.bmm(pseudo_inverse, od).view(2 * b, n_pixels)
-    rank = n_pixels - int(_nearest_rank(99, torch.tensor(n_pixels)).item()) + 1
-    max_concentrations = select_kth(concentrations, torch.full((2 * b,), rank, device=device),
-                                    largest=True).view(b, 2)
+    determinant = gram[:, 0, 0] * gram[:, 1, 1] - gram[:, 0, 1] * gram[:, 1, 0]
+    usable &= determinant > 1e-10
+    safe_determinant = torch.where(usable, determinant, 1.0).view(b, 1, 1)
+    # closed-form 2x2 inverse (a batched LAPACK solve on 2x2 matrices costs more than the rest of the step)
+    adjugate = torch.stack([gram[:, 1, 1], -gram[:, 0, 1], -gram[:, 1, 0], gram[:, 0, 0]], 1).view(b, 2, 2)
+    pseudo_inverse64 = (adjugate / safe_determinant) @ stains64.transpose(1, 2)  # (b, 2, 3)
+    pseudo_inverse = pseudo_inverse64.to(torch.float32)
+    concentrations = torch.bmm(pseudo_inverse, od, out=ws.projected[:b]).view(2 * b, n_pixels)
+    # every concentration lies between the extremes of its row's linear map over the OD range of the table
+    od_low, od_high = lut.min().to(torch.float64), lut.max().to(torch.float64)
+    coefficients = pseudo_inverse64.reshape(2 * b, 3)
+    low = torch.minimum(coefficients * od_low, coefficients * od_high).sum(1)
+    high = torch.maximum(coefficients * od_low, coefficients * od_high).sum(1)
+    rank = _nearest_rank(99, torch.full((2 * b, 1), n_pixels, device=device))
+    max_concentrations = _histogram_select(concentrations, rank, low, high, _CONCENTRATION_BINS,
+                                           None, ws.bins).view(b, 2)
     usable &= torch.isfinite(max_concentrations).all(1) & (max_concentrations > 0).all(1)
     return _StainEstimate(stains, pseudo_inverse, max_concentrations, usable, n_tissue)
 
 
 def _macenko_chunk(
     patches: torch.Tensor,
+    out: torch.Tensor,
+    ws: _Workspace,
     lut: torch.Tensor,
+    tissue_level: int,
     target_matrix: torch.Tensor,
     target_max: torch.Tensor,
     Io: float,
     alpha: float,
-    beta: float,
     min_tissue_pixels: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalize one cache-sized chunk (b, H, W, 3) uint8; returns (uint8 out, fallback flags)."""
-    b, h, w, _ = patches.shape
-    planes, od = _od_planes(patches, lut)
-    estimate = _estimate_stains(planes, od, lut, alpha, beta, min_tissue_pixels)
-    usable = estimate.usable
-    # one 3x3 map per patch, OD -> target OD: target_matrix @ diag(target_max / max) @ pinv
-    scale = target_max.unsqueeze(0) / estimate.max_concentrations
-    od_map = torch.bmm(target_matrix.unsqueeze(0) * scale.unsqueeze(1), estimate.pseudo_inverse)
-    usable = usable & torch.isfinite(od_map).flatten(1).all(1)
-    od_map = torch.where(usable.view(b, 1, 1), od_map, torch.zeros_like(od_map))
-    # Io * exp(-map @ od) as exp(log Io - map @ od): one fused matmul-add, exp in place
-    log_io = torch.full((b, 3, 1), float(np.log(Io)), dtype=od.dtype, device=od.device)
-    image = torch.baddbmm(log_io, od_map, od, alpha=-1.0).exp_().clamp_(max=255)
-    # torchstain clips at 255 and truncates with .int(); values are positive so the uint8 cast matches
-    normalized = torch.empty_like(patches)
-    normalized.view(b, h * w, 3).copy_(image.transpose(1, 2))
-    fallback = ~usable
-    normalized = torch.where(fallback.view(b, 1, 1, 1), patches, normalized)
-    return normalized, fallback
+) -> torch.Tensor:
+    """Normalize one chunk (b, H, W, 3) uint8 into `out` (same shape); returns the fallback flags."""
+    b = patches.shape[0]
+    fallback = torch.ones(b, dtype=torch.bool, device=patches.device)
+    _, n_tissue = _load_planes(patches, ws, tissue_level)
+    enough = n_tissue >= max(int(min_tissue_pixels), 2)
+    keep = torch.nonzero(enough).squeeze(1)
+    kept = int(keep.numel())
+    if kept < b:
+        _keep_rows(ws, keep)
+    if kept:
+        estimate = _estimate_stains(ws, kept, lut, tissue_level, n_tissue[keep], alpha, min_tissue_pixels)
+        # one 3x3 map per patch, OD -> target OD: target_matrix @ diag(target_max / max) @ pinv
+        scale = target_max.unsqueeze(0) / estimate.max_concentrations
+        od_map = torch.bmm(target_matrix.unsqueeze(0) * scale.unsqueeze(1), estimate.pseudo_inverse)
+        usable = estimate.usable & torch.isfinite(od_map).flatten(1).all(1)
+        od_map = torch.where(usable.view(kept, 1, 1), od_map, torch.zeros_like(od_map))
+        # Io * exp(-map @ od) as exp(log Io - map @ od): one fused matmul-add, exp in place
+        log_io = torch.full((kept, 3, 1), float(np.log(Io)), dtype=torch.float32, device=patches.device)
+        image = torch.baddbmm(log_io, od_map, ws.od[:kept], alpha=-1.0, out=ws.masked_od[:kept])
+        image.exp_().clamp_(max=255)
+        # torchstain clips at 255 and truncates with .int(); values are positive so truncation matches
+        levels = ws.index[:kept]
+        levels.copy_(image)
+        interleaved = ws.interleaved[:kept]
+        interleaved.copy_(levels.transpose(1, 2))
+        fallback[keep] = ~usable
+        if kept == b:
+            out.view(b, -1, 3).copy_(interleaved)
+        else:
+            for row, source in enumerate(keep.tolist()):
+                out[source].view(-1, 3).copy_(interleaved[row])
+    for row in torch.nonzero(fallback).squeeze(1).tolist():
+        out[row].copy_(patches[row])
+    return fallback
 
 
 def _check_patches(patches: torch.Tensor) -> None:
@@ -268,21 +389,37 @@ def macenko_normalize_batch(
     device = patches.device
     if chunk_size is None:
         chunk_size = 16 if device.type == "cpu" else 256
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     out = torch.empty_like(patches)
     fallback = torch.ones(patches.shape[0], dtype=torch.bool, device=device)
     if patches.shape[0] == 0 or patches.shape[1] * patches.shape[2] == 0:
         out.copy_(patches)
         return out, fallback
+    patches = patches.contiguous()
     lut = optical_density_lut(Io, device)
+    tissue_level = _tissue_level(lut, beta)
     target_matrix = torch.as_tensor(reference.stain_matrix, dtype=torch.float32, device=device)
     target_max = torch.as_tensor(reference.max_concentrations, dtype=torch.float32, device=device)
+    ws = _Workspace(min(chunk_size, patches.shape[0]), patches.shape[1] * patches.shape[2], device)
     with torch.no_grad():
         for start in range(0, patches.shape[0], chunk_size):
             stop = min(start + chunk_size, patches.shape[0])
-            out[start:stop], fallback[start:stop] = _macenko_chunk(
-                patches[start:stop], lut, target_matrix, target_max, Io, alpha, beta, min_tissue_pixels
-            )
+            fallback[start:stop] = _macenko_chunk(patches[start:stop], out[start:stop], ws, lut, tissue_level,
+                                                  target_matrix, target_max, Io, alpha, min_tissue_pixels)
     return out, fallback
+
+
+def _estimate_all(patches: torch.Tensor, Io: float, alpha: float, beta: float,
+                  min_tissue_pixels: int) -> tuple[_StainEstimate, torch.Tensor]:
+    """Stain estimate of every patch of a (b, H, W, 3) uint8 batch (no skipping); returns it and the OD planes."""
+    b, h, w, _ = patches.shape
+    lut = optical_density_lut(Io, patches.device)
+    tissue_level = _tissue_level(lut, beta)
+    ws = _Workspace(b, h * w, patches.device)
+    _, n_tissue = _load_planes(patches.contiguous(), ws, tissue_level)
+    estimate = _estimate_stains(ws, b, lut, tissue_level, n_tissue, alpha, min_tissue_pixels)
+    return estimate, ws.od
 
 
 def fit_reference(image: np.ndarray, Io: float = 240, alpha: float = 1.0, beta: float = 0.15,
@@ -292,16 +429,15 @@ def fit_reference(image: np.ndarray, Io: float = 240, alpha: float = 1.0, beta: 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ValueError(f"reference image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     patches = torch.from_numpy(np.array(image[..., :3], order="C"))[None]  # a writable copy
-    lut = optical_density_lut(Io)
     with torch.no_grad():
-        planes, od = _od_planes(patches, lut)
-        estimate = _estimate_stains(planes, od, lut, alpha, beta, min_tissue_pixels)
+        estimate, _ = _estimate_all(patches, Io, alpha, beta, min_tissue_pixels)
     if not bool(estimate.usable[0]):
         raise ValueError(
             f"cannot fit a Macenko reference: {int(estimate.n_tissue[0])} tissue pixels (OD >= {beta} on all "
             f"channels), need {min_tissue_pixels}, or the stain estimate is degenerate"
         )
     return MacenkoReference(estimate.stains[0].double().numpy(), estimate.max_concentrations[0].double().numpy())
+
 
 
 class MacenkoNormalizer:
@@ -379,10 +515,8 @@ def stain_augment_batch(
     shift = sigma_shift * (2 * torch.rand(b, 2, 1, generator=generator, device=draw_device) - 1)
     stain_noise = sigma_stain * torch.randn(b, 3, 2, generator=generator, device=draw_device)
     scale, shift, stain_noise = scale.to(device), shift.to(device), stain_noise.to(device)
-    lut = optical_density_lut(Io, device)
     with torch.no_grad():
-        planes, od = _od_planes(patches, lut)
-        estimate = _estimate_stains(planes, od, lut, alpha, beta, min_tissue_pixels)
+        estimate, od = _estimate_all(patches, Io, alpha, beta, min_tissue_pixels)
         fallback_stains = torch.as_tensor(reference.stain_matrix, dtype=torch.float32, device=device)
         stains = torch.where(estimate.usable.view(b, 1, 1), estimate.stains, fallback_stains)
         pseudo_inverse = torch.linalg.pinv(stains.to(torch.float64)).to(torch.float32)
