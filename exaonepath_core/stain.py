@@ -91,7 +91,7 @@ class MacenkoReference:
 # Speed notes (CPU, measured on 224 px CMU tiles, see benchmarks/macenko.py):
 # - Pixels are kept as channel planes (b, 3, P) so every per-pixel op runs over contiguous rows; the uint8
 #   input is transposed while widening to int32 (a uint8 -> uint8 transposed copy is ~10x slower in torch),
-#   and the output goes back through int32 planes -> int32 interleaved -> uint8 for the same reason.
+#   and the output is written with one strided float -> uint8 copy per channel for the same reason.
 # - Every large temporary lives in one per-call workspace reused by all chunks: fresh multi-MB allocations
 #   (page faults on first touch) cost more than the arithmetic.
 # - Percentiles are exact nearest-rank order statistics (torchstain's kthvalue) found by a histogram over a
@@ -114,29 +114,46 @@ def _nearest_rank(q: float, count: torch.Tensor) -> torch.Tensor:
     return 1 + torch.round((0.01 * float(q)) * (count.to(torch.float64) - 1)).to(torch.int64)
 
 
+class _Workspace:
+    """Scratch buffers for chunks of up to `rows` patches of `n_pixels`, reused across chunks."""
+
+    def __init__(self, rows: int, n_pixels: int, device: torch.device) -> None:
+        self.index = torch.empty(rows, 3, n_pixels, dtype=torch.int32, device=device)  # also the int output
+        self.od = torch.empty(rows, 3, n_pixels, dtype=torch.float32, device=device)
+        self.masked_od = torch.empty(rows, 3, n_pixels, dtype=torch.float32, device=device)  # also the image
+        self.brightest = torch.empty(rows, n_pixels, dtype=torch.int32, device=device)
+        self.tissue = torch.empty(rows, n_pixels, dtype=torch.float32, device=device)
+        self.projected = torch.empty(rows, 2, n_pixels, dtype=torch.float32, device=device)  # also concentrations
+        self.angle = torch.empty(rows, n_pixels, dtype=torch.float32, device=device)
+        self.position = torch.empty(2 * rows * n_pixels, dtype=torch.float32, device=device)
+        self.bins = torch.empty(2 * rows * n_pixels, dtype=torch.int32, device=device)
+
+
 def _histogram_select(values: torch.Tensor, ranks: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                      bins: int, invalid: torch.Tensor | None = None,
-                      scratch: torch.Tensor | None = None) -> torch.Tensor:
+                      bins: int, valid: torch.Tensor | None = None, workspace: _Workspace | None = None) -> torch.Tensor:
     """Exact k-th smallest valid values per row of a (rows, n) float tensor, for (rows, t) 1-based ranks.
 
     Values are binned monotonically over [low, high] per row (values outside land in the end bins, so the
     range only affects speed, never the result), the bin holding each rank is found from cumulative counts,
-    and only that bin's values are sorted. Ranks outside [1, valid count] give NaN.
-    `scratch` is an optional int32 buffer of at least rows * n elements.
+    and only that bin's values are sorted. `valid` is a float 0/1 mask (rows, n), NaN values must be masked
+    out by it. Ranks outside [1, valid count] give NaN. `workspace` lends scratch buffers.
     """
     rows, n = values.shape
     device = values.device
     slots = bins + 1  # one extra bin per row collects the invalid entries, after all valid ones
-    if scratch is None:
-        scratch = torch.empty(rows * n, dtype=torch.int32, device=device)
-    binned = scratch[: rows * n].view(rows, n)
+    if workspace is None or workspace.position.numel() < rows * n:
+        position = torch.empty(rows, n, dtype=values.dtype, device=device)
+        binned = torch.empty(rows, n, dtype=torch.int32, device=device)
+    else:
+        position = workspace.position[: rows * n].view(rows, n)
+        binned = workspace.bins[: rows * n].view(rows, n)
     scale = (bins / (high - low).clamp(min=1e-30)).to(values.dtype).unsqueeze(1)
-    position = (values - low.to(values.dtype).unsqueeze(1)).mul_(scale).clamp_(0, bins - 1)
-    binned.copy_(position)  # truncation = floor here; NaN becomes INT_MIN, sent to bin 0 by the clamp below
-    del position
+    torch.sub(values, low.to(values.dtype).unsqueeze(1), out=position).mul_(scale).clamp_(0, bins - 1)
+    if valid is not None:
+        # invalid entries to the extra bin: (p - bins) * 0 + bins; monotone in p for the valid ones
+        position.sub_(bins).mul_(valid).add_(bins)
+    binned.copy_(position)  # truncation = floor here; NaN becomes INT_MIN, sent to bin 0 by the clamp
     binned.clamp_(min=0)
-    if invalid is not None:
-        binned.masked_fill_(invalid, bins)
     row_start = torch.arange(rows, dtype=torch.int32, device=device).mul_(slots).unsqueeze(1)
     binned += row_start
     counts = torch.bincount(binned.view(-1), minlength=rows * slots).view(rows, slots)
@@ -153,6 +170,8 @@ def _histogram_select(values: torch.Tensor, ranks: torch.Tensor, low: torch.Tens
     for column in range(1, flat_target.shape[1]):
         is_candidate |= binned == flat_target[:, column:column + 1]
     where = is_candidate.view(-1).nonzero().squeeze(1)
+    if where.numel() == 0:
+        return torch.full(ranks.shape, float("nan"), dtype=values.dtype, device=device)
     candidate_values = values.reshape(-1)[where]
     candidate_bins = binned.view(-1)[where]
     # order by (bin, value): sort by value, then stably by bin
@@ -160,9 +179,7 @@ def _histogram_select(values: torch.Tensor, ranks: torch.Tensor, low: torch.Tens
     candidate_bins, bin_order = torch.sort(candidate_bins[order], stable=True)
     candidate_values = candidate_values[bin_order]
     start = torch.searchsorted(candidate_bins, flat_target.clamp(min=0))
-    pick = (start + within - 1).clamp(0, max(candidate_values.numel() - 1, 0))
-    if candidate_values.numel() == 0:
-        return torch.full(ranks.shape, float("nan"), dtype=values.dtype, device=device)
+    pick = (start + within - 1).clamp(0, candidate_values.numel() - 1)
     return torch.where(found, candidate_values[pick], float("nan"))
 
 
@@ -171,37 +188,22 @@ def select_kth(values: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None
     """Exact per-row k-th smallest (or largest) among the valid entries of a (rows, n) float tensor.
 
     k is 1-based, shape (rows,); rows with fewer than k valid entries give +inf (smallest) or -inf (largest).
+    NaN entries count as invalid.
     """
     if values.shape[0] == 0:
         return values.new_empty(0)
-    invalid = None if valid is None else ~valid
-    finite = torch.isfinite(values) if invalid is None else torch.isfinite(values) & valid
-    low = torch.where(finite, values, float("inf")).amin(1)
-    high = torch.where(finite, values, float("-inf")).amax(1)
+    usable = ~torch.isnan(values) if valid is None else valid & ~torch.isnan(values)
+    finite = usable & torch.isfinite(values)
+    low = torch.where(finite, values, float("inf")).amin(1).double()
+    high = torch.where(finite, values, float("-inf")).amax(1).double()
     low, high = torch.where(low <= high, low, 0.0), torch.where(low <= high, high, 1.0)
-    n_valid = torch.full((values.shape[0],), values.shape[1], device=values.device) if valid is None \
-        else valid.sum(1)
+    n_valid = usable.sum(1)
     k = k.to(torch.int64).to(values.device)
     rank = n_valid - k + 1 if largest else k
-    result = _histogram_select(values, rank.unsqueeze(1), low, high, _ANGLE_BINS, invalid).squeeze(1)
+    result = _histogram_select(values, rank.unsqueeze(1), low, high, _ANGLE_BINS, usable.to(values.dtype))
+    result = result.squeeze(1)
     missing = (k < 1) | (k > n_valid)
     return result.masked_fill(missing, float("-inf") if largest else float("inf"))
-
-
-class _Workspace:
-    """Scratch buffers for chunks of up to `rows` patches of `n_pixels`, reused across chunks."""
-
-    def __init__(self, rows: int, n_pixels: int, device: torch.device) -> None:
-        self.index = torch.empty(rows, 3, n_pixels, dtype=torch.int32, device=device)  # also the int output
-        self.od = torch.empty(rows, 3, n_pixels, dtype=torch.float32, device=device)
-        self.masked_od = torch.empty(rows, 3, n_pixels, dtype=torch.float32, device=device)  # also the image
-        self.brightest = torch.empty(rows, n_pixels, dtype=torch.int32, device=device)
-        self.tissue = torch.empty(rows, n_pixels, dtype=torch.float32, device=device)
-        self.background = torch.empty(rows, n_pixels, dtype=torch.bool, device=device)
-        self.projected = torch.empty(rows, 2, n_pixels, dtype=torch.float32, device=device)  # also concentrations
-        self.angle = torch.empty(rows, n_pixels, dtype=torch.float32, device=device)
-        self.bins = torch.empty(2 * rows * n_pixels, dtype=torch.int32, device=device)
-        self.interleaved = torch.empty(rows, n_pixels, 3, dtype=torch.int32, device=device)
 
 
 @dataclass
@@ -250,7 +252,6 @@ def _estimate_stains(ws: _Workspace, b: int, lut: torch.Tensor, tissue_level: in
     torch.index_select(lut, 0, ws.index[:b].view(-1), out=od.view(-1))
     brightest = ws.brightest[:b]
     tissue = torch.le(brightest, tissue_level, out=ws.tissue[:b])
-    background = torch.gt(brightest, tissue_level, out=ws.background[:b])
     masked_od = torch.mul(od, tissue.unsqueeze(1), out=ws.masked_od[:b])
 
     # stain plane: the two leading eigenvectors of the tissue-pixel OD covariance (torchstain: unbiased cov)
@@ -277,7 +278,7 @@ def _estimate_stains(ws: _Workspace, b: int, lut: torch.Tensor, tissue_level: in
     angle = torch.atan2(projected[:, 1], projected[:, 0], out=ws.angle[:b])
     ranks = torch.stack([_nearest_rank(alpha, n_tissue), _nearest_rank(100 - alpha, n_tissue)], 1)
     half_turn = torch.full((b,), torch.pi, dtype=torch.float64, device=device)
-    extremes = _histogram_select(angle, ranks, -half_turn, half_turn, _ANGLE_BINS, background, ws.bins)
+    extremes = _histogram_select(angle, ranks, -half_turn, half_turn, _ANGLE_BINS, tissue, ws)
     min_angle, max_angle = extremes[:, 0], extremes[:, 1]
     v_min = torch.bmm(plane, torch.stack([torch.cos(min_angle), torch.sin(min_angle)], 1).unsqueeze(2))
     v_max = torch.bmm(plane, torch.stack([torch.cos(max_angle), torch.sin(max_angle)], 1).unsqueeze(2))
@@ -305,7 +306,7 @@ def _estimate_stains(ws: _Workspace, b: int, lut: torch.Tensor, tissue_level: in
     high = torch.maximum(coefficients * od_low, coefficients * od_high).sum(1)
     rank = _nearest_rank(99, torch.full((2 * b, 1), n_pixels, device=device))
     max_concentrations = _histogram_select(concentrations, rank, low, high, _CONCENTRATION_BINS,
-                                           None, ws.bins).view(b, 2)
+                                           None, ws).view(b, 2)
     usable &= torch.isfinite(max_concentrations).all(1) & (max_concentrations > 0).all(1)
     return _StainEstimate(stains, pseudo_inverse, max_concentrations, usable, n_tissue)
 
@@ -342,17 +343,18 @@ def _macenko_chunk(
         log_io = torch.full((kept, 3, 1), float(np.log(Io)), dtype=torch.float32, device=patches.device)
         image = torch.baddbmm(log_io, od_map, ws.od[:kept], alpha=-1.0, out=ws.masked_od[:kept])
         image.exp_().clamp_(max=255)
-        # torchstain clips at 255 and truncates with .int(); values are positive so truncation matches
-        levels = ws.index[:kept]
-        levels.copy_(image)
-        interleaved = ws.interleaved[:kept]
-        interleaved.copy_(levels.transpose(1, 2))
+        # torchstain clips at 255 and truncates with .int(); values are positive so the uint8 cast matches.
+        # One strided copy per channel straight into the output (a whole-tensor transposed copy is slower).
         fallback[keep] = ~usable
         if kept == b:
-            out.view(b, -1, 3).copy_(interleaved)
+            pixels = out.view(b, -1, 3)
+            for channel in range(3):
+                pixels[:, :, channel].copy_(image[:, channel])
         else:
             for row, source in enumerate(keep.tolist()):
-                out[source].view(-1, 3).copy_(interleaved[row])
+                pixels = out[source].view(-1, 3)
+                for channel in range(3):
+                    pixels[:, channel].copy_(image[row, channel])
     for row in torch.nonzero(fallback).squeeze(1).tolist():
         out[row].copy_(patches[row])
     return fallback
