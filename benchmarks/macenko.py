@@ -1,6 +1,7 @@
 """Throughput of our batched Macenko vs torchstain (one patch per call) on the same real 224 px CMU tiles.
 
-Usage: .venv/bin/python benchmarks/macenko.py [--quick] [--json PATH] [--device cpu|cuda] [--chunk-size N]
+Usage: .venv/bin/python benchmarks/macenko.py [--quick] [--json PATH] [--device cpu|cuda] [--chunk-size N] [--threads N]
+Both run interleaved in one process, several repeats; medians are reported with the load average.
 """
 from __future__ import annotations
 
@@ -33,71 +34,90 @@ def load_cmu_tiles(data_root: Path) -> np.ndarray:
         return np.stack([np.asarray(slide.read_region(xy, 0, (TILE, TILE)).convert("RGB")) for xy in coords])
 
 
-def time_torchstain(tiles: np.ndarray, repeats: int) -> tuple[float, int]:
-    """Patches/s of torchstain's torch Macenko, one patch per call as its API takes them; and its failures."""
+def _load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (the machine is shared; timings need this context)."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def time_torchstain(tiles: np.ndarray) -> tuple[float, int]:
+    """Patches/s of one pass of torchstain's torch Macenko, one patch per call as its API takes them; failures."""
     import torchstain
 
     normalizer = torchstain.normalizers.MacenkoNormalizer(backend="torch")
     chw = [torch.from_numpy(tile.copy()).permute(2, 0, 1) for tile in tiles]
-    best, failures = float("inf"), 0
-    for _ in range(repeats):
-        failures = 0
-        start = time.perf_counter()
-        for image in chw:
-            try:
-                normalizer.normalize(image, stains=False)
-            except (IndexError, RuntimeError):
-                failures += 1
-        best = min(best, time.perf_counter() - start)
-    return len(tiles) / best, failures
+    failures = 0
+    start = time.perf_counter()
+    for image in chw:
+        try:
+            normalizer.normalize(image, stains=False)
+        except (IndexError, RuntimeError):
+            failures += 1
+    return len(tiles) / (time.perf_counter() - start), failures
 
 
-def time_ours(tiles: np.ndarray, repeats: int, device: str, chunk_size: int | None) -> tuple[float, int]:
-    """Patches/s of macenko_normalize_batch over the whole set (host to device copy included); and fallbacks."""
-    batch = torch.from_numpy(tiles)
+def time_ours(batch: torch.Tensor, device: str, chunk_size: int | None) -> tuple[float, int]:
+    """Patches/s of one pass of macenko_normalize_batch over the whole set (host-device copies included)."""
     reference = MacenkoReference.default()
-    macenko_normalize_batch(batch[:4].to(device), reference, chunk_size=chunk_size)  # warm-up
-    best, fallbacks = float("inf"), 0
-    for _ in range(repeats):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out, fallback = macenko_normalize_batch(batch.to(device), reference, chunk_size=chunk_size)
-        out = out.cpu()
-        best = min(best, time.perf_counter() - start)
-        fallbacks = int(fallback.sum())
-    return len(tiles) / best, fallbacks
+    if device != "cpu":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out, fallback = macenko_normalize_batch(batch.to(device), reference, chunk_size=chunk_size)
+    out = out.cpu()
+    return len(batch) / (time.perf_counter() - start), int(fallback.sum())
 
 
 def main() -> None:
-    """Run torchstain and ours on the same tiles in one process and print the ratio."""
+    """Run torchstain and ours on the same tiles in one process, interleaved, and print the median ratio."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="one timing repeat instead of three")
+    parser.add_argument("--quick", action="store_true", help="3 interleaved repeats instead of 7")
     parser.add_argument("--json", type=Path, help="write the numbers here (atomic)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for both (default: torch's choice; 1 is steadier on a loaded box)")
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("EXAONEPATH_TEST_DATA", REPO_ROOT.parent / "shared" / "data")))
     args = parser.parse_args()
-    repeats = 1 if args.quick else 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 7
     tiles = load_cmu_tiles(args.data)
-    ts_rate, ts_failures = time_torchstain(tiles, repeats)
-    ours_rate, ours_failures = time_ours(tiles, repeats, args.device, args.chunk_size)
+    batch = torch.from_numpy(tiles)
+    load_before = _load_average()
+    time_torchstain(tiles[:4])  # warm-up both
+    macenko_normalize_batch(batch[:4].to(args.device))
+    ts_rates, ours_rates, ratios = [], [], []
+    ts_failures = ours_failures = 0
+    for _ in range(repeats):  # interleaved so that both see the same load
+        ts_rate, ts_failures = time_torchstain(tiles)
+        ours_rate, ours_failures = time_ours(batch, args.device, args.chunk_size)
+        ts_rates.append(ts_rate)
+        ours_rates.append(ours_rate)
+        ratios.append(ours_rate / ts_rate)
     result = {
         "n_patches": len(tiles),
         "patch_size": TILE,
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "torch_threads": torch.get_num_threads(),
         "chunk_size": args.chunk_size,
-        "torchstain_patches_per_s": round(ts_rate, 1),
-        "ours_patches_per_s": round(ours_rate, 1),
-        "ratio": round(ours_rate / ts_rate, 2),
+        "repeats": repeats,
+        "torchstain_patches_per_s": round(float(np.median(ts_rates)), 1),
+        "ours_patches_per_s": round(float(np.median(ours_rates)), 1),
+        "ratio": round(float(np.median(ratios)), 2),
+        "torchstain_runs": [round(r, 1) for r in ts_rates],
+        "ours_runs": [round(r, 1) for r in ours_rates],
         "torchstain_failures": ts_failures,
         "ours_failures": ours_failures,
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    print(f"{len(tiles)} CMU tiles {TILE}px on {result['device']} ({result['torch_threads']} threads): "
-          f"torchstain {ts_rate:.1f}/s ({ts_failures} raised), ours {ours_rate:.1f}/s "
+    print(f"{len(tiles)} CMU tiles {TILE}px on {result['device']} ({result['torch_threads']} threads, {repeats} "
+          f"interleaved repeats, load {load_before} -> {result['load_average_after']}): medians torchstain "
+          f"{result['torchstain_patches_per_s']}/s ({ts_failures} raised), ours {result['ours_patches_per_s']}/s "
           f"({ours_failures} fallbacks), ratio {result['ratio']:.2f}x, peak RSS {result['peak_rss_mb']} MB")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
