@@ -382,7 +382,7 @@ def macenko_normalize_batch(
     hematoxylin-first rule). Patches with fewer than `min_tissue_pixels` pixels of OD >= beta on all channels,
     a covariance of rank < 2, a 99th-percentile H or E concentration <= 0 (scaling would invert the colours)
     or any non-finite intermediate are returned unchanged and flagged, never raised.
-    `chunk_size` patches are processed at a time (default 16 on CPU to stay in cache, 256 on CUDA).
+    `chunk_size` patches are processed at a time (default 8 on CPU, measured fastest with 4-16; 256 on CUDA).
     """
     _check_patches(patches)
     if not 0 <= alpha < 50:
@@ -390,7 +390,7 @@ def macenko_normalize_batch(
     reference = MacenkoReference.default() if reference is None else reference
     device = patches.device
     if chunk_size is None:
-        chunk_size = 16 if device.type == "cpu" else 256
+        chunk_size = 8 if device.type == "cpu" else 256
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     out = torch.empty_like(patches)
