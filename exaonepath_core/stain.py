@@ -135,8 +135,7 @@ def _histogram_select(values: torch.Tensor, ranks: torch.Tensor, low: torch.Tens
 
     Values are binned monotonically over [low, high] per row (values outside land in the end bins, so the
     range only affects speed, never the result), the bin holding each rank is found from cumulative counts,
-    and only that bin's values are sorted. `valid` is a float 0/1 mask (rows, n), NaN values must be masked
-    out by it. Ranks outside [1, valid count] give NaN. `workspace` lends scratch buffers.
+    and only that bin's values are sorted. `valid` is a float 0/1 mask (rows, n); values must not be NaN. Ranks outside [1, valid count] give NaN. `workspace` lends scratch buffers.
     """
     rows, n = values.shape
     device = values.device
@@ -200,6 +199,7 @@ def select_kth(values: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None
     n_valid = usable.sum(1)
     k = k.to(torch.int64).to(values.device)
     rank = n_valid - k + 1 if largest else k
+    values = torch.where(usable, values, 0.0)  # NaN * 0 would stay NaN in the validity arithmetic
     result = _histogram_select(values, rank.unsqueeze(1), low, high, _ANGLE_BINS, usable.to(values.dtype))
     result = result.squeeze(1)
     missing = (k < 1) | (k > n_valid)

@@ -87,6 +87,27 @@ def test_select_kth_is_exact_nearest_rank():
     np.testing.assert_array_equal(got_large.numpy(), [np.sort(r)[::-1][kk - 1] for r, kk in zip(values.numpy(), k)])
 
 
+def test_select_kth_ties_extremes_and_nan():
+    # heavy ties (one histogram bin holds thousands of candidates), the first and last rank, +-inf, NaN
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randint(0, 5, (3, 4000), generator=generator).float() / 7
+    values[1, :10] = float("inf")
+    values[1, 10:20] = float("-inf")
+    values[2, ::3] = float("nan")  # NaN counts as invalid
+    n_valid = torch.tensor([4000, 4000, 4000 - 1334])
+    for k in ([1, 1, 1], [4000, 4000, 2666], [1999, 15, 1000]):
+        k = torch.tensor(k)
+        got = select_kth(values, k)
+        got_large = select_kth(values, k, largest=True)
+        for row in range(3):
+            kept = np.sort(values[row][~torch.isnan(values[row])].numpy())
+            assert len(kept) == n_valid[row]
+            assert got[row].item() == kept[k[row] - 1]
+            assert got_large[row].item() == kept[::-1][k[row] - 1]
+    too_far = select_kth(values, torch.tensor([4001, 0, 2667]))
+    assert torch.isinf(too_far).all() and (too_far > 0).all()
+
+
 def test_matches_torchstain_on_its_source_target_pair(shared_data):
     source = _rgb(shared_data / "stain" / "torchstain_source.png")
     target = _rgb(shared_data / "stain" / "torchstain_target.png")
