@@ -212,7 +212,7 @@ def test_torchrun_two_gloo_processes_train_and_resume(raw_store, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [torchrun, "--nproc_per_node=2", "--master_port", "0", "-m", "exaonepath_core.training",
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "exaonepath_core.training",
          "--config", str(config), "--plot"],
         capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1], check=False,
     )
@@ -221,7 +221,7 @@ def test_torchrun_two_gloo_processes_train_and_resume(raw_store, tmp_path):
     assert checkpoint["world_size"] == 2 and checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
     assert (out / "training_curves.png").is_file()
     resumed = subprocess.run(
-        [torchrun, "--nproc_per_node=2", "--master_port", "0", "-m", "exaonepath_core.training",
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "exaonepath_core.training",
          "--config", str(config), "--resume", "--set", "max_steps=5"],
         capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1], check=False,
     )
