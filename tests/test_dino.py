@@ -91,8 +91,8 @@ def test_ema_update_matches_formula():
     before_s = {k: v.clone() for k, v in student.state_dict().items()}
     dino.ema_update_(teacher, student, momentum=0.7)
     after = teacher.state_dict()
-    for key in before_t:
-        torch.testing.assert_close(after[key], 0.7 * before_t[key] + 0.3 * before_s[key], rtol=0, atol=1e-6)
+    for key, old in before_t.items():
+        torch.testing.assert_close(after[key], 0.7 * old + 0.3 * before_s[key], rtol=0, atol=1e-6)
     for key, value in student.state_dict().items():
         assert torch.equal(value, before_s[key])  # the student is read, never written
     with pytest.raises(ValueError, match="parameters differ"):
@@ -120,7 +120,7 @@ def test_dino_head_weight_norm_layout_and_frozen_norm():
     head = dino.DINOHead(16, out_dim=40, hidden_dim=24, bottleneck_dim=8, nlayers=3)
     keys = set(head.state_dict())
     assert {"last_layer.parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"} <= keys
-    assert not any(k.endswith("weight_g") or k.endswith("weight_v") for k in keys)
+    assert not any(k.endswith(("weight_g", "weight_v")) for k in keys)
     g = head.last_layer.parametrizations.weight.original0
     assert g.shape == (40, 1) and not g.requires_grad and torch.all(g == 1)
     # with g = 1 every output row of the effective weight has unit norm
