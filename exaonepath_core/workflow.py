@@ -289,10 +289,13 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
 
 
 def _subset(ds, n: int, seed: int):
-    import torch
-
+    """At most n samples (stratified when the adapter supports it), for quick profiles."""
     if len(ds) <= n:
         return ds
+    if hasattr(ds, "subset"):
+        return ds.subset(n, seed)
+    import torch
+
     idx = np.sort(np.random.default_rng(seed).choice(len(ds), n, replace=False))
     return torch.utils.data.Subset(ds, idx.tolist())
 
@@ -313,8 +316,12 @@ def _slide_of(ids: np.ndarray) -> np.ndarray:
     return np.array([s.split("|", 1)[0] for s in ids])
 
 
-def run_all_probes(cfg: ProjectConfig, features_dir: Path) -> pd.DataFrame:
-    """Every task with train and test features: logistic probe and kNN over the configured seeds, long format."""
+def run_all_probes(cfg: ProjectConfig, features_dir: Path, min_per_class: int = 10) -> pd.DataFrame:
+    """Every task with train and test features: logistic probe and kNN over the configured seeds, long format.
+
+    A task whose training split has fewer than `min_per_class` samples in some class (e.g. the 32-tile CRC
+    subset) gets the kNN probe only, with k capped by the training size; the `note` column says so.
+    """
     from exaonepath_core import probes
 
     features_dir = Path(features_dir)
@@ -327,8 +334,20 @@ def run_all_probes(cfg: ProjectConfig, features_dir: Path) -> pd.DataFrame:
                 if "valid" in splits:
                     dirs["val"] = splits["valid"]
                 tasks.setdefault(ddir.name, {})[bdir.name] = dirs
-    frames = [probes.run_probes(task, dirs, seeds=cfg.probes.seeds, n_boot=cfg.probes.n_boot, knn_k=cfg.probes.knn_k)
-              for task, dirs in sorted(tasks.items())]
+    frames = []
+    for task, dirs in sorted(tasks.items()):
+        ytr = np.load(next(iter(dirs.values()))["train"] / "labels.npy")
+        smallest = int(np.bincount(ytr).min()) if len(ytr) else 0
+        if smallest >= min_per_class:
+            df = probes.run_probes(task, dirs, seeds=cfg.probes.seeds, n_boot=cfg.probes.n_boot,
+                                   knn_k=cfg.probes.knn_k)
+            df["note"] = ""
+        else:
+            k = max(1, min(cfg.probes.knn_k, len(ytr) - 1))
+            df = probes.run_probes(task, dirs, seeds=cfg.probes.seeds[:1], probes=("knn",),
+                                   n_boot=cfg.probes.n_boot, knn_k=k)
+            df["note"] = f"kNN only (k={k}): {len(ytr)} training samples, smallest class {smallest}"
+        frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

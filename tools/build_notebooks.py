@@ -161,7 +161,7 @@ print("datasets:", {k: v["status"] for k, v in datasets.items()})
 for bname, spec in backbones.items():
     model, transform, info = workflow.load_backbone_with_transform(spec, cfg)
     for dname, entry in datasets.items():
-        if entry["status"] != "present":
+        if not entry["status"].startswith("present"):
             continue
         for split, ds in entry["splits"].items():
             target = out / bname / dname / split
