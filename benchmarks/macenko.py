@@ -1,7 +1,8 @@
 """Throughput of our batched Macenko vs torchstain (one patch per call) on the same real 224 px CMU tiles.
 
 Usage: .venv/bin/python benchmarks/macenko.py [--quick] [--json PATH] [--device cpu|cuda] [--chunk-size N] [--threads N]
-Both run interleaved in one process, several repeats; medians are reported with the load average.
+torchstain, ours with the default backend ("auto": the fused numba kernel on CPU, torch on CUDA) and ours with
+the plain torch backend run interleaved in one process, several repeats; medians are reported with the load average.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from exaonepath_core.stain import MacenkoReference, macenko_normalize_batch
+from exaonepath_core.stain import NUMBA_AVAILABLE, MacenkoReference, macenko_normalize_batch
 
 TILE = 224
 
@@ -58,13 +59,13 @@ def time_torchstain(tiles: np.ndarray) -> tuple[float, int]:
     return len(tiles) / (time.perf_counter() - start), failures
 
 
-def time_ours(batch: torch.Tensor, device: str, chunk_size: int | None) -> tuple[float, int]:
+def time_ours(batch: torch.Tensor, device: str, chunk_size: int | None, backend: str = "auto") -> tuple[float, int]:
     """Patches/s of one pass of macenko_normalize_batch over the whole set (host-device copies included)."""
     reference = MacenkoReference.default()
     if device != "cpu":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out, fallback = macenko_normalize_batch(batch.to(device), reference, chunk_size=chunk_size)
+    out, fallback = macenko_normalize_batch(batch.to(device), reference, chunk_size=chunk_size, backend=backend)
     out = out.cpu()
     return len(batch) / (time.perf_counter() - start), int(fallback.sum())
 
@@ -87,15 +88,18 @@ def main() -> None:
     tiles = load_cmu_tiles(args.data)
     batch = torch.from_numpy(tiles)
     load_before = _load_average()
-    time_torchstain(tiles[:4])  # warm-up both
+    time_torchstain(tiles[:4])  # warm-up all (the numba kernel loads from its cache or compiles here)
     macenko_normalize_batch(batch[:4].to(args.device))
-    ts_rates, ours_rates, ratios = [], [], []
-    ts_failures = ours_failures = 0
-    for _ in range(repeats):  # interleaved so that both see the same load
+    macenko_normalize_batch(batch[:4].to(args.device), backend="torch")
+    ts_rates, ours_rates, torch_rates, ratios = [], [], [], []
+    ts_failures = ours_failures = torch_failures = 0
+    for _ in range(repeats):  # interleaved so that all see the same load
         ts_rate, ts_failures = time_torchstain(tiles)
         ours_rate, ours_failures = time_ours(batch, args.device, args.chunk_size)
+        torch_rate, torch_failures = time_ours(batch, args.device, args.chunk_size, backend="torch")
         ts_rates.append(ts_rate)
         ours_rates.append(ours_rate)
+        torch_rates.append(torch_rate)
         ratios.append(ours_rate / ts_rate)
     result = {
         "n_patches": len(tiles),
@@ -105,20 +109,27 @@ def main() -> None:
         "chunk_size": args.chunk_size,
         "repeats": repeats,
         "torchstain_patches_per_s": round(float(np.median(ts_rates)), 1),
+        "ours_backend": "numba" if args.device == "cpu" and NUMBA_AVAILABLE else "torch",
         "ours_patches_per_s": round(float(np.median(ours_rates)), 1),
+        "ours_torch_patches_per_s": round(float(np.median(torch_rates)), 1),
         "ratio": round(float(np.median(ratios)), 2),
+        "ratio_torch_backend": round(float(np.median([t / s for t, s in zip(torch_rates, ts_rates)])), 2),
         "torchstain_runs": [round(r, 1) for r in ts_rates],
         "ours_runs": [round(r, 1) for r in ours_rates],
+        "ours_torch_runs": [round(r, 1) for r in torch_rates],
         "torchstain_failures": ts_failures,
         "ours_failures": ours_failures,
+        "ours_torch_failures": torch_failures,
         "load_average_before": load_before,
         "load_average_after": _load_average(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     print(f"{len(tiles)} CMU tiles {TILE}px on {result['device']} ({result['torch_threads']} threads, {repeats} "
           f"interleaved repeats, load {load_before} -> {result['load_average_after']}): medians torchstain "
-          f"{result['torchstain_patches_per_s']}/s ({ts_failures} raised), ours {result['ours_patches_per_s']}/s "
-          f"({ours_failures} fallbacks), ratio {result['ratio']:.2f}x, peak RSS {result['peak_rss_mb']} MB")
+          f"{result['torchstain_patches_per_s']}/s ({ts_failures} raised), ours ({result['ours_backend']}) "
+          f"{result['ours_patches_per_s']}/s ({ours_failures} fallbacks), ratio {result['ratio']:.2f}x; ours torch "
+          f"backend {result['ours_torch_patches_per_s']}/s ({torch_failures} fallbacks, "
+          f"{result['ratio_torch_backend']:.2f}x); peak RSS {result['peak_rss_mb']} MB")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_name(f".{args.json.name}.tmp")
