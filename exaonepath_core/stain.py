@@ -1,6 +1,7 @@
 """Macenko stain normalization for whole batches in torch (CPU and CUDA), reference fitting, stain augmentation."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -449,21 +450,159 @@ if NUMBA_AVAILABLE:
 
     @_njit
     def _nb_pseudo_angle(x, y):
-        """A strictly increasing function of atan2(y, x) on (-pi, pi] with one division (range (-2, 2])."""
-        ax = abs(x)
-        ay = abs(y)
-        total = ax + ay
+        """A strictly increasing function of atan2(y, x) on [-pi, pi] with one division (range [-2, 2])."""
+        total = abs(x) + abs(y)
         if total == 0.0:
             return 0.0
+        turn = abs(y) / total
+        # selects, not branches: x changes sign within a patch, so a branch would mispredict half the time
+        half = turn if x >= 0.0 else 2.0 - turn
         upper = y > 0.0 or (y == 0.0 and np.copysign(1.0, y) > 0.0)  # atan2(-0.0, x < 0) is -pi
-        if x >= 0.0:
-            return ay / total if upper else -(ay / total)
-        return 2.0 - ay / total if upper else -2.0 + ay / total
+        return half if upper else -half
+
+    @_njit
+    def _nb_sample_threshold(sample, count, fraction, top):
+        """A value with comfortably more than `fraction` of the sample beyond it (below it, or above if `top`)."""
+        margin = 0.02 + 3.0 * np.sqrt(fraction * (1.0 - fraction) / count)
+        share = min(fraction + margin, 1.0)
+        position = int((1.0 - share) * (count - 1)) if top else int(np.ceil(share * (count - 1)))
+        return np.partition(sample[:count], position)[position]
+
+    @_njit
+    def _nb_kth_gathered(values, index, count, k):
+        """Index (from `index`) of the k-th smallest (1-based) of values[:count]."""
+        kth = np.partition(values[:count], k - 1)[k - 1]
+        for j in range(count):
+            if values[j] == kth:
+                return index[j]
+        return index[0]  # unreachable: the k-th value is one of the values
+
+    @_njit
+    def _nb_tissue_projection(pixels, p, lut, e1, e2):
+        """float32 coordinates (x, y) of pixel p's OD in the stain plane, as the torch path's float32 bmm."""
+        o0 = lut[pixels[p, 0]]
+        o1 = lut[pixels[p, 1]]
+        o2 = lut[pixels[p, 2]]
+        return e1[0] * o0 + e1[1] * o1 + e1[2] * o2, e2[0] * o0 + e2[1] * o1 + e2[2] * o2
+
+    @_njit
+    def _nb_angle_extremes(pixels, lut, e1, e2, tissue_index, n, rank_low, rank_high, sample, keys,
+                           candidate_values, candidate_index, angle_hist):
+        """Tissue-list positions of the rank_low-th and rank_high-th smallest angles (exact nearest-rank).
+
+        Thresholds from a strided sample bound the two tails; one pass keeps only the keys beyond them and
+        the ranks are selected among those. Where the sample misjudged a tail, all keys are histogrammed.
+        """
+        half = candidate_values.shape[0] // 2
+        stride = max(1, n // 512)
+        count = 0
+        for i in range(0, n, stride):
+            x, y = _nb_tissue_projection(pixels, tissue_index[i], lut, e1, e2)
+            sample[count] = _nb_pseudo_angle(np.float64(x), np.float64(y))
+            count += 1
+        low_limit = _nb_sample_threshold(sample, count, rank_low / n, False)
+        high_limit = _nb_sample_threshold(sample, count, (n - rank_high + 1) / n, True)
+        n_low = 0
+        n_high = 0
+        for i in range(n):
+            x, y = _nb_tissue_projection(pixels, tissue_index[i], lut, e1, e2)
+            key = _nb_pseudo_angle(np.float64(x), np.float64(y))
+            if key <= low_limit:
+                candidate_values[n_low] = key
+                candidate_index[n_low] = i
+                n_low += 1
+            if key >= high_limit:
+                candidate_values[half + n_high] = key
+                candidate_index[half + n_high] = i
+                n_high += 1
+        below_high = n - n_high  # keys below high_limit
+        if n_low >= rank_low and below_high < rank_high:
+            pick_low = _nb_kth_gathered(candidate_values, candidate_index, n_low, rank_low)
+            pick_high = _nb_kth_gathered(candidate_values[half:], candidate_index[half:], n_high,
+                                         rank_high - below_high)
+            return pick_low, pick_high
+        low = np.inf
+        high = -np.inf
+        for i in range(n):
+            x, y = _nb_tissue_projection(pixels, tissue_index[i], lut, e1, e2)
+            keys[i] = _nb_pseudo_angle(np.float64(x), np.float64(y))
+            low = min(low, keys[i])
+            high = max(high, keys[i])
+        return _nb_select_two(keys, n, rank_low, rank_high, low, high, angle_hist, candidate_values,
+                              candidate_index)
+
+    @_njit
+    def _nb_concentration_maxima(pixels, lut, inverse, rank, sample, concentrations, candidate_values,
+                                 candidate_index, concentration_hist):
+        """Exact rank-th smallest H and E concentration over all pixels (the 99th percentile), float32.
+
+        As for the angles: sample thresholds, one pass keeping the values above them, selection among those;
+        a full histogram selection where the sample misjudged the tail.
+        """
+        n_pixels = pixels.shape[0]
+        half = candidate_values.shape[0] // 2
+        stride = max(1, n_pixels // 512)
+        count = 0
+        for p in range(0, n_pixels, stride):
+            o0 = lut[pixels[p, 0]]
+            o1 = lut[pixels[p, 1]]
+            o2 = lut[pixels[p, 2]]
+            sample[count] = inverse[0, 0] * o0 + inverse[0, 1] * o1 + inverse[0, 2] * o2
+            sample[half + count] = inverse[1, 0] * o0 + inverse[1, 1] * o1 + inverse[1, 2] * o2
+            count += 1
+        above = (n_pixels - rank + 1) / n_pixels
+        limit_h = np.float32(_nb_sample_threshold(sample, count, above, True))
+        limit_e = np.float32(_nb_sample_threshold(sample[half:], count, above, True))
+        n_h = 0
+        n_e = 0
+        for p in range(n_pixels):
+            o0 = lut[pixels[p, 0]]
+            o1 = lut[pixels[p, 1]]
+            o2 = lut[pixels[p, 2]]
+            h = inverse[0, 0] * o0 + inverse[0, 1] * o1 + inverse[0, 2] * o2
+            e = inverse[1, 0] * o0 + inverse[1, 1] * o1 + inverse[1, 2] * o2
+            if h >= limit_h:
+                candidate_values[n_h] = h
+                candidate_index[n_h] = p
+                n_h += 1
+            if e >= limit_e:
+                candidate_values[half + n_e] = e
+                candidate_index[half + n_e] = p
+                n_e += 1
+        maxima = np.empty(2, np.float32)
+        if n_pixels - n_h < rank and n_pixels - n_e < rank:
+            maxima[0] = candidate_values[_nb_kth_gathered(candidate_values, np.arange(n_h), n_h,
+                                                          rank - (n_pixels - n_h))]
+            maxima[1] = candidate_values[half + _nb_kth_gathered(candidate_values[half:], np.arange(n_e), n_e,
+                                                                 rank - (n_pixels - n_e))]
+            return maxima
+        low_h = low_e = np.inf
+        high_h = high_e = -np.inf
+        for p in range(n_pixels):
+            o0 = lut[pixels[p, 0]]
+            o1 = lut[pixels[p, 1]]
+            o2 = lut[pixels[p, 2]]
+            h = inverse[0, 0] * o0 + inverse[0, 1] * o1 + inverse[0, 2] * o2
+            e = inverse[1, 0] * o0 + inverse[1, 1] * o1 + inverse[1, 2] * o2
+            concentrations[0, p] = h
+            concentrations[1, p] = e
+            low_h = min(low_h, h)
+            high_h = max(high_h, h)
+            low_e = min(low_e, e)
+            high_e = max(high_e, e)
+        for stain in range(2):
+            row = concentrations[stain]
+            low_s = np.float64(low_h if stain == 0 else low_e)
+            high_s = np.float64(high_h if stain == 0 else high_e)
+            pick, _ = _nb_select_two(row, n_pixels, rank, rank, low_s, high_s, concentration_hist,
+                                     candidate_values, candidate_index)
+            maxima[stain] = row[pick]
+        return maxima
 
     @_njit
     def _nb_normalize_patch(pixels, out, lut, tissue_level, target_matrix, target_max, log_io, alpha,
                             min_tissue, concentration_rank, angle_hist, concentration_hist, tissue_index, keys,
-                            concentrations, candidate_values, candidate_index, tables):
+                            concentrations, sample, candidate_values, candidate_index, tables):
         """Normalize one (P, 3) uint8 patch into `out`; returns (usable, n_tissue). Scratch buffers are lent."""
         n_pixels = pixels.shape[0]
         f32 = np.float32
@@ -510,30 +649,13 @@ if NUMBA_AVAILABLE:
         e2 = eigenvectors[:, 2].copy()
         if e2[0] + e2[1] + e2[2] > 0:  # pin the sign of the leading eigenvector (see the torch path)
             e2 = -e2
-        low = np.inf
-        high = -np.inf
-        for i in range(n):
-            p = tissue_index[i]
-            o0 = lut[pixels[p, 0]]
-            o1 = lut[pixels[p, 1]]
-            o2 = lut[pixels[p, 2]]
-            x = e1[0] * o0 + e1[1] * o1 + e1[2] * o2
-            y = e2[0] * o0 + e2[1] * o1 + e2[2] * o2
-            key = _nb_pseudo_angle(np.float64(x), np.float64(y))
-            keys[i] = key
-            low = min(low, key)
-            high = max(high, key)
-        pick_min, pick_max = _nb_select_two(keys, n, _nb_nearest_rank(alpha, n), _nb_nearest_rank(100.0 - alpha, n),
-                                            low, high, angle_hist, candidate_values, candidate_index)
+        pick_min, pick_max = _nb_angle_extremes(pixels, lut, e1, e2, tissue_index, n, _nb_nearest_rank(alpha, n),
+                                                _nb_nearest_rank(100.0 - alpha, n), sample, keys, candidate_values,
+                                                candidate_index, angle_hist)
         plane_vectors = np.empty((3, 2), np.float32)  # columns: v_min, v_max
         for column in range(2):
-            p = tissue_index[pick_min if column == 0 else pick_max]
-            o0 = lut[pixels[p, 0]]
-            o1 = lut[pixels[p, 1]]
-            o2 = lut[pixels[p, 2]]
-            x = e1[0] * o0 + e1[1] * o1 + e1[2] * o2
-            y = e2[0] * o0 + e2[1] * o1 + e2[2] * o2
-            angle = np.arctan2(y, x)
+            x, y = _nb_tissue_projection(pixels, tissue_index[pick_min if column == 0 else pick_max], lut, e1, e2)
+            angle = np.arctan2(y, x)  # float32, as torch.atan2 on the float32 projections
             c = np.cos(angle)
             s = np.sin(angle)
             for k in range(3):
@@ -557,28 +679,8 @@ if NUMBA_AVAILABLE:
         for k in range(3):
             inverse[0, k] = f32((g11 / determinant) * s64[k, 0] + (-g01 / determinant) * s64[k, 1])
             inverse[1, k] = f32((-g01 / determinant) * s64[k, 0] + (g00 / determinant) * s64[k, 1])
-        low_h = low_e = np.inf
-        high_h = high_e = -np.inf
-        for p in range(n_pixels):
-            o0 = lut[pixels[p, 0]]
-            o1 = lut[pixels[p, 1]]
-            o2 = lut[pixels[p, 2]]
-            h = inverse[0, 0] * o0 + inverse[0, 1] * o1 + inverse[0, 2] * o2
-            e = inverse[1, 0] * o0 + inverse[1, 1] * o1 + inverse[1, 2] * o2
-            concentrations[0, p] = h
-            concentrations[1, p] = e
-            low_h = min(low_h, h)
-            high_h = max(high_h, h)
-            low_e = min(low_e, e)
-            high_e = max(high_e, e)
-        maxima = np.empty(2, np.float32)
-        for stain in range(2):
-            row = concentrations[stain]
-            low_s = np.float64(low_h if stain == 0 else low_e)
-            high_s = np.float64(high_h if stain == 0 else high_e)
-            pick, _ = _nb_select_two(row, n_pixels, concentration_rank, concentration_rank, low_s, high_s,
-                                     concentration_hist, candidate_values, candidate_index)
-            maxima[stain] = row[pick]
+        maxima = _nb_concentration_maxima(pixels, lut, inverse, concentration_rank, sample, concentrations,
+                                          candidate_values, candidate_index, concentration_hist)
         if not (np.all(np.isfinite(maxima)) and maxima[0] > 0 and maxima[1] > 0):
             return False, n
         # (4) output: OD -> target OD map, target_matrix @ diag(target_max / max) @ pinv (float32 as torch)
@@ -589,31 +691,31 @@ if NUMBA_AVAILABLE:
                                 + target_matrix[c, 1] * (target_max[1] / maxima[1]) * inverse[1, k])
         if not np.all(np.isfinite(od_map)):
             return False, n
+        # tables[k, level, c] = exp(-od_map[c, k] * od(level)), Io folded into k = 0: one pixel reads three
+        # rows of three adjacent entries
         tables_ok = True
-        for c in range(3):
-            for k in range(3):
-                offset = log_io if k == 0 else 0.0
-                for level in range(256):
+        for k in range(3):
+            offset = log_io if k == 0 else 0.0
+            for level in range(256):
+                for c in range(3):
                     value = np.exp(offset - np.float64(od_map[c, k]) * np.float64(lut[level]))
-                    tables[c, k, level] = value
+                    tables[k, level, c] = value
                     if not (value > 0.0 and value < np.inf):
                         tables_ok = False
         if tables_ok:
             for p in range(n_pixels):
-                r = pixels[p, 0]
-                g = pixels[p, 1]
-                b = pixels[p, 2]
+                red = tables[0, pixels[p, 0]]
+                green = tables[1, pixels[p, 1]]
+                blue = tables[2, pixels[p, 2]]
                 for c in range(3):
-                    value = tables[c, 0, r] * tables[c, 1, g] * tables[c, 2, b]
-                    out[p, c] = np.uint8(255.0 if value > 255.0 else value)
+                    out[p, c] = np.uint8(min(red[c] * green[c] * blue[c], 255.0))
         else:  # extreme maps over- or underflow a factor: exponentiate the sum per pixel instead
             for p in range(n_pixels):
                 for c in range(3):
                     exponent = log_io
                     for k in range(3):
                         exponent -= np.float64(od_map[c, k]) * np.float64(lut[pixels[p, k]])
-                    value = np.exp(exponent)
-                    out[p, c] = np.uint8(255.0 if value > 255.0 else value)
+                    out[p, c] = np.uint8(min(np.exp(exponent), 255.0))
         return True, n
 
     @_njit
@@ -626,18 +728,18 @@ if NUMBA_AVAILABLE:
         tissue_index = np.empty(n_pixels, np.int32)
         keys = np.empty(n_pixels, np.float64)
         concentrations = np.empty((2, n_pixels), np.float32)
+        sample = np.empty(2 * n_pixels, np.float64)
         candidate_values = np.empty(2 * n_pixels, np.float64)
         candidate_index = np.empty(2 * n_pixels, np.int64)
-        tables = np.empty((3, 3, 256), np.float64)
+        tables = np.empty((3, 256, 3), np.float64)
         for i in range(pixels.shape[0]):
             usable, _ = _nb_normalize_patch(pixels[i], out[i], lut, tissue_level, target_matrix, target_max, log_io,
                                             alpha, min_tissue, concentration_rank, angle_hist, concentration_hist,
-                                            tissue_index, keys, concentrations, candidate_values, candidate_index,
-                                            tables)
+                                            tissue_index, keys, concentrations, sample, candidate_values,
+                                            candidate_index, tables)
             fallback[i] = not usable
             if not usable:
                 out[i, :, :] = pixels[i, :, :]
-
 
 def _macenko_numba(patches: torch.Tensor, out: torch.Tensor, fallback: torch.Tensor, lut: torch.Tensor,
                    tissue_level: int, reference: MacenkoReference, Io: float, alpha: float,
@@ -663,7 +765,7 @@ def _macenko_numba(patches: torch.Tensor, out: torch.Tensor, fallback: torch.Ten
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         jobs = [pool.submit(_nb_normalize_patches, pixels[lo:hi], out_pixels[lo:hi], flags[lo:hi], *arguments)
-                for lo, hi in zip(bounds[:-1], bounds[1:])]
+                for lo, hi in itertools.pairwise(bounds)]
         for job in jobs:
             job.result()
 
