@@ -87,6 +87,7 @@ class FeaturesSection:
     num_workers: int = 0
     extra_backbones: list[str] = field(default_factory=list)  # e.g. "exaonepath:/path/EXAONEPath.ckpt", "timm:resnet18"
     max_samples_per_split: int = 0  # 0 = all
+    include_untrained: bool = True  # also embed with the arms' common untrained initialisation (raw / Macenko input)
 
 
 @dataclass

@@ -194,12 +194,46 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
 # --------------------------------------------------------------------------------------------------------------
 # stage 04
 # --------------------------------------------------------------------------------------------------------------
-def backbone_specs(cfg: ProjectConfig, pretrain_dir: Path) -> dict[str, str]:
-    """Backbones to embed with: each arm's teacher plus `features.extra_backbones`."""
+def backbone_specs(cfg: ProjectConfig, pretrain_dir: Path, features_dir: Path | None = None) -> dict[str, str]:
+    """Backbones to embed with: each arm's teacher, the untrained initialisation (when asked) and
+    `features.extra_backbones`."""
     specs = {f"dino_{arm}": f"ours:{Path(pretrain_dir) / arm / 'teacher_backbone.pth'}" for arm in cfg.arms}
+    if cfg.features.include_untrained and features_dir is not None:
+        specs.update(untrained_backbones(cfg, Path(features_dir) / "untrained_backbones",
+                                         Path(pretrain_dir).parent / "02_normalize" / "reference.json"))
     for spec in cfg.features.extra_backbones:
         name = spec.split(":", 1)[0] + "_" + Path(spec.split(":", 1)[-1]).stem
         specs[name.replace("/", "_")] = spec
+    return specs
+
+
+def untrained_backbones(cfg: ProjectConfig, out_dir: Path, reference_json: Path) -> dict[str, str]:
+    """The pretraining arms' common starting point (same seed, same timm initialisation as `training.train`),
+    exported twice: fed raw inputs and fed Macenko-normalized inputs. Comparing a trained arm with these
+    separates what DINO learned from what the input transformation alone does to slide identifiability."""
+    import torch
+
+    from exaonepath_core.backbones import create_backbone
+    from exaonepath_core.training import PretrainConfig
+
+    pcfg = PretrainConfig.from_mapping(dict(cfg.pretrain))
+    torch.manual_seed(cfg.seed)  # training.train seeds the same way before building the student
+    model = create_backbone(pcfg.arch, pcfg.global_crop_size, pcfg.patch_size, drop_path_rate=pcfg.drop_path_rate)
+    reference = json.loads(Path(reference_json).read_text()) if Path(reference_json).is_file() else None
+    specs = {}
+    for arm in ("raw", "macenko"):
+        folder = Path(out_dir) / arm
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = folder / "teacher_backbone.pth"
+        tmp = folder / ".teacher_backbone.pth.tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, weights)
+        meta = {"arch": pcfg.arch, "patch_size": pcfg.patch_size or 16, "img_size": pcfg.global_crop_size,
+                "embed_dim": int(model.num_features), "arm": arm, "macenko": arm == "macenko",
+                "macenko_reference": reference if arm == "macenko" else None, "name": f"untrained_{arm}",
+                "note": "untrained initialisation (seed as in pretraining)"}
+        (folder / "teacher_backbone.json").write_text(json.dumps(meta, indent=2))
+        specs[f"untrained_{arm}"] = f"ours:{weights}"
     return specs
 
 
@@ -404,32 +438,45 @@ def collapse_by_arm(cfg: ProjectConfig, features_dir: Path) -> tuple[pd.DataFram
 
 
 def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.DataFrame:
-    """The paper's claim checked per non-raw arm against raw: slide identifiability lower, class kept."""
+    """The paper's claim as comparisons (long format): each non-raw arm vs the raw arm, and the untrained
+    initialisation fed Macenko vs raw inputs (what the normalization alone does). `lower` tells whether slide/site
+    identifiability fell; for the leave-one-slide-out class kNN, `kept` whether it fell by at most `class_margin`.
+    `claim_holds` per comparison: slide-ID probe and same-slide neighbours lower, tissue class kept."""
     from exaonepath_core import collapse
 
-    if metrics.empty or "raw" not in set(metrics["arm"]):
+    if metrics.empty:
         return pd.DataFrame()
     value = metrics.pivot_table(index="metric", columns="arm", values="value", aggfunc="first")
+    pairs = [(arm, "raw") for arm in value.columns if arm not in ("raw",) and not arm.startswith("untrained")]
+    if {"untrained_raw", "untrained_macenko"} <= set(value.columns):
+        pairs.append(("untrained_macenko", "untrained_raw"))
+    if {"raw", "untrained_raw"} <= set(value.columns):
+        pairs.append(("raw", "untrained_raw"))
+    identity = [collapse.SLIDE_PROBE, collapse.SAME_SLIDE_NEIGHBOURS, collapse.SILHOUETTE_SLIDE,
+                collapse.SITE_PROBE, collapse.SAME_SITE_NEIGHBOURS]
     rows = []
-    slide_metrics = [m for m in (collapse.SLIDE_PROBE, collapse.SAME_SLIDE_NEIGHBOURS, collapse.SITE_PROBE,
-                                 collapse.SAME_SITE_NEIGHBOURS) if m in value.index]
-    class_metric = collapse.KNN_LEAVE_ONE_SLIDE_OUT if collapse.KNN_LEAVE_ONE_SLIDE_OUT in value.index else None
-    for arm in value.columns:
-        if arm == "raw":
+    for arm, base in pairs:
+        if base not in value.columns:
             continue
-        row = {"arm": arm}
-        for m in slide_metrics:
-            row[f"{m}_raw"] = value.loc[m, "raw"]
-            row[f"{m}_{arm}"] = value.loc[m, arm]
-            row[f"{m}_lower"] = bool(value.loc[m, arm] < value.loc[m, "raw"])
-        if class_metric:
-            drop = value.loc[class_metric, "raw"] - value.loc[class_metric, arm]
-            row[f"{class_metric}_drop"] = drop
-            row["class_kept"] = bool(drop <= class_margin)
-        main = [row.get(f"{m}_lower") for m in (collapse.SLIDE_PROBE, collapse.SAME_SLIDE_NEIGHBOURS)
-                if f"{m}_lower" in row]
-        row["claim_holds"] = bool(main and all(main) and row.get("class_kept", True))
-        rows.append(row)
+        checks = []
+        for m in identity:
+            if m in value.index:
+                lower = bool(value.loc[m, arm] < value.loc[m, base])
+                rows.append(dict(comparison=f"{arm} vs {base}", metric=m, value=value.loc[m, arm],
+                                 baseline=value.loc[m, base], delta=value.loc[m, arm] - value.loc[m, base],
+                                 outcome="lower" if lower else "not lower"))
+                if m in (collapse.SLIDE_PROBE, collapse.SAME_SLIDE_NEIGHBOURS):
+                    checks.append(lower)
+        m = collapse.KNN_LEAVE_ONE_SLIDE_OUT
+        if m in value.index and pd.notna(value.loc[m, arm]):
+            kept = bool(value.loc[m, base] - value.loc[m, arm] <= class_margin)
+            rows.append(dict(comparison=f"{arm} vs {base}", metric=m, value=value.loc[m, arm],
+                             baseline=value.loc[m, base], delta=value.loc[m, arm] - value.loc[m, base],
+                             outcome="kept" if kept else f"fell by more than {class_margin}"))
+            checks.append(kept)
+        rows.append(dict(comparison=f"{arm} vs {base}", metric="claim_holds", value=float(all(checks)),
+                         baseline=float("nan"), delta=float("nan"),
+                         outcome="holds" if checks and all(checks) else "does not hold"))
     return pd.DataFrame(rows)
 
 

@@ -89,11 +89,14 @@ def test_probe_table_has_finite_accuracies_and_absent_paper_tasks(ci_run):
 def test_collapse_metrics_per_arm(ci_run):
     paths, _ = ci_run
     metrics = pd.read_csv(paths.stage_dir("06") / "collapse_metrics.csv")
-    assert set(metrics.arm) == {"raw", "macenko", "stain_augmentation"}
+    assert set(metrics.arm) == {"raw", "macenko", "stain_augmentation", "untrained_raw", "untrained_macenko"}
     probe = metrics[metrics.metric == "slide_id_probe_accuracy"]
-    assert len(probe) == 3 and probe.value.between(0, 1).all()
+    assert len(probe) == 5 and probe.value.between(0, 1).all()
     assert (probe.ci_low <= probe.value + 1e-9).all() and (probe.value <= probe.ci_high + 1e-9).all()
-    assert (paths.stage_dir("06") / "collapse_verdict.csv").is_file()
+    verdict = pd.read_csv(paths.stage_dir("06") / "collapse_verdict.csv")
+    claims = verdict[verdict.metric == "claim_holds"]
+    assert set(claims.comparison) >= {"macenko vs raw", "untrained_macenko vs untrained_raw"}
+    assert set(claims.outcome) <= {"holds", "does not hold"}
 
 
 def test_index_links_only_existing_files(ci_run):

@@ -152,7 +152,7 @@ NOTEBOOKS["04_extract_features"] = [
 
 out = paths.stage_dir("04")
 save_config(cfg, out / "config.yaml")
-backbones = workflow.backbone_specs(cfg, paths.stage_dir("03"))
+backbones = workflow.backbone_specs(cfg, paths.stage_dir("03"), out)
 datasets = workflow.feature_datasets(cfg, paths.stage_dir("01"))
 print("backbones:", list(backbones))
 print("datasets:", {k: v["status"] for k, v in datasets.items()})
