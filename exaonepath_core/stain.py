@@ -479,7 +479,10 @@ if NUMBA_AVAILABLE:
 
     @_njit
     def _nb_tissue_projection(pixels, p, lut, e1, e2):
-        """float32 coordinates (x, y) of pixel p's OD in the stain plane, as the torch path's float32 bmm."""
+        """float32 coordinates (x, y) of pixel p's OD in the stain plane, as the torch path's float32 bmm.
+
+        e1, e2 are tuples of float32 scalars: values, so the compiler keeps them in registers across stores.
+        """
         o0 = lut[pixels[p, 0]]
         o1 = lut[pixels[p, 1]]
         o2 = lut[pixels[p, 2]]
@@ -490,8 +493,11 @@ if NUMBA_AVAILABLE:
                            candidate_values, candidate_index, angle_hist):
         """Tissue-list positions of the rank_low-th and rank_high-th smallest angles (exact nearest-rank).
 
-        Thresholds from a strided sample bound the two tails; one pass keeps only the keys beyond them and
-        the ranks are selected among those. Where the sample misjudged a tail, all keys are histogrammed.
+        Two sample pixels whose angles comfortably bound the tails are chosen from a strided sample; one pass
+        keeps the pixels beyond them and the ranks are selected among those. When every tissue pixel lies in
+        the lower half plane (y < 0: the leading eigenvector is pinned negative and tissue OD is positive),
+        angle order is the sign of a cross product, exact in float64 for float32 coordinates, so the pass
+        needs no division; otherwise, or where the sample misjudged a tail, all keys are histogrammed.
         """
         half = candidate_values.shape[0] // 2
         stride = max(1, n // 512)
@@ -499,23 +505,53 @@ if NUMBA_AVAILABLE:
         for i in range(0, n, stride):
             x, y = _nb_tissue_projection(pixels, tissue_index[i], lut, e1, e2)
             sample[count] = _nb_pseudo_angle(np.float64(x), np.float64(y))
+            sample[half + count] = i
             count += 1
-        low_limit = _nb_sample_threshold(sample, count, rank_low / n, False)
-        high_limit = _nb_sample_threshold(sample, count, (n - rank_high + 1) / n, True)
+        low_key = _nb_sample_threshold(sample, count, rank_low / n, False)
+        high_key = _nb_sample_threshold(sample, count, (n - rank_high + 1) / n, True)
+        low_at = high_at = 0
+        for j in range(count):
+            if sample[j] == low_key:
+                low_at = int(sample[half + j])
+            if sample[j] == high_key:
+                high_at = int(sample[half + j])
+        x_low, y_low = _nb_tissue_projection(pixels, tissue_index[low_at], lut, e1, e2)
+        x_high, y_high = _nb_tissue_projection(pixels, tissue_index[high_at], lut, e1, e2)
+        x_low, y_low, x_high, y_high = np.float64(x_low), np.float64(y_low), np.float64(x_high), np.float64(y_high)
+        lower_half_plane = y_low < 0.0 and y_high < 0.0
         n_low = 0
         n_high = 0
-        for i in range(n):
-            x, y = _nb_tissue_projection(pixels, tissue_index[i], lut, e1, e2)
-            key = _nb_pseudo_angle(np.float64(x), np.float64(y))
-            if key <= low_limit:
-                candidate_values[n_low] = key
-                candidate_index[n_low] = i
-                n_low += 1
-            if key >= high_limit:
-                candidate_values[half + n_high] = key
-                candidate_index[half + n_high] = i
-                n_high += 1
-        below_high = n - n_high  # keys below high_limit
+        if lower_half_plane:
+            for i in range(n):
+                x, y = _nb_tissue_projection(pixels, tissue_index[i], lut, e1, e2)
+                x = np.float64(x)
+                y = np.float64(y)
+                if not y < 0.0:
+                    lower_half_plane = False
+                    break
+                if x * y_low - y * x_low >= 0.0:  # angle <= the low bound's angle
+                    candidate_values[n_low] = _nb_pseudo_angle(x, y)
+                    candidate_index[n_low] = i
+                    n_low += 1
+                if x_high * y - y_high * x >= 0.0:  # angle >= the high bound's angle
+                    candidate_values[half + n_high] = _nb_pseudo_angle(x, y)
+                    candidate_index[half + n_high] = i
+                    n_high += 1
+        if not lower_half_plane:
+            n_low = 0
+            n_high = 0
+            for i in range(n):
+                x, y = _nb_tissue_projection(pixels, tissue_index[i], lut, e1, e2)
+                key = _nb_pseudo_angle(np.float64(x), np.float64(y))
+                if key <= low_key:
+                    candidate_values[n_low] = key
+                    candidate_index[n_low] = i
+                    n_low += 1
+                if key >= high_key:
+                    candidate_values[half + n_high] = key
+                    candidate_index[half + n_high] = i
+                    n_high += 1
+        below_high = n - n_high  # angles below the high bound
         if n_low >= rank_low and below_high < rank_high:
             pick_low = _nb_kth_gathered(candidate_values, candidate_index, n_low, rank_low)
             pick_high = _nb_kth_gathered(candidate_values[half:], candidate_index[half:], n_high,
@@ -542,13 +578,16 @@ if NUMBA_AVAILABLE:
         n_pixels = pixels.shape[0]
         half = candidate_values.shape[0] // 2
         stride = max(1, n_pixels // 512)
+        # local scalars: loads from `inverse` inside the loops could not be hoisted past the candidate stores
+        h0, h1, h2 = inverse[0, 0], inverse[0, 1], inverse[0, 2]
+        e0, e1, e2 = inverse[1, 0], inverse[1, 1], inverse[1, 2]
         count = 0
         for p in range(0, n_pixels, stride):
             o0 = lut[pixels[p, 0]]
             o1 = lut[pixels[p, 1]]
             o2 = lut[pixels[p, 2]]
-            sample[count] = inverse[0, 0] * o0 + inverse[0, 1] * o1 + inverse[0, 2] * o2
-            sample[half + count] = inverse[1, 0] * o0 + inverse[1, 1] * o1 + inverse[1, 2] * o2
+            sample[count] = h0 * o0 + h1 * o1 + h2 * o2
+            sample[half + count] = e0 * o0 + e1 * o1 + e2 * o2
             count += 1
         above = (n_pixels - rank + 1) / n_pixels
         limit_h = np.float32(_nb_sample_threshold(sample, count, above, True))
@@ -559,8 +598,8 @@ if NUMBA_AVAILABLE:
             o0 = lut[pixels[p, 0]]
             o1 = lut[pixels[p, 1]]
             o2 = lut[pixels[p, 2]]
-            h = inverse[0, 0] * o0 + inverse[0, 1] * o1 + inverse[0, 2] * o2
-            e = inverse[1, 0] * o0 + inverse[1, 1] * o1 + inverse[1, 2] * o2
+            h = h0 * o0 + h1 * o1 + h2 * o2
+            e = e0 * o0 + e1 * o1 + e2 * o2
             if h >= limit_h:
                 candidate_values[n_h] = h
                 candidate_index[n_h] = p
@@ -582,8 +621,8 @@ if NUMBA_AVAILABLE:
             o0 = lut[pixels[p, 0]]
             o1 = lut[pixels[p, 1]]
             o2 = lut[pixels[p, 2]]
-            h = inverse[0, 0] * o0 + inverse[0, 1] * o1 + inverse[0, 2] * o2
-            e = inverse[1, 0] * o0 + inverse[1, 1] * o1 + inverse[1, 2] * o2
+            h = h0 * o0 + h1 * o1 + h2 * o2
+            e = e0 * o0 + e1 * o1 + e2 * o2
             concentrations[0, p] = h
             concentrations[1, p] = e
             low_h = min(low_h, h)
@@ -649,12 +688,15 @@ if NUMBA_AVAILABLE:
         e2 = eigenvectors[:, 2].copy()
         if e2[0] + e2[1] + e2[2] > 0:  # pin the sign of the leading eigenvector (see the torch path)
             e2 = -e2
-        pick_min, pick_max = _nb_angle_extremes(pixels, lut, e1, e2, tissue_index, n, _nb_nearest_rank(alpha, n),
+        plane_1 = (e1[0], e1[1], e1[2])
+        plane_2 = (e2[0], e2[1], e2[2])
+        pick_min, pick_max = _nb_angle_extremes(pixels, lut, plane_1, plane_2, tissue_index, n, _nb_nearest_rank(alpha, n),
                                                 _nb_nearest_rank(100.0 - alpha, n), sample, keys, candidate_values,
                                                 candidate_index, angle_hist)
         plane_vectors = np.empty((3, 2), np.float32)  # columns: v_min, v_max
         for column in range(2):
-            x, y = _nb_tissue_projection(pixels, tissue_index[pick_min if column == 0 else pick_max], lut, e1, e2)
+            x, y = _nb_tissue_projection(pixels, tissue_index[pick_min if column == 0 else pick_max], lut, plane_1,
+                                         plane_2)
             angle = np.arctan2(y, x)  # float32, as torch.atan2 on the float32 projections
             c = np.cos(angle)
             s = np.sin(angle)
@@ -703,12 +745,14 @@ if NUMBA_AVAILABLE:
                     if not (value > 0.0 and value < np.inf):
                         tables_ok = False
         if tables_ok:
+            flat = tables.reshape(3 * 256 * 3)
             for p in range(n_pixels):
-                red = tables[0, pixels[p, 0]]
-                green = tables[1, pixels[p, 1]]
-                blue = tables[2, pixels[p, 2]]
-                for c in range(3):
-                    out[p, c] = np.uint8(min(red[c] * green[c] * blue[c], 255.0))
+                red = np.int64(pixels[p, 0]) * 3
+                green = 768 + np.int64(pixels[p, 1]) * 3
+                blue = 1536 + np.int64(pixels[p, 2]) * 3
+                out[p, 0] = np.uint8(min(flat[red] * flat[green] * flat[blue], 255.0))
+                out[p, 1] = np.uint8(min(flat[red + 1] * flat[green + 1] * flat[blue + 1], 255.0))
+                out[p, 2] = np.uint8(min(flat[red + 2] * flat[green + 2] * flat[blue + 2], 255.0))
         else:  # extreme maps over- or underflow a factor: exponentiate the sum per pixel instead
             for p in range(n_pixels):
                 for c in range(3):
