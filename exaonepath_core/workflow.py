@@ -433,8 +433,19 @@ def collapse_by_arm(cfg: ProjectConfig, features_dir: Path) -> tuple[pd.DataFram
         xy_idx = np.random.default_rng(cfg.seed).permutation(len(X))[: cfg.collapse.max_points]
         xy = figures.embedding_2d(X[xy_idx], method=cfg.collapse.embedding, max_points=cfg.collapse.max_points,
                                   seed=cfg.seed)
-        embeds[arm] = (xy, slide_ids[xy_idx], y[xy_idx], sites[xy_idx])
+        names = _class_names_of(bdir / SYNTHETIC_TASK)
+        labels = np.array([names[c] if 0 <= c < len(names) else "unlabelled" for c in y[xy_idx]]) if names \
+            else y[xy_idx]
+        embeds[arm] = (xy, slide_ids[xy_idx], labels, sites[xy_idx])
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), embeds
+
+
+def _class_names_of(task_dir: Path) -> list[str]:
+    for manifest in sorted(Path(task_dir).glob("*/manifest.json")):
+        names = json.loads(manifest.read_text()).get("class_names")
+        if names:
+            return list(names)
+    return []
 
 
 def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.DataFrame:

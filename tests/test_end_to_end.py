@@ -113,3 +113,33 @@ def test_second_run_skips_every_stage(ci_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("skipped") == len(STAGES)
     print(f"second run: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_interrupted_pretraining_resumes_and_finished_stages_are_skipped(tmp_path, shared_data):
+    """Kill ./run_all.sh inside stage 03 once a checkpoint exists; the rerun skips 01-02 and resumes 03."""
+    import signal
+
+    results_root = tmp_path / "results"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = ["./run_all.sh", "--profile", "ci", "--set", f"results_root={results_root}", "--only", "01",
+           "--only", "02", "--only", "03"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    checkpoint = results_root / "ci" / "03_pretrain" / "raw" / "checkpoint.pth"
+    deadline = time.time() + 1200
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    assert checkpoint.exists(), "no checkpoint appeared before the run ended"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    paths = ResultsPaths(results_root, "ci")
+    assert paths.done_marker("02").is_file() and not paths.done_marker("03").exists()
+
+    proc, _ = _run_all(results_root, "--only", "01", "--only", "02", "--only", "03")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "01_tile_slides: done" in proc.stdout and "02_normalize_stains: done" in proc.stdout
+    summary = json.loads((paths.stage_dir("03") / "raw" / "summary.json").read_text())
+    assert summary["resumed"] is True
+    log = (paths.stage_dir("03") / "raw" / "train_stdout.log").read_text()
+    assert "--resume" in log or "resum" in log.lower()
