@@ -13,19 +13,26 @@ a pyramid still costs one strip plus the (small) thumbnail.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import openslide
+import openslide.lowlevel
 from PIL import Image
 
 # A level-0 resolution outside this range is not a microscope slide (72 dpi screen images give 352 um/px).
 PLAUSIBLE_MPP_RANGE = (0.05, 20.0)
 # Pixels of one thumbnail strip read at a time (bounded memory for slides without a pyramid).
 THUMBNAIL_STRIP_PIXELS = 16 * 1024 * 1024
+# openslide_read_region into a caller's buffer (openslide-python >= 1.2 names it `_read_region`); None means
+# use the public PIL path. Premultiplied ARGB words are only byte-sliced as B, G, R, A on little-endian hosts.
+_LOWLEVEL_READ = getattr(openslide.lowlevel, "_read_region", None) if sys.byteorder == "little" else None
+_UINT32_POINTER = ctypes.POINTER(ctypes.c_uint32)
 
 
 class SlideError(Exception):
@@ -198,6 +205,33 @@ class Slide:
     def read_rgb_into(self, x0: int, y0: int, level: int, out: np.ndarray) -> np.ndarray:
         """Read a region of out's size (h, w, 3) into `out` (no PIL conversion: numpy copy and compositing)."""
         h, w = out.shape[:2]
+        if w <= 0 or h <= 0:
+            raise ValueError(f"region size must be positive, got {w}x{h}")
+        handle = getattr(self._osr, "_osr", None)  # the C handle inside openslide.OpenSlide
+        if _LOWLEVEL_READ is None or handle is None or not out.flags.writeable:
+            return self._read_rgb_into_via_pil(x0, y0, level, out)
+        # OpenSlide writes premultiplied ARGB words; read them straight into numpy, skipping the un-premultiply,
+        # PIL image and bytes copy of `read_region` (about a third of the per-tile time next to the decode).
+        argb = np.empty((int(h), int(w)), dtype=np.uint32)
+        try:
+            _LOWLEVEL_READ(handle, argb.ctypes.data_as(_UINT32_POINTER),
+                           int(x0), int(y0), int(level), int(w), int(h))
+        except openslide.OpenSlideError as exc:
+            raise SlideReadError(
+                f"cannot read {self.path.name} at level-0 ({x0}, {y0}), level {level}, {w}x{h}: {exc}"
+            ) from exc
+        bgra = argb.view(np.uint8).reshape(int(h), int(w), 4)  # little-endian words: bytes B, G, R, A
+        out[..., 0] = bgra[..., 2]  # three plain channel copies are 3x faster than one reversed-slice copy
+        out[..., 1] = bgra[..., 1]
+        out[..., 2] = bgra[..., 0]
+        if argb.min() < 0xFF000000:  # some alpha < 255: outside the scanned area
+            # Premultiplied colour over white is c * a / 255 + 255 - a = stored + (255 - a), never above 255.
+            out += (255 - bgra[..., 3])[..., None]
+        return out
+
+    def _read_rgb_into_via_pil(self, x0: int, y0: int, level: int, out: np.ndarray) -> np.ndarray:
+        """`read_rgb_into` through openslide's public PIL path (big-endian hosts, other openslide-pythons)."""
+        h, w = out.shape[:2]
         try:
             region = self._osr.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
         except openslide.OpenSlideError as exc:
@@ -254,7 +288,8 @@ class Slide:
         """The file's own overview image resized to (out_w, out_h), if it has the slide's aspect ratio."""
         try:
             images = self._osr.associated_images
-            if "thumbnail" not in images.keys():  # noqa: SIM118 - Mapping.__contains__ would decode the image
+            # `in images` (and `in images.keys()`) decode the image just to test membership: iterate the names.
+            if "thumbnail" not in list(images):
                 return None
             img = images["thumbnail"]
         except openslide.OpenSlideError:
