@@ -13,10 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as nnf
-import torchvision.transforms.v2.functional as tvf
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
-from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,30 +29,82 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
+# Layout of one view's row of random parameters (float64), drawn by `MultiCropAugmentation.sample_params` and
+# read by `MultiCropAugmentation.apply`. Colour-jitter factors are the identity (1, 1, 1, 0) when jitter is off.
+P_TOP, P_LEFT, P_HEIGHT, P_WIDTH, P_FLIP = 0, 1, 2, 3, 4
+P_BRIGHTNESS, P_CONTRAST, P_SATURATION, P_HUE = 5, 6, 7, 8
+P_ORDER = slice(9, 13)  # colour-jitter op order: 0 brightness, 1 contrast, 2 saturation, 3 hue
+P_GRAY, P_SIGMA, P_SOLARIZE = 13, 14, 15  # sigma 0: no blur
+N_VIEW_PARAMS = 16
+_N_CROP_TRIES = 10
+_N_UNIFORMS = 2 * _N_CROP_TRIES + 2 + 1 + 1 + 4 + 4 + 1 + 2 + 1  # crop tries, position, flip, jitter, ..., solarize
+
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+# NTSC RGB -> YIQ; a hue shift is a rotation of the (I, Q) chroma plane at fixed luma Y.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
 
 
-def _bernoulli(generator: torch.Generator, p: float) -> bool:
-    return float(torch.rand((), generator=generator)) < p
+def _cubic_aa(distance: torch.Tensor) -> torch.Tensor:
+    """The bicubic kernel with a = -0.5 (PIL's and torch's antialiased bicubic)."""
+    a = -0.5
+    x = distance.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def _to_chw_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 HWC (numpy or tensor, any device) -> float CHW in [0, 1] on the same device."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
-    if tensor.dtype != torch.uint8 or tensor.ndim != 3 or tensor.shape[-1] != 3:
-        raise ValueError(f"expected a uint8 (H, W, 3) image, got dtype={tensor.dtype} shape={tuple(tensor.shape)}")
-    return tensor.permute(2, 0, 1).float().div_(255.0)
+def _resize_block(length: int, out_size: int) -> torch.Tensor:
+    """(out_size, length) float32 weights resizing `length` pixels to `out_size` (antialiased bicubic).
+
+    The weights of PIL's ImagingResample / torch's `antialias=True`: the kernel is widened by the scale factor
+    when downsampling and each row is normalised over the crop.
+    """
+    scale = length / out_size
+    centre = (torch.arange(out_size, dtype=torch.float64)[:, None] + 0.5) * scale
+    pixel = torch.arange(length, dtype=torch.float64)[None, :]
+    weights = _cubic_aa((pixel + 0.5 - centre) / max(scale, 1.0))
+    return (weights / weights.sum(-1, keepdim=True)).to(torch.float32)
+
+
+def _reflect_shifts(size: int, radius: int) -> torch.Tensor:
+    """(2 * radius + 1, size, size) 0/1 matrices: row i of shift d picks pixel i + d, reflected at the borders."""
+    index = torch.arange(size)[None, :] + torch.arange(-radius, radius + 1)[:, None]
+    index = torch.where(index < 0, -index, index)
+    index = torch.where(index >= size, 2 * (size - 1) - index, index)
+    return nnf.one_hot(index, size).to(torch.float64)
+
+
+def _blur_matrices(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, size, size) float64 Gaussian blur along one axis with reflect padding, as `tvf.gaussian_blur`.
+
+    Kernel size per view: 2 * ceil(3 sigma) + 1 taps, at most the largest odd size <= `size`.
+    """
+    max_kernel = size if size % 2 == 1 else size - 1
+    radius = torch.clamp(torch.ceil(3 * sigma), max=(max_kernel - 1) // 2)  # (N,)
+    max_radius = int(radius.max())
+    offsets = torch.arange(-max_radius, max_radius + 1, dtype=torch.float64)
+    taps = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2) * (offsets.abs()[None, :] <= radius[:, None])
+    taps = taps / taps.sum(-1, keepdim=True)
+    return torch.einsum("nd,dij->nij", taps, _reflect_shifts(size, max_radius))
 
 
 class MultiCropAugmentation:
-    """DINO's multi-crop: two global views and `n_local` local views of one uint8 HWC image.
+    """DINO's multi-crop: two global views and `n_local` local views of uint8 HWC images.
 
-    Returns `[global1, global2, local1..localN]` as float CHW tensors normalised with ImageNet mean/std.
-    Global 1: random resized crop, flip, colour jitter (p=0.8), grayscale (p=0.2), blur (p=1.0).
-    Global 2: the same with blur p=0.1 and solarization p=0.2. Locals: blur p=0.5.
-    Every random draw comes from the `generator` passed per call, so a sample's views are a pure function of
-    its seed (exact resume needs that); the image may live on any device, the random numbers are drawn on CPU.
+    Views are `[global1, global2, local1..localN]`, float CHW normalised with ImageNet mean/std.
+    Global 1: random resized crop (bicubic, antialiased), flip, colour jitter (p=0.8, random op order),
+    grayscale (p=0.2), Gaussian blur (p=1.0). Global 2: the same with blur p=0.1 and solarization p=0.2.
+    Locals: blur p=0.5.
+
+    Two halves, so the pixel work can run batched (in the loader's collate or on the training device):
+    `sample_params(h, w, generator)` draws every random number of one sample's views from its own generator
+    (so a sample's views are a pure function of its seed: exact resume needs that), and
+    `apply(images, params)` does the pixel work for a whole batch with per-sample crop, resize, flip and blur
+    folded into small matrices (batched matmuls) and the colour ops as per-sample 3x3 colour maps. Every op is
+    per sample, so a sample's views do not depend on the rest of its batch (bitwise on CPU).
+    Hue jitter is a rotation of the YIQ chroma plane by `2 pi * hue_factor` (the standard linear approximation
+    of torchvision's HSV hue shift: same luma, same direction, clamped to [0, 1]).
+    `aug(image, generator)` does both for one image.
     """
 
     def __init__(
@@ -74,6 +124,10 @@ class MultiCropAugmentation:
         for name, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0 < scale[0] <= scale[1] <= 1:
                 raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {scale}")
+        if not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {blur_sigma}")
+        if min(global_size, local_size) < 2:
+            raise ValueError(f"crop sizes must be >= 2, got {global_size} and {local_size}")
         self.global_size = int(global_size)
         self.local_size = int(local_size)
         self.n_local = int(n_local)
@@ -83,6 +137,7 @@ class MultiCropAugmentation:
         self.blur_sigma = tuple(blur_sigma)
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self._resize_blocks: dict[tuple[int, int], torch.Tensor] = {}  # (crop length, output size) -> weights
 
     @property
     def n_crops(self) -> int:
@@ -90,84 +145,201 @@ class MultiCropAugmentation:
         return 2 + self.n_local
 
     def __call__(self, image: np.ndarray | torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        """Views `[g1, g2, l1..lN]` of one uint8 (H, W, 3) image; randomness from `generator` only."""
-        img = _to_chw_float(image)
-        views = [
-            self._view(img, generator, self.global_size, self.global_scale, blur_p=1.0, solarize_p=0.0),
-            self._view(img, generator, self.global_size, self.global_scale, blur_p=0.1, solarize_p=0.2),
-        ]
-        for _ in range(self.n_local):
-            views.append(self._view(img, generator, self.local_size, self.local_scale, blur_p=0.5, solarize_p=0.0))
-        return views
+        """Views `[g1, g2, l1..lN]` (each (3, S, S)) of one uint8 (H, W, 3) image; randomness from `generator`."""
+        tensor = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+        _check_images(tensor[None] if tensor.ndim == 3 else tensor)
+        if tensor.ndim != 3:
+            raise ValueError(f"expected one uint8 (H, W, 3) image, got shape {tuple(tensor.shape)}")
+        params = self.sample_params(tensor.shape[0], tensor.shape[1], generator)
+        return [view[0] for view in self.apply(tensor[None], params[None])]
 
-    # -- one view ------------------------------------------------------------------------------------------------
-    def _view(
-        self,
-        img: torch.Tensor,
-        gen: torch.Generator,
-        size: int,
-        scale: tuple[float, float],
-        blur_p: float,
-        solarize_p: float,
-    ) -> torch.Tensor:
-        top, left, height, width = self._crop_box(img.shape[-2], img.shape[-1], scale, gen)
-        view = tvf.resized_crop(
-            img, top, left, height, width, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True
-        ).clamp_(0.0, 1.0)  # bicubic overshoots; the colour ops below assume [0, 1]
-        if _bernoulli(gen, 0.5):
-            view = tvf.horizontal_flip(view)
-        if _bernoulli(gen, 0.8):
-            view = self._color_jitter(view, gen)
-        if _bernoulli(gen, 0.2):
-            view = tvf.rgb_to_grayscale(view, num_output_channels=3)
-        if _bernoulli(gen, blur_p):
-            sigma = _uniform(gen, *self.blur_sigma)
-            # kernel wide enough for +-3 sigma, odd, and no larger than the view itself
-            kernel = min(2 * math.ceil(3 * sigma) + 1, size if size % 2 == 1 else size - 1)
-            view = tvf.gaussian_blur(view, [kernel, kernel], [sigma, sigma])
-        if _bernoulli(gen, solarize_p):
-            view = tvf.solarize(view, 0.5)
-        mean = torch.tensor(self.mean, device=view.device, dtype=view.dtype).view(3, 1, 1)
-        std = torch.tensor(self.std, device=view.device, dtype=view.dtype).view(3, 1, 1)
-        return (view - mean) / std
+    # -- random parameters (per sample, on CPU) ------------------------------------------------------------------
+    def sample_params(self, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """(n_crops, N_VIEW_PARAMS) float64: every random choice of one sample's views, from `generator` only."""
+        uniforms = torch.rand((self.n_crops, _N_UNIFORMS), generator=generator, dtype=torch.float64).numpy()
+        params = np.zeros((self.n_crops, N_VIEW_PARAMS))
+        brightness, contrast, saturation, hue = self.color_jitter
+        for view, u in enumerate(uniforms):
+            is_global = view < 2
+            params[view, P_TOP:P_WIDTH + 1] = self._crop_box(
+                height, width, self.global_scale if is_global else self.local_scale, u[:2 * _N_CROP_TRIES + 2])
+            u = u[2 * _N_CROP_TRIES + 2:]
+            params[view, P_FLIP] = u[0] < 0.5
+            if u[1] < 0.8:  # colour jitter, factors as torchvision's ColorJitter
+                params[view, P_BRIGHTNESS] = _lerp(max(0.0, 1 - brightness), 1 + brightness, u[2])
+                params[view, P_CONTRAST] = _lerp(max(0.0, 1 - contrast), 1 + contrast, u[3])
+                params[view, P_SATURATION] = _lerp(max(0.0, 1 - saturation), 1 + saturation, u[4])
+                params[view, P_HUE] = _lerp(-hue, hue, u[5])
+                params[view, P_ORDER] = np.argsort(u[6:10], kind="stable")  # a uniform random order
+            else:
+                params[view, P_BRIGHTNESS:P_SATURATION + 1] = 1.0
+                params[view, P_ORDER] = np.arange(4)
+            params[view, P_GRAY] = u[10] < 0.2
+            blur_p = 1.0 if view == 0 else 0.1 if view == 1 else 0.5
+            params[view, P_SIGMA] = _lerp(*self.blur_sigma, u[12]) if u[11] < blur_p else 0.0
+            params[view, P_SOLARIZE] = view == 1 and u[13] < 0.2
+        return torch.from_numpy(params)
 
     @staticmethod
-    def _crop_box(
-        height: int, width: int, scale: tuple[float, float], gen: torch.Generator
-    ) -> tuple[int, int, int, int]:
-        """RandomResizedCrop's box sampling (area fraction in `scale`, aspect ratio 3/4..4/3, 10 tries)."""
+    def _crop_box(height: int, width: int, scale: tuple[float, float], u: np.ndarray) -> tuple[int, int, int, int]:
+        """RandomResizedCrop's box (area fraction in `scale`, aspect 3/4..4/3, 10 tries) from 22 uniforms."""
         area = height * width
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0:2 * _N_CROP_TRIES:2])
         log_ratio = (math.log(3 / 4), math.log(4 / 3))
-        for _ in range(10):
-            target_area = area * _uniform(gen, *scale)
-            aspect = math.exp(_uniform(gen, *log_ratio))
-            crop_w = round(math.sqrt(target_area * aspect))
-            crop_h = round(math.sqrt(target_area / aspect))
-            if 0 < crop_w <= width and 0 < crop_h <= height:
-                top = int(torch.randint(0, height - crop_h + 1, (), generator=gen))
-                left = int(torch.randint(0, width - crop_w + 1, (), generator=gen))
-                return top, left, crop_h, crop_w
+        aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1:2 * _N_CROP_TRIES:2])
+        crop_w = np.round(np.sqrt(target_area * aspect))
+        crop_h = np.round(np.sqrt(target_area / aspect))
+        fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+        if fits.any():
+            first = int(np.argmax(fits))
+            h, w = int(crop_h[first]), int(crop_w[first])
+            top = min(int(u[2 * _N_CROP_TRIES] * (height - h + 1)), height - h)
+            left = min(int(u[2 * _N_CROP_TRIES + 1] * (width - w + 1)), width - w)
+            return top, left, h, w
         side = min(height, width)  # fallback: central square crop, as torchvision does for in-range ratios
         return (height - side) // 2, (width - side) // 2, side, side
 
-    def _color_jitter(self, view: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        brightness, contrast, saturation, hue = self.color_jitter
-        factors = (
-            _uniform(gen, max(0.0, 1 - brightness), 1 + brightness),
-            _uniform(gen, max(0.0, 1 - contrast), 1 + contrast),
-            _uniform(gen, max(0.0, 1 - saturation), 1 + saturation),
-            _uniform(gen, -hue, hue),
-        )
-        for op in torch.randperm(4, generator=gen).tolist():  # random order, as torchvision's ColorJitter
-            if op == 0:
-                view = tvf.adjust_brightness(view, factors[0])
-            elif op == 1:
-                view = tvf.adjust_contrast(view, factors[1])
-            elif op == 2:
-                view = tvf.adjust_saturation(view, factors[2])
-            elif hue > 0:
-                view = tvf.adjust_hue(view, factors[3])
-        return view
+    # -- pixel work (batched, on the images' device) -------------------------------------------------------------
+    def apply(self, images: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
+        """Views `[g1, g2, l1..lN]`, each (B, 3, S, S) float32, of uint8 (B, H, W, 3) images (any device).
+
+        `params`: (B, n_crops, N_VIEW_PARAMS) rows of `sample_params` (stacked per sample).
+        """
+        _check_images(images)
+        batch = images.shape[0]
+        if tuple(params.shape) != (batch, self.n_crops, N_VIEW_PARAMS):
+            raise ValueError(f"params must have shape {(batch, self.n_crops, N_VIEW_PARAMS)}, "
+                             f"got {tuple(params.shape)}")
+        params = params.detach().to("cpu", torch.float64)
+        if images.device.type != "cpu":
+            return self._apply(images, params)
+        # many small ops: a multi-threaded intra-op pool only adds contention (measured 10-30x slower at 2 threads
+        # on a loaded 2-core machine); DataLoader workers already run at 1 thread
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._apply(images, params)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _apply(self, images: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
+        batch, height, width, _ = images.shape
+        pixels = images.to(torch.float32).div_(255.0).reshape(batch, height, width * 3)
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        views: list[torch.Tensor] = []
+        for size, crops in ((self.global_size, range(2)), (self.local_size, range(2, self.n_crops))):
+            if len(crops) == 0:
+                continue
+            # view-major rows: group[c * B + b] is crop c of sample b
+            rows = params[:, crops[0]:crops[-1] + 1].transpose(0, 1).reshape(-1, N_VIEW_PARAMS)
+            group = torch.cat([self._resized_crop(pixels, params[:, c], height, width, size) for c in crops])
+            group = self._colour(group, rows)
+            group = self._blur(group, rows, size)
+            solarize = (rows[:, P_SOLARIZE] > 0).to(group.device).view(-1, 1, 1, 1)
+            if bool(solarize.any()):
+                group = torch.where(solarize & (group >= 0.5), 1.0 - group, group)
+            group = group.sub_(mean).div_(std)
+            views.extend(group.split(batch))
+        return views
+
+    def _resized_crop(self, pixels: torch.Tensor, rows: torch.Tensor, height: int, width: int, size: int) -> torch.Tensor:
+        """Crop, resize and flip (B, H, W*3) float pixels to (B, 3, size, size): two batched matmuls."""
+        batch = pixels.shape[0]
+
+        def blocks(length: int, out_size: int) -> torch.Tensor:
+            key = (length, out_size)
+            if key not in self._resize_blocks:
+                self._resize_blocks[key] = _resize_block(length, out_size)
+            return self._resize_blocks[key]
+
+        vertical = torch.zeros(batch, size, height)
+        horizontal = torch.zeros(batch, size, width)
+        for b, (top, left, crop_h, crop_w, flip) in enumerate(rows[:, P_TOP:P_FLIP + 1].tolist()):
+            top, left, crop_h, crop_w = int(top), int(left), int(crop_h), int(crop_w)
+            vertical[b, :, top:top + crop_h] = blocks(crop_h, size)
+            block = blocks(crop_w, size)
+            horizontal[b, :, left:left + crop_w] = block.flip(0) if flip else block
+        vertical = vertical.to(pixels.device)
+        horizontal = horizontal.to(pixels.device)
+        out = torch.bmm(vertical, pixels)  # (B, size, W*3)
+        out = out.view(batch, size, width, 3).transpose(1, 2).reshape(batch, width, size * 3)
+        out = torch.bmm(horizontal, out)  # (B, size_x, size_y*3): transposed, undone by the permute
+        return out.view(batch, size, size, 3).permute(0, 3, 2, 1).clamp(0.0, 1.0)  # bicubic overshoots
+
+    def _colour(self, views: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Colour jitter (four stages, per-sample op order) then grayscale, as per-sample 3x3 colour maps."""
+        n = views.shape[0]
+        gray = torch.tensor(_GRAY_WEIGHTS, dtype=torch.float64)
+        identity = torch.eye(3, dtype=torch.float64).expand(n, 3, 3)
+        order = rows[:, P_ORDER].long()
+        factor = {op: rows[:, P_BRIGHTNESS + op] for op in range(4)}
+        to_gray = torch.ones(3, 1, dtype=torch.float64) * gray[None, :]
+        saturation = (factor[2].view(-1, 1, 1) * identity + (1 - factor[2]).view(-1, 1, 1) * to_gray)
+        hue = _hue_matrices(factor[3])
+        for stage in range(4):
+            op = order[:, stage]
+            matrix = identity.clone()
+            scaled = (op == 0) | (op == 1)
+            matrix[scaled] = factor[0].view(-1, 1, 1)[scaled] * identity[scaled]
+            matrix[op == 1] = factor[1].view(-1, 1, 1)[op == 1] * identity[op == 1]
+            matrix[op == 2] = saturation[op == 2]
+            matrix[op == 3] = hue[op == 3]
+            contrast = (op == 1) & (factor[1] != 1.0)
+            offset = None
+            if bool(contrast.any()):  # blend with the mean gray level of the image as it is at this stage
+                gray_mean = torch.einsum("c,nchw->n", gray.to(views), views) / (views.shape[-1] * views.shape[-2])
+                offset = ((1 - factor[1]).to(views) * gray_mean * contrast.to(views)).view(-1, 1, 1, 1)
+            views = _colour_map(views, matrix, offset, clamp=True)
+        gray_rows = rows[:, P_GRAY] > 0
+        matrix = identity.clone()
+        matrix[gray_rows] = to_gray
+        return _colour_map(views, matrix, None, clamp=False)
+
+    @staticmethod
+    def _blur(views: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+        """Separable Gaussian blur of the views with sigma > 0 (reflect padding), one matrix per axis."""
+        blurred = torch.nonzero(rows[:, P_SIGMA] > 0).flatten()
+        if len(blurred) == 0:
+            return views
+        matrices = _blur_matrices(rows[blurred, P_SIGMA], size).to(views.device, torch.float32)[:, None]
+        index = blurred.to(views.device)
+        subset = torch.matmul(torch.matmul(matrices, views.index_select(0, index)), matrices.transpose(-1, -2))
+        return views.index_copy(0, index, subset)
+
+
+def _lerp(low: float, high: float, u: float) -> float:
+    return low + (high - low) * float(u)
+
+
+def _hue_matrices(hue_factor: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) float64 RGB maps rotating the YIQ chroma by 2 pi * factor; exactly the identity at 0."""
+    to_yiq = torch.from_numpy(_RGB_TO_YIQ)
+    from_yiq = torch.linalg.inv(to_yiq)
+    angle = -2 * math.pi * hue_factor  # sign: the direction of torchvision's HSV hue shift
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotation = torch.zeros(len(hue_factor), 3, 3, dtype=torch.float64)
+    rotation[:, 0, 0] = 1.0
+    rotation[:, 1, 1], rotation[:, 1, 2] = cos, -sin
+    rotation[:, 2, 1], rotation[:, 2, 2] = sin, cos
+    matrices = from_yiq @ rotation @ to_yiq
+    return torch.where((hue_factor == 0).view(-1, 1, 1), torch.eye(3, dtype=torch.float64), matrices)
+
+
+def _colour_map(views: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor | None, clamp: bool) -> torch.Tensor:
+    """`matrix[n] @ pixel + offset[n]` for every pixel of view n (skipped when all identity: exact either way)."""
+    if offset is None and bool((matrix == torch.eye(3, dtype=matrix.dtype)).all()):
+        return views
+    n, _, h, w = views.shape
+    out = torch.bmm(matrix.to(views), views.reshape(n, 3, h * w)).view(n, 3, h, w)
+    if offset is not None:
+        out = out.add_(offset)
+    return out.clamp_(0.0, 1.0) if clamp else out
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3) images, got dtype={images.dtype} shape={tuple(images.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -178,18 +178,128 @@ def test_multicrop_shapes_and_determinism():
     assert all(float(v.min()) >= low - 1e-4 and float(v.max()) <= high + 1e-4 for v in views)
 
 
-def test_multicrop_views_differ_and_crops_follow_scale():
+def test_multicrop_crops_follow_scale_and_params_are_well_formed():
     aug = dino.MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
-    gen = torch.Generator().manual_seed(0)
-    areas_global, areas_local = [], []
-    for _ in range(200):
-        top, left, h, w = aug._crop_box(96, 96, aug.global_scale, gen)
-        assert 0 <= top <= 96 - h and 0 <= left <= 96 - w
-        areas_global.append(h * w / 96**2)
-        areas_local.append(np.prod(aug._crop_box(96, 96, aug.local_scale, gen)[2:]) / 96**2)
-    assert 0.35 <= min(areas_global) and max(areas_global) <= 1.0
-    assert 0.04 <= min(areas_local) and max(areas_local) <= 0.45
-    assert np.mean(areas_global) > 2 * np.mean(areas_local)
+    params = torch.stack([aug.sample_params(96, 96, torch.Generator().manual_seed(s)) for s in range(200)])
+    assert params.shape == (200, 4, dino.N_VIEW_PARAMS) and params.dtype == torch.float64
+    top, left, h, w = (params[..., k] for k in (dino.P_TOP, dino.P_LEFT, dino.P_HEIGHT, dino.P_WIDTH))
+    assert bool((top >= 0).all() and (top + h <= 96).all() and (left >= 0).all() and (left + w <= 96).all())
+    area = (h * w / 96**2).numpy()
+    assert 0.35 <= area[:, :2].min() and area[:, :2].max() <= 1.0
+    assert 0.04 <= area[:, 2:].min() and area[:, 2:].max() <= 0.45
+    assert area[:, :2].mean() > 2 * area[:, 2:].mean()
+    aspect = (w / h).numpy()
+    assert aspect.min() >= 0.7 and aspect.max() <= 1.45  # 3/4..4/3 up to pixel rounding
+    # probabilities: flip 0.5, jitter 0.8, grayscale 0.2, blur 1.0 / 0.1 / 0.5, solarize 0.2 on global 2 only
+    flips, grays = params[..., dino.P_FLIP].numpy(), params[..., dino.P_GRAY].numpy()
+    jitter = (params[..., dino.P_BRIGHTNESS:dino.P_HUE + 1] != torch.tensor([1.0, 1.0, 1.0, 0.0])).any(-1).numpy()
+    sigma, solarize = params[..., dino.P_SIGMA].numpy(), params[..., dino.P_SOLARIZE].numpy()
+    assert 0.4 < flips.mean() < 0.6 and 0.7 < jitter.mean() < 0.9 and 0.12 < grays.mean() < 0.28
+    assert (sigma[:, 0] > 0).all() and (sigma[:, 1] > 0).mean() < 0.2 and 0.4 < (sigma[:, 2:] > 0).mean() < 0.6
+    assert sigma.max() <= 2.0 and sigma[sigma > 0].min() >= 0.1
+    assert solarize[:, [0, 2, 3]].sum() == 0 and 0.12 < solarize[:, 1].mean() < 0.3
+    factors = params[..., dino.P_BRIGHTNESS:dino.P_HUE + 1].numpy()
+    assert factors[..., :2].min() >= 0.6 and factors[..., :2].max() <= 1.4 and np.abs(factors[..., 3]).max() <= 0.1
+    orders = params[..., dino.P_ORDER].numpy()
+    assert (np.sort(orders, -1) == np.arange(4)).all()  # a permutation of the four colour ops
+    assert len({tuple(o) for o in orders[jitter]}) == 24  # every order occurs
+
+
+def test_batched_multicrop_is_per_sample_deterministic_regardless_of_batch():
+    """Same (seed, epoch, index) -> same views, whether alone, in a batch, or in another batch order."""
+    aug = dino.MultiCropAugmentation(global_size=40, local_size=20, n_local=3)
+    images = torch.from_numpy(np.stack([_he_like_patch(64, seed) for seed in range(9)]))
+    params = torch.stack([
+        aug.sample_params(64, 64, torch.Generator().manual_seed(dino.sample_seed(7, 2, i))) for i in range(9)
+    ])
+    again = aug.sample_params(64, 64, torch.Generator().manual_seed(dino.sample_seed(7, 2, 4)))
+    assert torch.equal(again, params[4])
+    whole = aug.apply(images, params)
+    order = torch.tensor([5, 2, 8, 0, 7])
+    subset = aug.apply(images[order], params[order])
+    for view_whole, view_subset in zip(whole, subset):
+        assert torch.equal(view_whole[order], view_subset)
+    for index in (0, 4):
+        alone = aug(images[index].numpy(), torch.Generator().manual_seed(dino.sample_seed(7, 2, index)))
+        assert all(torch.equal(v[index], a) for v, a in zip(whole, alone))
+    # a different epoch draws different views of the same image
+    other = aug.sample_params(64, 64, torch.Generator().manual_seed(dino.sample_seed(7, 3, 4)))
+    assert not torch.equal(other, params[4])
+
+
+def test_batched_multicrop_statistics_are_sane():
+    aug = dino.MultiCropAugmentation(global_size=48, local_size=24, n_local=4)
+    images = torch.from_numpy(np.stack([_he_like_patch(96, seed) for seed in range(32)]))
+    params = torch.stack([aug.sample_params(96, 96, torch.Generator().manual_seed(s)) for s in range(32)])
+    views = aug.apply(images, params)
+    assert [tuple(v.shape) for v in views] == [(32, 3, 48, 48)] * 2 + [(32, 3, 24, 24)] * 4
+    low = -max(m / s for m, s in zip(dino.IMAGENET_MEAN, dino.IMAGENET_STD))
+    high = max((1 - m) / s for m, s in zip(dino.IMAGENET_MEAN, dino.IMAGENET_STD))
+    for view in views:
+        assert view.dtype == torch.float32 and bool(torch.isfinite(view).all())
+        assert low - 1e-4 <= float(view.min()) and float(view.max()) <= high + 1e-4
+        # pink H&E-like inputs: channel means of the un-normalised views stay near the input's, spread is kept
+        pixels = view * torch.tensor(dino.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(dino.IMAGENET_MEAN).view(
+            1, 3, 1, 1)
+        mean = pixels.mean((0, 2, 3))
+        input_mean = images.float().mean((0, 1, 2)) / 255
+        assert float((mean - input_mean).abs().max()) < 0.2, (mean, input_mean)  # grayscale p=0.2 pulls to gray
+        assert 0.03 < float(pixels.std()) < 0.4
+    # the views of one sample are different crops of it
+    assert float((views[2] - views[3]).abs().mean()) > 0.05
+
+
+def test_batched_pixel_ops_match_torchvision():
+    """Crop+resize, blur and brightness/contrast/saturation equal torchvision's ops (float rounding apart)."""
+    import torchvision.transforms.v2.functional as tvf
+    from torchvision.transforms import InterpolationMode
+
+    aug = dino.MultiCropAugmentation(global_size=48, local_size=24, n_local=2)
+    image = torch.from_numpy(_he_like_patch(96, 3))
+    params = aug.sample_params(96, 96, torch.Generator().manual_seed(0))[None].clone()
+    params[..., dino.P_FLIP] = 1.0
+    params[..., dino.P_BRIGHTNESS:dino.P_HUE + 1] = torch.tensor([1.2, 0.8, 1.3, 0.0])
+    params[..., dino.P_ORDER] = torch.tensor([1.0, 0.0, 2.0, 3.0])  # contrast, brightness, saturation
+    params[..., dino.P_GRAY] = 0.0
+    params[..., dino.P_SIGMA] = torch.tensor([1.5, 0.0, 0.7, 0.0])
+    params[..., dino.P_SOLARIZE] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    views = aug.apply(image[None], params)
+    img = image.permute(2, 0, 1).float() / 255
+    for c, view in enumerate(views):
+        top, left, h, w = (int(params[0, c, k]) for k in (dino.P_TOP, dino.P_LEFT, dino.P_HEIGHT, dino.P_WIDTH))
+        size = view.shape[-1]
+        ref = tvf.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC,
+                               antialias=True).clamp(0, 1)
+        ref = tvf.horizontal_flip(ref)
+        ref = tvf.adjust_saturation(tvf.adjust_brightness(tvf.adjust_contrast(ref, 0.8), 1.2), 1.3)
+        sigma = float(params[0, c, dino.P_SIGMA])
+        if sigma > 0:
+            kernel = min(2 * math.ceil(3 * sigma) + 1, size - 1)
+            ref = tvf.gaussian_blur(ref, [kernel, kernel], [sigma, sigma])
+        if c == 1:
+            ref = tvf.solarize(ref, 0.5)
+        ref = tvf.normalize(ref, dino.IMAGENET_MEAN, dino.IMAGENET_STD)
+        torch.testing.assert_close(view[0], ref, rtol=0, atol=2e-5)
+
+
+def test_hue_jitter_is_a_luma_preserving_rotation_close_to_torchvision():
+    import torchvision.transforms.v2.functional as tvf
+
+    # H&E-like colours (the approximation is looser on saturated arbitrary colours: not asserted)
+    pixels = torch.from_numpy(_he_like_patch(32, 1)).permute(2, 0, 1)[None].float() / 255
+    factors = torch.tensor([0.0, 0.05, -0.08], dtype=torch.float64)
+    matrices = dino._hue_matrices(factors)
+    assert torch.equal(matrices[0], torch.eye(3, dtype=torch.float64))  # exactly the identity at 0
+    luma = torch.tensor(dino._RGB_TO_YIQ[0])
+    for matrix, factor in zip(matrices[1:], factors[1:]):
+        torch.testing.assert_close(luma @ matrix, luma)  # Y unchanged
+        shifted = torch.einsum("ij,njhw->nihw", matrix.float(), pixels)[0]
+        opposite = torch.einsum("ij,jhw->ihw", dino._hue_matrices(-factor.view(1))[0].float(), pixels[0])
+        reference = tvf.adjust_hue(pixels[0], float(factor))
+        error = float((shifted - reference).abs().mean())
+        # same direction as torchvision's HSV shift: closer to it than no change or the opposite rotation
+        assert error < 0.85 * float((pixels[0] - reference).abs().mean())
+        assert error < 0.85 * float((opposite - reference).abs().mean())
 
 
 def test_multicrop_rejects_bad_input():
