@@ -235,10 +235,12 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class MultiCropDataset(Dataset):
-    """Wraps a patch dataset (uint8 (T, T, 3) per item): optional stain augmentation, then DINO multi-crop.
+    """Wraps a patch dataset (uint8 (T, T, 3) per item): optional stain augmentation, then DINO multi-crop draws.
 
-    With `augmentation=None` it returns the uint8 patch as a tensor (for on-the-fly normalisation on the device,
-    after which the loop applies the multi-crop with the same per-sample seed).
+    An item is `(patch, params)`: the (stain-augmented) uint8 patch and the (n_crops, N_VIEW_PARAMS) random
+    parameters of its views, both drawn from the sample's own generator seeded by (seed, epoch, index). The pixel
+    work of the multi-crop runs batched afterwards (`MultiCropCollate` in the loader, or on the training device),
+    so a sample's views stay a pure function of (seed, epoch, index). With `augmentation=None` an item is the patch.
     """
 
     def __init__(
@@ -256,7 +258,7 @@ class MultiCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.patches)
 
-    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor] | torch.Tensor:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         epoch, index = key
         patch = torch.from_numpy(np.ascontiguousarray(self.patches[index]))
         generator = torch.Generator().manual_seed(dino.sample_seed(self.seed, epoch, index))
@@ -264,7 +266,26 @@ class MultiCropDataset(Dataset):
             patch = self.stain_augment_batch(patch[None], generator)[0]
         if self.augmentation is None:
             return patch
-        return self.augmentation(patch, generator)
+        return patch, self.augmentation.sample_params(patch.shape[0], patch.shape[1], generator)
+
+
+class MultiCropCollate:
+    """Stacks `(patch, params)` items; with `apply_views` also runs the batched multi-crop (in the loader worker).
+
+    Returns the list of views `[g1, g2, l1..lN]` (each (B, 3, S, S)) or, without `apply_views`, the pair
+    `(patches (B, T, T, 3) uint8, params (B, n_crops, P))` for the loop to augment on the training device.
+    """
+
+    def __init__(self, augmentation: dino.MultiCropAugmentation, apply_views: bool) -> None:
+        self.augmentation = augmentation
+        self.apply_views = apply_views
+
+    def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        patches = torch.stack([patch for patch, _ in items])
+        params = torch.stack([params for _, params in items])
+        if self.apply_views:
+            return self.augmentation.apply(patches, params)
+        return patches, params
 
 
 def _stain_function(name: str) -> Any:
@@ -411,11 +432,12 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         blur_sigma=tuple(cfg.blur_sigma),
     )
     crop_dataset = MultiCropDataset(
-        patches,
-        augmentation=None if cfg.normalize_on_the_fly else augmentation,
-        seed=cfg.seed,
-        stain_augmentation=cfg.input_arm == "stain_augmentation",
+        patches, augmentation, seed=cfg.seed, stain_augmentation=cfg.input_arm == "stain_augmentation"
     )
+    # multi-crop pixel work: batched in the loader (its workers overlap it with the step) on CPU; on the
+    # training device for CUDA and for on-the-fly normalisation (which must come first)
+    views_in_loader = device.type == "cpu" and not cfg.normalize_on_the_fly
+    collate = MultiCropCollate(augmentation, apply_views=views_in_loader)
     normalize_batch, macenko_reference = None, None
     if cfg.normalize_on_the_fly:
         normalize_batch = _stain_function("macenko_normalize_batch")
@@ -532,6 +554,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                 crop_dataset,
                 batch_size=batch_size,
                 sampler=EpochSampler(indices, epoch),
+                collate_fn=collate,
                 num_workers=cfg.num_workers,
                 pin_memory=device.type == "cuda",
                 drop_last=True,
@@ -544,12 +567,15 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                     break
                 t_step = time.perf_counter()
                 n_fallback = None
-                if normalize_batch is not None:
-                    keys = indices[batch_in_epoch * batch_size:(batch_in_epoch + 1) * batch_size]
-                    views, n_fallback = _normalize_and_crop(batch, keys, epoch, cfg.seed, device, normalize_batch,
-                                                macenko_reference, augmentation)
+                if views_in_loader:
+                    views = batch
                 else:
-                    views = [v.to(device, non_blocking=True) for v in batch]
+                    patches_batch, params = batch
+                    patches_batch = patches_batch.to(device, non_blocking=True)
+                    if normalize_batch is not None:
+                        patches_batch, fallback = normalize_batch(patches_batch, macenko_reference)
+                        n_fallback = int(fallback.sum())  # background patches: counted, never dropped
+                    views = augmentation.apply(patches_batch, params)
                 if cfg.channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 for group in optimizer.param_groups:
@@ -649,29 +675,6 @@ def _global_mean(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return float(value)
-
-
-def _normalize_and_crop(
-    batch: torch.Tensor,
-    keys: np.ndarray,
-    epoch: int,
-    seed: int,
-    device: torch.device,
-    normalize_batch: Any,
-    reference: Any,
-    augmentation: dino.MultiCropAugmentation,
-) -> tuple[list[torch.Tensor], int]:
-    """Macenko-normalise a uint8 batch on the device, then multi-crop each patch with its own seed.
-
-    Returns the views and how many patches Macenko left unchanged (background: counted, never dropped).
-    """
-    normalized, fallback = normalize_batch(batch.to(device, non_blocking=True), reference)
-    per_sample = []
-    for patch, index in zip(normalized, keys):
-        generator = torch.Generator().manual_seed(dino.sample_seed(seed, epoch, int(index)))
-        per_sample.append(augmentation(patch, generator))
-    views = [torch.stack([sample[c] for sample in per_sample]) for c in range(len(per_sample[0]))]
-    return views, int(fallback.sum())
 
 
 def _save_checkpoint(

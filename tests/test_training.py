@@ -186,6 +186,22 @@ def test_normalize_on_the_fly_counts_fallback_patches(raw_store, tmp_path):
     assert np.allclose(meta["macenko_reference"]["stain_matrix"], MacenkoReference.default().stain_matrix)
 
 
+def test_loader_views_depend_only_on_seed_epoch_index(raw_store):
+    """The batched multi-crop in the collate: a sample's views do not depend on its batch mates or position."""
+    from exaonepath_core.patch_store import PatchStoreDataset
+
+    aug = dino.MultiCropAugmentation(32, 16, 2)
+    dataset = training.MultiCropDataset(PatchStoreDataset(raw_store), aug, seed=3)
+    collate = training.MultiCropCollate(aug, apply_views=True)
+    batch_a = collate([dataset[(1, i)] for i in (4, 9, 17, 30)])
+    batch_b = collate([dataset[(1, i)] for i in (30, 2, 9)])
+    for view_a, view_b in zip(batch_a, batch_b):
+        assert torch.equal(view_a[1], view_b[2]) and torch.equal(view_a[3], view_b[0])
+    patches, params = training.MultiCropCollate(aug, apply_views=False)([dataset[(1, i)] for i in (4, 9)])
+    assert patches.dtype == torch.uint8 and patches.shape == (2, PATCH, PATCH, 3) and params.shape == (2, 4, 16)
+    assert not torch.equal(dataset[(2, 9)][1], params[1])  # another epoch, other draws
+
+
 def test_stain_augmentation_arm_changes_colours_deterministically(raw_store, tmp_path):
     from exaonepath_core.patch_store import PatchStoreDataset
 
@@ -193,7 +209,8 @@ def test_stain_augmentation_arm_changes_colours_deterministically(raw_store, tmp
     aug = dino.MultiCropAugmentation(32, 16, 1)
     plain = training.MultiCropDataset(patches, aug, seed=3)
     stained = training.MultiCropDataset(patches, aug, seed=3, stain_augmentation=True)
-    views_plain, views_a, views_b = plain[(0, 5)], stained[(0, 5)], stained[(0, 5)]
+    collate = training.MultiCropCollate(aug, apply_views=True)
+    views_plain, views_a, views_b = (collate([dataset[(0, 5)]]) for dataset in (plain, stained, stained))
     assert all(torch.equal(a, b) for a, b in zip(views_a, views_b))  # same (seed, epoch, index): same views
     assert float((views_a[0] - views_plain[0]).abs().mean()) > 1e-3  # the stain perturbation is applied
     summary = training.train(_tiny_config(raw_store, tmp_path / "sa", max_steps=2, input_arm="stain_augmentation"))
