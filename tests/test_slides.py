@@ -133,3 +133,30 @@ def test_missing_mpp_and_override(tmp_path):
     scan = write_tiled_tiff(tmp_path / "scan.tiff", np.full((128, 128, 3), 9, np.uint8), 40000, "CENTIMETER")
     with open_slide(scan) as s:
         assert s.mpp == pytest.approx(0.25)
+
+
+def test_direct_numpy_read_equals_public_pil_path(svs, pyramid, tmp_path):
+    """The fast read (openslide_read_region into numpy) gives the pixels of openslide's public PIL path."""
+    # A slide with partly transparent pixels: alpha 0 outside, and an RGBA TIFF with intermediate alpha.
+    rgba = np.zeros((256, 256, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2] = 200, 90, 160
+    rgba[..., 3] = np.linspace(0, 255, 256).astype(np.uint8)[None, :]
+    alpha_tiff = tmp_path / "alpha.tiff"
+    tifffile.imwrite(alpha_tiff, rgba, tile=(64, 64), photometric="rgb", extrasamples=["unassalpha"],
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    checked = 0
+    for path in (svs, pyramid, alpha_tiff):
+        with open_slide(path) as s:
+            w, h = s.dimensions
+            for x, y, level, size in ((100, 200, 0, 224), (w - 100, h - 50, 0, 224), (-30, -40, 0, 96),
+                                      (0, 0, s.level_count - 1, 128)):
+                fast = np.empty((size, size, 3), np.uint8)
+                slow = np.empty((size, size, 3), np.uint8)
+                s.read_rgb_into(x, y, level, fast)
+                s._read_rgb_into_via_pil(x, y, level, slow)
+                # Premultiplied-over-white vs PIL's paste of un-premultiplied colour: equal up to rounding.
+                assert np.abs(fast.astype(int) - slow).max() <= 1, (path.name, x, y, level)
+                checked += 1
+            outside = s.read_rgb(w + 10, h + 10, 0, 8, 8)
+            assert (outside == 255).all()
+    assert checked == 12

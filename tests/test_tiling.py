@@ -301,3 +301,74 @@ def test_tile_dataset_pickles_and_works_in_dataloader(wsi, tmp_path):
     assert batches[0][0].shape == (4, 96, 96, 3) and batches[0][0].dtype == torch.uint8
     np.testing.assert_array_equal(batches[0][0][0].numpy(), first)
     ds.close()
+
+
+def test_median_filter_uint8_equals_scipy():
+    from scipy import ndimage
+
+    from exaonepath_core.tiling import median_filter_uint8
+
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 3, 4, 5, 7):
+        for shape in ((1, 1), (5, 3), (37, 61)):
+            img = rng.integers(0, 256, shape, dtype=np.uint8)
+            np.testing.assert_array_equal(median_filter_uint8(img, size),
+                                          ndimage.median_filter(img, size=size, mode="nearest"))
+
+
+def test_open_slide_passed_through_tiling_and_reading(wsi, tmp_path):
+    """One handle for mask and reads gives the same coords and pixels as the path-based calls."""
+    from exaonepath_core.slides import open_slide
+
+    path = wsi / "CMU-1-Small-Region_pyramid_generic.tiff"
+    by_path = load_tile_set(tile_slide(path, tmp_path / "a", PARAMS_FAST)["coords_path"])
+    with open_slide(path) as slide:
+        rec = tile_slide(slide, tmp_path / "b", PARAMS_FAST)
+        by_handle = load_tile_set(rec["coords_path"])
+        tiles = np.concatenate(list(read_tiles(by_handle, batch_size=16, slide=slide)))
+        with pytest.raises(ValueError, match="mpp_override"):
+            tile_slide(slide, tmp_path / "c", PARAMS_FAST, mpp_override=0.5)
+    assert rec["n_tiles"] == len(by_path) > 30
+    np.testing.assert_array_equal(by_handle.coords, by_path.coords)
+    np.testing.assert_array_equal(tiles, np.concatenate(list(read_tiles(by_path, batch_size=16))))
+    with open_slide(wsi / "CMU-1-Small-Region.svs") as other, pytest.raises(ValueError, match="not the tile set"):
+        next(read_tiles(by_handle, slide=other))
+
+
+_RSS_SCRIPT = """
+import resource, sys
+from exaonepath_core.tiling import TilingParams, load_tile_set, read_tiles, tile_slide
+rec = tile_slide(sys.argv[1], sys.argv[2], TilingParams(qc_figure=False))
+n = sum(len(b) for b in read_tiles(load_tile_set(rec["coords_path"]), batch_size=64))
+print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def _write_uniform_pyramid(path, size: int) -> None:
+    """A JPEG pyramidal TIFF (levels 1, 4, 16) of one tissue-like tile repeated: cheap to write at any size."""
+    tile = _tissue_like(256)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for ds in (1, 4, 16):
+            side = size // ds
+            n = (-(-side // 256)) ** 2  # tiles covering the level (edge tiles are cropped)
+            tif.write((tile for _ in range(n)), shape=(side, side, 3), dtype=np.uint8, tile=(256, 256),
+                      photometric="rgb", compression="jpeg", resolution=(2e4 / ds, 2e4 / ds),
+                      resolutionunit="CENTIMETER")
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_slide_size(tmp_path):
+    """Tiling and reading a 12k px slide (2,900 tiles) peaks at about the memory of a 2k px one (81 tiles)."""
+    import subprocess
+    import sys
+
+    results = {}
+    for size in (2048, 12288):
+        path = tmp_path / f"uniform_{size}.tiff"
+        _write_uniform_pyramid(path, size)
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), str(tmp_path / f"out{size}")],
+                             check=True, capture_output=True, text=True).stdout.split()
+        results[size] = (int(out[0]), float(out[1]))
+    (n_small, rss_small), (n_large, rss_large) = results[2048], results[12288]
+    assert n_small == (2048 // 224) ** 2 and n_large == (12288 // 224) ** 2  # uniform tissue: every grid tile
+    assert rss_large < rss_small + 50, results  # MB; observed within a few MB of each other
