@@ -22,7 +22,11 @@ fi
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/tools/bootstrap_venv.sh" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     echo "[bootstrap] installing exaonepath_core and its pinned dependencies into $VENV (first run: a few minutes, ~6.5 GB)"
-    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[dev]"
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[dev]" > "$VENV/pip-install.log" 2>&1; then
+        grep -v "is ignored: it is neither" "$VENV/pip-install.log" | tail -40 >&2
+        echo "[bootstrap] pip install failed (full log: $VENV/pip-install.log)" >&2
+        exit 1
+    fi
     "$VENV/bin/python" -m ipykernel install --sys-prefix --name exaonepath --display-name "Python (exaonepath)" >/dev/null
     echo "$WANT" > "$STAMP"
     echo "[bootstrap] environment ready"
