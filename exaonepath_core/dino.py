@@ -265,7 +265,7 @@ class MultiCropAugmentation:
         out = torch.bmm(vertical, pixels)  # (B, size, W*3)
         out = out.view(batch, size, width, 3).transpose(1, 2).reshape(batch, width, size * 3)
         out = torch.bmm(horizontal, out)  # (B, size_x, size_y*3): transposed, undone by the permute
-        return out.view(batch, size, size, 3).permute(0, 3, 2, 1).clamp(0.0, 1.0)  # bicubic overshoots
+        return out.view(batch, size, size, 3).permute(0, 3, 2, 1).contiguous().clamp_(0.0, 1.0)  # bicubic overshoots
 
     def _colour(self, views: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Colour jitter (four stages, per-sample op order) then grayscale, as per-sample 3x3 colour maps."""
