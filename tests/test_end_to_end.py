@@ -65,12 +65,20 @@ def test_normalization_counts_every_patch(ci_run):
     assert 0 <= counts.loc["macenko", "fallback_fraction"] < 0.5
 
 
-def test_pretraining_loss_falls_in_every_arm(ci_run):
+def test_pretraining_ran_every_arm_with_finite_logged_statistics(ci_run):
+    # The ci profile trains for a handful of steps only: whether the loss falls is checked on a fixed batch in
+    # tests/test_training.py and reported for the smoke profile; here every arm must log finite statistics,
+    # identical schedules, and export a teacher.
     paths, _ = ci_run
+    logs = {}
     for arm in ("raw", "macenko", "stain_augmentation"):
         summary = json.loads((paths.stage_dir("03") / arm / "summary.json").read_text())
-        assert summary["steps"] > 0 and math.isfinite(summary["loss_last"])
-        assert summary["loss_last"] < summary["loss_first"], (arm, summary)
+        assert summary["steps"] > 0 and math.isfinite(summary["loss_last"]) and math.isfinite(summary["loss_first"])
+        records = [json.loads(x) for x in (paths.stage_dir("03") / arm / "log.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(r["loss"]) and r["teacher_kl"] >= 0 for r in records)
+        logs[arm] = [(r["step"], r["lr"], r["momentum"]) for r in records]
+        assert (paths.stage_dir("03") / arm / "teacher_backbone.pth").is_file()
+    assert logs["raw"] == logs["macenko"] == logs["stain_augmentation"]
 
 
 def test_probe_table_has_finite_accuracies_and_absent_paper_tasks(ci_run):
