@@ -371,7 +371,8 @@ def run_all_probes(cfg: ProjectConfig, features_dir: Path, min_per_class: int = 
     frames = []
     for task, dirs in sorted(tasks.items()):
         ytr = np.load(next(iter(dirs.values()))["train"] / "labels.npy")
-        smallest = int(np.bincount(ytr).min()) if len(ytr) else 0
+        counts = np.bincount(ytr) if len(ytr) else np.zeros(1, int)
+        smallest = int(counts[counts > 0].min()) if (counts > 0).any() else 0  # classes absent here do not count
         if smallest >= min_per_class:
             df = probes.run_probes(task, dirs, seeds=cfg.probes.seeds, n_boot=cfg.probes.n_boot,
                                    knn_k=cfg.probes.knn_k)
