@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from exaonepath_core import atomic
+
 DPI = 120
 _MAX_LEGEND_ENTRIES = 12
 
@@ -236,22 +238,10 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_table(df: pd.DataFrame, out_csv: str | Path, out_md: str | Path | None = None) -> Path:
     """Write df as CSV (and optionally as a Markdown table), each atomically; returns the CSV path."""
     out_csv = Path(out_csv)
-    _write_text_atomic(out_csv, df.to_csv(index=False))
+    atomic.write_text(out_csv, df.to_csv(index=False))
     if out_md is not None:
-        _write_text_atomic(Path(out_md), _markdown_table(df))
+        atomic.write_text(Path(out_md), _markdown_table(df))
     return out_csv

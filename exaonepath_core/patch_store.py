@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from exaonepath_core import atomic
 from exaonepath_core.stain import MacenkoReference, macenko_normalize_batch
 
 STORE_FORMAT_VERSION = 1
@@ -40,18 +41,6 @@ INDEX_COLUMNS = ["patch_index", "slide_id", "x", "y", "fallback"]
 _SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
 
 TileSource = tuple[str, np.ndarray, Callable[[], Iterator[np.ndarray]]]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _csv_line(values: list) -> bytes:
@@ -205,7 +194,7 @@ class PatchStoreWriter:
                     + "); use another root or force=True to overwrite"
                 )
         settings["counts"] = None
-        _atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
+        atomic.write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
 
     def _create_ledger(self) -> None:
         path = self.root / "ledger.csv"
@@ -319,7 +308,7 @@ class PatchStoreWriter:
         index = build_index(self.root)
         buffer = io.StringIO()
         index.assign(fallback=index["fallback"].astype(np.int8)).to_csv(buffer, index=False)
-        _atomic_write_bytes(self.root / "index.csv", buffer.getvalue().encode())
+        atomic.write_bytes(self.root / "index.csv", buffer.getvalue().encode())
         ledger = read_ledger(self.root)
         manifest = read_manifest(self.root)
         manifest["counts"] = {
@@ -329,7 +318,7 @@ class PatchStoreWriter:
             "n_patches": len(index),
             "n_fallback": int(index["fallback"].sum()),
         }
-        _atomic_write_bytes(self.root / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic.write_bytes(self.root / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
         return index
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +94,6 @@ class ResultsPaths:
 
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
     """JSON to a temp file in the same folder, then rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    from exaonepath_core import atomic
+
+    return atomic.write_json(path, payload)

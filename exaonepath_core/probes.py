@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from exaonepath_core import atomic
 from exaonepath_core.downstream import PAPER_ACCURACY
 
 DEFAULT_CS = tuple(np.logspace(-4, 2, 7))
@@ -343,17 +344,7 @@ def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a DataFrame as CSV atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            df.to_csv(handle, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_csv(df, path)
 
 
 def plot_probe_results(df: pd.DataFrame, out_png: str | os.PathLike, metric: str = "accuracy",

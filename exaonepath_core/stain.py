@@ -4,29 +4,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from exaonepath_core import atomic
+
 DEFAULT_STAIN_MATRIX = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
 DEFAULT_MAX_CONCENTRATIONS = (1.9705, 1.0308)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temp file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -70,7 +57,7 @@ class MacenkoReference:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Save atomically as a small JSON file."""
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic.write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> MacenkoReference:
@@ -911,7 +898,6 @@ def fit_reference(image: np.ndarray, Io: float = 240, alpha: float = 1.0, beta: 
             f"channels), need {min_tissue_pixels}, or the stain estimate is degenerate"
         )
     return MacenkoReference(estimate.stains[0].double().numpy(), estimate.max_concentrations[0].double().numpy())
-
 
 
 class MacenkoNormalizer:

@@ -38,6 +38,8 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from exaonepath_core import atomic
+
 GENERATOR_VERSION = "5"
 CLASS_NAMES: tuple[str, ...] = ("tumor", "stroma", "lymphocytes", "adipose", "mucin", "necrosis")
 BACKGROUND = -1
@@ -610,17 +612,8 @@ def _write_pyramid(ctx: _SlideContext, path: Path, description: str) -> list[tup
 
 def _atomic_write_bytes(path: Path, writer: Any) -> None:
     """Call writer(tmp_path) then move the result into place, so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic.atomic_path(path) as tmp:
         writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
 
 
 # ----------------------------------------------------------------------------------------------- cohort
@@ -667,7 +660,7 @@ def _generate_slide(out_dir: str, spec_dict: dict[str, Any], site: int, slide: i
         "class_map_shape": list(ctx.class_map.shape), "class_area_fractions": fractions,
     }
     # The sidecar is written last: its presence with a matching digest marks the slide as complete.
-    _atomic_write_text(sidecar_path, json.dumps(sidecar, indent=1))
+    atomic.write_text(sidecar_path, json.dumps(sidecar, indent=1))
     return _manifest_row(out, sidecar)
 
 
@@ -750,7 +743,7 @@ def generate_cohort(out_dir: str | os.PathLike, spec: CohortSpec, force: bool = 
                 return manifest
     if manifest_path.exists():
         manifest_path.unlink()  # stale until the new one is complete
-    _atomic_write_text(spec_path, json.dumps(wanted, indent=1, sort_keys=True))
+    atomic.write_text(spec_path, json.dumps(wanted, indent=1, sort_keys=True))
 
     jobs = [(site, slide) for site in range(spec.n_sites) for slide in range(spec.slides_per_site)]
     rows: dict[tuple[int, int], dict[str, Any]] = {}

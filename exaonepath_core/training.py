@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from exaonepath_core import dino
+from exaonepath_core import atomic, dino
 from exaonepath_core.backbones import create_backbone
 from exaonepath_core.schedules import cosine_schedule, warmup_then_constant
 
@@ -353,18 +353,6 @@ def _git_state() -> dict[str, Any]:
         return {"git_sha": "unknown", "git_dirty": None}
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _gather_rng_states(runtime: _Runtime) -> list[dict[str, Any]]:
     """Every rank's RNG state (drop-path draws depend on it), as tensors for `weights_only` loading."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
@@ -418,7 +406,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         print(f"[pretrain] git {git['git_sha']} dirty={git['git_dirty']} world_size={runtime.world_size} "
               f"device={device} torch={torch.__version__}", flush=True)
         print("[pretrain] settings:\n" + "\n".join(f"  {k}: {v!r}" for k, v in cfg.to_dict().items()), flush=True)
-        _atomic_write_text(output_dir / "pretrain_config.json",
+        atomic.write_text(output_dir / "pretrain_config.json",
                            json.dumps({**cfg.to_dict(), **git, "world_size": runtime.world_size}, indent=2) + "\n")
 
     # ============ data ... ============
@@ -662,7 +650,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     if is_main:
         export_teacher_backbone(teacher_net.backbone, output_dir, cfg,
                                 macenko_reference=_training_reference(cfg, patches, macenko_reference))
-        _atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic.write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"[pretrain] done: step {step}, loss {summary['first_loss']} -> {summary['final_loss']}, "
               f"{summary['mean_img_per_s']} img/s, {wall_s:.1f} s", flush=True)
     return summary
@@ -704,9 +692,9 @@ def _save_checkpoint(
         "rng": rng_states,
         "config": cfg.to_dict(),
     }
-    _atomic_torch_save(payload, path)
+    atomic.torch_save(payload, path)
     if cfg.keep_numbered_checkpoints:
-        _atomic_torch_save(payload, path.with_name(f"checkpoint_{step:08d}.pth"))
+        atomic.torch_save(payload, path.with_name(f"checkpoint_{step:08d}.pth"))
 
 
 def _resume(
@@ -749,7 +737,7 @@ def _truncate_log(log_path: Path, start_step: int) -> None:
         return
     kept = [line for line in log_path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= start_step]
-    _atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+    atomic.write_text(log_path, "".join(line + "\n" for line in kept))
 
 
 def _training_reference(cfg: PretrainConfig, patches: Dataset, on_the_fly_reference: Any) -> dict | None:
@@ -782,7 +770,7 @@ def export_teacher_backbone(
     output_dir = Path(output_dir)
     state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     path = output_dir / TEACHER_EXPORT_NAME
-    _atomic_torch_save(state, path)
+    atomic.torch_save(state, path)
     meta = {
         "arch": cfg.arch,
         "patch_size": cfg.patch_size if cfg.patch_size is not None else int(backbone.patch_embed.patch_size[0]),
@@ -792,7 +780,7 @@ def export_teacher_backbone(
         "macenko": cfg.input_arm == "macenko",
         "macenko_reference": macenko_reference,
     }
-    _atomic_write_text(output_dir / "teacher_backbone.json", json.dumps(meta, indent=2) + "\n")
+    atomic.write_text(output_dir / "teacher_backbone.json", json.dumps(meta, indent=2) + "\n")
     return path
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from exaonepath_core import atomic
 from exaonepath_core.config import REPO_ROOT, ProjectConfig, pick_device, resolve_path
 
 SYNTHETIC_TASK = "synthetic_heldout"
@@ -26,12 +27,7 @@ SYNTHETIC_TASK = "synthetic_heldout"
 # --------------------------------------------------------------------------------------------------------------
 def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> Path:
     """CSV via temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_csv(df, path)
 
 
 def device(cfg: ProjectConfig) -> str:
@@ -137,10 +133,7 @@ def write_pretrain_config(cfg: ProjectConfig, arm: str, normalize_dir: Path, out
     )
     PretrainConfig.from_mapping(settings)  # validate now, with the key named, rather than in the subprocess
     path = Path(out_dir) / "pretrain.yaml"
-    tmp = path.with_name(".pretrain.yaml.tmp")
-    tmp.write_text(yaml.safe_dump(settings, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, yaml.safe_dump(settings, sort_keys=True))
 
 
 def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1, force: bool = False) -> dict:
@@ -184,9 +177,7 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
         img_per_s=float(np.nanmean([r.get("img_per_s", np.nan) for r in last])) if records else None,
         resumed="--resume" in args,
     )
-    tmp = summary_path.with_name(".summary.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, summary_path)
+    atomic.write_json(summary_path, summary)
     print(tail)
     return summary
 
@@ -224,15 +215,12 @@ def untrained_backbones(cfg: ProjectConfig, out_dir: Path, reference_json: Path)
     for arm in ("raw", "macenko"):
         folder = Path(out_dir) / arm
         folder.mkdir(parents=True, exist_ok=True)
-        weights = folder / "teacher_backbone.pth"
-        tmp = folder / ".teacher_backbone.pth.tmp"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, weights)
+        weights = atomic.torch_save(model.state_dict(), folder / "teacher_backbone.pth")
         meta = {"arch": pcfg.arch, "patch_size": pcfg.patch_size or 16, "img_size": pcfg.global_crop_size,
                 "embed_dim": int(model.num_features), "arm": arm, "macenko": arm == "macenko",
                 "macenko_reference": reference if arm == "macenko" else None, "name": f"untrained_{arm}",
                 "note": "untrained initialisation (seed as in pretraining)"}
-        (folder / "teacher_backbone.json").write_text(json.dumps(meta, indent=2))
+        atomic.write_json(folder / "teacher_backbone.json", meta)
         specs[f"untrained_{arm}"] = f"ours:{weights}"
     return specs
 
