@@ -433,11 +433,15 @@ def dino_loss(
     student_temp: float,
     teacher_temp: float,
     n_global: int = 2,
+    centering: str = "center",
+    sinkhorn_iterations: int = 3,
 ) -> torch.Tensor:
     """DINO cross-entropy between centred, sharpened teacher and student distributions, averaged over view pairs.
 
     `student_out`: (n_crops * B, K) for all views in crop order; `teacher_out`: (n_global * B, K) for the global
     views; `center`: (1, K). Pairs where teacher and student see the same view are skipped. Computed in float32.
+    `centering`: "center" (DINO: subtract the running centre) or "sinkhorn_knopp" (DINOv2/SwAV: balance the
+    batch's teacher assignments over the K dimensions; `center` is then unused).
     """
     if teacher_out.shape[0] % n_global:
         raise ValueError(f"teacher_out rows ({teacher_out.shape[0]}) not divisible by n_global ({n_global})")
@@ -448,7 +452,8 @@ def dino_loss(
     if n_crops < 2:
         raise ValueError(f"DINO needs at least two views, got {n_crops}")
     student_logp = nnf.log_softmax(student_out.float() / student_temp, dim=-1).chunk(n_crops)
-    teacher_p = nnf.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1).detach().chunk(n_global)
+    teacher_p = teacher_probabilities(teacher_out, center, teacher_temp, centering,
+                                      sinkhorn_iterations).detach().chunk(n_global)
     total = student_out.new_zeros((), dtype=torch.float32)
     n_terms = 0
     for iq, q in enumerate(teacher_p):
@@ -458,6 +463,49 @@ def dino_loss(
             total = total + torch.sum(-q * student_logp[v], dim=-1).mean()
             n_terms += 1
     return total / n_terms
+
+
+CENTERINGS = ("center", "sinkhorn_knopp")
+
+
+@torch.no_grad()
+def teacher_probabilities(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float,
+                          centering: str = "center", sinkhorn_iterations: int = 3) -> torch.Tensor:
+    """The teacher's target distributions (rows sum to 1), float32.
+
+    "center": softmax((t - c) / T) as in DINO. "sinkhorn_knopp": exp(t / T) scaled by a few Sinkhorn-Knopp
+    iterations so that over the whole (global, all-rank) batch every dimension receives the same total mass and
+    every row sums to one. The balance constraint rules out the one-dimension collapse that a sharp temperature
+    causes with a running centre, which lets a short run use a temperature sharp enough to avoid the uniform one.
+    """
+    if centering == "center":
+        return nnf.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
+    if centering != "sinkhorn_knopp":
+        raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+    if sinkhorn_iterations < 1:
+        raise ValueError(f"sinkhorn_iterations must be >= 1, got {sinkhorn_iterations}")
+    distributed = dist.is_available() and dist.is_initialized()
+    # float64 and one shift by the global maximum (a global scale, removed exactly by the first normalisation):
+    # no overflow, and no underflow unless logits / T spread over more than ~700
+    logits = teacher_out.double() / teacher_temp
+    top = logits.max().reshape(1)
+    if distributed:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    q = torch.exp(logits - top).t()  # (K, rows)
+    rows = torch.tensor(float(q.shape[1]), device=q.device, dtype=q.dtype)
+    total = q.sum().reshape(1)
+    if distributed:
+        dist.all_reduce(rows)
+        dist.all_reduce(total)
+    q = q / total
+    n_dims = q.shape[0]
+    for _ in range(sinkhorn_iterations):
+        per_dim = q.sum(dim=1, keepdim=True)  # each dimension's mass over the global batch -> 1/K
+        if distributed:
+            dist.all_reduce(per_dim)
+        q = q / per_dim.clamp_min(1e-30) / n_dims
+        q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30) / rows  # each row's mass -> 1/rows
+    return (q * rows).t().float()
 
 
 @torch.no_grad()
@@ -487,14 +535,15 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
 
 
 @torch.no_grad()
-def teacher_stats(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> dict[str, float]:
-    """Collapse diagnostics of the teacher's centred, sharpened distribution (nats).
+def teacher_stats(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float,
+                  centering: str = "center", sinkhorn_iterations: int = 3) -> dict[str, float]:
+    """Collapse diagnostics of the teacher's target distribution (nats).
 
     `teacher_entropy`: mean per-sample entropy (-> log K when collapsed to uniform);
     `teacher_entropy_of_mean`: entropy of the batch-mean distribution (-> 0 when one dimension dominates);
     `teacher_kl`: their difference, the mean KL(p_i || mean p), which falls to 0 under either collapse.
     """
-    p = nnf.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
+    p = teacher_probabilities(teacher_out, center, teacher_temp, centering, sinkhorn_iterations)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
     mean_p = p.mean(0)
     entropy_of_mean = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()

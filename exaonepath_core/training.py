@@ -94,6 +94,8 @@ class PretrainConfig:
     warmup_teacher_temp_epochs: int = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    centering: str = "center"  # center (DINO) | sinkhorn_knopp (DINOv2/SwAV balanced teacher targets)
+    sinkhorn_iterations: int = 3
     # speed
     use_amp: bool = True  # bf16 autocast, applied on CUDA only (CPUs without AMX run bf16 slower than fp32)
     fused_adamw: bool = True
@@ -121,6 +123,8 @@ class PretrainConfig:
             raise ConfigError(f"input_arm must be one of {INPUT_ARMS}, got {self.input_arm!r}")
         if self.normalize_on_the_fly and self.input_arm != "macenko":
             raise ConfigError("normalize_on_the_fly applies to input_arm 'macenko' only (it reads a raw store)")
+        if self.centering not in dino.CENTERINGS:
+            raise ConfigError(f"centering must be one of {dino.CENTERINGS}, got {self.centering!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("epochs", "batch_size_per_gpu", "out_dim", "global_crop_size", "local_crop_size",
@@ -576,7 +580,8 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                     with torch.no_grad():
                         teacher_out = teacher_net(views[:2])
                     student_out = student(views)
-                loss = dino.dino_loss(student_out, teacher_out, center, cfg.student_temp, teacher_temp)
+                loss = dino.dino_loss(student_out, teacher_out, center, cfg.student_temp, teacher_temp,
+                                      centering=cfg.centering, sinkhorn_iterations=cfg.sinkhorn_iterations)
 
                 loss_value = _global_mean(loss.detach())
                 if not math.isfinite(loss_value):
@@ -598,7 +603,8 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                 optimizer.step()
                 momentum = float(momentum_schedule[step])
                 dino.ema_update_(teacher_net, student_net, momentum)
-                stats = dino.teacher_stats(teacher_out, center, teacher_temp)
+                stats = dino.teacher_stats(teacher_out, center, teacher_temp, cfg.centering,
+                                           cfg.sinkhorn_iterations)
                 center = dino.update_center(center, teacher_out, cfg.center_momentum)
                 step += 1
 

@@ -99,6 +99,43 @@ def test_ema_update_matches_formula():
         dino.ema_update_(teacher, nn.Linear(2, 2), 0.5)
 
 
+def _sinkhorn_reference(logits: np.ndarray, temp: float, iterations: int) -> np.ndarray:
+    """SwAV/DINOv2 Sinkhorn-Knopp written out plainly in float64: Q = exp(L / T)^T, alternately normalised so
+    that each of the K dimensions holds 1/K and each of the B samples 1/B of the mass; rows returned summing to 1."""
+    q = np.exp(logits.astype(np.float64) / temp).T
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= b
+    return (q * b).T
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 10])
+def test_sinkhorn_knopp_targets_equal_plain_definition(iterations):
+    logits = torch.randn(24, 16, generator=torch.Generator().manual_seed(iterations)) * 0.3
+    ours = dino.teacher_probabilities(logits, torch.zeros(1, 16), 0.07, "sinkhorn_knopp", iterations)
+    np.testing.assert_allclose(ours.numpy(), _sinkhorn_reference(logits.numpy(), 0.07, iterations),
+                               rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ours.sum(1), torch.ones(24))
+
+
+def test_sinkhorn_knopp_balances_dimensions_and_survives_huge_logits():
+    logits = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    logits[:, 5] += 3.0  # one dimension dominates every sample: a running centre needs many steps to undo it
+    q = dino.teacher_probabilities(logits, torch.zeros(1, 32), 0.04, "sinkhorn_knopp", 200)
+    torch.testing.assert_close(q.sum(0), torch.full((32,), 64 / 32), rtol=0.02, atol=0.0)  # each dim: B/K
+    plain = dino.teacher_probabilities(logits, torch.zeros(1, 32), 0.04, "center")
+    assert plain[:, 5].mean() > 0.7 and q[:, 5].mean() < 0.05
+    # logits / T near 1e4 neither overflow nor give NaN: a common shift is removed exactly
+    shifted = dino.teacher_probabilities(logits + 400.0, torch.zeros(1, 32), 0.04, "sinkhorn_knopp", 200)
+    torch.testing.assert_close(shifted, q, rtol=0.01, atol=1e-3)  # float32 input: 400 + x keeps ~5 digits of x
+    with pytest.raises(ValueError, match="centering"):
+        dino.teacher_probabilities(logits, torch.zeros(1, 32), 0.04, "softmax")
+
+
 def test_teacher_stats_detect_collapse():
     k = 32
     uniform = dino.teacher_stats(torch.zeros(6, k), torch.zeros(1, k), 0.04)
@@ -391,7 +428,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, result_path: str) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, result_path: str, centering: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -405,7 +442,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_path: str) -> None
         center = torch.full((1, 64), 0.01)
         with torch.no_grad():
             teacher_out = teacher(half[:2])
-        loss = dino.dino_loss(ddp(half), teacher_out, center, 0.1, 0.04)
+        loss = dino.dino_loss(ddp(half), teacher_out, center, 0.1, 0.04, centering=centering)
         loss.backward()
         new_center = dino.update_center(center, teacher_out, 0.9)
         if rank == 0:
@@ -415,9 +452,11 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_path: str) -> None
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("centering", ["center", "sinkhorn_knopp"])
+def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, centering):
+    """Also for Sinkhorn-Knopp targets, whose balance is over the global batch (all-reduced sums)."""
     result_path = tmp_path / "ddp_rank0.pt"
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(result_path)), nprocs=2, join=True,
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(result_path), centering), nprocs=2, join=True,
                        start_method="spawn")
     ddp = torch.load(result_path, weights_only=True)
 
@@ -428,7 +467,7 @@ def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path):
     with torch.no_grad():
         teacher_out = teacher(views[:2])
     # one forward over the whole batch: the per-sample mean over 8 equals the average of two 4-sample means
-    dino.dino_loss(student(views), teacher_out, center, 0.1, 0.04).backward()
+    dino.dino_loss(student(views), teacher_out, center, 0.1, 0.04, centering=centering).backward()
     grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
     assert grads.keys() == ddp["grads"].keys() and len(grads) > 10
     for name, grad in grads.items():
