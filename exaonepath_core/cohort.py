@@ -1,11 +1,16 @@
 """The slide list of a run: the embedded CC0 slide, the synthetic cohort and real slide folders, with splits.
 
 Written once by stage 01 as `slides.csv` (slide_id, path, source, site, split, sidecar); later stages read it.
-`split` is `train` (pretraining) or `heldout` (synthetic slides kept out of pretraining for the collapse metrics
-and the tissue-class probe). Slide ids must be unique: a duplicate is an error naming both paths.
+`split` is `train` (pretraining) or `heldout` (kept out of pretraining): synthetic held-out slides feed the
+collapse metrics and the tissue-class probe; held-out real slides (`data.heldout_slides_per_site` per site, or
+`data.heldout_list`) feed the collapse metrics without tissue labels. Stage 02 writes only `train` slides into
+the pretraining stores. Slide ids must be unique: a duplicate is an error naming both paths.
 """
 from __future__ import annotations
 
+import hashlib
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -70,7 +75,87 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
     dup = table[table.duplicated("slide_id", keep=False)]
     if len(dup):
         raise ValueError("duplicate slide ids (file names must be unique):\n" + dup.to_string(index=False))
+    return mark_real_heldout(table, cfg, progress=progress)
+
+
+def heldout_rank_key(slide_id: str, seed: int) -> str:
+    """The order in which a site's slides are held out: a seeded hash of the id, so the choice of one slide does
+    not change when other slides are added or the folder is listed in another order."""
+    return hashlib.sha256(f"{int(seed)}:{slide_id}".encode()).hexdigest()
+
+
+def choose_heldout_per_site(site_of_slide: Mapping[str, str], per_site: int, seed: int
+                            ) -> tuple[set[str], dict[str, str]]:
+    """Up to `per_site` slide ids per site (lowest `heldout_rank_key`); a site with `per_site` or fewer slides
+    holds out none (at least one of its slides stays in pretraining). Returns (held-out ids, {site: reason})
+    for the sites left without held-out slides."""
+    if per_site < 0:
+        raise ValueError(f"data.heldout_slides_per_site must be >= 0, got {per_site}")
+    by_site: dict[str, list[str]] = {}
+    for slide_id, site in site_of_slide.items():
+        by_site.setdefault(str(site), []).append(str(slide_id))
+    chosen: set[str] = set()
+    skipped: dict[str, str] = {}
+    if per_site == 0:
+        return chosen, skipped
+    for site in sorted(by_site):
+        ids = sorted(by_site[site], key=lambda sid: heldout_rank_key(sid, seed))
+        if len(ids) <= per_site:
+            skipped[site] = (f"{len(ids)} slide(s), holding out {per_site} needs at least {per_site + 1}: "
+                             "none held out")
+            continue
+        chosen.update(ids[:per_site])
+    return chosen, skipped
+
+
+def read_heldout_list(path: str | Path) -> list[str]:
+    """Slide ids from a text file of ids or slide paths, one per line ('#' starts a comment line)."""
+    lines = Path(path).read_text().splitlines()
+    return [slide_id_of(x.strip()) if Path(x.strip()).suffix.lower() in SLIDE_SUFFIXES else x.strip()
+            for x in lines if x.strip() and not x.strip().startswith("#")]
+
+
+def mark_real_heldout(table: pd.DataFrame, cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame:
+    """Set split=heldout on the real slides (`source == "slides"`) chosen by `data.heldout_slides_per_site`
+    or listed in `data.heldout_list`; sites with too few slides are printed (and counted again in stage 04)."""
+    per_site, listed = int(cfg.data.heldout_slides_per_site), cfg.data.heldout_list
+    if listed and per_site:
+        raise ValueError("data.heldout_list and data.heldout_slides_per_site are alternatives: set "
+                         "data.heldout_slides_per_site: 0 when naming the held-out slides in a list")
+    real = table["source"] == "slides"
+    if listed:
+        wanted = read_heldout_list(resolve_path(listed))
+        known = set(table.loc[real, "slide_id"])
+        unknown = sorted(set(wanted) - known)
+        if unknown:
+            raise ValueError(f"data.heldout_list {listed}: {len(unknown)} id(s) are not real slides of this run "
+                             f"(data.slide_dirs / data.slide_list): {', '.join(unknown[:10])}")
+        chosen, skipped = set(wanted), {}
+    else:
+        chosen, skipped = choose_heldout_per_site(dict(zip(table.loc[real, "slide_id"], table.loc[real, "site"])),
+                                                  per_site, cfg.seed)
+    table = table.copy()
+    table.loc[real & table["slide_id"].isin(chosen), "split"] = "heldout"
+    if progress and real.any():
+        how = f"listed in {listed}" if listed else f"{per_site} per site (seed {cfg.seed})"
+        print(f"[slides] {len(chosen)} real slide(s) held out of pretraining ({how})", file=sys.stderr)
+        for site, reason in skipped.items():
+            print(f"[slides] site {site}: {reason}", file=sys.stderr)
     return table
+
+
+def real_heldout_summary(slides: pd.DataFrame, per_site: int) -> pd.DataFrame:
+    """Per site of the real slides: slides, held out, in pretraining, and a note for a site without held-out
+    slides (too few slides for `per_site`)."""
+    real = slides[slides["source"] == "slides"]
+    rows = []
+    for site, group in real.groupby("site", sort=True):
+        held = int((group["split"] == "heldout").sum())
+        note = ""
+        if held == 0 and per_site > 0:
+            note = f"too few slides ({len(group)}) to hold out {per_site}: none held out"
+        rows.append(dict(site=site, slides=len(group), heldout=held, train=len(group) - held, note=note))
+    return pd.DataFrame(rows, columns=["site", "slides", "heldout", "train", "note"])
 
 
 def read_slide_table(path: str | Path) -> pd.DataFrame:

