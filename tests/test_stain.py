@@ -197,6 +197,27 @@ def test_batch_equals_one_by_one(cmu_tiles, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_out_buffer_reuse_and_non_contiguous_input(cmu_tiles, backend):
+    tiles, _ = cmu_tiles
+    chosen = torch.from_numpy(tiles[[0, 13, 40, 57, 80, 116]])
+    expected, expected_fallback = macenko_normalize_batch(chosen, backend=backend)
+    buffer = torch.full_like(chosen, 7)
+    for _ in range(2):  # a reused buffer holds the previous batch's output: everything is overwritten
+        got, fallback = macenko_normalize_batch(chosen, backend=backend, out=buffer)
+        assert got.data_ptr() == buffer.data_ptr()
+        assert torch.equal(got, expected) and torch.equal(fallback, expected_fallback)
+    # a channels-first view permuted back is not contiguous: the result must still land in the returned tensor
+    strided = chosen.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    assert not strided.is_contiguous()
+    got, _ = macenko_normalize_batch(strided, backend=backend)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="out must be"):
+        macenko_normalize_batch(chosen, backend=backend, out=torch.empty_like(chosen[:2]))
+    with pytest.raises(ValueError, match="out must not be the input"):
+        macenko_normalize_batch(chosen, backend=backend, out=chosen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_degenerate_patches_fall_back_without_raising(backend):
     flat_tissue = np.full((1, 32, 32, 3), (120, 60, 150), dtype=np.uint8)  # singular covariance
     white = np.full((1, 32, 32, 3), 245, dtype=np.uint8)
