@@ -626,10 +626,14 @@ if NUMBA_AVAILABLE:
         return maxima
 
     @_njit
-    def _nb_normalize_patch(pixels, out, lut, tissue_level, target_matrix, target_max, log_io, alpha,
-                            min_tissue, concentration_rank, angle_hist, concentration_hist, tissue_index, keys,
-                            concentrations, sample, candidate_values, candidate_index, tables):
-        """Normalize one (P, 3) uint8 patch into `out`; returns (usable, n_tissue). Scratch buffers are lent."""
+    def _nb_estimate_patch(pixels, lut, tissue_level, alpha, min_tissue, concentration_rank, angle_hist,
+                           concentration_hist, tissue_index, keys, concentrations, sample, candidate_values,
+                           candidate_index, stains, inverse, maxima):
+        """Macenko estimate of one (P, 3) uint8 patch; returns (usable, n_tissue).
+
+        Fills stains (3, 2: H, E OD unit columns), inverse (2, 3: their least-squares pseudo-inverse) and
+        maxima (2: 99th-percentile concentrations), all float32, when usable. Scratch buffers are lent.
+        """
         n_pixels = pixels.shape[0]
         f32 = np.float32
         # (1) tissue mask, count, sums and second moments of the tissue OD (float64 accumulation)
@@ -689,7 +693,6 @@ if NUMBA_AVAILABLE:
             s = np.sin(angle)
             for k in range(3):
                 plane_vectors[k, column] = e1[k] * c + e2[k] * s
-        stains = np.empty((3, 2), np.float32)
         h_column = 0 if plane_vectors[0, 0] > plane_vectors[0, 1] else 1  # hematoxylin: larger red OD
         for k in range(3):
             stains[k, 0] = plane_vectors[k, h_column]
@@ -704,14 +707,29 @@ if NUMBA_AVAILABLE:
         determinant = g00 * g11 - g01 * g01
         if not determinant > 1e-10:
             return False, n
-        inverse = np.empty((2, 3), np.float32)
         for k in range(3):
             inverse[0, k] = f32((g11 / determinant) * s64[k, 0] + (-g01 / determinant) * s64[k, 1])
             inverse[1, k] = f32((-g01 / determinant) * s64[k, 0] + (g00 / determinant) * s64[k, 1])
-        maxima = _nb_concentration_maxima(pixels, lut, inverse, concentration_rank, sample, concentrations,
-                                          candidate_values, candidate_index, concentration_hist)
+        maxima[:] = _nb_concentration_maxima(pixels, lut, inverse, concentration_rank, sample, concentrations,
+                                             candidate_values, candidate_index, concentration_hist)
         if not (np.all(np.isfinite(maxima)) and maxima[0] > 0 and maxima[1] > 0):
             return False, n
+        return True, n
+
+    @_njit
+    def _nb_normalize_patch(pixels, out, lut, tissue_level, target_matrix, target_max, log_io, alpha,
+                            min_tissue, concentration_rank, angle_hist, concentration_hist, tissue_index, keys,
+                            concentrations, sample, candidate_values, candidate_index, tables):
+        """Normalize one (P, 3) uint8 patch into `out`; returns (usable, n_tissue). Scratch buffers are lent."""
+        stains = np.empty((3, 2), np.float32)
+        inverse = np.empty((2, 3), np.float32)
+        maxima = np.empty(2, np.float32)
+        usable, n = _nb_estimate_patch(pixels, lut, tissue_level, alpha, min_tissue, concentration_rank,
+                                       angle_hist, concentration_hist, tissue_index, keys, concentrations, sample,
+                                       candidate_values, candidate_index, stains, inverse, maxima)
+        if not usable:
+            return False, n
+        n_pixels = pixels.shape[0]
         # (4) output: OD -> target OD map, target_matrix @ diag(target_max / max) @ pinv (float32 as torch)
         od_map = np.empty((3, 3), np.float32)
         for c in range(3):
@@ -773,6 +791,20 @@ if NUMBA_AVAILABLE:
                     destination[j] = source[j]
 
 
+    @_njit
+    def _nb_estimate_patches(pixels, usable, n_tissue, stains, maxima, lut, tissue_level, alpha, min_tissue,
+                             concentration_rank, angle_hist, concentration_hist, tissue_index, keys,
+                             concentrations, sample, candidate_values, candidate_index, tables):
+        """Macenko estimates of a (b, P, 3) uint8 slice into usable (b,), n_tissue (b,), stains (b, 3, 2) and
+        maxima (b, 2); `tables` is unused (the scratch tuple is shared with `_nb_normalize_patches`)."""
+        inverse = np.empty((2, 3), np.float32)
+        for i in range(pixels.shape[0]):
+            usable[i], n_tissue[i] = _nb_estimate_patch(pixels[i], lut, tissue_level, alpha, min_tissue,
+                                                        concentration_rank, angle_hist, concentration_hist,
+                                                        tissue_index, keys, concentrations, sample,
+                                                        candidate_values, candidate_index, stains[i], inverse,
+                                                        maxima[i])
+
 def _numba_scratch(n_pixels: int) -> tuple[np.ndarray, ...]:
     """One thread's scratch buffers for `_nb_normalize_patches`, in its argument order."""
     return (
@@ -795,23 +827,14 @@ def _numba_scratch(n_pixels: int) -> tuple[np.ndarray, ...]:
 _NUMBA_CHUNK = 4
 
 
-def _macenko_numba(patches: torch.Tensor, out: torch.Tensor, fallback: torch.Tensor, lut: torch.Tensor,
-                   tissue_level: int, reference: MacenkoReference, Io: float, alpha: float,
-                   min_tissue_pixels: int, threads: int) -> None:
-    """Run the fused kernel over a CPU batch; `threads` threads (GIL released) take chunks from a shared counter."""
-    b = patches.shape[0]
-    n_pixels = patches.shape[1] * patches.shape[2]
-    pixels = patches.numpy().reshape(b, n_pixels, 3)
-    out_pixels = out.numpy().reshape(b, n_pixels, 3)
-    flags = fallback.numpy()
-    arguments = (
-        lut.numpy(), int(tissue_level), np.ascontiguousarray(reference.stain_matrix, dtype=np.float32),
-        np.ascontiguousarray(reference.max_concentrations, dtype=np.float32), float(np.log(float(Io))),
-        float(alpha), int(max(min_tissue_pixels, 2)), 1 + round((0.01 * 99.0) * (n_pixels - 1)),
-    )
+def _run_in_chunks(b: int, n_pixels: int, threads: int, kernel) -> None:
+    """Call kernel(start, stop, scratch) over [0, b) in chunks of `_NUMBA_CHUNK`, taken dynamically by threads.
+
+    `threads` threads (the caller's included) each own one `_numba_scratch`; kernels release the GIL.
+    """
     threads = max(1, min(int(threads), -(-b // _NUMBA_CHUNK)))
     if threads == 1:
-        _nb_normalize_patches(pixels, out_pixels, flags, *arguments, *_numba_scratch(n_pixels))
+        kernel(0, b, _numba_scratch(n_pixels))
         return
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -826,14 +849,67 @@ def _macenko_numba(patches: torch.Tensor, out: torch.Tensor, fallback: torch.Ten
                 start = next(starts, None)
             if start is None:
                 return
-            stop = min(start + _NUMBA_CHUNK, b)
-            _nb_normalize_patches(pixels[start:stop], out_pixels[start:stop], flags[start:stop], *arguments, *scratch)
+            kernel(start, min(start + _NUMBA_CHUNK, b), scratch)
 
     with ThreadPoolExecutor(max_workers=threads - 1) as pool:
         helpers = [pool.submit(work) for _ in range(threads - 1)]
         work()  # the calling thread is one of the workers
         for helper in helpers:
             helper.result()  # re-raises a worker's exception here
+
+
+def _concentration_rank(n_pixels: int) -> int:
+    """Nearest rank of the 99th percentile over n_pixels, as `_nearest_rank(99, n)` computes it."""
+    return 1 + round((0.01 * 99.0) * (n_pixels - 1))
+
+
+def _macenko_numba(patches: torch.Tensor, out: torch.Tensor, fallback: torch.Tensor, lut: torch.Tensor,
+                   tissue_level: int, reference: MacenkoReference, Io: float, alpha: float,
+                   min_tissue_pixels: int, threads: int) -> None:
+    """Run the fused kernel over a contiguous CPU batch into `out` and the fallback flags."""
+    b = patches.shape[0]
+    n_pixels = patches.shape[1] * patches.shape[2]
+    pixels = patches.numpy().reshape(b, n_pixels, 3)
+    out_pixels = out.numpy().reshape(b, n_pixels, 3)
+    flags = fallback.numpy()
+    arguments = (
+        lut.numpy(), int(tissue_level), np.ascontiguousarray(reference.stain_matrix, dtype=np.float32),
+        np.ascontiguousarray(reference.max_concentrations, dtype=np.float32), float(np.log(float(Io))),
+        float(alpha), int(max(min_tissue_pixels, 2)), _concentration_rank(n_pixels),
+    )
+
+    def kernel(start: int, stop: int, scratch: tuple[np.ndarray, ...]) -> None:
+        _nb_normalize_patches(pixels[start:stop], out_pixels[start:stop], flags[start:stop], *arguments, *scratch)
+
+    _run_in_chunks(b, n_pixels, threads, kernel)
+
+
+def _estimate_numba(patches: torch.Tensor, Io: float, alpha: float, beta: float, min_tissue_pixels: int,
+                    threads: int | None = None) -> _StainEstimate:
+    """The fused kernel's per-patch Macenko estimate of a uint8 (b, H, W, 3) CPU batch (no output image)."""
+    b = patches.shape[0]
+    n_pixels = patches.shape[1] * patches.shape[2]
+    pixels = patches.contiguous().numpy().reshape(b, n_pixels, 3)
+    lut = optical_density_lut(Io)
+    usable = np.zeros(b, np.bool_)
+    n_tissue = np.zeros(b, np.int64)
+    stains = np.zeros((b, 3, 2), np.float32)
+    maxima = np.ones((b, 2), np.float32)
+    arguments = (lut.numpy(), _tissue_level(lut, beta), float(alpha), int(max(min_tissue_pixels, 2)),
+                 _concentration_rank(n_pixels))
+
+    def kernel(start: int, stop: int, scratch: tuple[np.ndarray, ...]) -> None:
+        _nb_estimate_patches(pixels[start:stop], usable[start:stop], n_tissue[start:stop], stains[start:stop],
+                             maxima[start:stop], *arguments, *scratch)
+
+    _run_in_chunks(b, n_pixels, torch.get_num_threads() if threads is None else threads, kernel)
+    stains[~usable] = np.eye(3, 2, dtype=np.float32)  # as the torch path: a harmless stand-in when unusable
+    maxima[~usable] = 1.0
+    stains_t = torch.from_numpy(stains)
+    stains64 = stains_t.double()
+    pseudo_inverse = torch.linalg.pinv(stains64).to(torch.float32)
+    return _StainEstimate(stains_t, pseudo_inverse, torch.from_numpy(maxima), torch.from_numpy(usable),
+                          torch.from_numpy(n_tissue))
 
 
 def _check_patches(patches: torch.Tensor) -> None:
@@ -876,15 +952,7 @@ def macenko_normalize_batch(
                              f"got {tuple(out.shape)} on {out.device} (contiguous: {out.is_contiguous()})")
         if out.data_ptr() == patches.data_ptr():
             raise ValueError("out must not be the input tensor (patches are read after outputs are written)")
-    if backend not in ("auto", "numba", "torch"):
-        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
-    if backend == "auto":
-        backend = "numba" if NUMBA_AVAILABLE and patches.device.type == "cpu" else "torch"
-    if backend == "numba":
-        if not NUMBA_AVAILABLE:
-            raise RuntimeError("backend='numba' needs the numba package (pip install numba)")
-        if patches.device.type != "cpu":
-            raise ValueError(f"backend='numba' runs on CPU tensors only, got device {patches.device}")
+    backend = _resolve_backend(backend, patches.device)
     if not 0 <= alpha < 50:
         raise ValueError(f"alpha must be in [0, 50), got {alpha}")
     reference = MacenkoReference.default() if reference is None else reference
@@ -928,15 +996,36 @@ def _estimate_all(patches: torch.Tensor, Io: float, alpha: float, beta: float,
     return estimate, ws.od
 
 
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'numba' for CPU tensors when numba is installed, else 'torch'; checks the choice."""
+    if backend not in ("auto", "numba", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return "numba" if NUMBA_AVAILABLE and device.type == "cpu" else "torch"
+    if backend == "numba":
+        if not NUMBA_AVAILABLE:
+            raise RuntimeError("backend='numba' needs the numba package (pip install numba)")
+        if device.type != "cpu":
+            raise ValueError(f"backend='numba' runs on CPU tensors only, got device {device}")
+    return backend
+
+
 def fit_reference(image: np.ndarray, Io: float = 240, alpha: float = 1.0, beta: float = 0.15,
-                  min_tissue_pixels: int = 100) -> MacenkoReference:
-    """Fit a MacenkoReference (stain vectors, 99th-percentile concentrations) to one uint8 HWC H&E image."""
+                  min_tissue_pixels: int = 100, backend: str = "auto") -> MacenkoReference:
+    """Fit a MacenkoReference (stain vectors, 99th-percentile concentrations) to one uint8 HWC H&E image.
+
+    `backend` as in `macenko_normalize_batch` ("auto": the numba kernel when installed, else torch).
+    """
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ValueError(f"reference image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     patches = torch.from_numpy(np.array(image[..., :3], order="C"))[None]  # a writable copy
+    backend = _resolve_backend(backend, patches.device)
     with torch.no_grad():
-        estimate, _ = _estimate_all(patches, Io, alpha, beta, min_tissue_pixels)
+        if backend == "numba":
+            estimate = _estimate_numba(patches, Io, alpha, beta, min_tissue_pixels, threads=1)
+        else:
+            estimate, _ = _estimate_all(patches, Io, alpha, beta, min_tissue_pixels)
     if not bool(estimate.usable[0]):
         raise ValueError(
             f"cannot fit a Macenko reference: {int(estimate.n_tissue[0])} tissue pixels (OD >= {beta} on all "
@@ -1000,6 +1089,7 @@ def stain_augment_batch(
     alpha: float = 1.0,
     beta: float = 0.15,
     min_tissue_pixels: int = 100,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Random per-patch H and E perturbation (Tellez-style, in each patch's own Macenko stain basis), batched.
 
@@ -1008,6 +1098,7 @@ def stain_augment_batch(
     renormalized. The OD the two stains do not explain is kept, so a = 1, s = 0 returns the input. Patches
     without a usable stain estimate use the reference (default H&E) stain vectors. Random numbers are drawn on
     the generator's device in a fixed order, so a seeded generator gives the same output on every run.
+    `backend` picks who estimates the stains, as in `macenko_normalize_batch`; the perturbation is torch.
     """
     _check_patches(patches)
     reference = MacenkoReference.default() if reference is None else reference
@@ -1021,7 +1112,11 @@ def stain_augment_batch(
     stain_noise = sigma_stain * torch.randn(b, 3, 2, generator=generator, device=draw_device)
     scale, shift, stain_noise = scale.to(device), shift.to(device), stain_noise.to(device)
     with torch.no_grad():
-        estimate, od = _estimate_all(patches, Io, alpha, beta, min_tissue_pixels)
+        if _resolve_backend(backend, device) == "numba":
+            estimate = _estimate_numba(patches, Io, alpha, beta, min_tissue_pixels)
+            od = optical_density_lut(Io)[patches.reshape(b, h * w, 3).transpose(1, 2).long()]  # (b, 3, P)
+        else:
+            estimate, od = _estimate_all(patches, Io, alpha, beta, min_tissue_pixels)
         fallback_stains = torch.as_tensor(reference.stain_matrix, dtype=torch.float32, device=device)
         stains = torch.where(estimate.usable.view(b, 1, 1), estimate.stains, fallback_stains)
         pseudo_inverse = torch.linalg.pinv(stains.to(torch.float64)).to(torch.float32)
