@@ -292,3 +292,51 @@ def test_a_store_holding_a_heldout_slide_stops_stage_04(real_run, tmp_path):
                                  progress=False)
     with pytest.raises(RuntimeError, match=held.slide_id.iloc[0]):
         workflow.feature_datasets(real_run["cfg"], s01)
+
+
+@pytest.mark.slow
+def test_run_all_on_a_paper_like_real_cohort(tmp_path, shared_data):
+    """./run_all.sh-equivalent (pipeline.main) for stages 01 and 04-07 on real slide folders, no synthetic
+    cohort, no pretraining arm: the untrained initialisation is the backbone, pcam_subset the probe task."""
+    import yaml
+
+    from exaonepath_core import pipeline, synthetic
+
+    spec = synthetic.CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
+    manifest = synthetic.generate_cohort(tmp_path / "generated", spec, progress=False)
+    for row in manifest.itertuples():
+        lab = tmp_path / "slides" / f"lab{row.site_index}"
+        lab.mkdir(parents=True, exist_ok=True)
+        shutil.copy(row.path, lab / Path(row.path).name)
+    config = tmp_path / "paper_like.yaml"
+    config.write_text(yaml.safe_dump({
+        "inherits": str(REPO_ROOT / "configs" / "paper.yaml"), "results_root": str(tmp_path / "results"),
+        "device": "cpu", "arms": [], "nproc_per_node": 1,
+        "data": {"cache_dir": str(tmp_path / "cache"), "slide_dirs": [str(tmp_path / "slides")],
+                 "downstream_roots": {"pcam_subset": str(shared_data / "patches" / "pcam_subset")}},
+        "tiling": {"target_mpp": 1.0, "tile_size": 64, "workers": 1, "qc_figures": 2},
+        "pretrain": {"arch": "vit_tiny_patch16_224", "global_crop_size": 32, "drop_path_rate": 0.0},
+        "features": {"include_untrained": True, "batch_size": 64, "num_workers": 0, "max_samples_per_split": 100,
+                     "max_tiles_per_heldout_slide": CAP},
+        "probes": {"seeds": [0], "n_boot": 20},
+        "collapse": {"n_boot": 20, "max_points": 300, "embedding": "pca"},
+    }))
+    code = pipeline.main(["--profile", str(config), *(a for s in ("01", "04", "05", "06", "07") for a in ("--only", s))])
+    assert code == 0
+    paths = ResultsPaths(tmp_path / "results", "paper")
+    datasets = pd.read_csv(paths.stage_dir("04") / "datasets.csv").set_index("dataset")
+    assert datasets.loc[workflow.REAL_HELDOUT_TASK, "status"] == "present"
+    assert "left out by the cap of 20 per slide" in datasets.loc[workflow.REAL_HELDOUT_TASK, "detail"]
+    summary = pd.read_csv(paths.stage_dir("05") / "probe_summary.csv").set_index("task")
+    assert summary.loc[workflow.REAL_HELDOUT_TASK, "status"].startswith("not probed")
+    assert "pcam_subset" in summary.index
+    metrics = pd.read_csv(paths.stage_dir("06") / "collapse_metrics.csv")
+    assert set(metrics.cohort) == {"real"} and set(metrics.arm) == {"untrained_raw", "untrained_macenko"}
+    probe = metrics[metrics.metric == collapse.SLIDE_PROBE]
+    assert probe.value.between(0, 1).all() and len(probe) == 2
+    assert metrics[metrics.metric.isin(collapse.CLASS_METRICS)].value.isna().all()
+    verdict = pd.read_csv(paths.stage_dir("06") / "collapse_verdict.csv")
+    assert (verdict[verdict.metric == collapse.KNN_LEAVE_ONE_SLIDE_OUT].outcome == "skipped: no tissue labels").all()
+    assert (paths.stage_dir("06") / "collapse_metrics_real.png").is_file()
+    index = (paths.profile_dir / "index.html").read_text()
+    assert "embeddings_by_arm_real.png" in index
