@@ -449,7 +449,10 @@ if NUMBA_AVAILABLE:
     @_njit
     def _nb_sample_threshold(sample, count, fraction, top):
         """A value with comfortably more than `fraction` of the sample beyond it (below it, or above if `top`)."""
-        margin = 0.02 + 3.0 * np.sqrt(fraction * (1.0 - fraction) / count)
+        # 4 binomial standard deviations of the sample share plus 0.5%: every candidate costs selection
+        # time, a miss costs the exact histogram path (~3 extra passes). With 0.02 + 3 sd the tails kept ~4.3%
+        # of pixels instead of ~2.8%; neither margin missed once on 266 tissue tiles (CMU, CRC, stain images)
+        margin = 0.005 + 4.0 * np.sqrt(fraction * (1.0 - fraction) / count)
         share = min(fraction + margin, 1.0)
         position = int((1.0 - share) * (count - 1)) if top else int(np.ceil(share * (count - 1)))
         return np.partition(sample[:count], position)[position]
