@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO_ROOT, shared_data_dir
 from PIL import Image
 
-from conftest import REPO_ROOT, shared_data_dir
 from exaonepath_core import cohort, collapse, workflow
 from exaonepath_core.config import load_config
 from exaonepath_core.paths import ResultsPaths
@@ -150,13 +150,13 @@ def real_run(tmp_path_factory):
     specs = workflow.untrained_backbones(cfg, s04 / "untrained_backbones", paths.stage_dir("02") / "reference.json")
     entry = datasets[workflow.REAL_HELDOUT_TASK]
     for name, spec_text in specs.items():
-        model, transform, info = workflow.load_backbone_with_transform(spec_text, cfg)
+        model, transform, _ = workflow.load_backbone_with_transform(spec_text, cfg)
         for split, ds in entry["splits"].items():
             features.extract_features(model, transform, ds, s04 / name / workflow.REAL_HELDOUT_TASK / split,
                                       batch_size=64, device="cpu", progress=False)
     workflow.write_csv_atomic(workflow.dataset_status_table(datasets), s04 / "datasets.csv")
-    return dict(cfg=cfg, paths=paths, slides=slides, ledger=ledger, datasets=datasets, store=store,
-                tiles_dir=tiles_dir, has_cmu=cmu.is_file())
+    return {"cfg": cfg, "paths": paths, "slides": slides, "ledger": ledger, "datasets": datasets, "store": store,
+            "tiles_dir": tiles_dir, "has_cmu": cmu.is_file()}
 
 
 def test_real_slides_held_out_per_lab_and_absent_from_the_pretraining_store(real_run):
@@ -262,7 +262,7 @@ def test_stage_06_measures_slide_identity_and_skips_class_metrics_with_a_note(re
     for p in written:
         with Image.open(p) as im:
             im.verify()
-    xy, slide_ids, labels, sites = embeds["real"]["untrained_raw"]
+    xy, _, labels, sites = embeds["real"]["untrained_raw"]
     assert xy.shape == (n_tiles, 2) and labels is None and set(sites) == {"lab0", "lab1"}
 
 
