@@ -108,6 +108,9 @@ class PretrainConfig:
     input_arm: str = "macenko"  # raw | macenko | stain_augmentation
     normalize_on_the_fly: bool = False  # macenko arm only: read a raw store, normalise each batch on the device
     macenko_reference: str = ""  # JSON written by stain.MacenkoReference.to_json; empty: the standard reference
+    # slides never trained on even when the store holds them (held-out slides of stage 01; a reused store keeps
+    # every slide it ever wrote)
+    exclude_slide_ids: list[str] = field(default_factory=list)
     # run
     seed: int = 0
     deterministic: bool = False
@@ -309,7 +312,14 @@ def _load_patch_dataset(cfg: PretrainConfig) -> Dataset:
         raise ConfigError("data_root is empty: point it at a patch store (raw or macenko) written by stage 02")
     from exaonepath_core.patch_store import PatchStoreDataset
 
-    return PatchStoreDataset(cfg.data_root)
+    dataset = PatchStoreDataset(cfg.data_root)
+    excluded = sorted(set(cfg.exclude_slide_ids) & set(dataset.slide_ids))
+    if excluded:
+        keep = sorted(set(dataset.slide_ids) - set(excluded))
+        print(f"[pretrain] {len(excluded)} excluded (held-out) slide(s) present in the store are left out: "
+              f"{', '.join(excluded[:10])}{' ...' if len(excluded) > 10 else ''}", file=sys.stderr, flush=True)
+        dataset = PatchStoreDataset(cfg.data_root, slide_ids=keep)
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------------------------

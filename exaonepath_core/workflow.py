@@ -128,7 +128,15 @@ def write_pretrain_config(cfg: ProjectConfig, arm: str, normalize_dir: Path, out
     settings = dict(cfg.pretrain)
     on_the_fly = bool(settings.get("normalize_on_the_fly", False)) and arm == "macenko"
     store = "macenko" if arm == "macenko" and not on_the_fly else "raw"
+    slides_csv = Path(normalize_dir).parent / "01_tiles" / "slides.csv"
+    heldout = []
+    if slides_csv.is_file():
+        from exaonepath_core import cohort
+
+        slides = cohort.read_slide_table(slides_csv)
+        heldout = sorted(slides.loc[slides.split == "heldout", "slide_id"])
     settings.update(
+        exclude_slide_ids=heldout,  # never trained on, even from a store reused across held-out choices
         data_root=str(Path(normalize_dir) / store),
         input_arm=arm,
         normalize_on_the_fly=on_the_fly,
@@ -336,7 +344,7 @@ class HeldoutSlideTileDataset:
 def heldout_in_pretraining_stores(slides: pd.DataFrame, normalize_dir: Path) -> dict[str, list[str]]:
     """Held-out slides that a pretraining store under `normalize_dir` nevertheless holds (ledger status ok),
     per store. Stage 02 writes only train slides, but a store reused from a run with another held-out
-    choice keeps the slides it wrote then, and pretraining reads every slide of a store."""
+    choice keeps the slides it wrote then; `write_pretrain_config` excludes them from pretraining."""
     from exaonepath_core import patch_store
 
     held = set(slides.loc[slides.split == "heldout", "slide_id"])
@@ -347,6 +355,20 @@ def heldout_in_pretraining_stores(slides: pd.DataFrame, normalize_dir: Path) -> 
         if leaked:
             found[ledger_path.parent.name] = leaked
     return found
+
+
+def _excluded_by_every_arm(cfg: ProjectConfig, pretrain_dir: Path) -> set[str]:
+    """Slides that every arm's pretraining config excludes (empty when an arm has no config yet)."""
+    import yaml
+
+    excluded: set[str] | None = None
+    for arm in cfg.arms:
+        config_path = Path(pretrain_dir) / arm / "pretrain.yaml"
+        if not config_path.is_file():
+            return set()
+        ids = set((yaml.safe_load(config_path.read_text()) or {}).get("exclude_slide_ids") or [])
+        excluded = ids if excluded is None else excluded & ids
+    return excluded or set()
 
 
 def real_heldout_dataset(cfg: ProjectConfig, slides: pd.DataFrame, tiles_dir: Path | None
@@ -393,6 +415,9 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
     out: dict[str, dict[str, Any]] = {}
     slides = cohort.read_slide_table(Path(tiles_stage_dir) / "slides.csv")
     leaked = heldout_in_pretraining_stores(slides, Path(tiles_stage_dir).parent / "02_normalize")
+    excluded = _excluded_by_every_arm(cfg, Path(tiles_stage_dir).parent / "03_pretrain")
+    leaked = {store: [s for s in ids if s not in excluded] for store, ids in leaked.items()}
+    leaked = {store: ids for store, ids in leaked.items() if ids}
     if leaked:
         raise RuntimeError("held-out slides are in the pretraining patch store(s), so the collapse metrics would "
                            "measure slides the model trained on: " +

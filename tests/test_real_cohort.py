@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import REPO_ROOT, shared_data_dir
 from PIL import Image
 
@@ -292,6 +293,13 @@ def test_a_store_holding_a_heldout_slide_stops_stage_04(real_run, tmp_path):
                                  progress=False)
     with pytest.raises(RuntimeError, match=held.slide_id.iloc[0]):
         workflow.feature_datasets(real_run["cfg"], s01)
+    # once every arm's pretraining config excludes the held-out slides, the store's copy is never trained on
+    assert real_run["cfg"].arms
+    for arm in real_run["cfg"].arms:
+        config_path = workflow.write_pretrain_config(real_run["cfg"], arm, results / "02_normalize",
+                                                     results / "03_pretrain" / arm)
+        assert held.slide_id.iloc[0] in yaml.safe_load(config_path.read_text())["exclude_slide_ids"]
+    assert workflow.REAL_HELDOUT_TASK in workflow.feature_datasets(real_run["cfg"], s01)
 
 
 @pytest.mark.slow

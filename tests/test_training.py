@@ -245,3 +245,14 @@ def test_torchrun_two_gloo_processes_train_and_resume(raw_store, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _load_checkpoint(out)["step"] == 5
     assert [r["step"] for r in training.read_log(out / "log.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_excluded_slides_are_left_out_of_the_pretraining_data(raw_store, tmp_path, capsys):
+    """A store that holds a held-out slide (reused across held-out choices) does not feed it to pretraining."""
+    from exaonepath_core.training import _load_patch_dataset
+
+    everything = _load_patch_dataset(_tiny_config(raw_store, tmp_path))
+    assert sorted(set(everything.slide_ids)) == ["slide0", "slide1"] and len(everything) == 40
+    kept = _load_patch_dataset(_tiny_config(raw_store, tmp_path, exclude_slide_ids=["slide1", "not_in_store"]))
+    assert set(kept.slide_ids) == {"slide0"} and len(kept) == 20
+    assert "1 excluded (held-out) slide(s)" in capsys.readouterr().err
