@@ -66,8 +66,7 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
             raise FileNotFoundError(f"data.slide_dirs: {root} is not a folder")
         real += sorted(p for p in root.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
     if cfg.data.slide_list:
-        lines = resolve_path(cfg.data.slide_list).read_text().splitlines()
-        real += [resolve_path(x.strip()) for x in lines if x.strip() and not x.startswith("#")]
+        real += [resolve_path(x) for x in list_file_entries(resolve_path(cfg.data.slide_list))]
     for p in real:
         rows.append(dict(slide_id=slide_id_of(p), path=str(p), source="slides", site=p.parent.name, split="train",
                          sidecar=""))
@@ -108,11 +107,15 @@ def choose_heldout_per_site(site_of_slide: Mapping[str, str], per_site: int, see
     return chosen, skipped
 
 
+def list_file_entries(path: str | Path) -> list[str]:
+    """Non-empty stripped lines of a list file (data.slide_list, data.heldout_list); '#' starts a comment."""
+    lines = (x.strip() for x in Path(path).read_text().splitlines())
+    return [x for x in lines if x and not x.startswith("#")]
+
+
 def read_heldout_list(path: str | Path) -> list[str]:
     """Slide ids from a text file of ids or slide paths, one per line ('#' starts a comment line)."""
-    lines = Path(path).read_text().splitlines()
-    return [slide_id_of(x.strip()) if Path(x.strip()).suffix.lower() in SLIDE_SUFFIXES else x.strip()
-            for x in lines if x.strip() and not x.strip().startswith("#")]
+    return [slide_id_of(x) if Path(x).suffix.lower() in SLIDE_SUFFIXES else x for x in list_file_entries(path)]
 
 
 def mark_real_heldout(table: pd.DataFrame, cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame:
