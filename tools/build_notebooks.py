@@ -6,6 +6,7 @@ function or class definitions.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nbformat
@@ -18,36 +19,37 @@ profile = "smoke"
 force = False
 '''
 
-SETUP = '''import json
-from pathlib import Path
-
-import matplotlib
-import pandas as pd
-from IPython.display import Image, display
-
-from exaonepath_core.config import load_config, save_config, resolve_path
-from exaonepath_core.paths import ResultsPaths, write_json_atomic
-
-matplotlib.use("Agg")
+SETUP = """matplotlib.use("Agg")
 cfg = load_config(config_path)
 paths = ResultsPaths.for_profile(cfg.profile, cfg.results_root)
-'''
+"""
+
+
+def setup_cell(imports: str, body: str) -> str:
+    """The stage's set-up cell: its own imports (only what the notebook uses, sorted), SETUP, then `body`."""
+    return imports + "\n" + SETUP + "\n" + body
+
 
 NOTEBOOKS: dict[str, list[tuple[str, str]]] = {}
 
 NOTEBOOKS["01_tile_slides"] = [
-    ("md", "# 01 · Tile slides\n\nCollect the run's slides (the real CC0 slide `CMU-1-Small-Region.svs`, the synthetic "
-           "multi-site cohort, real slide folders), detect tissue on a low-resolution level, lay a grid at the target "
-           "mpp and store level-0 coordinates per slide with a per-slide ledger. Outputs: `results/<profile>/01_tiles/`."),
+    ("md", ("# 01 · Tile slides\n\nCollect the run's slides (the real CC0 slide `CMU-1-Small-Region.svs`, the synthetic "
+            "multi-site cohort, real slide folders), detect tissue on a low-resolution level, lay a grid at the target "
+            "mpp and store level-0 coordinates per slide with a per-slide ledger. Outputs: `results/<profile>/01_tiles/`.")),
     ("code", PARAMS),
-    ("code", SETUP + '''from exaonepath_core import cohort, workflow, tiling
+    ("code", setup_cell('''import matplotlib
+import pandas as pd
+from IPython.display import Image, display
 
-out = paths.stage_dir("01")
+from exaonepath_core import cohort, tiling, workflow
+from exaonepath_core.config import load_config, save_config
+from exaonepath_core.paths import ResultsPaths, write_json_atomic
+''', '''out = paths.stage_dir("01")
 save_config(cfg, out / "config.yaml")
 slides = cohort.build_slide_table(cfg)
 workflow.write_csv_atomic(slides, out / "slides.csv")
 print(slides.groupby(["source", "split"]).size().rename("slides").to_string())
-'''),
+''')),
     ("md", "## Tiling with a per-slide ledger (rerun skips finished slides; failed ones retried with `force`)"),
     ("code", '''params = tiling.TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
                              overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction)
@@ -83,15 +85,22 @@ for p in cmu_first:
 ]
 
 NOTEBOOKS["02_normalize_stains"] = [
-    ("md", "# 02 · Normalize stains (Macenko) into patch stores\n\nThe paper normalizes every patch with Macenko "
-           "(Io=240, alpha=1, beta=0.15) before pretraining. We write the pretraining slides' tiles once into sharded "
-           "stores, one per input (`raw`, `macenko`); degenerate patches (background) pass through unchanged and are "
-           "counted, never dropped. Outputs: `results/<profile>/02_normalize/`."),
+    ("md", ("# 02 · Normalize stains (Macenko) into patch stores\n\nThe paper normalizes every patch with Macenko "
+            "(Io=240, alpha=1, beta=0.15) before pretraining. We write the pretraining slides' tiles once into sharded "
+            "stores, one per input (`raw`, `macenko`); degenerate patches (background) pass through unchanged and are "
+            "counted, never dropped. Outputs: `results/<profile>/02_normalize/`.")),
     ("code", PARAMS),
-    ("code", SETUP + '''import numpy as np
-from exaonepath_core import cohort, workflow, patch_store, stain
+    ("code", setup_cell('''import json
+from pathlib import Path
 
-out = paths.stage_dir("02")
+import matplotlib
+import numpy as np
+from IPython.display import Image, display
+
+from exaonepath_core import cohort, patch_store, stain, workflow
+from exaonepath_core.config import load_config, save_config
+from exaonepath_core.paths import ResultsPaths
+''', '''out = paths.stage_dir("02")
 save_config(cfg, out / "config.yaml")
 slides = cohort.read_slide_table(paths.stage_dir("01") / "slides.csv")
 tiles_dir = Path(json.loads((paths.stage_dir("01") / "tiles.json").read_text())["tiles_dir"])
@@ -99,7 +108,7 @@ reference = workflow.stain_reference(cfg)
 reference.to_json(out / "reference.json")
 print("reference stain matrix (columns H, E):\\n", np.round(reference.stain_matrix, 4),
       "\\nmax concentrations:", np.round(reference.max_concentrations, 4))
-'''),
+''')),
     ("code", '''train_sets = cohort.tile_sets(slides[slides.split == "train"], tiles_dir)
 sources = cohort.tile_sources(train_sets, batch_size=cfg.normalize.batch_size)
 ledgers = {}
@@ -120,19 +129,23 @@ display(Image(filename=str(out / "stain_qc.png")))
 ]
 
 NOTEBOOKS["03_pretrain_dino"] = [
-    ("md", "# 03 · DINO pretraining (one arm per run)\n\nThe runner executes this notebook once per arm "
-           "(`raw`, `macenko` = the paper, `stain_augmentation`), each with the same seed, data order and steps. "
-           "Training runs in a subprocess through `torchrun` (DDP) or plain python; an interrupted run resumes from "
-           "its last checkpoint. Outputs: `results/<profile>/03_pretrain/<arm>/`."),
+    ("md", ("# 03 · DINO pretraining (one arm per run)\n\nThe runner executes this notebook once per arm "
+            "(`raw`, `macenko` = the paper, `stain_augmentation`), each with the same seed, data order and steps. "
+            "Training runs in a subprocess through `torchrun` (DDP) or plain python; an interrupted run resumes from "
+            "its last checkpoint. Outputs: `results/<profile>/03_pretrain/<arm>/`.")),
     ("code", PARAMS + 'arm = "macenko"\n'),
-    ("code", SETUP + '''from exaonepath_core import cohort, workflow, training
+    ("code", setup_cell('''import matplotlib
+from IPython.display import Image, display
 
-out = paths.stage_dir("03") / arm
+from exaonepath_core import training, workflow
+from exaonepath_core.config import load_config, save_config
+from exaonepath_core.paths import ResultsPaths
+''', '''out = paths.stage_dir("03") / arm
 out.mkdir(parents=True, exist_ok=True)
 save_config(cfg, out / "config.yaml")
 pretrain_yaml = workflow.write_pretrain_config(cfg, arm, paths.stage_dir("02"), out)
 print(pretrain_yaml.read_text())
-'''),
+''')),
     ("code", '''summary = workflow.run_pretraining(pretrain_yaml, out, nproc_per_node=cfg.nproc_per_node, force=force)
 summary
 '''),
@@ -143,25 +156,31 @@ display(Image(filename=str(out / "training_curves.png")))
 ]
 
 NOTEBOOKS["04_extract_features"] = [
-    ("md", "# 04 · Frozen features\n\nEvery backbone (each pretraining arm's teacher, plus any configured timm model "
-           "or the official EXAONEPath checkpoint) embeds every dataset once with its own preprocessing: the held-out "
-           "synthetic slides (slide, site and tissue labels known), the held-out real slides (`heldout_slides`: "
-           "`data.heldout_slides_per_site` per site or `data.heldout_list`, at most "
-           "`features.max_tiles_per_heldout_slide` tiles each; slide and site known, no tissue labels, so they feed "
-           "the collapse metrics of stage 06 and no probe) and each real downstream dataset present on disk. "
-           "`datasets.csv` counts what was left out and why. "
-           "Outputs: `results/<profile>/04_features/<backbone>/<dataset>/<split>/`."),
+    ("md", ("# 04 · Frozen features\n\nEvery backbone (each pretraining arm's teacher, plus any configured timm model "
+            "or the official EXAONEPath checkpoint) embeds every dataset once with its own preprocessing: the held-out "
+            "synthetic slides (slide, site and tissue labels known), the held-out real slides (`heldout_slides`: "
+            "`data.heldout_slides_per_site` per site or `data.heldout_list`, at most "
+            "`features.max_tiles_per_heldout_slide` tiles each; slide and site known, no tissue labels, so they feed "
+            "the collapse metrics of stage 06 and no probe) and each real downstream dataset present on disk. "
+            "`datasets.csv` counts what was left out and why. "
+            "Outputs: `results/<profile>/04_features/<backbone>/<dataset>/<split>/`.")),
     ("code", PARAMS),
-    ("code", SETUP + '''from exaonepath_core import cohort, workflow, features
+    ("code", setup_cell('''import json
 
-out = paths.stage_dir("04")
+import matplotlib
+import pandas as pd
+
+from exaonepath_core import features, workflow
+from exaonepath_core.config import load_config, save_config
+from exaonepath_core.paths import ResultsPaths
+''', '''out = paths.stage_dir("04")
 save_config(cfg, out / "config.yaml")
 backbones = workflow.backbone_specs(cfg, paths.stage_dir("03"), out)
 datasets = workflow.feature_datasets(cfg, paths.stage_dir("01"))
 print("backbones:", list(backbones))
 for name, entry in datasets.items():
     print(f"{name}: {entry['status']}")
-'''),
+''')),
     ("code", '''rows = []
 for bname, spec in backbones.items():
     model, transform, info = workflow.load_backbone_with_transform(spec, cfg)
@@ -176,8 +195,8 @@ for bname, spec in backbones.items():
                                           num_workers=cfg.features.num_workers, device=workflow.device(cfg),
                                           overwrite=force)
             m = json.loads((target / "manifest.json").read_text())
-            rows.append(dict(backbone=bname, dataset=dname, split=split, n=m.get("n"), dim=m.get("dim"),
-                             reused=done))
+            rows.append({"backbone": bname, "dataset": dname, "split": split, "n": m.get("n"), "dim": m.get("dim"),
+                         "reused": done})
 table = pd.DataFrame(rows)
 workflow.write_csv_atomic(table, out / "features_index.csv")
 workflow.write_csv_atomic(workflow.dataset_status_table(datasets), out / "datasets.csv")
@@ -186,41 +205,49 @@ table
 ]
 
 NOTEBOOKS["05_linear_probes"] = [
-    ("md", "# 05 · Linear probes\n\nL2 logistic regression on frozen features (regularisation chosen on the "
-           "validation split), kNN (k=20, cosine) as a second view; top-1 accuracy (the paper's metric), balanced "
-           "accuracy, macro F1, AUROC, each with a bootstrap 95% interval, over several seeds. Absent datasets are "
-           "listed as absent, never faked. Outputs: `results/<profile>/05_probes/`."),
+    ("md", ("# 05 · Linear probes\n\nL2 logistic regression on frozen features (regularisation chosen on the "
+            "validation split), kNN (k=20, cosine) as a second view; top-1 accuracy (the paper's metric), balanced "
+            "accuracy, macro F1, AUROC, each with a bootstrap 95% interval, over several seeds. Absent datasets are "
+            "listed as absent, never faked. Outputs: `results/<profile>/05_probes/`.")),
     ("code", PARAMS),
-    ("code", SETUP + '''from exaonepath_core import cohort, workflow, probes
+    ("code", setup_cell('''import matplotlib
+from IPython.display import Image, display
 
-out = paths.stage_dir("05")
+from exaonepath_core import probes, workflow
+from exaonepath_core.config import load_config, save_config
+from exaonepath_core.paths import ResultsPaths
+''', '''out = paths.stage_dir("05")
 save_config(cfg, out / "config.yaml")
 results = workflow.run_all_probes(cfg, paths.stage_dir("04"))
 workflow.write_csv_atomic(results, out / "probe_results_long.csv")
 summary = workflow.probe_summary(results, paths.stage_dir("04"))
 workflow.write_csv_atomic(summary, out / "probe_summary.csv")
 summary
-'''),
+''')),
     ("code", '''probes.plot_probe_results(results, out / "probe_results.png")
 display(Image(filename=str(out / "probe_results.png")))
 '''),
 ]
 
 NOTEBOOKS["06_feature_collapse"] = [
-    ("md", "# 06 · WSI-specific feature collapse, measured\n\nOn features of held-out slides: slide-ID probe "
-           "accuracy (vs chance), same-slide fraction among the k nearest neighbours, silhouette by slide and by "
-           "class, and the within-slide vs leave-one-slide-out kNN gap, with bootstrap intervals over slides; "
-           "per-site versions. The paper's claim: normalization lowers slide identifiability while tissue class "
-           "stays predictable. Each cohort present is measured: `synthetic` (held-out synthetic slides, tissue "
-           "labels known) and `real` (held-out real slides of the paper profile: slide and site ids from the tiling "
-           "stage, no tissue labels, so the class metrics are rows with a `skipped: no tissue labels` note and the "
-           "verdict checks slide identity only). Outputs: `results/<profile>/06_collapse/` (`collapse_metrics.csv` "
-           "and `collapse_verdict.csv` with a `cohort` column; figures `collapse_metrics.png` / "
-           "`embeddings_by_arm.png` for the synthetic cohort, `*_real.png` for the real one)."),
+    ("md", ("# 06 · WSI-specific feature collapse, measured\n\nOn features of held-out slides: slide-ID probe "
+            "accuracy (vs chance), same-slide fraction among the k nearest neighbours, silhouette by slide and by "
+            "class, and the within-slide vs leave-one-slide-out kNN gap, with bootstrap intervals over slides; "
+            "per-site versions. The paper's claim: normalization lowers slide identifiability while tissue class "
+            "stays predictable. Each cohort present is measured: `synthetic` (held-out synthetic slides, tissue "
+            "labels known) and `real` (held-out real slides of the paper profile: slide and site ids from the tiling "
+            "stage, no tissue labels, so the class metrics are rows with a `skipped: no tissue labels` note and the "
+            "verdict checks slide identity only). Outputs: `results/<profile>/06_collapse/` (`collapse_metrics.csv` "
+            "and `collapse_verdict.csv` with a `cohort` column; figures `collapse_metrics.png` / "
+            "`embeddings_by_arm.png` for the synthetic cohort, `*_real.png` for the real one).")),
     ("code", PARAMS),
-    ("code", SETUP + '''from exaonepath_core import cohort, workflow, collapse, figures
+    ("code", setup_cell('''import matplotlib
+from IPython.display import Image, display
 
-out = paths.stage_dir("06")
+from exaonepath_core import figures, workflow
+from exaonepath_core.config import load_config, save_config
+from exaonepath_core.paths import ResultsPaths
+''', '''out = paths.stage_dir("06")
 save_config(cfg, out / "config.yaml")
 figures.set_style()
 metrics, embeds = workflow.collapse_by_arm(cfg, paths.stage_dir("04"))
@@ -232,20 +259,23 @@ if metrics.empty:
 else:
     print("arms per cohort:", metrics.groupby("cohort", sort=False).arm.unique().map(list).to_dict())
 verdict
-'''),
+''')),
     ("code", '''for png in workflow.write_collapse_figures(metrics, embeds, out):
     display(Image(filename=str(png)))
 '''),
 ]
 
 NOTEBOOKS["07_figures_and_tables"] = [
-    ("md", "# 07 · Figures and tables\n\nGathers every stage's outputs: the probe table beside the paper's reported "
-           "numbers, the collapse figure per arm, QC figures and training curves, and writes "
-           "`results/<profile>/index.html` linking each with one line of context."),
+    ("md", ("# 07 · Figures and tables\n\nGathers every stage's outputs: the probe table beside the paper's reported "
+            "numbers, the collapse figure per arm, QC figures and training curves, and writes "
+            "`results/<profile>/index.html` linking each with one line of context.")),
     ("code", PARAMS),
-    ("code", SETUP + '''from exaonepath_core import cohort, workflow, report
+    ("code", setup_cell('''import matplotlib
 
-out = paths.stage_dir("07")
+from exaonepath_core import report, workflow
+from exaonepath_core.config import load_config, save_config
+from exaonepath_core.paths import ResultsPaths
+''', '''out = paths.stage_dir("07")
 save_config(cfg, out / "config.yaml")
 items, tables = workflow.report_items(cfg, paths)
 for name, df in tables.items():
@@ -256,7 +286,7 @@ missing = [p for p in report.linked_files(index) if not p.exists()]
 assert not missing, missing
 print(index, len(items), "items")
 tables.get("paper_table")
-'''),
+''')),
 ]
 
 
@@ -275,7 +305,10 @@ def build() -> list[Path]:
         nb.metadata["language_info"] = {"name": "python"}
         path = ROOT / "notebooks" / f"{name}.ipynb"
         path.parent.mkdir(exist_ok=True)
-        nbformat.write(nb, path)
+        # Atomic: a reader (JupyterLab, the runner) never sees a half-written notebook.
+        tmp = path.with_name(f".{path.name}.tmp")
+        nbformat.write(nb, tmp)
+        os.replace(tmp, path)
         written.append(path)
     return written
 
