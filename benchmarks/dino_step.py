@@ -5,8 +5,9 @@ timed in alternating rounds (so machine load drifts hit both alike) and the medi
 
 Reference (Algorithm 1, written straightforwardly): fp32, one backbone + head call per crop, the loss as the
 double loop over (teacher view, student view) pairs, plain for-loop AdamW, a per-parameter EMA loop.
-Ours: `dino.MultiCropWrapper` (one backbone call per resolution group), `dino.dino_loss`, fused AdamW,
-`dino.ema_update_` (foreach), and on CUDA bf16 autocast + torch.compile.
+Ours: the training loop's own step, `training.DINOTrainStep` (`dino.MultiCropWrapper`: one backbone call per
+resolution group; `dino.dino_loss`; fused AdamW; gradient clipping; `dino.ema_update_` with foreach ops), and on
+CUDA bf16 autocast + torch.compile (+ TF32 for the remaining fp32 matmuls, as training sets it).
 
     .venv/bin/python benchmarks/dino_step.py --quick [--json out.json]
 """
@@ -27,7 +28,7 @@ import torch.nn.functional as nnf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exaonepath_core import dino
+from exaonepath_core import dino, training
 from exaonepath_core.backbones import create_backbone
 
 PROFILES = {
@@ -75,6 +76,7 @@ class ReferenceStep:
         return net.head(net.backbone(x))
 
     def __call__(self, crops: list[torch.Tensor]) -> float:
+        torch.set_float32_matmul_precision("highest")  # PyTorch's default: plain fp32
         s_out = [self._net(self.student, x) for x in crops]
         with torch.no_grad():
             t_out = [self._net(self.teacher, x) for x in crops[:2]]
@@ -100,31 +102,28 @@ class ReferenceStep:
 
 
 class OurStep:
-    """The step of `training.py`: grouped crops, fused AdamW, foreach EMA; bf16 + compile on CUDA."""
+    """The production step, `training.DINOTrainStep`: grouped crops, fused AdamW, foreach EMA, gradient clipping
+    (which the reference does not even do); bf16 autocast and torch.compile on CUDA."""
 
     def __init__(self, p: dict, device: torch.device, compile_model: bool) -> None:
         self.student, self.teacher = build_pair(p, device, seed=0)
         if compile_model:
             self.student.backbone.compile()
             self.teacher.backbone.compile()
-        self.optimizer = torch.optim.AdamW([q for q in self.student.parameters() if q.requires_grad], lr=1e-4,
-                                           weight_decay=0.04, fused=True)
+        optimizer = training.make_optimizer(self.student, fused=True)
+        self.step = training.DINOTrainStep(self.student, self.student, self.teacher, optimizer, student_temp=0.1,
+                                           centering="center", sinkhorn_iterations=3, clip_grad=3.0,
+                                           use_amp=device.type == "cuda")
         self.center = torch.zeros(1, p["out_dim"], device=device)
-        self.device = device
-        self.amp = device.type == "cuda"
+        self.cuda = device.type == "cuda"
 
     def __call__(self, crops: list[torch.Tensor]) -> float:
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            with torch.no_grad():
-                teacher_out = self.teacher(crops[:2])
-            student_out = self.student(crops)
-        loss = dino.dino_loss(student_out, teacher_out, self.center, 0.1, 0.04)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        dino.ema_update_(self.teacher, self.student, 0.996)
-        self.center = dino.update_center(self.center, teacher_out, 0.9)
-        return loss.detach().item()
+        if self.cuda:
+            torch.set_float32_matmul_precision("high")  # as training.py sets it on CUDA
+        result = self.step(crops, self.center, lr=1e-4, weight_decay=0.04, teacher_temp=0.04, momentum=0.996,
+                           freeze_last_layer=False)
+        self.center = dino.update_center(self.center, result.teacher_out, 0.9)
+        return result.loss
 
 
 def _timed(step, crops: list[torch.Tensor], device: torch.device) -> float:
@@ -184,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": steps,
         "ours_step_s": our_times,
         "reference_step_s": ref_times,
-        "ours_features": "grouped crops, fused AdamW, foreach EMA" + (
-            ", bf16 autocast" + (", torch.compile" if compile_model else "") if device.type == "cuda" else ""),
+        "ours_features": "training.DINOTrainStep: grouped crops, fused AdamW, foreach EMA, grad clipping" + (
+            ", bf16 autocast, TF32" + (", torch.compile" if compile_model else "") if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

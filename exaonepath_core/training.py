@@ -389,6 +389,96 @@ def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
+@dataclass
+class StepResult:
+    """What one DINO step returns to the loop (`finite` False: the step stopped before touching any weight)."""
+
+    loss: float
+    finite: bool
+    teacher_out: torch.Tensor
+    grad_norm: float | None
+
+
+class DINOTrainStep:
+    """One DINO optimisation step: both forwards, the loss, backward, clipping, AdamW, the EMA teacher.
+
+    The training loop and `benchmarks/dino_step.py` both call this, so the benchmark times the production step.
+    `student` is what runs the forward (the DDP wrapper under torchrun); `student_net` the unwrapped module the
+    EMA reads. A non-finite loss (averaged over ranks, so every rank decides alike) returns before backward, so
+    no weight, optimizer moment or teacher parameter changes.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        student_net: dino.MultiCropWrapper,
+        teacher_net: dino.MultiCropWrapper,
+        optimizer: torch.optim.Optimizer,
+        *,
+        student_temp: float,
+        centering: str,
+        sinkhorn_iterations: int,
+        clip_grad: float,
+        use_amp: bool,
+    ) -> None:
+        self.student, self.student_net, self.teacher_net = student, student_net, teacher_net
+        self.optimizer = optimizer
+        self.student_temp, self.centering, self.sinkhorn_iterations = student_temp, centering, sinkhorn_iterations
+        self.clip_grad = clip_grad
+        self.use_amp = use_amp
+        self.device_type = next(student_net.parameters()).device.type
+        self.last_layer_params = dino.last_layer_parameters(student_net.head)
+
+    def __call__(
+        self,
+        views: list[torch.Tensor],
+        center: torch.Tensor,
+        *,
+        lr: float,
+        weight_decay: float,
+        teacher_temp: float,
+        momentum: float,
+        freeze_last_layer: bool,
+    ) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group["apply_wd"]:
+                group["weight_decay"] = weight_decay
+        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=self.use_amp):
+            with torch.no_grad():
+                teacher_out = self.teacher_net(views[:2])
+            student_out = self.student(views)
+        loss = dino.dino_loss(student_out, teacher_out, center, self.student_temp, teacher_temp,
+                              centering=self.centering, sinkhorn_iterations=self.sinkhorn_iterations)
+        loss_value = _global_mean(loss.detach())
+        if not math.isfinite(loss_value):
+            return StepResult(loss_value, False, teacher_out, None)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = None
+        if self.clip_grad > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.student_net.parameters() if p.grad is not None], self.clip_grad))
+        if freeze_last_layer:
+            for param in self.last_layer_params:
+                param.grad = None  # AdamW then skips them entirely (no moment updates either)
+        self.optimizer.step()
+        dino.ema_update_(self.teacher_net, self.student_net, momentum)
+        return StepResult(loss_value, True, teacher_out, grad_norm)
+
+
+def make_optimizer(student_net: nn.Module, fused: bool) -> torch.optim.AdamW:
+    """AdamW over the student with DINO's two groups (no decay on biases and norms); fused kernels when asked."""
+    device_type = next(student_net.parameters()).device.type
+    use_fused = fused and device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(_param_groups(student_net), lr=0.0, weight_decay=0.0, fused=use_fused or None)
+
+
+def _amp_enabled(cfg: PretrainConfig, device: torch.device) -> bool:
+    """bf16 autocast on CUDA only: CPUs without AMX run bf16 slower than fp32."""
+    return cfg.use_amp and device.type == "cuda"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,6 +505,9 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        # fp32 matmuls outside autocast (the loss head's softmax inputs stay fp32) may use TF32, as dinov2 does
+        torch.set_float32_matmul_precision("high")
     git = _git_state()
     if is_main:
         print(f"[pretrain] git {git['git_sha']} dirty={git['git_dirty']} world_size={runtime.world_size} "
@@ -500,10 +593,10 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     center = torch.zeros(1, cfg.out_dim, device=device)
 
     # ============ preparing optimizer ... ============
-    fused = cfg.fused_adamw and device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(_param_groups(student_net), lr=0.0, weight_decay=0.0, fused=fused or None)
-    last_layer_params = dino.last_layer_parameters(student_net.head)
-    use_amp = cfg.use_amp and device.type == "cuda"
+    optimizer = make_optimizer(student_net, cfg.fused_adamw)
+    train_step = DINOTrainStep(student, student_net, teacher_net, optimizer, student_temp=cfg.student_temp,
+                               centering=cfg.centering, sinkhorn_iterations=cfg.sinkhorn_iterations,
+                               clip_grad=cfg.clip_grad, use_amp=_amp_enabled(cfg, device))
 
     # ============ init schedulers ... ============
     global_batch = batch_size * runtime.world_size
@@ -580,39 +673,18 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                     views = augmentation.apply(patches_batch, params)
                 if cfg.channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                for group in optimizer.param_groups:
-                    group["lr"] = float(lr_schedule[step])
-                    if group["apply_wd"]:
-                        group["weight_decay"] = float(wd_schedule[step])
                 teacher_temp = float(teacher_temp_schedule[step])
-
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    with torch.no_grad():
-                        teacher_out = teacher_net(views[:2])
-                    student_out = student(views)
-                loss = dino.dino_loss(student_out, teacher_out, center, cfg.student_temp, teacher_temp,
-                                      centering=cfg.centering, sinkhorn_iterations=cfg.sinkhorn_iterations)
-
-                loss_value = _global_mean(loss.detach())
-                if not math.isfinite(loss_value):
+                momentum = float(momentum_schedule[step])
+                result = train_step(views, center, lr=float(lr_schedule[step]),
+                                    weight_decay=float(wd_schedule[step]), teacher_temp=teacher_temp,
+                                    momentum=momentum, freeze_last_layer=epoch < cfg.freeze_last_layer)
+                loss_value, grad_norm, teacher_out = result.loss, result.grad_norm, result.teacher_out
+                if not result.finite:
                     where = (f"the last good checkpoint {checkpoint_path} (step {last_saved_step}) is intact"
                              if last_saved_step is not None else "no checkpoint was written yet")
                     raise NonFiniteLossError(
                         f"loss is {loss_value} at step {step} (epoch {epoch}); training stopped, {where}"
                     )
-
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = None
-                if cfg.clip_grad > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                        [p for p in student_net.parameters() if p.grad is not None], cfg.clip_grad))
-                if epoch < cfg.freeze_last_layer:
-                    for param in last_layer_params:
-                        param.grad = None  # AdamW then skips them entirely (no moment updates either)
-                optimizer.step()
-                momentum = float(momentum_schedule[step])
-                dino.ema_update_(teacher_net, student_net, momentum)
                 stats = dino.teacher_stats(teacher_out, center, teacher_temp, cfg.centering,
                                            cfg.sinkhorn_iterations)
                 center = dino.update_center(center, teacher_out, cfg.center_momentum)

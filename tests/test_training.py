@@ -256,3 +256,41 @@ def test_excluded_slides_are_left_out_of_the_pretraining_data(raw_store, tmp_pat
     kept = _load_patch_dataset(_tiny_config(raw_store, tmp_path, exclude_slide_ids=["slide1", "not_in_store"]))
     assert set(kept.slide_ids) == {"slide0"} and len(kept) == 20
     assert "1 excluded (held-out) slide(s)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the GPU speed paths, run on CPU: torch.compile, channels-last, bf16 autocast
+# ---------------------------------------------------------------------------------------------------------------
+def test_compiled_channels_last_run_matches_eager_run(raw_store, tmp_path):
+    eager = training.train(_tiny_config(raw_store, tmp_path / "eager", max_steps=3, deterministic=False))
+    fast = training.train(_tiny_config(raw_store, tmp_path / "fast", max_steps=3, deterministic=False,
+                                       compile=True, channels_last=True))
+    eager_losses = [r["loss"] for r in training.read_log(tmp_path / "eager" / "log.jsonl")]
+    fast_losses = [r["loss"] for r in training.read_log(tmp_path / "fast" / "log.jsonl")]
+    assert len(fast_losses) == 3 and fast["steps"] == eager["steps"] == 3
+    np.testing.assert_allclose(fast_losses, eager_losses, rtol=2e-4)
+    # compiling in place keeps timm's state_dict layout: the checkpoint and the export load into plain modules
+    ckpt_eager, ckpt_fast = _load_checkpoint(tmp_path / "eager"), _load_checkpoint(tmp_path / "fast")
+    assert list(ckpt_fast["teacher"]) == list(ckpt_eager["teacher"])
+    assert not any("_orig_mod" in k for k in ckpt_fast["student"])
+    x = torch.randn(2, 3, 32, 32)
+    out_eager = training.load_teacher_backbone(tmp_path / "eager")(x)
+    out_fast = training.load_teacher_backbone(tmp_path / "fast")(x)
+    torch.testing.assert_close(out_fast, out_eager, rtol=1e-3, atol=1e-3)
+
+
+def test_bf16_autocast_steps_track_fp32(raw_store, tmp_path, monkeypatch):
+    training.train(_tiny_config(raw_store, tmp_path / "fp32", max_steps=3))
+    monkeypatch.setattr(training, "_amp_enabled", lambda cfg, device: True)  # the CUDA path, on CPU
+    training.train(_tiny_config(raw_store, tmp_path / "bf16", max_steps=3))
+    fp32 = training.read_log(tmp_path / "fp32" / "log.jsonl")
+    bf16 = training.read_log(tmp_path / "bf16" / "log.jsonl")
+    assert all(np.isfinite([r["loss"], r["teacher_entropy"], r["grad_norm"]]).all() for r in bf16)
+    np.testing.assert_allclose([r["loss"] for r in bf16], [r["loss"] for r in fp32], rtol=0.02)
+    ckpt = _load_checkpoint(tmp_path / "bf16")
+    # autocast computes in bf16 but keeps the master weights, the centre and the optimizer moments in fp32
+    assert {t.dtype for t in ckpt["student"].values() if t.is_floating_point()} == {torch.float32}
+    assert ckpt["center"].dtype == torch.float32
+    moved = [k for k in ckpt["student"] if not torch.equal(ckpt["student"][k], _load_checkpoint(tmp_path / "fp32")
+                                                             ["student"][k])]
+    assert moved, "the bf16 run must differ numerically from the fp32 one (autocast was not applied)"
