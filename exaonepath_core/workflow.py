@@ -52,14 +52,15 @@ def tiling_summary(slides: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (source, split), g in merged.groupby(["source", "split"], sort=True):
         ok = g["status"] == "ok"
-        rows.append(dict(source=source, split=split, slides=len(g), ok=int(ok.sum()),
-                         failed=int((g["status"] == "failed").sum()), tiles=int(g.loc[ok, "n_tiles"].sum()),
-                         zero_tile_slides=int((ok & (g["n_tiles"] == 0)).sum())))
+        rows.append({"source": source, "split": split, "slides": len(g), "ok": int(ok.sum()),
+                     "failed": int((g["status"] == "failed").sum()), "tiles": int(g.loc[ok, "n_tiles"].sum()),
+                     "zero_tile_slides": int((ok & (g["n_tiles"] == 0)).sum())})
     total = pd.DataFrame(rows)
     if len(total):
-        total.loc[len(total)] = dict(source="all", split="all", slides=int(total.slides.sum()),
-                                     ok=int(total.ok.sum()), failed=int(total.failed.sum()),
-                                     tiles=int(total.tiles.sum()), zero_tile_slides=int(total.zero_tile_slides.sum()))
+        total.loc[len(total)] = {"source": "all", "split": "all", "slides": int(total.slides.sum()),
+                                 "ok": int(total.ok.sum()), "failed": int(total.failed.sum()),
+                                 "tiles": int(total.tiles.sum()),
+                                 "zero_tile_slides": int(total.zero_tile_slides.sum())}
     return total
 
 
@@ -82,9 +83,9 @@ def normalize_summary(ledgers: dict[str, pd.DataFrame]) -> pd.DataFrame:
         ok = led["status"] == "ok"
         n = int(led.loc[ok, "n_patches"].sum())
         fb = int(led.loc[ok, "n_fallback"].sum())
-        rows.append(dict(store=mode, slides_ok=int(ok.sum()), slides_failed=int((~ok).sum()), patches=n,
-                         fallback_passed_through=fb, fallback_fraction=round(fb / n, 4) if n else 0.0,
-                         failed_reasons="; ".join(sorted(set(led.loc[~ok, "reason"].astype(str))))))
+        rows.append({"store": mode, "slides_ok": int(ok.sum()), "slides_failed": int((~ok).sum()),
+                     "patches": n, "fallback_passed_through": fb, "fallback_fraction": round(fb / n, 4) if n else 0.0,
+                     "failed_reasons": "; ".join(sorted(set(led.loc[~ok, "reason"].astype(str))))})
     return pd.DataFrame(rows)
 
 
@@ -175,22 +176,24 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
     t0 = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+        # check=False: a failed run is reported below with the tail of its log, which check=True would hide.
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, check=False)
     tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
     if proc.returncode != 0:
         raise RuntimeError(f"pretraining exited with code {proc.returncode}; last lines of {log_path}:\n{tail}")
     records = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines() if x.strip()]
     first = records[: max(1, len(records) // 10)]
     last = records[-max(1, len(records) // 10):]
-    summary = dict(
-        steps=int(records[-1].get("step", len(records))) if records else 0,
-        seconds=round(time.time() - t0, 1),
-        loss_first=float(np.mean([r["loss"] for r in first])) if records else float("nan"),
-        loss_last=float(np.mean([r["loss"] for r in last])) if records else float("nan"),
-        teacher_entropy_last=float(np.mean([r.get("teacher_entropy", np.nan) for r in last])) if records else None,
-        img_per_s=float(np.nanmean([r.get("img_per_s", np.nan) for r in last])) if records else None,
-        resumed="--resume" in args,
-    )
+    summary = {
+        "steps": int(records[-1].get("step", len(records))) if records else 0,
+        "seconds": round(time.time() - t0, 1),
+        "loss_first": float(np.mean([r["loss"] for r in first])) if records else float("nan"),
+        "loss_last": float(np.mean([r["loss"] for r in last])) if records else float("nan"),
+        "teacher_entropy_last": (float(np.mean([r.get("teacher_entropy", np.nan) for r in last]))
+                                 if records else None),
+        "img_per_s": float(np.nanmean([r.get("img_per_s", np.nan) for r in last])) if records else None,
+        "resumed": "--resume" in args,
+    }
     atomic.write_json(summary_path, summary)
     print(tail)
     return summary
@@ -320,7 +323,7 @@ class HeldoutSlideTileDataset:
                 idx = np.sort(rng.choice(n, size=max_tiles_per_slide, replace=False))
                 ts = dataclasses.replace(ts, coords=ts.coords[idx], tissue_fraction=ts.tissue_fraction[idx])
             kept.append(ts)
-            rows.append(dict(slide_id=ts.slide_id, available=n, kept=len(ts.coords)))
+            rows.append({"slide_id": ts.slide_id, "available": n, "kept": len(ts.coords)})
         self.max_tiles_per_slide = int(max_tiles_per_slide)
         self.per_slide = pd.DataFrame(rows, columns=["slide_id", "available", "kept"])
         self.n_available = int(self.per_slide["available"].sum())
@@ -336,9 +339,9 @@ class HeldoutSlideTileDataset:
 
     def describe(self) -> dict[str, Any]:
         """What the feature manifest records about this dataset."""
-        return dict(name=self.name, split=self.split, n=len(self), n_slides=len(self.per_slide),
-                    n_available=self.n_available, n_left_out_by_cap=self.n_left_out,
-                    max_tiles_per_slide=self.max_tiles_per_slide, labels="none (-1): no tissue labels")
+        return {"name": self.name, "split": self.split, "n": len(self), "n_slides": len(self.per_slide),
+                "n_available": self.n_available, "n_left_out_by_cap": self.n_left_out,
+                "max_tiles_per_slide": self.max_tiles_per_slide, "labels": "none (-1): no tissue labels"}
 
 
 def heldout_in_pretraining_stores(slides: pd.DataFrame, normalize_dir: Path) -> dict[str, list[str]]:
@@ -449,7 +452,9 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
             if cfg.features.max_samples_per_split:
                 splits = {k: _subset(v, cfg.features.max_samples_per_split, cfg.seed) for k, v in splits.items()}
             out[name] = {"status": "present", "splits": splits, "n": sum(len(v) for v in splits.values())}
-        except Exception as err:  # absent or incomplete: reported, never faked
+        # What the adapters raise for an absent or incomplete dataset (DatasetLayoutError is an OSError;
+        # unknown split: ValueError; unknown name: KeyError): reported, never faked. Anything else is a bug.
+        except (OSError, ValueError, KeyError) as err:
             out[name] = {"status": f"absent: {type(err).__name__}: {str(err).splitlines()[0]}", "splits": {}, "n": 0}
     for name in downstream.PAPER_ACCURACY:
         out.setdefault(name, {"status": "absent: no root configured", "splits": {}, "n": 0})
@@ -472,8 +477,9 @@ def dataset_status_table(datasets: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per dataset: present/absent (with the reason) and sample counts per split."""
     rows = []
     for name, entry in datasets.items():
-        rows.append(dict(dataset=name, status=entry["status"].split(":")[0].split(" (")[0], detail=entry["status"],
-                         n=entry["n"], splits=",".join(f"{k}={len(v)}" for k, v in entry["splits"].items())))
+        rows.append({"dataset": name, "status": entry["status"].split(":")[0].split(" (")[0],
+                     "detail": entry["status"], "n": entry["n"],
+                     "splits": ",".join(f"{k}={len(v)}" for k, v in entry["splits"].items())})
     return pd.DataFrame(rows)
 
 
@@ -539,8 +545,9 @@ def probe_summary(results: pd.DataFrame, features_dir: Path) -> pd.DataFrame:
         table = pd.read_csv(status_csv)
         available = dict(zip(table["dataset"], table["detail"]))
     summary = probes.summary_table(results, available=available)
-    skipped = [dict(task=task, backbone="", probe="", status="not probed: no tissue labels (held-out real slides, "
-                    "collapse metrics only in stage 06)", n_seeds=0)
+    skipped = [{"task": task, "backbone": "", "probe": "",
+                "status": "not probed: no tissue labels (held-out real slides, collapse metrics only in stage 06)",
+                "n_seeds": 0}
                for task in UNLABELLED_TASKS if str(available.get(task, "")).startswith("present")]
     return pd.concat([summary, pd.DataFrame(skipped, columns=summary.columns)], ignore_index=True) if skipped \
         else summary
@@ -672,29 +679,29 @@ def _verdict_of_cohort(metrics: pd.DataFrame, class_margin: float) -> pd.DataFra
         for m in identity:
             if m in value.index and pd.notna(value.loc[m, arm]) and pd.notna(value.loc[m, base]):
                 lower = bool(value.loc[m, arm] < value.loc[m, base])
-                rows.append(dict(comparison=f"{arm} vs {base}", metric=m, value=value.loc[m, arm],
-                                 baseline=value.loc[m, base], delta=value.loc[m, arm] - value.loc[m, base],
-                                 outcome="lower" if lower else "not lower"))
+                rows.append({"comparison": f"{arm} vs {base}", "metric": m, "value": value.loc[m, arm],
+                             "baseline": value.loc[m, base], "delta": value.loc[m, arm] - value.loc[m, base],
+                             "outcome": "lower" if lower else "not lower"})
                 if m in (collapse.SLIDE_PROBE, collapse.SAME_SLIDE_NEIGHBOURS):
                     checks.append(lower)
         m = collapse.KNN_LEAVE_ONE_SLIDE_OUT
         class_checked = m in value.index and pd.notna(value.loc[m, arm]) and pd.notna(value.loc[m, base])
         if class_checked:
             kept = bool(value.loc[m, base] - value.loc[m, arm] <= class_margin)
-            rows.append(dict(comparison=f"{arm} vs {base}", metric=m, value=value.loc[m, arm],
-                             baseline=value.loc[m, base], delta=value.loc[m, arm] - value.loc[m, base],
-                             outcome="kept" if kept else f"fell by more than {class_margin}"))
+            rows.append({"comparison": f"{arm} vs {base}", "metric": m, "value": value.loc[m, arm],
+                         "baseline": value.loc[m, base], "delta": value.loc[m, arm] - value.loc[m, base],
+                         "outcome": "kept" if kept else f"fell by more than {class_margin}"})
             checks.append(kept)
         else:
-            rows.append(dict(comparison=f"{arm} vs {base}", metric=m, value=float("nan"), baseline=float("nan"),
-                             delta=float("nan"), outcome="skipped: no tissue labels"))
+            rows.append({"comparison": f"{arm} vs {base}", "metric": m, "value": float("nan"),
+                         "baseline": float("nan"), "delta": float("nan"), "outcome": "skipped: no tissue labels"})
         holds = bool(checks) and all(checks)
         if class_checked:
             outcome = "holds" if holds else "does not hold"
         else:  # only the slide-identity half of the claim could be tested
             outcome = "slide identity lower; class not checked (no tissue labels)" if holds else "does not hold"
-        rows.append(dict(comparison=f"{arm} vs {base}", metric="claim_holds", value=float(holds),
-                         baseline=float("nan"), delta=float("nan"), outcome=outcome))
+        rows.append({"comparison": f"{arm} vs {base}", "metric": "claim_holds", "value": float(holds),
+                     "baseline": float("nan"), "delta": float("nan"), "outcome": outcome})
     return pd.DataFrame(rows)
 
 
@@ -767,10 +774,11 @@ def report_preamble(cfg: ProjectConfig, paths) -> str:
 
     from exaonepath_core.paths import STAGES
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=REPO_ROOT).stdout.strip()
-    except OSError:
+    try:  # check=False: outside a git checkout the report still renders, with "?" for the commit
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=REPO_ROOT, check=False)
+        sha = proc.stdout.strip() if proc.returncode == 0 else "?"
+    except OSError:  # no git executable
         sha = "?"
     times = []
     for key, (nb, _) in STAGES.items():

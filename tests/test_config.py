@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT
+
 from exaonepath_core.config import ConfigError, load_config, parse_override, save_config
 from exaonepath_core.paths import ResultsPaths, stage_key
 from exaonepath_core.pipeline import stage_config_hash

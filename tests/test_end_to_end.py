@@ -9,9 +9,9 @@ import time
 
 import pandas as pd
 import pytest
+from conftest import REPO_ROOT
 from PIL import Image
 
-from conftest import REPO_ROOT
 from exaonepath_core.paths import STAGES, ResultsPaths
 from exaonepath_core.report import linked_files
 
@@ -20,7 +20,9 @@ def _run_all(results_root, *args, timeout=1500):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = ["./run_all.sh", "--profile", "ci", "--set", f"results_root={results_root}", *args]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    # check=False: callers assert on the return code and show the output tail on failure.
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=timeout,
+                          check=False)
     return proc, time.time() - t0
 
 

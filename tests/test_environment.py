@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import re
-import tomllib
 
+import pytest
 import yaml
-
 from conftest import REPO_ROOT
 
 
+def _pyproject() -> dict:
+    # tomllib is standard library from Python 3.11; the package also supports 3.10, where these checks skip.
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs tomllib (Python >= 3.11)")
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
 def _pyproject_pins() -> dict[str, str]:
-    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    data = _pyproject()
     deps = list(data["project"]["dependencies"]) + list(data["project"]["optional-dependencies"]["dev"])
     pins = {}
     for dep in deps:
@@ -46,5 +51,5 @@ def test_environment_python_version_is_supported():
     env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
     py = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
     major, minor = map(int, py.split("=")[1].split(".")[:2])
-    requires = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    requires = _pyproject()["project"]["requires-python"]
     assert requires == ">=3.10" and (major, minor) >= (3, 10)

@@ -5,8 +5,8 @@ import ast
 import json
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from exaonepath_core.paths import STAGES
 
 NOTEBOOKS = [REPO_ROOT / "notebooks" / f"{name}.ipynb" for name, _ in STAGES.values()]

@@ -71,14 +71,14 @@ def test_runs_all_stages_then_skips_then_force(setup):
 
 
 def test_config_change_reruns_from_the_affected_stage(setup):
-    nbs, results, cfg = setup
+    nbs, _results, cfg = setup
     pipeline.run_pipeline(str(cfg), notebook_dir=nbs, progress=False)
     status = pipeline.run_pipeline(str(cfg), overrides={"probes.n_boot": 5}, notebook_dir=nbs, progress=False)
     assert [status[k] for k in STAGES] == ["skipped"] * 4 + ["ran"] * 3
 
 
 def test_from_stage_runs_it_and_every_later_one(setup):
-    nbs, results, cfg = setup
+    nbs, _results, cfg = setup
     pipeline.run_pipeline(str(cfg), notebook_dir=nbs, progress=False)
     status = pipeline.run_pipeline(str(cfg), start_from="06", force=True, notebook_dir=nbs, progress=False)
     assert status == {"06": "ran", "07": "ran"}
