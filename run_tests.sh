@@ -1,6 +1,20 @@
 #!/usr/bin/env bash
-# The test suite: bootstrap .venv, then pytest (arguments pass through, e.g. ./run_tests.sh -m slow).
+# The test suite: bootstrap .venv, lint with ruff (rules pinned in pyproject.toml), then pytest
+# (arguments pass through to pytest, e.g. ./run_tests.sh -m slow).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/bootstrap_venv.sh
+# Lint before the tests: it takes about a second and a finding fails the run like a failing test would.
+if "$VENV_PY" -m ruff check .; then
+    :
+else
+    status=$?
+    if [ "$status" -eq 1 ]; then
+        echo "run_tests.sh: ruff check found lint findings (listed above); fix them before the tests run" \
+             "('$VENV_PY -m ruff check --fix .' fixes the ones marked [*])." >&2
+    else
+        echo "run_tests.sh: ruff check could not run (exit $status): is ruff installed in the venv (pip install -e '.[dev]')?" >&2
+    fi
+    exit 1
+fi
 exec "$VENV_PY" -m pytest "$@"
