@@ -1,8 +1,11 @@
 """Throughput of our batched Macenko vs torchstain (one patch per call) on the same real 224 px CMU tiles.
 
 Usage: .venv/bin/python benchmarks/macenko.py [--quick] [--json PATH] [--device cpu|cuda] [--chunk-size N] [--threads N]
+                                             [--tiles TILES.npy]
 torchstain, ours with the default backend ("auto": the fused numba kernel on CPU, torch on CUDA) and ours with
 the plain torch backend run interleaved in one process, several repeats; medians are reported with the load average.
+`--tiles` reads the same tiles from a uint8 (N, H, W, 3) .npy (staged by tools/prepare_device_check.sh) instead of
+the slide, so a machine without OpenSlide (the GPU machine) runs the benchmark.
 """
 from __future__ import annotations
 
@@ -33,6 +36,15 @@ def load_cmu_tiles(data_root: Path) -> np.ndarray:
         width, height = slide.dimensions
         coords = [(x, y) for y in range(0, height - TILE + 1, TILE) for x in range(0, width - TILE + 1, TILE)]
         return np.stack([np.asarray(slide.read_region(xy, 0, (TILE, TILE)).convert("RGB")) for xy in coords])
+
+
+def load_tiles_npy(path: Path) -> np.ndarray:
+    """Tiles staged as a uint8 (N, H, W, 3) .npy (e.g. .device_data/cmu_tiles_224.npy); checks dtype and shape."""
+    tiles = np.load(path)
+    if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3 or len(tiles) == 0:
+        raise SystemExit(f"--tiles {path}: expected a non-empty uint8 (N, H, W, 3) array, got {tiles.dtype} "
+                         f"{tiles.shape}")
+    return np.ascontiguousarray(tiles)
 
 
 def _load_average() -> list[float]:
@@ -87,11 +99,13 @@ def main() -> None:
                         help="torch intra-op threads for both (default: torch's choice; 1 is steadier on a loaded box)")
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("EXAONEPATH_TEST_DATA", REPO_ROOT.parent / "shared" / "data")))
+    parser.add_argument("--tiles", type=Path, default=None,
+                        help="uint8 (N, H, W, 3) .npy of tiles to use instead of reading the CMU slide with OpenSlide")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 7
-    tiles = load_cmu_tiles(args.data)
+    tiles = load_tiles_npy(args.tiles) if args.tiles else load_cmu_tiles(args.data)
     batch = torch.from_numpy(tiles)
     load_before = _load_average()
     time_torchstain(tiles[:4])  # warm-up all (the numba kernel loads from its cache or compiles here)
@@ -112,7 +126,8 @@ def main() -> None:
         ratios.append(ours_rate / ts_rate)
     result = {
         "n_patches": len(tiles),
-        "patch_size": TILE,
+        "patch_size": int(tiles.shape[1]),
+        "tiles_source": str(args.tiles) if args.tiles else "CMU-1-Small-Region.svs (OpenSlide, 224 px grid)",
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "torch_threads": torch.get_num_threads(),
         "chunk_size": args.chunk_size,
@@ -134,7 +149,7 @@ def main() -> None:
         "load_average_after": _load_average(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    print(f"{len(tiles)} CMU tiles {TILE}px on {result['device']} ({result['torch_threads']} threads, {repeats} "
+    print(f"{len(tiles)} CMU tiles {tiles.shape[1]}px on {result['device']} ({result['torch_threads']} threads, {repeats} "
           f"interleaved repeats, load {load_before} -> {result['load_average_after']}): medians torchstain "
           f"{result['torchstain_patches_per_s']}/s ({ts_failures} raised), ours ({result['ours_backend']}) "
           f"{result['ours_patches_per_s']}/s ({ours_failures} fallbacks), ratio {result['ratio']:.2f}x; ours torch "
