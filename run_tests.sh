@@ -13,7 +13,8 @@ else
         echo "run_tests.sh: ruff check found lint findings (listed above); fix them before the tests run" \
              "('$VENV_PY -m ruff check --fix .' fixes the ones marked [*])." >&2
     else
-        echo "run_tests.sh: ruff check could not run (exit $status): is ruff installed in the venv (pip install -e '.[dev]')?" >&2
+        echo "run_tests.sh: ruff check could not run (exit $status, reason above: a bad [tool.ruff] setting," \
+             "or ruff missing from the venv, which pip install -e '.[dev]' adds)." >&2
     fi
     exit 1
 fi
