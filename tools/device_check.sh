@@ -16,6 +16,7 @@
 # part and the key numbers. At most 8 files land in $OUT (the tool returns 8). Exit status 0 even when a part
 # failed (the table says FAILED); 2 when the kit cannot start (no staged data, no GPU).
 #
+# Rerun only some parts: DEVICE_CHECK_ONLY="dino_step_compile train_store train" bash tools/device_check.sh
 # CPU dry run (no GPU): PYTHON=.venv/bin/python OUT=/tmp/devcheck DEVICE_CHECK_ALLOW_CPU=1 bash tools/device_check.sh
 # runs every part with small CPU stand-ins (--quick benchmarks, a 3-step tiny training run).
 set -uo pipefail
@@ -38,6 +39,11 @@ PARTS_TSV=$WORK/parts.tsv
 run_part() {  # NAME LIMIT_S COMMAND...: run under timeout (capped by what is left of the budget), record status
     local name=$1 limit=$2 left rc status start
     shift 2
+    if [ -n "${DEVICE_CHECK_ONLY:-}" ] && [[ " $DEVICE_CHECK_ONLY " != *" $name "* ]]; then
+        echo "=== [$name] not selected (DEVICE_CHECK_ONLY=$DEVICE_CHECK_ONLY)"
+        printf '%s\tNOT_SELECTED\t0\t%s\n' "$name" "$limit" >>"$PARTS_TSV"
+        return 0
+    fi
     left=$((BUDGET_S - (SECONDS - T0)))
     if ((left < 30)); then
         echo "=== [$name] SKIPPED: only ${left}s of the ${BUDGET_S}s budget left"
@@ -324,7 +330,7 @@ try:
                                 if problem is not None]
 except (OSError, ET.ParseError, AttributeError):
     numbers["pytest"] = None
-failed = [p["part"] for p in parts if p["status"] != "PASS"]
+failed = [p["part"] for p in parts if p["status"] not in ("PASS", "NOT_SELECTED")]
 summary = {"device": dev, "environment": load(work / "env.json"), "total_s": total_s, "parts": parts,
            "failed_parts": failed, "numbers": numbers, "macenko_scaling": scaling,
            "goals": {"macenko_patches_per_s_on_h100": 10000, "dino_step_ratio_on_h100": 1.5}}
