@@ -519,6 +519,32 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
     return center * momentum + (batch_sum / rows) * (1.0 - momentum)
 
 
+CLIP_MODES = ("per_parameter", "global")
+
+
+@torch.no_grad()
+def clip_gradients_(parameters: list[nn.Parameter], max_norm: float, mode: str = "per_parameter") -> float:
+    """Clip gradients in place; returns the total gradient norm before clipping.
+
+    "per_parameter" (DINO's `clip_gradients`): each parameter's gradient is scaled by
+    min(1, max_norm / (||g|| + 1e-6)) on its own. "global" (DINOv2, `clip_grad_norm_`): all gradients share one
+    scale from their joint norm. Both use foreach kernels (one launch per op over all parameters).
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    if mode == "per_parameter":
+        scales = [torch.clamp(max_norm / (n.float() + 1e-6), max=1.0).to(n.dtype) for n in norms]
+    else:
+        scales = [torch.clamp(max_norm / (total + 1e-6), max=1.0).to(g.dtype) for g in grads]
+    torch._foreach_mul_(grads, scales)
+    return float(total)
+
+
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """In place: teacher_p <- m * teacher_p + (1 - m) * student_p for every parameter (fused foreach ops)."""

@@ -86,6 +86,7 @@ class PretrainConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
+    clip_grad_mode: str = "per_parameter"  # per_parameter (DINO) | global (DINOv2's clip_grad_norm_)
     freeze_last_layer: int = 1
     # DINO loss and teacher
     momentum_teacher: float = 0.996
@@ -126,6 +127,8 @@ class PretrainConfig:
             raise ConfigError(f"input_arm must be one of {INPUT_ARMS}, got {self.input_arm!r}")
         if self.normalize_on_the_fly and self.input_arm != "macenko":
             raise ConfigError("normalize_on_the_fly applies to input_arm 'macenko' only (it reads a raw store)")
+        if self.clip_grad_mode not in dino.CLIP_MODES:
+            raise ConfigError(f"clip_grad_mode must be one of {dino.CLIP_MODES}, got {self.clip_grad_mode!r}")
         if self.centering not in dino.CENTERINGS:
             raise ConfigError(f"centering must be one of {dino.CENTERINGS}, got {self.centering!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -420,11 +423,12 @@ class DINOTrainStep:
         sinkhorn_iterations: int,
         clip_grad: float,
         use_amp: bool,
+        clip_grad_mode: str = "per_parameter",
     ) -> None:
         self.student, self.student_net, self.teacher_net = student, student_net, teacher_net
         self.optimizer = optimizer
         self.student_temp, self.centering, self.sinkhorn_iterations = student_temp, centering, sinkhorn_iterations
-        self.clip_grad = clip_grad
+        self.clip_grad, self.clip_grad_mode = clip_grad, clip_grad_mode
         self.use_amp = use_amp
         self.device_type = next(student_net.parameters()).device.type
         self.last_layer_params = dino.last_layer_parameters(student_net.head)
@@ -457,8 +461,8 @@ class DINOTrainStep:
         loss.backward()
         grad_norm = None
         if self.clip_grad > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.student_net.parameters() if p.grad is not None], self.clip_grad))
+            grad_norm = dino.clip_gradients_(list(self.student_net.parameters()), self.clip_grad,
+                                             self.clip_grad_mode)
         if freeze_last_layer:
             for param in self.last_layer_params:
                 param.grad = None  # AdamW then skips them entirely (no moment updates either)
@@ -596,7 +600,8 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     optimizer = make_optimizer(student_net, cfg.fused_adamw)
     train_step = DINOTrainStep(student, student_net, teacher_net, optimizer, student_temp=cfg.student_temp,
                                centering=cfg.centering, sinkhorn_iterations=cfg.sinkhorn_iterations,
-                               clip_grad=cfg.clip_grad, use_amp=_amp_enabled(cfg, device))
+                               clip_grad=cfg.clip_grad, clip_grad_mode=cfg.clip_grad_mode,
+                               use_amp=_amp_enabled(cfg, device))
 
     # ============ init schedulers ... ============
     global_batch = batch_size * runtime.world_size

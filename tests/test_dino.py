@@ -83,6 +83,34 @@ def test_update_center_matches_formula():
     torch.testing.assert_close(center, torch.randn(1, 9, generator=torch.Generator().manual_seed(2)))  # untouched
 
 
+@pytest.mark.parametrize("mode", ["per_parameter", "global"])
+def test_clip_gradients_matches_definition(mode):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7)), nn.Parameter(torch.randn(2, 2)),
+              nn.Parameter(torch.randn(4))]
+    grads = [torch.randn(5, 3) * 4.0, torch.randn(7) * 0.1, torch.randn(2, 2) * 10.0, None]
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+    max_norm = 1.5
+    total = dino.clip_gradients_(params, max_norm, mode)
+    present = [g for g in grads if g is not None]
+    expected_total = math.sqrt(sum(float(g.pow(2).sum()) for g in present))
+    assert total == pytest.approx(expected_total, rel=1e-5)
+    for p, g in zip(params, grads):
+        if g is None:
+            assert p.grad is None
+            continue
+        norm = float(g.norm())
+        scale = min(1.0, max_norm / ((norm if mode == "per_parameter" else expected_total) + 1e-6))
+        torch.testing.assert_close(p.grad, g * scale)
+    if mode == "per_parameter":  # the small gradient is untouched, the large ones end at max_norm each
+        torch.testing.assert_close(params[1].grad, grads[1])
+        assert float(params[0].grad.norm()) == pytest.approx(max_norm, rel=1e-4)
+        assert float(params[2].grad.norm()) == pytest.approx(max_norm, rel=1e-4)
+    with pytest.raises(ValueError, match="clip mode"):
+        dino.clip_gradients_(params, max_norm, "norm")
+
+
 def test_ema_update_matches_formula():
     torch.manual_seed(3)
     student = dino.DINOHead(8, out_dim=10, hidden_dim=12, bottleneck_dim=4)
