@@ -7,7 +7,6 @@ paper's accuracies, where datasets that are not on disk are listed as absent, ne
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -327,7 +326,10 @@ def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, 
             reference = paper.get(task, np.nan)
             rows.append({"task": task, "backbone": backbone, "probe": probe, "status": "present",
                          "n_seeds": int(group["seed"].nunique()), "mean": mean,
-                         "std": float(group["value"].std(ddof=0)), "ci_low": float(group["ci_low"].mean()),
+                         # a spread needs at least two seeds: NaN, not a misleading 0.0, for one
+                         "std": (float(group.groupby("seed")["value"].mean().std(ddof=0))
+                                 if group["seed"].nunique() > 1 else np.nan),
+                         "ci_low": float(group["ci_low"].mean()),
                          "ci_high": float(group["ci_high"].mean()), "paper_accuracy": reference,
                          "delta_vs_paper": mean - reference if metric == "accuracy" else np.nan})
     done = {row["task"] for row in rows}
@@ -347,44 +349,63 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return atomic.write_csv(df, path)
 
 
+PROBE_LABELS = {"logistic": "logistic", "linear_head": "linear head", "knn": "kNN"}
+
+
 def plot_probe_results(df: pd.DataFrame, out_png: str | os.PathLike, metric: str = "accuracy",
                        probe: str = "logistic", paper: Mapping[str, float] = PAPER_ACCURACY) -> Path:
-    """Bar chart of `metric` per task and backbone (mean over seeds, bootstrap CI), paper values as markers."""
+    """Bar chart of `metric` per task and backbone (mean over seeds, bootstrap CI), paper values as markers.
+
+    Each task shows the `probe` results; a task without them (too few samples for a logistic probe, say) shows
+    the next probe that has results (linear head, then kNN), named under its tick. With no results at all the
+    figure says so instead of failing, so a run over absent datasets still finishes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_png = Path(out_png)
-    selected = df[(df["metric"] == metric) & (df["probe"] == probe)]
-    if selected.empty:
-        raise ValueError(f"no rows with metric={metric!r} and probe={probe!r} to plot")
-    summary = selected.groupby(["task", "backbone"], sort=False).agg(
-        value=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean")).reset_index()
-    tasks = list(dict.fromkeys(summary["task"]))
-    backbones = list(dict.fromkeys(summary["backbone"]))
-    width = 0.8 / len(backbones)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) + 2), 4.0), dpi=120)
-    for j, backbone in enumerate(backbones):
-        part = summary[summary["backbone"] == backbone].set_index("task").reindex(tasks)
-        x = np.arange(len(tasks)) + (j - (len(backbones) - 1) / 2) * width
-        err = np.vstack([part["value"] - part["ci_low"], part["ci_high"] - part["value"]]).clip(min=0)
-        ax.bar(x, part["value"], width=width, yerr=err, capsize=3, label=backbone)
-    paper_x = [i for i, t in enumerate(tasks) if t in paper]
-    if paper_x and metric == "accuracy":
-        ax.scatter(paper_x, [paper[tasks[i]] for i in paper_x], marker="D", color="black", zorder=3,
-                   label="EXAONEPath (paper)")
-    ax.set_xticks(np.arange(len(tasks)), tasks)
-    ax.set_ylabel(f"test {metric.replace('_', ' ')} ({probe} probe)")
-    ax.set_ylim(0, 1)
-    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Linear probes on frozen features (bars: 95% bootstrap CI)")
+    rows = df[df["metric"] == metric] if len(df) else df
+    preference = [probe, *[p for p in ("logistic", "linear_head", "knn") if p != probe]]
+    chosen: dict[str, str] = {}
+    for task in dict.fromkeys(rows["task"]) if len(rows) else []:
+        present = set(rows.loc[rows["task"] == task, "probe"])
+        chosen[task] = next(p for p in [*preference, *sorted(present)] if p in present)
+    tasks = list(chosen)
+    fig_width = max(6.0, 1.7 * len(tasks) + 3.5)
+    fig, ax = plt.subplots(figsize=(fig_width, 4.4), dpi=120)
+    if not tasks:
+        ax.text(0.5, 0.5, f"no {metric.replace('_', ' ')} results to plot\n(every dataset absent or too small: "
+                f"see probe_summary.csv)", ha="center", va="center", fontsize=11, transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        selected = pd.concat([rows[(rows["task"] == t) & (rows["probe"] == chosen[t])] for t in tasks])
+        summary = selected.groupby(["task", "backbone"], sort=False).agg(
+            value=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean")).reset_index()
+        backbones = list(dict.fromkeys(summary["backbone"]))
+        width = 0.8 / len(backbones)
+        for j, backbone in enumerate(backbones):
+            part = summary[summary["backbone"] == backbone].set_index("task").reindex(tasks)
+            x = np.arange(len(tasks)) + (j - (len(backbones) - 1) / 2) * width
+            err = np.vstack([part["value"] - part["ci_low"], part["ci_high"] - part["value"]]).clip(min=0)
+            ax.bar(x, part["value"], width=width, yerr=np.nan_to_num(err), capsize=3, label=backbone)
+        paper_x = [i for i, t in enumerate(tasks) if t in paper]
+        if paper_x and metric == "accuracy":
+            ax.scatter(paper_x, [paper[tasks[i]] for i in paper_x], marker="D", color="black", zorder=3,
+                       label="EXAONEPath (paper)")
+        ax.set_xticks(np.arange(len(tasks)),
+                      [t if chosen[t] == probe else f"{t}\n({PROBE_LABELS.get(chosen[t], chosen[t])})"
+                       for t in tasks], fontsize=9)
+        ax.set_ylabel(f"test {metric.replace('_', ' ')}")
+        ax.set_ylim(0, 1)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        # beside the axes, so it never covers a bar
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.set_title(f"{PROBE_LABELS.get(probe, probe).capitalize()} probes on frozen features\n"
+                     f"(bars: 95% bootstrap CI; other probes named under a task)", fontsize=10)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.stem}.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    with atomic.atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png

@@ -113,6 +113,31 @@ def test_run_probes_summary_and_plot(tmp_path):
         assert image.size[0] > 400 and image.size[1] > 300
 
 
+def test_plot_falls_back_to_knn_per_task_and_never_fails_on_no_results(tmp_path):
+    """A task with kNN rows only (too small for a logistic probe) is plotted with its kNN bars; no rows at all
+    gives a figure that says so, instead of stopping stage 05."""
+    rows = []
+    for task, probe, value in [("big", "logistic", 0.9), ("big", "knn", 0.8), ("small", "knn", 0.6)]:
+        for seed in (0, 1):
+            rows.append({"task": task, "backbone": "b", "probe": probe, "seed": seed, "metric": "accuracy",
+                         "value": value + 0.01 * seed, "ci_low": value - 0.05, "ci_high": value + 0.05})
+    df = pd.DataFrame(rows)
+    png = plot_probe_results(df, tmp_path / "mixed.png")
+    empty = plot_probe_results(df.iloc[0:0], tmp_path / "empty.png")
+    for path in (png, empty):
+        with Image.open(path) as image:
+            assert image.size[0] > 400 and image.size[1] > 300
+    # the mixed figure has bars for both tasks: it differs from the empty one, and pixels in two bar columns
+    mixed = np.asarray(Image.open(png).convert("L"), dtype=float)
+    blank = np.asarray(Image.open(empty).convert("L"), dtype=float)
+    assert mixed.shape != blank.shape or np.abs(mixed - blank).mean() > 1.0
+    one_seed = summary_table(df[df.seed == 0])
+    two_seeds = summary_table(df)
+    assert one_seed.loc[one_seed.task == "big", "std"].isna().all()  # one seed: no spread claimed
+    assert two_seeds.loc[(two_seeds.task == "big") & (two_seeds.probe == "logistic"), "std"].iloc[0] == \
+        pytest.approx(0.005)
+
+
 def test_real_pcam_subset_probe_beats_chance(shared_data, tmp_path):
     """Frozen random-init ResNet-18 features of real PCam patches: the linear probe clears 0.70 test accuracy.
 
