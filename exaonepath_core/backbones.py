@@ -227,7 +227,14 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the path named
-        raise CheckpointMismatchError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {exc}")
+        # torch's own message suggests weights_only=False, which would run arbitrary code from the file: the
+        # checkpoints this loader accepts hold tensors and plain containers only, so a file that needs it is not one
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointMismatchError(
+            f"cannot read {path} as a checkpoint of tensors and plain dicts (torch.load(weights_only=True) "
+            f"failed: {first_line}). Expected the official EXAONEPath.ckpt, a DINO checkpoint or a state_dict "
+            f"saved with torch.save; a truncated download or a non-PyTorch file gives this error."
+        ) from None
 
 
 def exaonepath_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -263,6 +270,9 @@ def load_exaonepath_checkpoint(path: str | Path, arch: str = EXAONEPATH_ARCH) ->
 
     path = Path(path)
     state_dict = exaonepath_state_dict(_torch_load(path), source=str(path))
+    # weights re-saved in fp16/bf16 would otherwise stay in that dtype (assign=True keeps the checkpoint's
+    # tensors) and fail at the first float32 forward; features are computed in float32 (autocast may lower it)
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     # DINO's vit_base(num_classes=0) and timm's vit_base_patch16_224(num_classes=0, global_pool='token')
     # share every parameter name (no `head.*`, no `fc_norm.*`), so no renaming is needed.
     # Built on the meta device: random init of 86M parameters would be wasted work (seconds on a CPU)

@@ -57,6 +57,26 @@ def test_official_layout_loads_and_reproduces_outputs(exaonepath_ckpt):
     assert model.blocks[0].norm1.eps == pytest.approx(1e-6)
 
 
+def test_half_precision_checkpoint_loads_as_float32_and_runs(exaonepath_ckpt, tmp_path):
+    _, state_dict = exaonepath_ckpt
+    path = tmp_path / "half.ckpt"
+    torch.save({"state_dict": {k: v.half() for k, v in state_dict.items()}}, path)
+    model = load_exaonepath_checkpoint(path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    torch.testing.assert_close(model.state_dict()["pos_embed"], state_dict["pos_embed"].half().float())
+    with torch.inference_mode():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 768)
+
+
+def test_unreadable_checkpoint_error_names_file_without_unsafe_advice(tmp_path):
+    path = tmp_path / "notes.ckpt"
+    path.write_text("this is not a checkpoint\n")
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_exaonepath_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message and "weights_only=False" not in message
+
+
 def test_missing_key_is_named(exaonepath_ckpt, tmp_path):
     _, state_dict = exaonepath_ckpt
     broken = dict(state_dict)
