@@ -9,6 +9,7 @@ the pretraining stores. Slide ids must be unique: a duplicate is an error naming
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -167,15 +168,24 @@ def read_slide_table(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """Return `shard` (i, N) if 0 <= i < N (shards are numbered from 0), else raise a ValueError that says so."""
+    index, count = (int(v) for v in shard)
+    if count < 1:
+        raise ValueError(f"shard {index}/{count}: the number of shards N must be >= 1")
+    if not 0 <= index < count:
+        last = f"; the last of {count} is {count - 1}/{count}" if index == count else ""
+        raise ValueError(f"shard {index}/{count} is out of range: shard indices are 0-based, "
+                         f"from 0/{count} to {count - 1}/{count}{last}")
+    return index, count
+
+
 def parse_shard(text: str) -> tuple[int, int]:
-    """'i/N' -> (i, N) with 0 <= i < N: this process handles the i-th of N parts of the slide list."""
-    try:
-        i, n = (int(v) for v in str(text).split("/"))
-    except ValueError:
-        raise ValueError(f"shard must look like i/N (e.g. 0/4), got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {text!r}: need 0 <= i < N")
-    return i, n
+    """'i/N' -> (i, N): this process handles the 0-based i-th of N parts (the one shard parser of every stage)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match:
+        raise ValueError(f"shard must look like i/N with a 0-based i (e.g. 0/4 ... 3/4), got {text!r}")
+    return check_shard((int(match.group(1)), int(match.group(2))))
 
 
 def tile_sets(slides: pd.DataFrame, tiles_dir: str | Path) -> list:

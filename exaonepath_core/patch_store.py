@@ -7,7 +7,9 @@ Layout of a store root::
                              n_fallback, seconds (the last row of a slide wins)
     slides/<slide_id>.npy    uint8 (N, T, T, 3), written to a temp file then renamed
     slides/<slide_id>.csv    x, y, fallback per patch (same order as the .npy)
-    index.csv                patch_index, slide_id, x, y, fallback over all ok slides (finalize())
+    index.csv                patch_index, slide_id, x, y, fallback over all ok slides (finalize_store(), which
+                             normalize_slides runs once every slide of its listing has a ledger row; a later
+                             ledger row removes it again, and readers then index from the ledger)
 
 Several processes may write disjoint slides into one root: every file a slide owns is renamed into place
 atomically and ledger rows are appended with single O_APPEND writes.
@@ -21,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,7 @@ import pandas as pd
 import torch
 
 from exaonepath_core import atomic
+from exaonepath_core.cohort import check_shard, parse_shard  # noqa: F401 - parse_shard re-exported
 from exaonepath_core.stain import MacenkoReference, macenko_normalize_batch
 
 STORE_FORMAT_VERSION = 1
@@ -61,26 +63,9 @@ def validate_slide_id(slide_id: str) -> str:
     return slide_id
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """Parse a '--shard i/N' string into (i, N) with 0 <= i < N."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not match:
-        raise ValueError(f"shard must look like 'i/N', got {text!r}")
-    shard = (int(match.group(1)), int(match.group(2)))
-    _check_shard(shard)
-    return shard
-
-
-def _check_shard(shard: tuple[int, int]) -> None:
-    index, count = shard
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard must satisfy 0 <= i < N, got {index}/{count}")
-
-
 def shard_slide_ids(slide_ids: Iterable[str], shard: tuple[int, int]) -> list[str]:
     """The deterministic i-th of N parts of the sorted slide ids (round robin over the sorted list)."""
-    _check_shard(shard)
-    index, count = shard
+    index, count = check_shard(shard)
     return [s for position, s in enumerate(sorted(slide_ids)) if position % count == index]
 
 
@@ -194,23 +179,12 @@ class PatchStoreWriter:
                     + "); use another root or force=True to overwrite"
                 )
         settings["counts"] = None
-        atomic.write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
+        (self.root / "index.csv").unlink(missing_ok=True)  # an index of the store's earlier settings
+        atomic.write_json(path, settings)
 
     def _create_ledger(self) -> None:
-        path = self.root / "ledger.csv"
-        if path.exists():
-            return
-        # link() refuses to replace an existing file, so concurrent writers create the header exactly once
-        fd, tmp = tempfile.mkstemp(prefix=".ledger.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(_csv_line(LEDGER_COLUMNS))
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        # create_once links a complete file into place, so concurrent writers create the header exactly once
+        atomic.create_once(self.root / "ledger.csv", _csv_line(LEDGER_COLUMNS))
 
     def record(self, slide_id: str, status: str, reason: str = "", n_patches: int = 0,
                n_fallback: int = 0, seconds: float = 0.0) -> None:
@@ -218,11 +192,12 @@ class PatchStoreWriter:
         if status not in ("ok", "failed"):
             raise ValueError(f"status must be 'ok' or 'failed', got {status!r}")
         line = _csv_line([slide_id, status, reason, int(n_patches), int(n_fallback), f"{seconds:.3f}"])
-        fd = os.open(self.root / "ledger.csv", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.root / "ledger.csv", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # umask applies
         try:
             os.write(fd, line)
         finally:
             os.close(fd)
+        _invalidate_index(self.root)
 
     def has_slide(self, slide_id: str) -> bool:
         """True when the ledger's last row for this slide is ok and its files are in place."""
@@ -256,10 +231,8 @@ class PatchStoreWriter:
         n_patches = len(coords)
         size = self.patch_size
         slides_dir = self.root / "slides"
-        fd, tmp_npy = tempfile.mkstemp(prefix=f".{slide_id}.", suffix=".npy.tmp", dir=slides_dir)
-        os.close(fd)
-        tmp_csv = None
-        try:
+        # The csv is renamed into place first (inner block): a slide counts as present only once its .npy is.
+        with atomic.atomic_path(slides_dir / f"{slide_id}.npy") as tmp_npy:
             array = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=(n_patches, size, size, 3))
             written = 0
             for batch in batches:
@@ -287,17 +260,7 @@ class PatchStoreWriter:
                 raise ValueError(f"slide {slide_id}: {len(flags)} fallback flags for {n_patches} patches")
             table = pd.DataFrame({"x": coords[:, 0].astype(np.int64), "y": coords[:, 1].astype(np.int64),
                                   "fallback": flags.astype(np.int8)})
-            fd, tmp_csv = tempfile.mkstemp(prefix=f".{slide_id}.", suffix=".csv.tmp", dir=slides_dir)
-            with os.fdopen(fd, "w") as handle:
-                table.to_csv(handle, index=False)
-            # the csv goes first: a slide counts as present only once its .npy is in place
-            os.replace(tmp_csv, slides_dir / f"{slide_id}.csv")
-            os.replace(tmp_npy, slides_dir / f"{slide_id}.npy")
-        except BaseException:
-            Path(tmp_npy).unlink(missing_ok=True)
-            if tmp_csv is not None:
-                Path(tmp_csv).unlink(missing_ok=True)
-            raise
+            atomic.write_csv(table, slides_dir / f"{slide_id}.csv")
         row = {"slide_id": slide_id, "status": "ok", "reason": "", "n_patches": n_patches,
                "n_fallback": int(flags.sum()), "seconds": seconds_offset + time.perf_counter() - start}
         self.record(**row)
@@ -305,21 +268,59 @@ class PatchStoreWriter:
 
     def finalize(self) -> pd.DataFrame:
         """Write index.csv over all ok slides and the counts into manifest.json; returns the index."""
-        index = build_index(self.root)
-        buffer = io.StringIO()
-        index.assign(fallback=index["fallback"].astype(np.int8)).to_csv(buffer, index=False)
-        atomic.write_bytes(self.root / "index.csv", buffer.getvalue().encode())
-        ledger = read_ledger(self.root)
-        manifest = read_manifest(self.root)
-        manifest["counts"] = {
-            "n_slides_ok": int((ledger["status"] == "ok").sum()),
-            "n_slides_failed": int((ledger["status"] == "failed").sum()),
-            "failed_slides": sorted(ledger.loc[ledger["status"] == "failed", "slide_id"]),
-            "n_patches": len(index),
-            "n_fallback": int(index["fallback"].sum()),
-        }
-        atomic.write_bytes(self.root / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-        return index
+        return finalize_store(self.root)
+
+
+def finalize_store(root: str | os.PathLike) -> pd.DataFrame:
+    """Write index.csv over all ok slides and the counts into manifest.json; returns the index (idempotent).
+
+    A later ledger row (a slide added, retried or rewritten) removes index.csv and resets the counts to null,
+    so readers never use a stale index; readers build the index from the ledger while index.csv is missing.
+    """
+    root = Path(root)
+    index = build_index(root)
+    atomic.write_csv(index.assign(fallback=index["fallback"].astype(np.int8)), root / "index.csv")
+    ledger = read_ledger(root)
+    manifest = read_manifest(root)
+    manifest["counts"] = {
+        "n_slides_ok": int((ledger["status"] == "ok").sum()),
+        "n_slides_failed": int((ledger["status"] == "failed").sum()),
+        "failed_slides": sorted(ledger.loc[ledger["status"] == "failed", "slide_id"]),
+        "n_patches": len(index),
+        "n_fallback": int(index["fallback"].sum()),
+    }
+    atomic.write_json(root / "manifest.json", manifest)
+    return index
+
+
+def _invalidate_index(root: Path) -> None:
+    """Drop a finalized index.csv and the manifest counts once the ledger changes after finalize_store."""
+    index_path = root / "index.csv"
+    if not index_path.exists():
+        return
+    index_path.unlink(missing_ok=True)
+    manifest = read_manifest(root)
+    if manifest.get("counts") is not None:
+        manifest["counts"] = None
+        atomic.write_json(root / "manifest.json", manifest)
+
+
+def is_store_complete(root: str | os.PathLike, slide_ids: Iterable[str]) -> bool:
+    """True when every one of `slide_ids` has a ledger row (ok or failed) in the store at `root`."""
+    done = set(read_ledger(root)["slide_id"])
+    return all(slide_id in done for slide_id in slide_ids)
+
+
+def warm_up_normalizer(reference: MacenkoReference | None, device: str | torch.device = "cpu") -> float:
+    """Run the Macenko kernel once on a tiny batch (numba JIT compile, CUDA context); returns the seconds."""
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    # Pink-purple pixels of varied density, so the kernel takes its full (non-fallback) path.
+    base = np.array([[200, 120, 180], [130, 60, 150], [230, 170, 200]], dtype=np.float64)
+    pixels = base[rng.integers(0, 3, size=(2, 16, 16))] * rng.uniform(0.85, 1.0, size=(2, 16, 16, 1))
+    tiles = torch.from_numpy(np.clip(pixels, 0, 255).astype(np.uint8)).to(device)
+    macenko_normalize_batch(tiles, reference)
+    return time.perf_counter() - start
 
 
 def _normalized_batches(
@@ -366,6 +367,11 @@ def normalize_slides(
     the run goes on; slides whose last ledger row is ok are skipped unless force. The patch size comes from
     `patch_size` or from the first tile batch. Returns the latest ledger rows of this shard's slides with a
     `skipped` column; the fallback total is printed when progress is on.
+
+    When every slide of `tile_sources` (all shards, not only this one) has a ledger row, the store is finalized
+    (`finalize_store`: index.csv and the manifest counts); `ledger.attrs["store_finalized"]` says whether it was.
+    In macenko mode the kernel is warmed up once before the first slide, so the JIT compile time is not in any
+    slide's seconds; `ledger.attrs["warmup_seconds"]` holds it (None when no slide was normalized).
     """
     if mode not in STORE_MODES:
         raise ValueError(f"mode must be one of {STORE_MODES}, got {mode!r}")
@@ -385,11 +391,19 @@ def normalize_slides(
     root = Path(root)
     writer = None if patch_size is None else PatchStoreWriter(root, patch_size, mode, reference, force=force)
     skipped: list[str] = []
+    warmup_seconds = None
     for position, slide_id in enumerate(selected):
         _, coords, make_batch_iterator = sources[slide_id]
         if writer is not None and not force and writer.has_slide(slide_id):
             skipped.append(slide_id)
             continue
+        if mode == "macenko" and warmup_seconds is None:
+            # The first call compiles the numba kernel (or starts CUDA): tens of seconds that would otherwise
+            # be charged to the first slide's ledger row.
+            warmup_seconds = warm_up_normalizer(reference, device)
+            if progress:
+                print(f"normalize_slides: kernel warm-up (JIT compile) {warmup_seconds:.1f} s, not charged to "
+                      "any slide", file=sys.stderr)
         start = time.perf_counter()
         try:
             batches = iter(make_batch_iterator())
@@ -424,14 +438,22 @@ def normalize_slides(
             if progress:
                 print(f"[{position + 1}/{len(selected)}] {slide_id}: FAILED {reason}", file=sys.stderr)
                 traceback.print_exc(limit=3, file=sys.stderr)
+    # Every shard checks whether the whole listing is done; the last to finish writes index.csv and the counts
+    # (finalize_store is idempotent, so two shards finishing together both write the same files).
+    finalized = (root / "manifest.json").is_file() and is_store_complete(root, sources)
+    if finalized:
+        finalize_store(root)
     ledger = read_ledger(root)
     ledger = ledger[ledger["slide_id"].isin(selected)].reset_index(drop=True)
     ledger["skipped"] = ledger["slide_id"].isin(skipped)
+    ledger.attrs.update(store_finalized=finalized, warmup_seconds=warmup_seconds)
     if progress:
         ok = ledger["status"] == "ok"
+        state = ("store finalized (index.csv, manifest counts)" if finalized
+                 else "store not finalized yet: other shards' slides are missing")
         print(f"normalize_slides: {int(ok.sum())} ok ({len(skipped)} skipped as done), "
               f"{int((~ok).sum())} failed, {int(ledger.loc[ok, 'n_patches'].sum())} patches, "
-              f"{int(ledger.loc[ok, 'n_fallback'].sum())} fallback", file=sys.stderr)
+              f"{int(ledger.loc[ok, 'n_fallback'].sum())} fallback; {state}", file=sys.stderr)
     return ledger
 
 

@@ -17,6 +17,7 @@ import ctypes
 import math
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from PIL import Image
 
 # A level-0 resolution outside this range is not a microscope slide (72 dpi screen images give 352 um/px).
 PLAUSIBLE_MPP_RANGE = (0.05, 20.0)
+# Relative difference of mpp-x and mpp-y above which a slide is warned about (and their mean used), and above
+# which it is refused: square tiles from pixels 10 % off square would distort the tissue.
+ANISOTROPY_WARN = 0.01
+ANISOTROPY_REFUSE = 0.10
 # Pixels of one thumbnail strip read at a time (bounded memory for slides without a pyramid).
 THUMBNAIL_STRIP_PIXELS = 16 * 1024 * 1024
 # openslide_read_region into a caller's buffer (openslide-python >= 1.2 names it `_read_region`); None means
@@ -51,29 +56,46 @@ class MissingMppError(SlideError):
     """The slide has no usable physical resolution (mpp) and no override was given."""
 
 
-def _mpp_from_properties(props: dict[str, str]) -> tuple[float | None, str]:
-    """Level-0 um/px from OpenSlide properties (mpp-x, then TIFF resolution tags), with where it came from."""
-    for key in ("openslide.mpp-x", "openslide.mpp-y"):
-        value = props.get(key)
-        if value:
-            try:
-                mpp = float(value)
-            except ValueError:
-                continue
-            if mpp > 0:
-                return mpp, key
+class AnisotropicMppError(MissingMppError):
+    """The slide's pixels are far from square (mpp-x and mpp-y differ by more than ANISOTROPY_REFUSE)."""
+
+
+def _positive_float(value: str | None) -> float | None:
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is not None and number > 0 else None
+
+
+def _mpp_xy_from_properties(props: dict[str, str]) -> tuple[float | None, float | None, str]:
+    """Level-0 (um/px along x, along y) from OpenSlide properties, then TIFF resolution tags, and the source.
+
+    One axis missing gives the other for both (most scanners write both; some only mpp-x).
+    """
+    mpp_x = _positive_float(props.get("openslide.mpp-x"))
+    mpp_y = _positive_float(props.get("openslide.mpp-y"))
+    if mpp_x is not None or mpp_y is not None:
+        return (mpp_x or mpp_y), (mpp_y or mpp_x), ("openslide.mpp-x" if mpp_x is not None else "openslide.mpp-y")
     # OpenSlide fills mpp-x from the TIFF tags itself for generic TIFFs; this covers vendors where it does not.
     unit = (props.get("tiff.ResolutionUnit") or "").lower()
-    xres = props.get("tiff.XResolution")
-    if xres and unit in ("centimeter", "inch"):
-        try:
-            per_unit = float(xres)
-        except ValueError:
-            per_unit = 0.0
-        if per_unit > 0:
-            um_per_unit = 10_000.0 if unit == "centimeter" else 25_400.0
-            return um_per_unit / per_unit, "tiff.XResolution"
-    return None, "none"
+    per_unit_x = _positive_float(props.get("tiff.XResolution"))
+    if per_unit_x is not None and unit in ("centimeter", "inch"):
+        um_per_unit = 10_000.0 if unit == "centimeter" else 25_400.0
+        per_unit_y = _positive_float(props.get("tiff.YResolution")) or per_unit_x
+        return um_per_unit / per_unit_x, um_per_unit / per_unit_y, "tiff.XResolution"
+    return None, None, "none"
+
+
+def _mpp_from_properties(props: dict[str, str]) -> tuple[float | None, str]:
+    """Level-0 um/px along x from OpenSlide properties (mpp-x, then TIFF resolution tags), with its source."""
+    mpp_x, _, source = _mpp_xy_from_properties(props)
+    return mpp_x, source
+
+
+def anisotropy(mpp_x: float, mpp_y: float) -> float:
+    """Relative difference of the two pixel sides, |x - y| / min(x, y) (0.0 for square pixels)."""
+    return abs(mpp_x - mpp_y) / min(mpp_x, mpp_y)
 
 
 class Slide:
@@ -97,17 +119,19 @@ class Slide:
             self._validate_readable()
             self.properties: dict[str, str] = dict(self._osr.properties)
             self.mpp_source: str
-            file_mpp, source = _mpp_from_properties(self.properties)
-            if mpp_override is not None:
+            self.mpp_warning = ""  # set when the file's pixels are slightly anisotropic (see _square_pixel_mpp)
+            if mpp_override is not None:  # the override wins over whatever the file says (even anisotropic)
                 if not mpp_override > 0:
                     raise ValueError(f"mpp_override must be > 0, got {mpp_override}")
                 self._mpp: float | None = float(mpp_override)
                 self.mpp_source = "override"
-            elif file_mpp is not None and PLAUSIBLE_MPP_RANGE[0] <= file_mpp <= PLAUSIBLE_MPP_RANGE[1]:
-                self._mpp, self.mpp_source = file_mpp, source
             else:
-                self._mpp = None
-                self.mpp_source = "none" if file_mpp is None else f"implausible {file_mpp:.4g} um/px from {source}"
+                file_mpp, source = self._square_pixel_mpp(refuse_anisotropic=require_mpp)
+                if file_mpp is not None and PLAUSIBLE_MPP_RANGE[0] <= file_mpp <= PLAUSIBLE_MPP_RANGE[1]:
+                    self._mpp, self.mpp_source = file_mpp, source
+                else:
+                    self._mpp = None
+                    self.mpp_source = source if file_mpp is None else f"implausible {file_mpp:.4g} um/px from {source}"
             if self._mpp is None and require_mpp:
                 raise MissingMppError(
                     f"no mpp in {self.path.name} ({self.mpp_source}); pass an mpp override "
@@ -116,6 +140,29 @@ class Slide:
         except BaseException:
             self._osr.close()
             raise
+
+    def _square_pixel_mpp(self, refuse_anisotropic: bool) -> tuple[float | None, str]:
+        """The file's level-0 um/px for square tiles: the mean of x and y when they differ by at most
+        ANISOTROPY_REFUSE (a warning above ANISOTROPY_WARN); beyond that an AnisotropicMppError (or None
+        when `refuse_anisotropic` is False, e.g. reading tiles back, where the mpp is not needed)."""
+        mpp_x, mpp_y, source = _mpp_xy_from_properties(self.properties)
+        if mpp_x is None or mpp_y is None:
+            return None, source
+        spread = anisotropy(mpp_x, mpp_y)
+        if spread <= ANISOTROPY_WARN:
+            return mpp_x, source
+        values = f"mpp-x {mpp_x:.6g} vs mpp-y {mpp_y:.6g} um/px ({spread:.1%} apart, from {source})"
+        if spread > ANISOTROPY_REFUSE:
+            if not refuse_anisotropic:
+                return None, f"anisotropic: {values}"
+            raise AnisotropicMppError(
+                f"slide {self.path.name} has non-square pixels: {values}; square tiles would be distorted. "
+                "If the file is wrong, pass the true level-0 um/px with --mpp-override (mpp_override=)"
+            )
+        mean = (mpp_x + mpp_y) / 2.0
+        self.mpp_warning = f"anisotropic pixels: {values}; using their mean {mean:.6g} um/px"
+        warnings.warn(f"slide {self.path.name}: {self.mpp_warning}", stacklevel=3)
+        return mean, f"mean of mpp-x and mpp-y ({source})"
 
     def _validate_readable(self) -> None:
         """Read one pixel at each corner of level 0: truncated files often open fine and fail on first read."""

@@ -28,7 +28,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections import OrderedDict
@@ -45,6 +44,8 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
+from exaonepath_core import atomic
+from exaonepath_core.cohort import check_shard, parse_shard
 from exaonepath_core.slides import Slide, SlideError, open_slide, slide_id_from_path
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")
@@ -330,19 +331,11 @@ def _mask_thumbnail_size(slide: Slide, params: TilingParams) -> int:
 
 
 def _atomic_h5(path: Path, coords: np.ndarray, fractions: np.ndarray, attrs: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
-            f.create_dataset("tissue_fraction", data=np.asarray(fractions, dtype=np.float32).reshape(-1))
-            for key, value in attrs.items():
-                f.attrs[key] = "" if value is None else value
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+        f.create_dataset("tissue_fraction", data=np.asarray(fractions, dtype=np.float32).reshape(-1))
+        for key, value in attrs.items():
+            f.attrs[key] = "" if value is None else value
 
 
 def tile_slide(
@@ -410,6 +403,8 @@ def _tile_open_slide(slide: Slide, out_dir: Path, params: TilingParams, start: f
             f"no tile reaches min_tissue_fraction={params.min_tissue_fraction} "
             f"(max {float(fractions.max(initial=0.0)):.2f} over {len(grid)} grid tiles)"
         )
+    if slide.mpp_warning:
+        reasons.append(slide.mpp_warning)
     if read_scale < 1.0 - 0.01:
         reasons.append(f"target {params.target_mpp} um/px is sharper than the scan ({source_mpp:.4g}): upsampled")
     reason = "; ".join(reasons)
@@ -519,15 +514,8 @@ def plot_tiling_qc(
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.stem}.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    try:
+    with atomic.atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out_png
 
 
@@ -552,32 +540,30 @@ def list_slides(source: str | Path | Sequence[str | Path]) -> list[Path]:
     raise FileNotFoundError(f"slide source not found: {source} (give a folder or a text file of paths)")
 
 
+def duplicate_slide_ids(slide_paths: Sequence[str | Path]) -> dict[str, list[Path]]:
+    """{slide id: its sorted paths} for every id that more than one entry of the listing maps to."""
+    by_id: dict[str, list[Path]] = {}
+    for p in slide_paths:
+        by_id.setdefault(slide_id_from_path(p), []).append(Path(p))
+    return {sid: sorted(paths, key=str) for sid, paths in sorted(by_id.items()) if len(paths) > 1}
+
+
 def shard_slides(slide_paths: Sequence[str | Path], shard: tuple[int, int] = (0, 1)) -> list[Path]:
     """Shard i of N of the sorted slide list (round-robin, so every shard gets a similar mix of sizes)."""
-    index, count = shard
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard must be (i, N) with 0 <= i < N, got {shard}")
+    index, count = check_shard(shard)
     ordered = sorted((Path(p) for p in slide_paths), key=lambda p: (slide_id_from_path(p), str(p)))
     return ordered[index::count]
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/N' -> (i, N)."""
-    try:
-        i, n = (int(part) for part in text.split("/"))
-    except ValueError as exc:
-        raise ValueError(f"shard must look like i/N (e.g. 0/4), got {text!r}") from exc
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard must satisfy 0 <= i < N, got {text!r}")
-    return i, n
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _duplicate_record(slide_id: str, paths: list[Path]) -> dict[str, Any]:
+    """The failed ledger record of an id shared by several files (one record, one ledger row per path)."""
+    names = ", ".join(str(p) for p in paths)
+    return {
+        "slide_id": slide_id, "slide_path": str(paths[0]), "status": "failed",
+        "reason": f"duplicate slide id {slide_id!r} shared by {len(paths)} files ({names}): none tiled; "
+                  "rename all but one (the id is the file name without its extension)",
+        "n_tiles": 0, "seconds": 0.0, "duplicate_paths": [str(p) for p in paths],
+    }
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -588,8 +574,18 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 
 
 def read_ledger(out_dir: str | Path) -> pd.DataFrame:
-    """All per-slide records under out_dir/ledger/ as a table (LEDGER_COLUMNS first), sorted by slide_id."""
-    records = [r for p in sorted(Path(out_dir, "ledger").glob("*.json")) if (r := _read_record(p))]
+    """All per-slide records under out_dir/ledger/ as a table (LEDGER_COLUMNS first), sorted by slide_id.
+
+    A slide id shared by several files of the listing gives one failed row per file (same id, both paths).
+    """
+    records = []
+    for p in sorted(Path(out_dir, "ledger").glob("*.json")):
+        record = _read_record(p)
+        if not record:
+            continue
+        # A duplicate id is one record naming every file that shares it: one failed row per file.
+        for path in record.pop("duplicate_paths", None) or [record["slide_path"]]:
+            records.append({**record, "slide_path": path})
     table = pd.DataFrame(records)
     for col in LEDGER_COLUMNS:
         if col not in table.columns:
@@ -600,7 +596,7 @@ def read_ledger(out_dir: str | Path) -> pd.DataFrame:
 
 def _write_tables(out_dir: Path) -> pd.DataFrame:
     ledger = read_ledger(out_dir)
-    _write_text_atomic(out_dir / "ledger.csv", ledger[LEDGER_COLUMNS].to_csv(index=False))
+    atomic.write_text(out_dir / "ledger.csv", ledger[LEDGER_COLUMNS].to_csv(index=False))
     ok = ledger["status"] == "ok"
     summary = pd.DataFrame(
         [{
@@ -611,7 +607,7 @@ def _write_tables(out_dir: Path) -> pd.DataFrame:
             "ok_zero_tiles": int((ok & (pd.to_numeric(ledger["n_tiles"]) == 0)).sum()),
         }]
     )
-    _write_text_atomic(out_dir / "summary.csv", summary.to_csv(index=False))
+    atomic.write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     return ledger
 
 
@@ -625,7 +621,7 @@ def _check_params_file(out_dir: Path, params: TilingParams) -> None:
             diff = {k: (existing.get(k), v) for k, v in wanted.items() if existing.get(k) != v}
             raise ValueError(f"{out_dir} holds tiles made with other parameters {diff}; use another folder")
     else:
-        _write_text_atomic(path, json.dumps(wanted, indent=2, sort_keys=True))
+        atomic.write_text(path, json.dumps(wanted, indent=2, sort_keys=True))
 
 
 def _tile_one_safely(slide_path: str, out_dir: str, params_dict: dict[str, Any], mpp: float | None) -> dict[str, Any]:
@@ -681,6 +677,10 @@ def tile_cohort(
 ) -> pd.DataFrame:
     """Tile this shard's slides into out_dir with a worker pool; returns the ledger rows of this shard.
 
+    `shard` (i, N) is 0-based. Slide ids (file names without extension) must be unique over the whole listing:
+    every file of a shared id is a failed row (reason naming all of them) in every shard's result and in
+    ledger.csv / summary.csv, and none of them is tiled; the other slides are.
+
     Slides whose record is ok (and whose coords file exists) are skipped; failed ones are retried only with
     force. Every slide gets a record: unreadable, mpp-less or crashing slides are 'failed' with a reason, and
     the run always finishes, writing ledger.csv and summary.csv over every shard's records in out_dir.
@@ -689,32 +689,32 @@ def tile_cohort(
     from tqdm.auto import tqdm
 
     params = params or TilingParams()
+    check_shard(shard)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_params_file(out_dir, params)
-    mine = shard_slides(slide_paths, shard)
+    # Duplicates are found over the whole listing, before sharding: two files with one id would otherwise land
+    # in different shards and overwrite each other's coords. Every shard records and reports them, none tiles.
+    duplicates = duplicate_slide_ids(slide_paths)
+    mine = shard_slides([p for p in slide_paths if slide_id_from_path(p) not in duplicates], shard)
     ledger_dir = out_dir / "ledger"
     ledger_dir.mkdir(exist_ok=True)
 
     def save(record: dict[str, Any]) -> None:
-        _write_text_atomic(ledger_dir / f"{record['slide_id']}.json", json.dumps(record, indent=1))
+        atomic.write_text(ledger_dir / f"{record['slide_id']}.json", json.dumps(record, indent=1))
 
-    first_path: dict[str, Path] = {}
-    tasks, seen_ids, duplicates = [], [], []
+    for sid, paths in duplicates.items():
+        record = _duplicate_record(sid, paths)
+        if progress:
+            print(f"[tiling] FAILED {sid}: {record['reason']}", file=sys.stderr)
+        if _read_record(ledger_dir / f"{sid}.json") != record:
+            save(record)
+
+    tasks = []
     for path in mine:
         sid = slide_id_from_path(path)
-        seen_ids.append(sid)
-        if sid in first_path:
-            # Two files with one id would overwrite each other's coords: record, never drop silently.
-            print(f"[tiling] duplicate slide id {sid!r}: {path} skipped (also {first_path[sid]})", file=sys.stderr)
-            duplicates.append({
-                "slide_id": sid, "slide_path": str(path), "status": "failed",
-                "reason": f"duplicate slide id (also {first_path[sid]}); not tiled", "n_tiles": 0, "seconds": 0.0,
-            })
-            continue
-        first_path[sid] = path
         previous = _read_record(ledger_dir / f"{sid}.json")
-        if previous is not None and previous.get("slide_path") == str(path):
+        if previous is not None and previous.get("slide_path") == str(path) and not previous.get("duplicate_paths"):
             if previous.get("status") == "ok" and (out_dir / "coords" / f"{sid}.h5").is_file():
                 continue
             if previous.get("status") == "failed" and not force:
@@ -745,10 +745,8 @@ def tile_cohort(
     finally:
         bar.close()
     ledger = _write_tables(out_dir)
-    mine_rows = ledger[ledger["slide_id"].isin(set(seen_ids))]
-    if duplicates:  # not in the ledger files (one record per id), but reported to the caller
-        mine_rows = pd.concat([mine_rows, pd.DataFrame(duplicates)], ignore_index=True)
-    return mine_rows.reset_index(drop=True)
+    mine_ids = {slide_id_from_path(p) for p in mine} | set(duplicates)
+    return ledger[ledger["slide_id"].isin(mine_ids)].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -956,18 +954,35 @@ def tiling_dir(root: str | Path, params: TilingParams) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m exaonepath_core.tiling`: tile a slide folder or list; prints a summary and the failures."""
-    parser = argparse.ArgumentParser(prog="python -m exaonepath_core.tiling", description=main.__doc__)
+    """`python -m exaonepath_core.tiling`: tile a slide folder or list; prints a summary and the failures.
+
+    Exit status: 0 when every slide of the shard tiled (0 tiles counts as tiled, with a reason), 1 when any
+    slide failed (all other slides are still processed and the table printed; see ledger.csv), 2 for bad
+    arguments.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m exaonepath_core.tiling", description=main.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = TilingParams()
     parser.add_argument("--slides", required=True, help="folder of slides (recursive) or a text file of paths")
     parser.add_argument("--out", required=True, help="stage folder; tiles go to OUT/<params folder name>/")
-    parser.add_argument("--target-mpp", type=float, default=0.5)
-    parser.add_argument("--tile-size", type=int, default=224)
-    parser.add_argument("--overlap", type=int, default=0)
-    parser.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction per tile")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--shard", default="0/1", help="i/N: tile the i-th of N deterministic parts")
+    parser.add_argument("--target-mpp", type=float, default=defaults.target_mpp,
+                        help="um per pixel of the tiles (0.5 = 20x; default %(default)s)")
+    parser.add_argument("--tile-size", type=int, default=defaults.tile_size,
+                        help="tile side in pixels at --target-mpp (default %(default)s)")
+    parser.add_argument("--overlap", type=int, default=defaults.overlap,
+                        help="pixels at --target-mpp shared by neighbouring tiles (default %(default)s)")
+    parser.add_argument("--min-tissue", type=float, default=defaults.min_tissue_fraction,
+                        help="minimum tissue fraction per tile (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="slides tiled in parallel, one process each (default %(default)s)")
+    parser.add_argument("--shard", default="0/1",
+                        help="i/N: tile the i-th of N deterministic parts, i counted from 0 (0/N ... N-1/N; "
+                             "default %(default)s = everything)")
     parser.add_argument("--force", action="store_true", help="retry slides that failed before")
-    parser.add_argument("--mpp-override", type=float, default=None, help="um/px at level 0 for every slide")
+    parser.add_argument("--mpp-override", type=float, default=None,
+                        help="um/px at level 0 for every slide (for slides without, or with anisotropic, mpp)")
     parser.add_argument("--no-qc", action="store_true", help="skip the per-slide QC figures")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -989,16 +1004,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = tiling_dir(args.out, params)
     rows = tile_cohort(slides, out, params, workers=args.workers, shard=shard, force=args.force,
                        mpp_overrides=args.mpp_override, progress=not args.no_progress)
+    print_cohort_report(rows, out, shard)
+    return 1 if (rows["status"] != "ok").any() else 0
+
+
+def print_cohort_report(rows: pd.DataFrame, out_dir: Path, shard: tuple[int, int]) -> None:
+    """Print this shard's counts, its failures, 0-tile and upsampled slides, then the whole folder's summary."""
     ok = rows["status"] == "ok"
-    print(f"tiling folder: {out}")
-    print(f"shard {shard[0]}/{shard[1]}: {len(rows)} slides, {int(ok.sum())} ok, {int((~ok).sum())} failed, "
-          f"{int(pd.to_numeric(rows.loc[ok, 'n_tiles']).sum()) if ok.any() else 0} tiles")
+    n_tiles = pd.to_numeric(rows["n_tiles"], errors="coerce").fillna(0).astype(int)
+    reasons = rows["reason"].fillna("").astype(str)
+    print(f"tiling folder: {out_dir}")
+    which = "all slides" if shard[1] == 1 else f"shard {shard[0]}/{shard[1]} (0-based)"
+    print(f"{which}: {len(rows)} slides, {int(ok.sum())} ok, {int((~ok).sum())} failed, "
+          f"{int(n_tiles[ok].sum())} tiles")
     for _, row in rows[~ok].iterrows():
-        print(f"  FAILED {row['slide_id']}: {row['reason']}")
-    for _, row in rows[ok & (pd.to_numeric(rows['n_tiles']) == 0)].iterrows():
+        print(f"  FAILED {row['slide_id']} ({row['slide_path']}): {row['reason']}")
+    for _, row in rows[ok & (n_tiles == 0)].iterrows():
         print(f"  0 tiles {row['slide_id']}: {row['reason']}")
-    print(pd.read_csv(out / "summary.csv").to_string(index=False))
-    return 0
+    upsampled = rows[ok & reasons.str.contains("upsampled", regex=False)]
+    for _, row in upsampled.iterrows():
+        print(f"  WARNING upsampled {row['slide_id']}: {row['reason']}")
+    anisotropic = rows[ok & reasons.str.contains("anisotropic", regex=False)]
+    for _, row in anisotropic.iterrows():
+        print(f"  WARNING pixel size {row['slide_id']}: {row['reason']}")
+    if shard[1] == 1:
+        print("summary.csv (whole folder):")
+    else:
+        print(f"summary.csv (whole folder: every shard so far, not only shard {shard[0]}/{shard[1]}):")
+    print(pd.read_csv(out_dir / "summary.csv").to_string(index=False))
 
 
 if __name__ == "__main__":

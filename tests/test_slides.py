@@ -135,6 +135,44 @@ def test_missing_mpp_and_override(tmp_path):
         assert s.mpp == pytest.approx(0.25)
 
 
+def test_anisotropic_pixels_warned_or_refused(tmp_path):
+    """mpp-x 0.5 with mpp-y 0.25 is refused (was read as 0.5); 2 % apart warns and uses the mean; 0.5 % is quiet."""
+    import warnings
+
+    from exaonepath_core.slides import AnisotropicMppError
+
+    rgb = np.full((128, 128, 3), 200, np.uint8)
+
+    def tiff(name, mpp_x, mpp_y):
+        path = tmp_path / name
+        tifffile.imwrite(path, rgb, tile=(64, 64), photometric="rgb", resolutionunit="CENTIMETER",
+                         resolution=(1e4 / mpp_x, 1e4 / mpp_y))
+        return path
+
+    far = tiff("far.tiff", 0.5, 0.25)
+    with pytest.raises(AnisotropicMppError) as info, open_slide(far):
+        pass
+    message = str(info.value)
+    assert "far.tiff" in message and "mpp-x 0.5 " in message and "mpp-y 0.25 " in message
+    assert "100.0% apart" in message and "--mpp-override" in message
+    with open_slide(far, mpp_override=0.5) as s:  # the override wins
+        assert s.mpp == 0.5 and s.mpp_source == "override" and s.mpp_warning == ""
+    with open_slide(far, require_mpp=False) as s:  # reading tiles back needs no mpp
+        assert not s.has_mpp and s.mpp_source.startswith("anisotropic")
+
+    near = tiff("near.tiff", 0.5, 0.51)
+    with pytest.warns(UserWarning, match=r"near.tiff: anisotropic pixels: mpp-x 0.5 vs mpp-y 0.51 .*2.0% apart"), \
+            open_slide(near) as s:
+        assert s.mpp == pytest.approx(0.505) and "mean" in s.mpp_source and "0.505" in s.mpp_warning
+
+    square_enough = tiff("square.tiff", 0.5, 0.5025)  # 0.5 % apart: scanner rounding, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_slide(square_enough) as s:
+            assert s.mpp == pytest.approx(0.5) and s.mpp_source == "openslide.mpp-x" and s.mpp_warning == ""
+    assert slides.anisotropy(0.5, 0.25) == pytest.approx(1.0) and slides.anisotropy(0.3, 0.3) == 0.0
+
+
 def test_direct_numpy_read_equals_public_pil_path(svs, pyramid, tmp_path):
     """The fast read (openslide_read_region into numpy) gives the pixels of openslide's public PIL path."""
     # A slide with partly transparent pixels: alpha 0 outside, and an RGBA TIFF with intermediate alpha.
