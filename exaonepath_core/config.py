@@ -4,7 +4,10 @@ A profile file may name a parent with ``inherits: other.yaml`` (a path relative 
 mappings are merged key by key into the parent's. Strings may use ``${VAR}`` or ``${VAR:-default}`` to read
 environment variables, and relative paths are resolved against the repository root by the stage code
 (`resolve_path`). Every section is a dataclass, so a misspelt key fails at load time with its full dotted name.
-The pretraining section is validated against :class:`exaonepath_core.training.PretrainConfig`.
+Every value is type-checked against its field's annotation (configs/paper.yaml holds the complete defaults and
+is tested to match): list vs scalar, int/float/bool/str, null only where the field is optional, plus the arms,
+choices, shard strings and positive sizes listed below; an error names the dotted key, the value and what was
+expected. The pretraining section is validated against :class:`exaonepath_core.training.PretrainConfig`.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import hashlib
 import json
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +127,11 @@ class ProjectConfig:
     """The whole resolved configuration of one profile."""
 
     profile: str = "smoke"
+    # Full input checks (every slide and downstream path must exist, downstream datasets at their published
+    # sizes): the paper profile and anything inheriting it; smoke/ci turn it off. Never derived from the name.
+    strict_inputs: bool = False
+    # Folder under results_root for this run; empty: the profile name. `--sweep` sets `<profile>__<key>=<value>`.
+    run_name: str = ""
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     results_root: str = "results"
@@ -135,15 +145,55 @@ class ProjectConfig:
     probes: ProbesSection = field(default_factory=ProbesSection)
     collapse: CollapseSection = field(default_factory=CollapseSection)
 
+    @property
+    def results_name(self) -> str:
+        """The run's folder name under `results_root` (`run_name`, else the profile name)."""
+        return self.run_name or self.profile
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON serialisable)."""
         return dataclasses.asdict(self)
 
     def section_hash(self, *names: str) -> str:
-        """Stable hash of the named top-level sections (all when none given): the stage skip key."""
+        """Stable hash of the named top-level sections (all when none given)."""
+        return self.keys_hash(names or tuple(sorted(self.to_dict())))
+
+    def keys_hash(self, include: typing.Iterable[str], exclude: typing.Iterable[str] = ()) -> str:
+        """Stable hash of the dotted keys in `include` (whole sections or single keys) minus those in `exclude`."""
         d = self.to_dict()
-        sub = {k: d[k] for k in (names or sorted(d))}
-        return hashlib.sha256(json.dumps(sub, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        picked: dict[str, Any] = {}
+        for dotted in include:
+            value = _get_dotted(d, dotted)
+            if value is _MISSING:
+                raise KeyError(f"no config key {dotted!r}")
+            picked[dotted] = json.loads(json.dumps(value, default=str))  # a deep copy the excludes may prune
+        for dotted in exclude:
+            for key, value in picked.items():
+                # an exclude prunes inside an included section; a key included by its own name stays
+                if dotted.startswith(key + ".") and isinstance(value, dict):
+                    _pop_dotted(value, dotted[len(key) + 1:])
+        return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_MISSING = object()
+
+
+def _get_dotted(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _pop_dotted(tree: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node: Any = tree
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -189,46 +239,167 @@ def read_yaml_with_inheritance(path: str | Path, _seen: tuple = ()) -> dict:
 
 def _build(cls: type, data: dict, where: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(f"{where}.{k}" if where else k for k in unknown)
         raise ConfigError(f"unknown config key(s): {names} (known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        ftype = fields[name].type
-        sub = _SECTION_TYPES.get(ftype) if isinstance(ftype, str) else None
-        if sub is not None:
-            kwargs[name] = _build(sub, value or {}, f"{where}.{name}" if where else name)
+        dotted = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {} if value is None else value, dotted)
         else:
-            kwargs[name] = value
+            kwargs[name] = check_value(dotted, hints[name], value)
     return cls(**kwargs)
 
 
-_SECTION_TYPES = {
-    "SyntheticSection": SyntheticSection,
-    "DataSection": DataSection,
-    "TilingSection": TilingSection,
-    "NormalizeSection": NormalizeSection,
-    "FeaturesSection": FeaturesSection,
-    "ProbesSection": ProbesSection,
-    "CollapseSection": CollapseSection,
-}
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return f"a mapping of name: {_describe(typing.get_args(hint)[1])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(hint))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def check_value(dotted: str, hint: Any, value: Any) -> Any:
+    """`value` checked against the annotation `hint` (numbers written as strings, e.g. 1e-4 or from ${VAR}, are
+    converted; ints are accepted where floats are expected); raise ConfigError naming key, value and type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]  # the config only uses `X | None`
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def wrong(extra: str = "") -> ConfigError:
+        got = "null" if value is None else f"{type(value).__name__} {value!r}"
+        return ConfigError(f"config key {dotted}: expected {_describe(hint)}, got {got}{extra}")
+
+    if hint is Any:
+        return value
+    if value is None:
+        raise wrong(' (write "" for an empty string)' if hint is str else "")
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong(f" (a list is written [a, b], e.g. --set {dotted}=[{value}])")
+        return [check_value(f"{dotted}[{i}]", args[0], item) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong()
+        return {key: check_value(f"{dotted}.{key}", args[1], item) for key, item in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong()
+        return value
+    if isinstance(value, str) and hint in (int, float) and (_INTEGER if hint is int else _NUMBER).fullmatch(
+            value.strip()):
+        value = (int if hint is int else float)(value.strip())
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong()
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong()
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong()
+        return value
+    raise TypeError(f"config key {dotted}: annotation {hint!r} has no checker")  # a new field type: add one
+
+
+# Values a type check cannot catch. Sizes a stage divides by or loops over: > 0; counts where 0 means
+# "none"/"all": >= 0. Pretraining sizes are checked by PretrainConfig itself.
+POSITIVE_KEYS = ("tiling.tile_size", "tiling.workers", "tiling.target_mpp", "normalize.batch_size", "normalize.Io",
+                 "features.batch_size", "nproc_per_node", "probes.knn_k", "collapse.k", "collapse.max_points",
+                 "data.mpp_override", "data.synthetic.n_sites", "data.synthetic.slides_per_site",
+                 "data.synthetic.slide_size_px", "data.synthetic.mpp")
+NON_NEGATIVE_KEYS = ("tiling.overlap", "tiling.qc_figures", "features.num_workers", "features.max_samples_per_split",
+                     "features.max_tiles_per_heldout_slide", "data.heldout_slides_per_site",
+                     "data.synthetic.heldout_slides_per_site", "probes.n_boot", "collapse.n_boot")
+CHOICE_KEYS: dict[str, tuple[str, ...]] = {"device": ("auto", "cpu", "cuda"), "collapse.embedding": ("tsne", "pca")}
+SHARD_KEYS = ("tiling.shard", "normalize.shard")
+_SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def shard_count(text: str) -> int:
+    """N of a shard string `i/N` (0 <= i < N); ConfigError otherwise."""
+    match = _SHARD.fullmatch(str(text))
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise ConfigError(f"shard must look like i/N with 0 <= i < N (e.g. 0/4), got {text!r}")
+    return int(match.group(2))
+
+
+def validate_values(cfg: ProjectConfig) -> None:
+    """Range, choice and cross-key checks on a typed config; ConfigError names the dotted key and value."""
+    from exaonepath_core.patch_store import STORE_MODES
+    from exaonepath_core.training import INPUT_ARMS
+
+    d = cfg.to_dict()
+    for dotted in POSITIVE_KEYS:
+        value = _get_dotted(d, dotted)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key {dotted}: must be > 0, got {value!r}")
+    for dotted in NON_NEGATIVE_KEYS:
+        if _get_dotted(d, dotted) < 0:
+            raise ConfigError(f"config key {dotted}: must be >= 0, got {_get_dotted(d, dotted)!r}")
+    for dotted, allowed in CHOICE_KEYS.items():
+        if _get_dotted(d, dotted) not in allowed:
+            raise ConfigError(f"config key {dotted}: must be one of {', '.join(allowed)}, "
+                              f"got {_get_dotted(d, dotted)!r}")
+    for dotted in SHARD_KEYS:
+        try:
+            shard_count(_get_dotted(d, dotted))
+        except ConfigError as err:
+            raise ConfigError(f"config key {dotted}: {err}") from None
+    for dotted, allowed in (("arms", INPUT_ARMS), ("normalize.stores", STORE_MODES)):
+        values = _get_dotted(d, dotted)
+        bad = [v for v in values if v not in allowed]
+        if bad or not values or len(set(values)) != len(values):
+            raise ConfigError(f"config key {dotted}: expected a non-empty list of distinct values from "
+                              f"{', '.join(allowed)}, got {values!r}")
+    if not cfg.probes.seeds:
+        raise ConfigError("config key probes.seeds: needs at least one seed, got []")
+    if not 0.0 <= cfg.tiling.min_tissue_fraction <= 1.0:
+        raise ConfigError(f"config key tiling.min_tissue_fraction: must lie in [0, 1], "
+                          f"got {cfg.tiling.min_tissue_fraction!r}")
+    if cfg.tiling.overlap >= cfg.tiling.tile_size:
+        raise ConfigError(f"config key tiling.overlap: must be smaller than tiling.tile_size "
+                          f"({cfg.tiling.tile_size}), got {cfg.tiling.overlap}")
+    if os.sep in cfg.run_name or cfg.run_name in (".", ".."):
+        raise ConfigError(f"config key run_name: a folder name without {os.sep!r}, got {cfg.run_name!r}")
 
 
 def validate_pretrain_section(section: dict[str, Any]) -> None:
-    """Reject pretraining keys that `PretrainConfig` does not know, naming them."""
-    try:
-        from exaonepath_core.training import PretrainConfig
-    except ImportError:  # pragma: no cover - training module is part of the package
-        return
+    """Check the pretraining keys against `PretrainConfig`: unknown keys, types, and its own range checks."""
+    from exaonepath_core.training import PretrainConfig
+
     known = {f.name for f in dataclasses.fields(PretrainConfig)}
     unknown = sorted(set(section) - known)
     if unknown:
         raise ConfigError(
             "unknown config key(s): " + ", ".join(f"pretrain.{k}" for k in unknown)
         )
+    hints = typing.get_type_hints(PretrainConfig)
+    for key, value in section.items():
+        section[key] = check_value(f"pretrain.{key}", hints[key], value)
+    if section.get("num_workers", 0) < 0:
+        raise ConfigError(f"config key pretrain.num_workers: must be >= 0, got {section['num_workers']!r}")
+    try:
+        PretrainConfig.from_mapping(section)  # its own checks: positive sizes, warmup <= epochs, choices
+    except ConfigError as err:
+        raise ConfigError(f"config section pretrain: {err}") from None
 
 
 def load_config(path_or_profile: str | Path, overrides: dict[str, Any] | None = None) -> ProjectConfig:
@@ -246,6 +417,7 @@ def load_config(path_or_profile: str | Path, overrides: dict[str, Any] | None = 
     data = _expand_env(data)
     cfg = _build(ProjectConfig, data, "")
     validate_pretrain_section(cfg.pretrain)
+    validate_values(cfg)
     return cfg
 
 
@@ -283,3 +455,27 @@ def pick_device(setting: str = "auto") -> str:
     if setting == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but torch.cuda.is_available() is False")
     return setting
+
+
+def load_run_config(config_path: str | Path = "", profile: str = "smoke") -> ProjectConfig:
+    """The resolved config a stage notebook reads: `config_path` when set, else `<results_root>/<profile>/config.yaml`
+    (written by `./run_all.sh`); a missing file says which command writes it."""
+    if str(config_path).strip():
+        path = Path(config_path)
+        if not path.is_absolute() and not path.exists():  # JupyterLab runs notebooks from notebooks/
+            path = resolve_path(path)
+        return load_config(path)
+    if not str(profile).strip():
+        raise ConfigError("a stage notebook needs `config_path` or `profile` (e.g. profile = \"smoke\")")
+    try:  # a profile name or YAML: its results_root and folder name
+        profile_cfg = load_config(profile)
+        root, name, cli_profile = profile_cfg.results_root, profile_cfg.results_name, profile
+    except ConfigError:  # e.g. a sweep folder `smoke__arms=raw`: no configs/<name>.yaml
+        root, name, cli_profile = "results", str(profile), str(profile).split("__", 1)[0]
+    path = resolve_path(root) / name / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"no resolved config for profile {profile!r} at {path}: the runner writes it. Run "
+            f"`./run_all.sh --profile {cli_profile} --only 01` first (or the whole pipeline without --only), "
+            f"or set the notebook's config_path to a run's config.yaml")
+    return load_config(path)

@@ -1,9 +1,12 @@
 """The staged notebook runner behind `./run_all.sh`: papermill per stage, done-markers, skip/force/from/only, sweeps.
 
 Each stage is one notebook in `notebooks/`. The runner resolves the profile's config once, writes it to
-`results/<profile>/config.yaml`, and executes each notebook with papermill, passing `config_path`,
-`profile`, `force` (and, for stage 03, one `arm` per run so each pretraining arm keeps its own executed copy).
+`results/<run>/config.yaml` (`<run>`: the profile name, or `run_name` such as `smoke__arms=raw` in a sweep), and
+executes each notebook with papermill, passing the parameters it declares among `config_path`, `profile`, `force`
+(and, for stage 03, one `arm` per run so each pretraining arm keeps its own executed copy).
 A stage whose done-marker carries the same config hash is skipped; once a stage runs, every later stage runs too.
+The hash covers the config keys the stage or an upstream stage reads, less those that change speed or display
+only (`HASH_EXCLUDED_KEYS`).
 A failing notebook stops the run with exit code 1, naming the stage, the failing cell and the error; the
 executed notebook (with the traceback in it) is kept under `results/<profile>/notebooks/`.
 """
@@ -21,8 +24,11 @@ from exaonepath_core.config import (
     ConfigError,
     ProjectConfig,
     load_config,
+    load_run_config,
     parse_override,
+    resolve_path,
     save_config,
+    shard_count,
 )
 from exaonepath_core.paths import STAGES, ResultsPaths, stage_key
 
@@ -36,26 +42,38 @@ def kernel_name() -> str:
 
     return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else "python3"
 
-# Config sections each stage reads, cumulatively: a change upstream re-runs everything below it.
-_STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+# Config keys (sections or dotted keys) each stage reads; a stage's hash covers its own and every upstream
+# stage's keys, so a change upstream re-runs everything below it.
+_STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "01": ("profile", "seed", "data", "tiling"),
     "02": ("normalize",),
     "03": ("arms", "pretrain", "nproc_per_node", "device"),
-    "04": ("features",),
+    "04": ("features", "data.downstream_roots"),
     "05": ("probes",),
     "06": ("collapse",),
     "07": (),
 }
 
+# Keys left out of every stage hash: they change how fast a stage runs or what its notebook displays, not what
+# it writes (or, for downstream_roots, only what stage 04 reads, so they sit in stage 04's keys instead).
+HASH_EXCLUDED_KEYS: dict[str, str] = {
+    "data.downstream_roots": "read by stage 04 only (listed there)",
+    "tiling.workers": "parallel processes; the same tiles",
+    "tiling.qc_figures": "how many QC images the notebook displays",
+    "pretrain.num_workers": "data-loader processes; samples are seeded per (epoch, index)",
+    "pretrain.progress_bar": "terminal display",
+    "features.num_workers": "data-loader processes; the same features in the same order",
+}
+
 
 def stage_config_hash(cfg: ProjectConfig, stage: str) -> str:
-    """Hash of every config section this stage or an upstream stage reads."""
-    sections: list[str] = []
+    """Hash of every config key this stage or an upstream stage reads (less `HASH_EXCLUDED_KEYS`)."""
+    keys: list[str] = []
     for key in STAGES:
-        sections.extend(_STAGE_SECTIONS[key])
+        keys.extend(_STAGE_KEYS[key])
         if key == stage_key(stage):
             break
-    return cfg.section_hash(*sections)
+    return cfg.keys_hash(keys, exclude=HASH_EXCLUDED_KEYS)
 
 
 class StageFailed(RuntimeError):
@@ -112,17 +130,18 @@ def run_pipeline(
     """Run the stages of a profile in order; returns {stage: 'ran'|'skipped'}; raises StageFailed."""
     cfg = load_config(profile, overrides)
     if results_name:
-        cfg.profile = results_name
-    check_paper_inputs(cfg)
-    paths = ResultsPaths.for_profile(cfg.profile, cfg.results_root)
-    save_config(cfg, paths.config_path)
-
+        cfg.run_name = results_name  # the folder only: cfg.profile and cfg.strict_inputs keep the profile's values
     selected = list(STAGES)
     if start_from:
         selected = selected[selected.index(stage_key(start_from)):]
     if only:
         wanted = {stage_key(s) for s in only}
         selected = [s for s in selected if s in wanted]
+    check_shards(cfg, selected)
+    check_paper_inputs(cfg)
+    paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
+    save_config(cfg, paths.config_path)
+
     status: dict[str, str] = {}
     upstream_ran = False
     for key in selected:
@@ -130,6 +149,7 @@ def run_pipeline(
         notebook = notebook_dir / f"{nb_name}.ipynb"
         if not notebook.is_file():
             raise FileNotFoundError(f"stage {nb_name}: notebook {notebook} not found")
+        declared = notebook_parameters(notebook)
         chash = stage_config_hash(cfg, key)
         if not force and not upstream_ran and paths.is_done(key, chash):
             print(f"[run_all] {nb_name}: done (same config {chash}), skipped", flush=True)
@@ -142,9 +162,10 @@ def run_pipeline(
             runs = list(cfg.arms)
         for arm in runs:
             suffix = f"_{arm}" if arm else ""
-            params = {"config_path": str(paths.config_path), "profile": cfg.profile, "force": bool(force)}
+            offered = {"config_path": str(paths.config_path), "profile": cfg.results_name, "force": bool(force)}
             if arm:
-                params["arm"] = arm
+                offered["arm"] = arm
+            params = {k: v for k, v in offered.items() if k in declared}
             label = nb_name + (f" [{arm}]" if arm else "")
             print(f"[run_all] {label}: running", flush=True)
             run_notebook(
@@ -163,12 +184,32 @@ def run_pipeline(
     return status
 
 
-def check_paper_inputs(cfg: ProjectConfig) -> None:
-    """The paper profile needs real slide and dataset folders: stop at once naming each missing path."""
-    if cfg.profile != "paper":
-        return
-    from exaonepath_core.config import resolve_path
+def notebook_parameters(notebook: Path) -> set[str]:
+    """Names assigned in the notebook's `parameters` cell; it must declare `config_path` (the runner's handle)."""
+    import papermill as pm
 
+    declared = set(pm.inspect_notebook(str(notebook)))
+    if "config_path" not in declared:
+        raise ConfigError(f"{notebook}: its cell tagged 'parameters' must declare config_path")
+    return declared
+
+
+def check_shards(cfg: ProjectConfig, selected: list[str]) -> None:
+    """A sharded tiling (normalization) run does part of stage 01 (02): refuse to run any later stage with it."""
+    for dotted, stage, value in (("tiling.shard", "01", cfg.tiling.shard),
+                                 ("normalize.shard", "02", cfg.normalize.shard)):
+        later = [s for s in selected if s > stage]
+        if shard_count(value) > 1 and later:
+            raise ConfigError(
+                f"{dotted}={value} handles one part of stage {stage} only, but stage(s) {', '.join(later)} are "
+                f"selected too: run each shard with --only {stage} (e.g. one SLURM array task each), then once "
+                f"without {dotted} (default 0/1) for the rest (--from {stage}: finished slides are skipped)")
+
+
+def check_paper_inputs(cfg: ProjectConfig) -> None:
+    """With `strict_inputs` (the paper profile), stop at once naming each missing slide or dataset path."""
+    if not cfg.strict_inputs:
+        return
     missing = [f"data.slide_dirs: {p}" for p in cfg.data.slide_dirs if not resolve_path(p).is_dir()]
     if not cfg.data.slide_dirs and not cfg.data.slide_list:
         missing.append("data.slide_dirs: (none configured)")
@@ -181,9 +222,26 @@ def check_paper_inputs(cfg: ProjectConfig) -> None:
     ]
     if missing:
         raise ConfigError(
-            "the paper profile needs these paths, which do not exist (edit configs/paper.yaml or pass "
-            "--set data.slide_dirs=[...]):\n  " + "\n  ".join(missing)
+            f"profile {cfg.profile!r} has strict_inputs: true and needs these paths, which do not exist (edit the "
+            "profile's YAML or pass --set data.slide_dirs=[...]; strict_inputs: false for a deliberate subset):\n  "
+            + "\n  ".join(missing)
         )
+
+
+def open_stage(stage: str, config_path: str = "", profile: str = "smoke") -> tuple[ProjectConfig, ResultsPaths]:
+    """A stage notebook's set-up: its run's resolved config and paths; upstream stages must have finished."""
+    key = stage_key(stage)
+    cfg = load_run_config(config_path, profile)
+    paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
+    upstream = [k for k in STAGES if k < key]
+    missing = [k for k in upstream if not paths.done_marker(k).is_file()]
+    if missing:
+        first = STAGES[missing[0]][0]
+        raise RuntimeError(
+            f"stage {STAGES[key][0]} needs stage(s) {', '.join(STAGES[k][0] for k in missing)} of run "
+            f"{cfg.results_name!r} first (no done-marker under {paths.profile_dir}): run "
+            f"`./run_all.sh --profile {cfg.profile} --from {missing[0]}` ({first} onwards)")
+    return cfg, paths
 
 
 def _parse_sweep(text: str) -> tuple[str, list[Any]]:
@@ -222,11 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[tuple[dict[str, Any], str | None]] = [(overrides, None)]
         if args.sweep:
             key, values = _parse_sweep(args.sweep)
-            profile_name = load_config(args.profile, overrides).profile
+            base_name = load_config(args.profile, overrides).results_name
             runs = []
             for v in values:
                 value = [v] if key == "arms" and not isinstance(v, list) else v
-                runs.append(({**overrides, key: value}, f"{profile_name}__{key}={v}"))
+                runs.append(({**overrides, key: value}, f"{base_name}__{key}={v}".replace(os.sep, "_")))
         for run_overrides, name in runs:
             if name:
                 print(f"[run_all] sweep run {name}", flush=True)

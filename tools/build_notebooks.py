@@ -14,20 +14,24 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 
 PARAMS = '''# Parameters (papermill injects the run's values below this cell)
-config_path = "results/smoke/config.yaml"
-profile = "smoke"
-force = False
+config_path = ""  # a run's resolved config.yaml; "" = results/<profile>/config.yaml, written by ./run_all.sh
+profile = "smoke"  # whose results to read when config_path is "": a profile (smoke, ci, paper) or a run folder
 '''
+FORCE = 'force = False  # True: redo finished work (per-slide ledgers, stores, checkpoints) instead of reusing it\n'
 
 SETUP = """matplotlib.use("Agg")
-cfg = load_config(config_path)
-paths = ResultsPaths.for_profile(cfg.profile, cfg.results_root)
+cfg, paths = open_stage({stage!r}, config_path, profile)
 """
 
 
-def setup_cell(imports: str, body: str) -> str:
+def params_cell(force: bool, extra: str = "") -> str:
+    """The tagged parameters cell: config_path and profile; `force` only where the stage reuses finished work."""
+    return PARAMS + (FORCE if force else "") + extra
+
+
+def setup_cell(stage: str, imports: str, body: str) -> str:
     """The stage's set-up cell: its own imports (only what the notebook uses, sorted), SETUP, then `body`."""
-    return imports + "\n" + SETUP + "\n" + body
+    return imports + "\n" + SETUP.format(stage=stage) + "\n" + body
 
 
 NOTEBOOKS: dict[str, list[tuple[str, str]]] = {}
@@ -36,14 +40,15 @@ NOTEBOOKS["01_tile_slides"] = [
     ("md", ("# 01 · Tile slides\n\nCollect the run's slides (the real CC0 slide `CMU-1-Small-Region.svs`, the synthetic "
             "multi-site cohort, real slide folders), detect tissue on a low-resolution level, lay a grid at the target "
             "mpp and store level-0 coordinates per slide with a per-slide ledger. Outputs: `results/<profile>/01_tiles/`.")),
-    ("code", PARAMS),
-    ("code", setup_cell('''import matplotlib
+    ("code", params_cell(force=True)),
+    ("code", setup_cell("01", '''import matplotlib
 import pandas as pd
 from IPython.display import Image, display
 
 from exaonepath_core import cohort, tiling, workflow
-from exaonepath_core.config import load_config, save_config
-from exaonepath_core.paths import ResultsPaths, write_json_atomic
+from exaonepath_core.config import save_config
+from exaonepath_core.paths import write_json_atomic
+from exaonepath_core.pipeline import open_stage
 ''', '''out = paths.stage_dir("01")
 save_config(cfg, out / "config.yaml")
 slides = cohort.build_slide_table(cfg)
@@ -89,8 +94,8 @@ NOTEBOOKS["02_normalize_stains"] = [
             "(Io=240, alpha=1, beta=0.15) before pretraining. We write the pretraining slides' tiles once into sharded "
             "stores, one per input (`raw`, `macenko`); degenerate patches (background) pass through unchanged and are "
             "counted, never dropped. Outputs: `results/<profile>/02_normalize/`.")),
-    ("code", PARAMS),
-    ("code", setup_cell('''import json
+    ("code", params_cell(force=True)),
+    ("code", setup_cell("02", '''import json
 from pathlib import Path
 
 import matplotlib
@@ -98,8 +103,8 @@ import numpy as np
 from IPython.display import Image, display
 
 from exaonepath_core import cohort, patch_store, stain, workflow
-from exaonepath_core.config import load_config, save_config
-from exaonepath_core.paths import ResultsPaths
+from exaonepath_core.config import save_config
+from exaonepath_core.pipeline import open_stage
 ''', '''out = paths.stage_dir("02")
 save_config(cfg, out / "config.yaml")
 slides = cohort.read_slide_table(paths.stage_dir("01") / "slides.csv")
@@ -133,13 +138,13 @@ NOTEBOOKS["03_pretrain_dino"] = [
             "(`raw`, `macenko` = the paper, `stain_augmentation`), each with the same seed, data order and steps. "
             "Training runs in a subprocess through `torchrun` (DDP) or plain python; an interrupted run resumes from "
             "its last checkpoint. Outputs: `results/<profile>/03_pretrain/<arm>/`.")),
-    ("code", PARAMS + 'arm = "macenko"\n'),
-    ("code", setup_cell('''import matplotlib
+    ("code", params_cell(force=True, extra='arm = "macenko"  # the arm this run pretrains (the runner: each of cfg.arms)\n')),
+    ("code", setup_cell("03", '''import matplotlib
 from IPython.display import Image, display
 
 from exaonepath_core import training, workflow
-from exaonepath_core.config import load_config, save_config
-from exaonepath_core.paths import ResultsPaths
+from exaonepath_core.config import save_config
+from exaonepath_core.pipeline import open_stage
 ''', '''out = paths.stage_dir("03") / arm
 out.mkdir(parents=True, exist_ok=True)
 save_config(cfg, out / "config.yaml")
@@ -164,15 +169,15 @@ NOTEBOOKS["04_extract_features"] = [
             "the collapse metrics of stage 06 and no probe) and each real downstream dataset present on disk. "
             "`datasets.csv` counts what was left out and why. "
             "Outputs: `results/<profile>/04_features/<backbone>/<dataset>/<split>/`.")),
-    ("code", PARAMS),
-    ("code", setup_cell('''import json
+    ("code", params_cell(force=True)),
+    ("code", setup_cell("04", '''import json
 
 import matplotlib
 import pandas as pd
 
 from exaonepath_core import features, workflow
-from exaonepath_core.config import load_config, save_config
-from exaonepath_core.paths import ResultsPaths
+from exaonepath_core.config import save_config
+from exaonepath_core.pipeline import open_stage
 ''', '''out = paths.stage_dir("04")
 save_config(cfg, out / "config.yaml")
 backbones = workflow.backbone_specs(cfg, paths.stage_dir("03"), out)
@@ -209,13 +214,13 @@ NOTEBOOKS["05_linear_probes"] = [
             "validation split), kNN (k=20, cosine) as a second view; top-1 accuracy (the paper's metric), balanced "
             "accuracy, macro F1, AUROC, each with a bootstrap 95% interval, over several seeds. Absent datasets are "
             "listed as absent, never faked. Outputs: `results/<profile>/05_probes/`.")),
-    ("code", PARAMS),
-    ("code", setup_cell('''import matplotlib
+    ("code", params_cell(force=False)),
+    ("code", setup_cell("05", '''import matplotlib
 from IPython.display import Image, display
 
 from exaonepath_core import probes, workflow
-from exaonepath_core.config import load_config, save_config
-from exaonepath_core.paths import ResultsPaths
+from exaonepath_core.config import save_config
+from exaonepath_core.pipeline import open_stage
 ''', '''out = paths.stage_dir("05")
 save_config(cfg, out / "config.yaml")
 results = workflow.run_all_probes(cfg, paths.stage_dir("04"))
@@ -240,13 +245,13 @@ NOTEBOOKS["06_feature_collapse"] = [
             "verdict checks slide identity only). Outputs: `results/<profile>/06_collapse/` (`collapse_metrics.csv` "
             "and `collapse_verdict.csv` with a `cohort` column; figures `collapse_metrics.png` / "
             "`embeddings_by_arm.png` for the synthetic cohort, `*_real.png` for the real one).")),
-    ("code", PARAMS),
-    ("code", setup_cell('''import matplotlib
+    ("code", params_cell(force=False)),
+    ("code", setup_cell("06", '''import matplotlib
 from IPython.display import Image, display
 
 from exaonepath_core import figures, workflow
-from exaonepath_core.config import load_config, save_config
-from exaonepath_core.paths import ResultsPaths
+from exaonepath_core.config import save_config
+from exaonepath_core.pipeline import open_stage
 ''', '''out = paths.stage_dir("06")
 save_config(cfg, out / "config.yaml")
 figures.set_style()
@@ -269,18 +274,18 @@ NOTEBOOKS["07_figures_and_tables"] = [
     ("md", ("# 07 · Figures and tables\n\nGathers every stage's outputs: the probe table beside the paper's reported "
             "numbers, the collapse figure per arm, QC figures and training curves, and writes "
             "`results/<profile>/index.html` linking each with one line of context.")),
-    ("code", PARAMS),
-    ("code", setup_cell('''import matplotlib
+    ("code", params_cell(force=False)),
+    ("code", setup_cell("07", '''import matplotlib
 
 from exaonepath_core import report, workflow
-from exaonepath_core.config import load_config, save_config
-from exaonepath_core.paths import ResultsPaths
+from exaonepath_core.config import save_config
+from exaonepath_core.pipeline import open_stage
 ''', '''out = paths.stage_dir("07")
 save_config(cfg, out / "config.yaml")
 items, tables = workflow.report_items(cfg, paths)
 for name, df in tables.items():
     workflow.write_csv_atomic(df, out / f"{name}.csv")
-index = report.write_index_html(paths.profile_dir, items, title=f"EXAONEPath compendium — {cfg.profile} run",
+index = report.write_index_html(paths.profile_dir, items, title=f"EXAONEPath compendium — {cfg.results_name} run",
                                 preamble=workflow.report_preamble(cfg, paths))
 missing = [p for p in report.linked_files(index) if not p.exists()]
 assert not missing, missing
