@@ -383,6 +383,7 @@ def validate_values(cfg: ProjectConfig) -> None:
 
 def validate_pretrain_section(section: dict[str, Any]) -> None:
     """Check the pretraining keys against `PretrainConfig`: unknown keys, types, and its own range checks."""
+    from exaonepath_core import training
     from exaonepath_core.training import PretrainConfig
 
     known = {f.name for f in dataclasses.fields(PretrainConfig)}
@@ -398,7 +399,7 @@ def validate_pretrain_section(section: dict[str, Any]) -> None:
         raise ConfigError(f"config key pretrain.num_workers: must be >= 0, got {section['num_workers']!r}")
     try:
         PretrainConfig.from_mapping(section)  # its own checks: positive sizes, warmup <= epochs, choices
-    except ConfigError as err:
+    except (ConfigError, training.ConfigError) as err:  # training defines its own ConfigError class
         raise ConfigError(f"config section pretrain: {err}") from None
 
 

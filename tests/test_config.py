@@ -1,13 +1,24 @@
-"""Config loading: inheritance, unknown keys rejected by name, env expansion, every shipped profile loads."""
+"""Config loading: inheritance, unknown keys rejected by name, every value type-checked, env expansion, every shipped
+profile loads, strictness from `strict_inputs` (never the name), stage hashes, the notebooks' config lookup."""
 from __future__ import annotations
+
+import dataclasses
+import typing
 
 import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from exaonepath_core.config import ConfigError, load_config, parse_override, save_config
-from exaonepath_core.paths import ResultsPaths, stage_key
-from exaonepath_core.pipeline import stage_config_hash
+from exaonepath_core.config import (
+    ConfigError,
+    ProjectConfig,
+    load_config,
+    load_run_config,
+    parse_override,
+    save_config,
+)
+from exaonepath_core.paths import STAGES, ResultsPaths, stage_key
+from exaonepath_core.pipeline import HASH_EXCLUDED_KEYS, stage_config_hash
 
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml")))
@@ -98,3 +109,135 @@ def test_paths_map_and_done_markers(tmp_path):
     assert not paths.is_done("01", "h1")
     paths.clear_done("01")
     assert not paths.done_marker("01").exists()
+
+
+# --set values exactly as the CLI parses them, the dotted key and a phrase the error must carry
+BAD_OVERRIDES = [
+    ("data.slide_dirs=/tmp", "data.slide_dirs", "expected a list of a string, got str '/tmp'"),
+    ("pretrain.epochs=abc", "pretrain.epochs", "expected an integer, got str 'abc'"),
+    ("pretrain.epochs=0", "pretrain", "epochs must be positive"),
+    ("pretrain.warmup_epochs=50", "pretrain", "warmup_epochs"),
+    ("pretrain.use_amp=yes please", "pretrain.use_amp", "true/false"),
+    ("pretrain.num_workers=-1", "pretrain.num_workers", ">= 0"),
+    ("tiling.tile_size=0", "tiling.tile_size", "> 0"),
+    ("tiling.tile_size=96.5", "tiling.tile_size", "expected an integer, got float 96.5"),
+    ("tiling.workers=true", "tiling.workers", "expected an integer, got bool True"),
+    ("tiling.overlap=224", "tiling.overlap", "smaller than tiling.tile_size"),
+    ("tiling.min_tissue_fraction=1.5", "tiling.min_tissue_fraction", "[0, 1]"),
+    ("tiling.shard=4/4", "tiling.shard", "0 <= i < N"),
+    ("normalize.shard=half", "normalize.shard", "i/N"),
+    ("normalize.batch_size=-8", "normalize.batch_size", "> 0"),
+    ("normalize.stores=[raw, reinhard]", "normalize.stores", "reinhard"),
+    ("features.batch_size=0", "features.batch_size", "> 0"),
+    ("features.extra_backbones=timm:resnet18", "features.extra_backbones", "[timm:resnet18]"),
+    ("probes.seeds=[0, x]", r"probes.seeds\[1\]", "expected an integer"),
+    ("probes.seeds=[]", "probes.seeds", "at least one seed"),
+    ("arms=[foo]", "arms", "'foo'"),
+    ("arms=[raw, raw]", "arms", "distinct"),
+    ("arms=macenko", "arms", "a list"),
+    ("arms=[]", "arms", "non-empty"),
+    ("data.cmu_slide=", "data.cmu_slide", 'write ""'),
+    ("data.downstream_roots={pcam: 3}", "data.downstream_roots.pcam", "expected a string, got int 3"),
+    ("data.synthetic=[1]", "data.synthetic", "expected a mapping"),
+    ("data.mpp_override=0", "data.mpp_override", "> 0"),
+    ("device=gpu", "device", "auto, cpu, cuda"),
+    ("collapse.embedding=umap", "collapse.embedding", "tsne, pca"),
+    ("strict_inputs=maybe", "strict_inputs", "true/false"),
+    ("run_name=a/b", "run_name", "folder name"),
+    ("seed=[1]", "seed", "expected an integer, got list"),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "phrase"), BAD_OVERRIDES, ids=[o for o, _, _ in BAD_OVERRIDES])
+def test_mistyped_or_out_of_range_values_are_rejected_naming_key_value_and_type(override, key, phrase):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", dict([parse_override(override)]))
+    message = str(info.value)
+    assert phrase in message, message
+    import re
+
+    assert re.search(key, message), message
+
+
+def test_well_typed_values_are_kept_and_numbers_converted(monkeypatch):
+    cfg = load_config("smoke", dict(parse_override(o) for o in (
+        "pretrain.lr=1e-4",             # PyYAML reads 1e-4 as a string; the float field converts it
+        "normalize.Io=250",             # an int where a float is expected
+        "data.mpp_override=null",       # optional
+        "data.slide_dirs=[/tmp]",
+        "tiling.shard=2/4",
+        "arms=[macenko]",
+    )))
+    assert cfg.pretrain["lr"] == pytest.approx(1e-4) and isinstance(cfg.pretrain["lr"], float)
+    assert cfg.normalize.Io == 250.0 and isinstance(cfg.normalize.Io, float)
+    assert cfg.data.mpp_override is None and cfg.data.slide_dirs == ["/tmp"]
+    assert cfg.tiling.shard == "2/4" and cfg.arms == ["macenko"]
+    assert load_config("smoke", {"data.mpp_override": 0.25}).data.mpp_override == 0.25
+    monkeypatch.setenv("EP_WORKERS", "3")  # ${VAR} expands to a string; the int field converts it
+    assert load_config("smoke", {"tiling.workers": "${EP_WORKERS:-2}"}).tiling.workers == 3
+
+
+def _dataclass_keys(cls: type, prefix: str = "") -> set[str]:
+    keys = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys |= _dataclass_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def _yaml_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for name, value in tree.items():
+        if isinstance(value, dict) and name not in ("downstream_roots", "pretrain"):
+            keys |= _yaml_keys(value, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def test_paper_yaml_holds_the_complete_defaults():
+    paper = yaml.safe_load((REPO_ROOT / "configs" / "paper.yaml").read_text())
+    assert _yaml_keys(paper) == _dataclass_keys(ProjectConfig)
+    assert len(_dataclass_keys(ProjectConfig)) > 50
+
+
+def test_strictness_comes_from_strict_inputs_not_the_name(tmp_path):
+    assert (load_config("paper").strict_inputs, load_config("smoke").strict_inputs,
+            load_config("ci").strict_inputs) == (True, False, False)
+    lab = _write(tmp_path, "mylab.yaml", {"inherits": str(REPO_ROOT / "configs" / "paper.yaml"), "profile": "mylab"})
+    cfg = load_config(lab)
+    assert cfg.profile == "mylab" and cfg.strict_inputs is True
+    assert cfg.results_name == "mylab"
+    assert load_config(lab, {"run_name": "mylab__arms=raw"}).results_name == "mylab__arms=raw"
+
+
+def test_stage_hash_leaves_out_speed_and_display_keys():
+    a = load_config("smoke")
+    for dotted in ("tiling.workers", "tiling.qc_figures", "pretrain.num_workers", "pretrain.progress_bar",
+                   "features.num_workers"):
+        assert dotted in HASH_EXCLUDED_KEYS
+        value = {"pretrain.progress_bar": True}.get(dotted, 1 if "qc" not in dotted else 9)
+        b = load_config("smoke", {dotted: value})
+        assert b.to_dict() != a.to_dict()
+        assert all(stage_config_hash(a, s) == stage_config_hash(b, s) for s in STAGES), dotted
+    # downstream roots: stage 04 and later only
+    c = load_config("smoke", {"data.downstream_roots": {"pcam_subset": "/elsewhere"}})
+    assert [stage_config_hash(a, s) == stage_config_hash(c, s) for s in STAGES] == [True] * 3 + [False] * 4
+    # what the tiles depend on still re-runs stage 01 onwards
+    d = load_config("smoke", {"data.synthetic.n_sites": 3})
+    assert all(stage_config_hash(a, s) != stage_config_hash(d, s) for s in STAGES)
+
+
+def test_notebook_config_lookup_by_profile(tmp_path):
+    prof = _write(tmp_path, "lab.yaml", {"inherits": str(REPO_ROOT / "configs" / "smoke.yaml"), "profile": "lab",
+                                         "results_root": str(tmp_path / "res")})
+    with pytest.raises(ConfigError, match=r"run_all\.sh --profile .*lab\.yaml --only 01"):
+        load_run_config("", str(prof))
+    cfg = load_config(prof)
+    save_config(cfg, tmp_path / "res" / "lab" / "config.yaml")
+    assert load_run_config("", str(prof)).to_dict() == cfg.to_dict()
+    assert load_run_config(str(tmp_path / "res" / "lab" / "config.yaml"), "ignored").profile == "lab"
+    with pytest.raises(ConfigError, match="needs `config_path` or `profile`"):
+        load_run_config("", "")
