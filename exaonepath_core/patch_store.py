@@ -314,13 +314,16 @@ def is_store_complete(root: str | os.PathLike, slide_ids: Iterable[str]) -> bool
 def warm_up_normalizer(reference: MacenkoReference | None, device: str | torch.device = "cpu") -> float:
     """Run the Macenko kernel once on a tiny batch (numba JIT compile, CUDA context); returns the seconds."""
     start = time.perf_counter()
+    macenko_normalize_batch(torch.from_numpy(_warm_up_tiles()).to(device), reference)
+    return time.perf_counter() - start
+
+
+def _warm_up_tiles() -> np.ndarray:
+    """Two 16 px tiles of pink and purple pixels of varied density: the kernel takes its full (non-fallback) path."""
     rng = np.random.default_rng(0)
-    # Pink-purple pixels of varied density, so the kernel takes its full (non-fallback) path.
     base = np.array([[200, 120, 180], [130, 60, 150], [230, 170, 200]], dtype=np.float64)
     pixels = base[rng.integers(0, 3, size=(2, 16, 16))] * rng.uniform(0.85, 1.0, size=(2, 16, 16, 1))
-    tiles = torch.from_numpy(np.clip(pixels, 0, 255).astype(np.uint8)).to(device)
-    macenko_normalize_batch(tiles, reference)
-    return time.perf_counter() - start
+    return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 def _normalized_batches(

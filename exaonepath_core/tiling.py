@@ -523,12 +523,14 @@ def plot_tiling_qc(
 # Cohort: ledger, shards, worker pool
 # ------------------------------------------------------------------------------------------------------------
 def list_slides(source: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Slide paths from a folder (recursive, by extension), a text file (one path per line) or a list."""
+    """Slide paths from a folder (recursive, by extension), one slide file, a text file (one path per line) or a list."""
     if isinstance(source, (list, tuple)):
         return [Path(p) for p in source]
     source = Path(source)
     if source.is_dir():
         return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
+    if source.is_file() and source.suffix.lower() in SLIDE_EXTENSIONS:
+        return [source]  # one slide, not a list file
     if source.is_file():
         paths = []
         for line in source.read_text().splitlines():
@@ -965,7 +967,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = TilingParams()
-    parser.add_argument("--slides", required=True, help="folder of slides (recursive) or a text file of paths")
+    parser.add_argument("--slides", required=True, help="folder of slides (recursive), one slide, or a text file of paths")
     parser.add_argument("--out", required=True, help="stage folder; tiles go to OUT/<params folder name>/")
     parser.add_argument("--target-mpp", type=float, default=defaults.target_mpp,
                         help="um per pixel of the tiles (0.5 = 20x; default %(default)s)")

@@ -110,6 +110,107 @@ def test_shards_write_disjoint_slides_into_one_root(tmp_path):
     assert index["slide_id"].nunique() == 7 and len(index) == 14
 
 
+def test_store_finalized_when_the_last_shard_finishes(tmp_path):
+    """Shard 0 of 2 leaves index.csv absent and counts null; shard 1 completes the listing and finalizes."""
+    slides = {f"s{i}": _tiles(20 + i, 2 + i) for i in range(5)}  # 2..6 patches: 20 in all
+    sources = [_source(k, v) for k, v in slides.items()]
+    first = normalize_slides(sources, tmp_path, "raw", shard=(0, 2), patch_size=PATCH, progress=False)
+    assert first.attrs["store_finalized"] is False and not (tmp_path / "index.csv").exists()
+    assert json.loads((tmp_path / "manifest.json").read_text())["counts"] is None
+    partial = PatchStoreDataset(tmp_path)  # readers index the ledger meanwhile
+    assert len(partial) == first["n_patches"].sum() == 2 + 4 + 6  # s0, s2, s4
+    second = normalize_slides(sources, tmp_path, "raw", shard=(1, 2), patch_size=PATCH, progress=False)
+    assert second.attrs["store_finalized"] is True
+    index = pd.read_csv(tmp_path / "index.csv")
+    assert len(index) == 20 and index["patch_index"].tolist() == list(range(20))
+    counts = json.loads((tmp_path / "manifest.json").read_text())["counts"]
+    assert counts == {"n_slides_ok": 5, "n_slides_failed": 0, "failed_slides": [], "n_patches": 20,
+                      "n_fallback": 0}
+    dataset = PatchStoreDataset(tmp_path)
+    np.testing.assert_array_equal(dataset[19], slides["s4"][-1])
+    # A rerun that only skips keeps the (idempotent) finalization; a rewritten slide invalidates it first,
+    # then the completed listing finalizes again with the new counts.
+    again = normalize_slides(sources, tmp_path, "raw", patch_size=PATCH, progress=False)
+    assert again["skipped"].all() and again.attrs["store_finalized"] and len(pd.read_csv(tmp_path / "index.csv")) == 20
+    writer = PatchStoreWriter(tmp_path, PATCH, "raw")
+    writer.write_slide("s0", np.zeros((1, 2), dtype=np.int64), [_tiles(99, 1)])
+    assert not (tmp_path / "index.csv").exists() and read_manifest_counts(tmp_path) is None
+    assert len(PatchStoreDataset(tmp_path)) == 19  # from the ledger, not the stale index
+    bad = [_source("s0", slides["s0"]), *sources[1:], _source("s5", _tiles(30, 3), fail_after=0)]
+    normalize_slides(bad, tmp_path, "raw", patch_size=PATCH, progress=False)
+    counts = read_manifest_counts(tmp_path)
+    assert counts["n_patches"] == 19 and counts["failed_slides"] == ["s5"] and counts["n_slides_ok"] == 5
+
+
+def read_manifest_counts(root):
+    return json.loads((root / "manifest.json").read_text())["counts"]
+
+
+def test_macenko_warm_up_runs_once_before_the_first_slide(tmp_path, monkeypatch):
+    """The JIT compile runs in one warm-up call, not inside the first slide's timing; none in raw mode."""
+    from exaonepath_core import patch_store
+
+    calls = []
+    real = patch_store.warm_up_normalizer
+
+    def counting(reference, device="cpu"):
+        calls.append(len(read_ledger(tmp_path / "m")))  # ledger rows written before the warm-up
+        return real(reference, device)
+
+    monkeypatch.setattr(patch_store, "warm_up_normalizer", counting)
+    sources = [_source(f"s{i}", _tiles(40 + i, 3)) for i in range(3)]
+    ledger = normalize_slides(sources, tmp_path / "m", "macenko", patch_size=PATCH, progress=False)
+    assert calls == [0] and ledger.attrs["warmup_seconds"] > 0 and (ledger["status"] == "ok").all()
+    normalize_slides(sources, tmp_path / "m", "macenko", patch_size=PATCH, progress=False)  # all skipped
+    normalize_slides(sources, tmp_path / "r", "raw", patch_size=PATCH, progress=False)
+    assert calls == [0]
+    # The warm-up batch is tissue-coloured: the kernel's full path runs (no fallback), so all of it is compiled.
+    _, fallback = macenko_normalize_batch(torch.from_numpy(patch_store._warm_up_tiles()), MacenkoReference.default())
+    assert fallback.tolist() == [False, False]
+
+
+def test_store_files_follow_the_umask(tmp_path):
+    """Store files get 0666 & ~umask (0644 under 022), folders 0777 & ~umask; atomic helpers likewise."""
+    import os
+    import stat
+
+    from exaonepath_core import atomic
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    old = os.umask(0o022)
+    try:
+        assert atomic.current_umask() == 0o022
+        normalize_slides([_source("a", _tiles(1, 3))], tmp_path / "store", "raw", patch_size=PATCH,
+                         progress=False)
+        store = tmp_path / "store"
+        files = ["manifest.json", "ledger.csv", "index.csv", "slides/a.npy", "slides/a.csv"]
+        assert {f: oct(mode(store / f)) for f in files} == {f: "0o644" for f in files}
+        assert mode(store) == mode(store / "slides") == 0o755
+        with atomic.atomic_dir(tmp_path / "features") as tmp:
+            (tmp / "part.txt").write_text("x")
+        assert mode(tmp_path / "features") == 0o755 and mode(tmp_path / "features" / "part.txt") == 0o644
+        with pytest.raises(FileExistsError, match="overwrite=True"), atomic.atomic_dir(tmp_path / "features"):
+            pass
+        with atomic.atomic_dir(tmp_path / "features", overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("y")
+        assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["new.txt"]
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or trash folders left
+        os.umask(0o027)
+        assert atomic.current_umask() == 0o027
+        with atomic.atomic_open(tmp_path / "strict.txt", "w") as handle:
+            handle.write("z")
+        assert atomic.create_once(tmp_path / "once.csv", b"h\n") and not atomic.create_once(tmp_path / "once.csv", b"x")
+        assert (tmp_path / "once.csv").read_bytes() == b"h\n"
+        with atomic.atomic_dir(tmp_path / "strict_dir") as tmp:
+            pass
+        assert (mode(tmp_path / "strict.txt"), mode(tmp_path / "once.csv"), mode(tmp_path / "strict_dir")) == (
+            0o640, 0o640, 0o750)
+    finally:
+        os.umask(old)
+
+
 def test_refuses_mismatched_root_unless_forced(tmp_path):
     PatchStoreWriter(tmp_path, PATCH, "raw")
     with pytest.raises(ValueError, match="patch_size"):

@@ -270,18 +270,123 @@ def test_worker_pool_matches_serial(bad_dir, wsi, tmp_path):
     np.testing.assert_array_equal(a.coords, b.coords)
 
 
-def test_cli_exit_zero_with_failures(bad_dir, tmp_path, capsys):
+def test_cli_exit_one_with_failures_help_and_warnings(bad_dir, tmp_path, capsys):
     listing = tmp_path / "slides.txt"
     listing.write_text(f"# two slides\n{bad_dir / 'notes.svs'}\n{bad_dir / 'blank.tiff'}\n")
     code = main(["--slides", str(listing), "--out", str(tmp_path / "tiles"), "--target-mpp", "1.0",
                  "--tile-size", "96", "--no-progress", "--no-qc"])
     printed = capsys.readouterr().out
-    assert code == 0
+    assert code == 1  # a failed slide; the other one was still tiled and the table printed
     assert "FAILED notes" in printed and "0 tiles blank" in printed
+    assert "all slides: 2 slides, 1 ok, 1 failed" in printed and "summary.csv (whole folder)" in printed
     assert (tmp_path / "tiles" / "1.00mpp_96px_0px_overlap" / "summary.csv").is_file()
+    # Only good slides: exit 0. 0.25 um/px on a 0.5 um/px scan is an upsample, printed, not only in the ledger.
+    code = main(["--slides", str(bad_dir / "blank.tiff"), "--out", str(tmp_path / "up"), "--target-mpp", "0.25",
+                 "--tile-size", "96", "--no-progress", "--no-qc"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "WARNING upsampled blank: " in printed and "sharper than the scan (0.5): upsampled" in printed
+    # Shards are 0-based: 2/2 is refused with the last valid one named.
     with pytest.raises(SystemExit) as info:
         main(["--slides", str(listing), "--out", str(tmp_path), "--shard", "2/2"])
     assert info.value.code == 2
+    assert "0-based" in capsys.readouterr().err and "the last of 2 is 1/2" in str(info.value.__context__)
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for expected in ("(default 0.5)", "(default 224)", "--overlap", "(default 0)", "(default 1)",
+                     "i counted from 0", "Exit status", "1 when any slide failed"):
+        assert expected in text, expected
+
+
+def _small_tissue_tiff(path, mpp_x: float = 0.5, mpp_y: float | None = None, seed: int = 0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.roll(_tissue_like(512), seed * 7, axis=1)  # different pixels per file, same tissue everywhere
+    tifffile.imwrite(path, rgb, tile=(64, 64), photometric="rgb", resolutionunit="CENTIMETER",
+                     resolution=(1e4 / mpp_x, 1e4 / (mpp_y or mpp_x)))
+    return path
+
+
+def test_duplicate_ids_across_two_shards_fail_in_both(tmp_path, capsys):
+    """a/x.tiff and b/x.tiff share the id x: both shards report both paths failed; nothing overwrites."""
+    root = tmp_path / "slides"
+    ax = _small_tissue_tiff(root / "a" / "x.tiff", seed=1)
+    bx = _small_tissue_tiff(root / "b" / "x.tif", seed=2)
+    for i, name in enumerate(("w", "y", "z")):
+        _small_tissue_tiff(root / f"{name}.tiff", seed=3 + i)
+    args = ["--slides", str(root), "--out", str(tmp_path / "tiles"), "--target-mpp", "1.0", "--tile-size", "96",
+            "--no-progress", "--no-qc"]
+    out = tmp_path / "tiles" / "1.00mpp_96px_0px_overlap"
+    seen = []
+    for shard in ("0/2", "1/2"):
+        assert main([*args, "--shard", shard]) == 1
+        printed = capsys.readouterr().out
+        assert f"shard {shard} (0-based)" in printed and "whole folder: every shard so far" in printed
+        assert f"FAILED x ({ax}): duplicate slide id 'x' shared by 2 files ({ax}, {bx})" in printed
+        assert f"FAILED x ({bx}): duplicate slide id" in printed
+        seen.append(printed)
+    # Shard 0 tiles w and y (round robin over the unique ids w, y, z), shard 1 tiles z; both report x twice.
+    assert "shard 0/2 (0-based): 4 slides, 2 ok, 2 failed" in seen[0]
+    assert "shard 1/2 (0-based): 3 slides, 1 ok, 2 failed" in seen[1]
+    assert not (out / "coords" / "x.h5").exists()
+    ledger = pd.read_csv(out / "ledger.csv")
+    dup = ledger[ledger.slide_id == "x"]
+    assert sorted(dup.slide_path) == sorted([str(ax), str(bx)]) and (dup.status == "failed").all()
+    assert dup.reason.str.contains(str(ax), regex=False).all() and dup.reason.str.contains(str(bx), regex=False).all()
+    summary = pd.read_csv(out / "summary.csv").iloc[0]
+    assert (summary.slides, summary.ok, summary.failed) == (5, 3, 2)
+    ok_tiles = ledger.loc[ledger.status == "ok", "n_tiles"]
+    assert summary.tiles == ok_tiles.sum() and (ok_tiles >= 1).all()  # at most 2 x 2 tiles per 512 px slide
+    # Renaming the second file away: x is retried without --force and tiles from the one file left.
+    bx.rename(bx.with_name("x2.tif"))
+    assert main([*args, "--shard", "0/1"]) == 0
+    capsys.readouterr()
+    ts = load_tile_set(out / "coords" / "x.h5")
+    x_row = pd.read_csv(out / "ledger.csv").set_index("slide_id").loc["x"]
+    assert ts.slide_path == str(ax.resolve()) and x_row.slide_path == str(ax) and len(ts) == x_row.n_tiles >= 1
+    summary = pd.read_csv(out / "summary.csv").iloc[0]
+    assert (summary.slides, summary.ok, summary.failed) == (5, 5, 0)
+
+
+def test_anisotropic_slide_fails_with_reason_or_warns(tmp_path):
+    """mpp 0.5 x 0.25 fails naming both values; 0.5 x 0.51 tiles at their mean with the warning in the ledger."""
+    far = _small_tissue_tiff(tmp_path / "far.tiff", 0.5, 0.25)
+    near = _small_tissue_tiff(tmp_path / "near.tiff", 0.5, 0.51)
+    params = TilingParams(target_mpp=1.0, tile_size=96, qc_figure=False)
+    with pytest.warns(UserWarning, match="anisotropic"):
+        rows = tile_cohort([far, near], tmp_path / "out", params, progress=False).set_index("slide_id")
+    assert rows.loc["far", "status"] == "failed"
+    assert "mpp-x 0.5 vs mpp-y 0.25" in rows.loc["far", "reason"] and "--mpp-override" in rows.loc["far", "reason"]
+    assert rows.loc["near", "status"] == "ok" and "anisotropic pixels" in rows.loc["near", "reason"]
+    ts = load_tile_set(tmp_path / "out" / "coords" / "near.h5")
+    assert ts.source_mpp == pytest.approx(0.505) and ts.level0_patch_size == round(96 * 1.0 / 0.505)
+
+
+def test_tiling_outputs_follow_the_umask(bad_dir, tmp_path):
+    """Coords, QC figure, ledger records and tables get 0666 & ~umask (0644 under 022), folders 0755."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "tiles"
+        tile_cohort([bad_dir / "blank.tiff", _small_tissue_tiff(tmp_path / "t.tiff")], out,
+                    TilingParams(target_mpp=1.0, tile_size=96), progress=False)
+        files = [out / "coords" / "t.h5", out / "qc" / "t.png", out / "ledger" / "t.json", out / "ledger.csv",
+                 out / "summary.csv", out / "params.json"]
+        assert {str(f.relative_to(out)): oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {
+            str(f.relative_to(out)): "0o644" for f in files
+        }
+        for folder in (out, out / "coords", out / "qc", out / "ledger"):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        assert not [p for p in out.rglob(".*")]  # no temp files left behind
+        os.umask(0o027)
+        tile_slide(bad_dir / "blank.tiff", tmp_path / "strict", TilingParams(target_mpp=1.0, tile_size=96))
+        assert stat.S_IMODE((tmp_path / "strict" / "coords" / "blank.h5").stat().st_mode) == 0o640
+        assert stat.S_IMODE((tmp_path / "strict" / "qc" / "blank.png").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
 
 
 def test_tile_dataset_pickles_and_works_in_dataloader(wsi, tmp_path):
