@@ -387,7 +387,10 @@ def load_backbone(spec: str | Mapping[str, Any]) -> tuple[nn.Module, BackboneInf
     """Load any backbone from `exaonepath:PATH`, `timm:NAME` or `ours:PATH` (or the dict form) in eval mode."""
     options = parse_backbone_spec(spec)
     loader = {"exaonepath": _load_exaonepath, "timm": _load_timm, "ours": _load_ours}[options["kind"]]
-    if "seed" in options:  # random-init timm backbones are reproducible only with a fixed seed
+    if options["kind"] == "timm" and not options.get("weights"):
+        # random-init timm backbones are reproducible only with a fixed seed: 0 unless the spec names one
+        options.setdefault("seed", 0)
+    if "seed" in options:
         torch.manual_seed(int(options["seed"]))
     model, info = loader(options)
     for param in model.parameters():

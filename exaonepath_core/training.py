@@ -162,8 +162,12 @@ class PretrainConfig:
         """Load a flat YAML mapping (an empty file gives the defaults)."""
         import yaml
 
+        if not Path(path).is_file():
+            raise ConfigError(f"pretraining config not found: {path}")
         with open(path) as handle:
             mapping = yaml.safe_load(handle) or {}
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(mapping).__name__}")
         try:
             return cls.from_mapping(mapping)
         except ConfigError as err:
@@ -704,7 +708,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                     "step": step, "epoch": epoch, "loss": loss_value, "lr": float(lr_schedule[step - 1]),
                     "wd": float(wd_schedule[step - 1]), "momentum": momentum, "teacher_temp": teacher_temp,
                     **stats, "grad_norm": grad_norm, "img_per_s": img_per_s,
-                    "macenko_fallback": n_fallback,
+                    "macenko_fallback": n_fallback, "centering": cfg.centering,
                     "gpu_mem_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                    if device.type == "cuda" else None),
                 }
@@ -735,6 +739,8 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         "arch": cfg.arch, "input_arm": cfg.input_arm, "wall_s": wall_s,
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "mean_img_per_s": float(np.mean(rates[1:] if len(rates) > 1 else rates)) if rates else None,
+        # the median resists a loaded machine's spikes (the first step, with its warm-up, left out)
+        "median_img_per_s": float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else None,
         **{k: last_record.get(k) for k in ("teacher_entropy", "teacher_entropy_of_mean", "teacher_kl",
                                            "teacher_max_entropy", "center_norm")},
         "checkpoint": str(checkpoint_path), "teacher_backbone": str(output_dir / TEACHER_EXPORT_NAME),
@@ -745,7 +751,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                                 macenko_reference=_training_reference(cfg, patches, macenko_reference))
         atomic.write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"[pretrain] done: step {step}, loss {summary['first_loss']} -> {summary['final_loss']}, "
-              f"{summary['mean_img_per_s']} img/s, {wall_s:.1f} s", flush=True)
+              f"median {summary['median_img_per_s']:.1f} img/s, {wall_s:.1f} s", flush=True)
     return summary
 
 
@@ -928,9 +934,13 @@ def plot_training_curves(log_jsonl: str | os.PathLike, out_png: str | os.PathLik
     ax_wd.set_ylabel("weight decay")
     axes[1, 0].legend(loc="upper left", fontsize=8)
     ax_wd.legend(loc="upper right", fontsize=8)
-    axes[1, 1].plot(steps, series("center_norm"), label="centre norm")
+    # Sinkhorn-Knopp targets do not use the running centre: its norm would be a curve of an unused quantity
+    uses_center = all(r.get("centering", "center") == "center" for r in records)
+    if uses_center:
+        axes[1, 1].plot(steps, series("center_norm"), label="centre norm")
     axes[1, 1].plot(steps, series("momentum"), label="teacher momentum")
-    axes[1, 1].set(title="Centre norm and teacher momentum")
+    axes[1, 1].set(title="Centre norm and teacher momentum" if uses_center
+                   else "Teacher momentum (Sinkhorn-Knopp targets: no centre)")
     axes[1, 1].legend(fontsize=8)
     axes[1, 2].plot(steps, series("img_per_s"))
     axes[1, 2].set(title="Throughput", ylabel="images / s")
@@ -939,11 +949,9 @@ def plot_training_curves(log_jsonl: str | os.PathLike, out_png: str | os.PathLik
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic.atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
 
 
@@ -952,7 +960,10 @@ def plot_training_curves(log_jsonl: str | os.PathLike, out_png: str | os.PathLik
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m exaonepath_core.training --config PRETRAIN.yaml [--resume] [--output-dir DIR] [--set k=v ...]`."""
-    parser = argparse.ArgumentParser(description="DINO pretraining (run under torchrun for DDP)")
+    parser = argparse.ArgumentParser(
+        prog="python -m exaonepath_core.training",
+        description="DINO pretraining (run under torchrun for DDP: torchrun --nproc_per_node=G -m "
+                    "exaonepath_core.training --config ...)")
     parser.add_argument("--config", required=True, help="flat YAML mapping of PretrainConfig settings")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
     parser.add_argument("--output-dir", default=None, help="overrides output_dir")

@@ -184,16 +184,21 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
     records = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines() if x.strip()]
     first = records[: max(1, len(records) // 10)]
     last = records[-max(1, len(records) // 10):]
-    summary = {
+    rates = [r["img_per_s"] for r in records[1:] or records if r.get("img_per_s") is not None]
+    # training.train wrote summary.json (git state, world size, entropies, paths): keep all of it and add the
+    # stage's view, smoothed over the first/last tenth of the log (one step's loss is noisy)
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary.update({
         "steps": int(records[-1].get("step", len(records))) if records else 0,
         "seconds": round(time.time() - t0, 1),
         "loss_first": float(np.mean([r["loss"] for r in first])) if records else float("nan"),
         "loss_last": float(np.mean([r["loss"] for r in last])) if records else float("nan"),
         "teacher_entropy_last": (float(np.mean([r.get("teacher_entropy", np.nan) for r in last]))
                                  if records else None),
-        "img_per_s": float(np.nanmean([r.get("img_per_s", np.nan) for r in last])) if records else None,
+        # the median step rate (the first step, with its warm-up, left out): robust to a loaded machine's spikes
+        "img_per_s": float(np.median(rates)) if rates else None,
         "resumed": "--resume" in args,
-    }
+    })
     atomic.write_json(summary_path, summary)
     print(tail)
     return summary
@@ -210,8 +215,15 @@ def backbone_specs(cfg: ProjectConfig, pretrain_dir: Path, features_dir: Path | 
         specs.update(untrained_backbones(cfg, Path(features_dir) / "untrained_backbones",
                                          Path(pretrain_dir).parent / "02_normalize" / "reference.json"))
     for spec in cfg.features.extra_backbones:
-        name = spec.split(":", 1)[0] + "_" + Path(spec.split(":", 1)[-1]).stem
-        specs[name.replace("/", "_")] = spec
+        kind, _, target = spec.partition(":")
+        base = f"{kind}_{Path(target).stem}".replace("/", "_")
+        name = base
+        if name in specs and Path(target).parent.name:  # two EXAONEPath.ckpt in different folders
+            name = f"{kind}_{Path(target).parent.name}_{Path(target).stem}".replace("/", "_")
+        n = 2
+        while name in specs:  # never replace an earlier backbone
+            name, n = f"{base}_{n}", n + 1
+        specs[name] = spec
     return specs
 
 

@@ -185,3 +185,23 @@ def test_timm_specs():
         load_backbone("hub:dinov2")
     with pytest.raises(ValueError, match="must look like"):
         load_backbone("resnet18")
+
+
+def test_extra_backbones_with_the_same_file_name_are_all_kept(tmp_path):
+    from types import SimpleNamespace
+
+    from exaonepath_core.workflow import backbone_specs
+
+    extra = [f"exaonepath:{tmp_path}/lab_a/EXAONEPath.ckpt", f"exaonepath:{tmp_path}/lab_b/EXAONEPath.ckpt",
+             "timm:resnet18", "timm:resnet18"]
+    cfg = SimpleNamespace(arms=["raw"], features=SimpleNamespace(include_untrained=False, extra_backbones=extra))
+    specs = backbone_specs(cfg, tmp_path / "03_pretrain")
+    assert sorted(specs.values()) == sorted([f"ours:{tmp_path}/03_pretrain/raw/teacher_backbone.pth", *extra])
+    assert {"exaonepath_EXAONEPath", "exaonepath_lab_b_EXAONEPath", "timm_resnet18", "timm_resnet18_2"} <= set(specs)
+
+
+def test_random_init_timm_backbone_is_reproducible_without_a_seed_in_the_spec():
+    first, info = load_backbone("timm:resnet18")
+    second, _ = load_backbone("timm:resnet18")
+    assert info.extra["seed"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))

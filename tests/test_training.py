@@ -81,6 +81,15 @@ def test_config_yaml_rejects_unknown_and_mistyped_keys(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------------
+def test_cli_reports_a_missing_or_malformed_config_without_a_traceback(tmp_path, capsys):
+    assert training.main(["--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "pretraining config not found" in capsys.readouterr().err
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    assert training.main(["--config", str(listed)]) == 2
+    assert "expected a mapping" in capsys.readouterr().err
+
+
 def test_train_writes_checkpoint_log_and_loadable_teacher(raw_store, tmp_path):
     out = tmp_path / "run"
     summary = training.train(_tiny_config(raw_store, out, max_steps=3))
