@@ -3,6 +3,7 @@ profile loads, strictness from `strict_inputs` (never the name), stage hashes, t
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -154,8 +155,6 @@ def test_mistyped_or_out_of_range_values_are_rejected_naming_key_value_and_type(
         load_config("smoke", dict([parse_override(override)]))
     message = str(info.value)
     assert phrase in message, message
-    import re
-
     assert re.search(key, message), message
 
 

@@ -1,4 +1,5 @@
-"""The stored notebooks: one per stage, a tagged parameters cell, no outputs, no definitions, in sync with the builder."""
+"""The stored notebooks: one per stage, a tagged parameters cell whose every parameter is used, no outputs, no
+definitions, in sync with the builder; run by papermill with only `profile`, a notebook finds (or names) its config."""
 from __future__ import annotations
 
 import ast
@@ -20,7 +21,14 @@ def test_notebook_is_a_clean_parameterised_stage(path):
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
     params = ast.parse("".join(tagged[0]["source"]))
     names = {t.id for node in params.body if isinstance(node, ast.Assign) for t in node.targets}
-    assert {"config_path", "profile", "force"} <= names
+    assert {"config_path", "profile"} <= names
+    # every parameter does something: read by a later cell (a parameter nothing reads misleads the user)
+    read = {n.id for c in code if c is not tagged[0] for n in ast.walk(ast.parse("".join(c["source"])))
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert names <= read, f"parameters never used: {sorted(names - read)}"
+    stage = path.stem[:2]
+    assert ("force" in names) == (stage in {"01", "02", "03", "04"}) and ("arm" in names) == (stage == "03")
+    assert f"open_stage({stage!r}, config_path, profile)" in "".join(code[1]["source"])
     for cell in code:
         assert not cell.get("outputs") and cell.get("execution_count") is None, "stored without outputs"
         tree = ast.parse("".join(cell["source"]))
@@ -38,3 +46,20 @@ def test_stored_notebooks_match_the_builder(tmp_path, monkeypatch):
     for built in mod.build():
         stored = REPO_ROOT / "notebooks" / built.name
         assert json.loads(built.read_text()) == json.loads(stored.read_text()), f"{built.name}: rebuild notebooks"
+
+
+def test_papermill_with_only_a_profile_names_the_command_to_run_first(tmp_path):
+    import papermill as pm
+    import yaml
+    from papermill.exceptions import PapermillExecutionError
+
+    profile = tmp_path / "fresh.yaml"
+    profile.write_text(yaml.safe_dump({"inherits": str(REPO_ROOT / "configs" / "ci.yaml"), "profile": "fresh",
+                                       "results_root": str(tmp_path / "results")}))
+    with pytest.raises(PapermillExecutionError) as info:
+        pm.execute_notebook(str(REPO_ROOT / "notebooks" / "05_linear_probes.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters={"profile": str(profile)}, kernel_name="python3", cwd=str(tmp_path),
+                            progress_bar=False)
+    assert info.value.ename == "ConfigError"
+    assert f"./run_all.sh --profile {profile} --only 01" in info.value.evalue
+    assert str(tmp_path / "results" / "fresh" / "config.yaml") in info.value.evalue

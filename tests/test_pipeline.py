@@ -1,4 +1,5 @@
-"""The staged runner: skip when done with the same config, --force, --only/--from, failures named with cell and error."""
+"""The staged runner: skip when done with the same config, --force, --only/--from, failures named with cell and error,
+strict inputs under sweeps and inheriting profiles, sharded stages alone, only declared notebook parameters."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import yaml
 
 from exaonepath_core import pipeline
+from exaonepath_core.config import ConfigError, save_config
 from exaonepath_core.paths import STAGES, ResultsPaths
 
 PARAMS = 'config_path = ""\nprofile = ""\nforce = False\narm = None\n'
@@ -73,15 +75,22 @@ def test_runs_all_stages_then_skips_then_force(setup):
 def test_config_change_reruns_from_the_affected_stage(setup):
     nbs, _results, cfg = setup
     pipeline.run_pipeline(str(cfg), notebook_dir=nbs, progress=False)
-    status = pipeline.run_pipeline(str(cfg), overrides={"probes.n_boot": 5}, notebook_dir=nbs, progress=False)
+    probes = {"probes.n_boot": 5}
+    status = pipeline.run_pipeline(str(cfg), overrides=probes, notebook_dir=nbs, progress=False)
     assert [status[k] for k in STAGES] == ["skipped"] * 4 + ["ran"] * 3
+    # speed-only keys re-run nothing; downstream roots re-run stage 04 onwards, not tiling/stores/pretraining
+    status = pipeline.run_pipeline(str(cfg), overrides={**probes, "tiling.workers": 1, "pretrain.num_workers": 3},
+                                   notebook_dir=nbs, progress=False)
+    assert list(status.values()) == ["skipped"] * 7
+    status = pipeline.run_pipeline(str(cfg), overrides={**probes, "data.downstream_roots": {"pcam": "/x"}},
+                                   notebook_dir=nbs, progress=False)
+    assert [status[k] for k in STAGES] == ["skipped"] * 3 + ["ran"] * 4
 
 
 def test_from_stage_runs_it_and_every_later_one(setup):
-    nbs, _results, cfg = setup
-    pipeline.run_pipeline(str(cfg), notebook_dir=nbs, progress=False)
-    status = pipeline.run_pipeline(str(cfg), start_from="06", force=True, notebook_dir=nbs, progress=False)
-    assert status == {"06": "ran", "07": "ran"}
+    nbs, results, cfg = setup
+    status = pipeline.run_pipeline(str(cfg), start_from="06", notebook_dir=nbs, progress=False)
+    assert status == {"06": "ran", "07": "ran"} and [r["stage"] for r in _runs(results)] == ["06", "07"]
 
 
 def test_failing_notebook_names_stage_cell_and_error(setup, capsys):
@@ -95,6 +104,38 @@ def test_failing_notebook_names_stage_cell_and_error(setup, capsys):
     assert kept.is_file() and "deliberate failure" in kept.read_text()
     assert paths.done_marker("03").is_file() and not paths.done_marker("04").exists()
     assert not paths.done_marker("05").exists()
+
+
+def test_notebook_receives_only_the_parameters_it_declares(setup):
+    nbs, results, cfg = setup
+    nb = nbformat.read(nbs / "05_linear_probes.ipynb", as_version=4)
+    nb.cells[0].source = 'config_path = ""\nprofile = ""\narm = None\n'  # no `force`
+    nbformat.write(nb, nbs / "05_linear_probes.ipynb")
+    status = pipeline.run_pipeline(str(cfg), only=["05"], force=True, notebook_dir=nbs, progress=False)
+    assert status == {"05": "ran"}
+    executed = nbformat.read(results / "tiny" / "notebooks" / "05_linear_probes.ipynb", as_version=4)
+    injected = [c.source for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "config_path" in injected[0] and "force" not in injected[0]
+    nb.cells[0].source = 'profile = ""\n'
+    nbformat.write(nb, nbs / "05_linear_probes.ipynb")
+    with pytest.raises(ConfigError, match="must declare config_path"):
+        pipeline.run_pipeline(str(cfg), only=["05"], force=True, notebook_dir=nbs, progress=False)
+
+
+def test_sharded_stage_refuses_later_stages(setup, capsys):
+    nbs, results, cfg = setup
+    with pytest.raises(ConfigError, match=r"tiling\.shard=1/4 .*stage\(s\) 02, 03, 04, 05, 06, 07.*--only 01"):
+        pipeline.run_pipeline(str(cfg), overrides={"tiling.shard": "1/4"}, notebook_dir=nbs, progress=False)
+    assert not (results / "tiny" / "runs.jsonl").exists()  # refused before any notebook ran
+    status = pipeline.run_pipeline(str(cfg), overrides={"tiling.shard": "1/4"}, only=["01"], notebook_dir=nbs,
+                                   progress=False)
+    assert status == {"01": "ran"}
+    code = pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs), "--set", "normalize.shard=0/2",
+                          "--from", "02"])
+    assert code == 2 and "normalize.shard=0/2" in capsys.readouterr().err
+    status = pipeline.run_pipeline(str(cfg), overrides={"normalize.shard": "0/2"}, only=["01", "02"],
+                                   notebook_dir=nbs, progress=False)
+    assert status == {"01": "ran", "02": "ran"}
 
 
 def test_paper_profile_names_every_missing_path(capsys):
@@ -112,3 +153,38 @@ def test_sweep_runs_each_value_into_its_own_folder(setup):
     for arm in ("raw", "stain_augmentation"):
         folder = results / f"tiny__arms={arm}"
         assert (folder / "notebooks" / f"03_pretrain_dino_{arm}.ipynb").is_file()
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        # the folder name is run_name; the profile (and with it nothing name-dependent) is unchanged
+        assert (saved["profile"], saved["run_name"], saved["arms"]) == ("tiny", f"tiny__arms={arm}", [arm])
+
+
+@pytest.mark.parametrize("how", ["sweep", "lab profile"])
+def test_strict_inputs_hold_under_a_sweep_and_an_inheriting_profile(tmp_path, capsys, how):
+    nbs = _tiny_notebooks(tmp_path / "notebooks")
+    args = ["--notebook-dir", str(nbs), "--only", "01", "--set", f"results_root={tmp_path / 'results'}"]
+    if how == "sweep":
+        args += ["--profile", "paper", "--sweep", "arms=raw,macenko"]
+    else:
+        lab = tmp_path / "mylab.yaml"
+        lab.write_text(yaml.safe_dump({"inherits": str(pipeline.REPO_ROOT / "configs" / "paper.yaml"),
+                                       "profile": "mylab"}))
+        args += ["--profile", str(lab)]
+    code = pipeline.main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "strict_inputs" in err and "/data/wsi/tcga" in err and "/data/downstream/msi_stad" in err
+    assert not list((tmp_path / "results").rglob("runs.jsonl"))  # no notebook ran
+
+
+def test_notebook_setup_requires_finished_upstream_stages(setup):
+    _nbs, results, cfg = setup
+    with pytest.raises(ConfigError, match=r"run_all\.sh --profile .*tiny\.yaml --only 01"):
+        pipeline.open_stage("04", "", str(cfg))
+    loaded = pipeline.load_config(str(cfg))
+    paths = ResultsPaths.for_profile(loaded.results_name, loaded.results_root)
+    save_config(loaded, paths.config_path)
+    paths.mark_done("01", "h")
+    with pytest.raises(RuntimeError, match=r"02_normalize_stains, 03_pretrain_dino of run 'tiny'.*--from 02"):
+        pipeline.open_stage("04", "", str(cfg))
+    got, got_paths = pipeline.open_stage("02", str(paths.config_path))
+    assert got.to_dict() == loaded.to_dict() and got_paths.profile_dir == results / "tiny"
