@@ -363,12 +363,18 @@ def validate_values(cfg: ProjectConfig) -> None:
             shard_count(_get_dotted(d, dotted))
         except ConfigError as err:
             raise ConfigError(f"config key {dotted}: {err}") from None
+    # arms may be empty: stage 04 then embeds with the untrained initialisation / extra backbones only
     for dotted, allowed in (("arms", INPUT_ARMS), ("normalize.stores", STORE_MODES)):
         values = _get_dotted(d, dotted)
-        bad = [v for v in values if v not in allowed]
-        if bad or not values or len(set(values)) != len(values):
-            raise ConfigError(f"config key {dotted}: expected a non-empty list of distinct values from "
+        if any(v not in allowed for v in values) or len(set(values)) != len(values):
+            raise ConfigError(f"config key {dotted}: expected a list of distinct values from "
                               f"{', '.join(allowed)}, got {values!r}")
+    on_the_fly = bool(cfg.pretrain.get("normalize_on_the_fly", False))
+    for arm in cfg.arms:  # the store each arm pretrains from (as workflow.write_pretrain_config picks it)
+        store = "macenko" if arm == "macenko" and not on_the_fly else "raw"
+        if store not in cfg.normalize.stores:
+            raise ConfigError(f"config key arms: arm {arm!r} pretrains from the {store!r} patch store, which "
+                              f"normalize.stores {cfg.normalize.stores!r} does not write (add it there)")
     if not cfg.probes.seeds:
         raise ConfigError("config key probes.seeds: needs at least one seed, got []")
     if not 0.0 <= cfg.tiling.min_tissue_fraction <= 1.0:

@@ -136,7 +136,7 @@ BAD_OVERRIDES = [
     ("arms=[foo]", "arms", "'foo'"),
     ("arms=[raw, raw]", "arms", "distinct"),
     ("arms=macenko", "arms", "a list"),
-    ("arms=[]", "arms", "non-empty"),
+    ("arms=[raw, macenko]", "arms", "arm 'raw' pretrains from the 'raw' patch store"),  # paper writes macenko only
     ("data.cmu_slide=", "data.cmu_slide", 'write ""'),
     ("data.downstream_roots={pcam: 3}", "data.downstream_roots.pcam", "expected a string, got int 3"),
     ("data.synthetic=[1]", "data.synthetic", "expected a mapping"),
@@ -152,7 +152,7 @@ BAD_OVERRIDES = [
 @pytest.mark.parametrize(("override", "key", "phrase"), BAD_OVERRIDES, ids=[o for o, _, _ in BAD_OVERRIDES])
 def test_mistyped_or_out_of_range_values_are_rejected_naming_key_value_and_type(override, key, phrase):
     with pytest.raises(ConfigError) as info:
-        load_config("smoke", dict([parse_override(override)]))
+        load_config("paper" if override.startswith("arms=[raw, mac") else "smoke", dict([parse_override(override)]))
     message = str(info.value)
     assert phrase in message, message
     assert re.search(key, message), message
@@ -171,6 +171,8 @@ def test_well_typed_values_are_kept_and_numbers_converted(monkeypatch):
     assert cfg.normalize.Io == 250.0 and isinstance(cfg.normalize.Io, float)
     assert cfg.data.mpp_override is None and cfg.data.slide_dirs == ["/tmp"]
     assert cfg.tiling.shard == "2/4" and cfg.arms == ["macenko"]
+    assert load_config("paper", {"arms": []}).arms == []  # no pretraining arm: untrained / extra backbones only
+    assert load_config("paper", {"arms": ["raw", "macenko"], "normalize.stores": ["raw", "macenko"]}).arms
     assert load_config("smoke", {"data.mpp_override": 0.25}).data.mpp_override == 0.25
     monkeypatch.setenv("EP_WORKERS", "3")  # ${VAR} expands to a string; the int field converts it
     assert load_config("smoke", {"tiling.workers": "${EP_WORKERS:-2}"}).tiling.workers == 3
