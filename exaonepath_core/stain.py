@@ -1030,10 +1030,15 @@ def fit_reference(image: np.ndarray, Io: float = 240, alpha: float = 1.0, beta: 
         else:
             estimate, _ = _estimate_all(patches, Io, alpha, beta, min_tissue_pixels)
     if not bool(estimate.usable[0]):
-        raise ValueError(
-            f"cannot fit a Macenko reference: {int(estimate.n_tissue[0])} tissue pixels (OD >= {beta} on all "
-            f"channels), need {min_tissue_pixels}, or the stain estimate is degenerate"
-        )
+        n_tissue = int(estimate.n_tissue[0])
+        if n_tissue < min_tissue_pixels:
+            reason = (f"only {n_tissue} tissue pixels (optical density >= {beta} on every channel), need "
+                      f"{min_tissue_pixels}: the image is mostly background")
+        else:
+            reason = (f"its {n_tissue} tissue pixels give a degenerate stain estimate (a singular or non-finite "
+                      f"optical-density covariance or stain matrix): the image has no two distinct stains, e.g. "
+                      f"a single colour, black or saturated regions")
+        raise ValueError(f"cannot fit a Macenko reference: {reason}. Choose a well-stained H&E tissue region.")
     return MacenkoReference(estimate.stains[0].double().numpy(), estimate.max_concentrations[0].double().numpy())
 
 
@@ -1042,20 +1047,23 @@ class MacenkoNormalizer:
 
     def __init__(self, reference: MacenkoReference | None = None, Io: float = 240, alpha: float = 1.0,
                  beta: float = 0.15, min_tissue_pixels: int = 100, device: str | torch.device | None = None,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, backend: str = "auto") -> None:
         self.reference = MacenkoReference.default() if reference is None else reference
+        self.backend = backend
         self.Io, self.alpha, self.beta = Io, alpha, beta
         self.min_tissue_pixels = min_tissue_pixels
         self.device = None if device is None else torch.device(device)
         self.chunk_size = chunk_size
         self.fallback_count = 0
         self.patch_count = 0
+        self.last_fallback = torch.zeros(0, dtype=torch.bool)  # per patch of the last normalize call
 
     def fit(self, target: np.ndarray | torch.Tensor) -> MacenkoNormalizer:
         """Fit the reference to one uint8 HWC target image."""
         if isinstance(target, torch.Tensor):
             target = target.detach().cpu().numpy()
-        self.reference = fit_reference(target, self.Io, self.alpha, self.beta, self.min_tissue_pixels)
+        self.reference = fit_reference(target, self.Io, self.alpha, self.beta, self.min_tissue_pixels,
+                                       backend=self.backend)
         return self
 
     def normalize(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -1072,7 +1080,7 @@ class MacenkoNormalizer:
         if self.device is not None:
             batch = batch.to(self.device)
         out, fallback = macenko_normalize_batch(batch, self.reference, self.Io, self.alpha, self.beta,
-                                                self.min_tissue_pixels, self.chunk_size)
+                                                self.min_tissue_pixels, self.chunk_size, backend=self.backend)
         self.patch_count += int(fallback.numel())
         self.fallback_count += int(fallback.sum().item())
         self.last_fallback = fallback.cpu()
