@@ -22,6 +22,11 @@ def test_notebook_is_a_clean_parameterised_stage(path):
     params = ast.parse("".join(tagged[0]["source"]))
     names = {t.id for node in params.body if isinstance(node, ast.Assign) for t in node.targets}
     assert {"config_path", "profile"} <= names
+    # papermill must parse the same names (it gives up on some comments, e.g. with a quote), else the runner
+    # would pass it nothing
+    from exaonepath_core.pipeline import notebook_parameters
+
+    assert notebook_parameters(path) == names
     # every parameter does something: read by a later cell (a parameter nothing reads misleads the user)
     read = {n.id for c in code if c is not tagged[0] for n in ast.walk(ast.parse("".join(c["source"])))
             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}

@@ -14,8 +14,8 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 
 PARAMS = '''# Parameters (papermill injects the run's values below this cell)
-config_path = ""  # a run's resolved config.yaml; "" = results/<profile>/config.yaml, written by ./run_all.sh
-profile = "smoke"  # whose results to read when config_path is "": a profile (smoke, ci, paper) or a run folder
+config_path = ""  # the resolved config.yaml of a run; empty: results/<profile>/config.yaml from ./run_all.sh
+profile = "smoke"  # whose results to read when config_path is empty: a profile (smoke, ci, paper) or run folder
 '''
 FORCE = 'force = False  # True: redo finished work (per-slide ledgers, stores, checkpoints) instead of reusing it\n'
 
