@@ -266,13 +266,20 @@ def _manifest(model: torch.nn.Module, transform: Any, dataset: Any, backbone_inf
               num_workers: int) -> dict[str, Any]:
     """Everything a reader needs to know where a feature folder came from."""
     spec = getattr(transform, "spec", None)
+    # a Subset (a capped or split view) keeps its name, split and classes on the dataset it wraps
+    base, n_subset_levels = dataset, 0
+    while not hasattr(base, "name") and isinstance(getattr(base, "dataset", None), torch.utils.data.Dataset):
+        base, n_subset_levels = base.dataset, n_subset_levels + 1
+    info = _describe(base, type(base).__name__)
+    if n_subset_levels:
+        info = {"subset_of": info, "subset_size": len(dataset), "full_size": len(base)}
     return {
         "backbone": _describe(backbone_info, type(model).__name__) if backbone_info is not None
         else {"name": type(model).__name__},
-        "dataset": getattr(dataset, "name", type(dataset).__name__),
-        "split": getattr(dataset, "split", ""),
-        "dataset_info": _describe(dataset, type(dataset).__name__),
-        "class_names": list(getattr(dataset, "class_names", [])),
+        "dataset": getattr(base, "name", type(base).__name__),
+        "split": getattr(base, "split", ""),
+        "dataset_info": info,
+        "class_names": list(getattr(base, "class_names", [])),
         "preprocessing": _describe(spec, repr(transform)) if spec is not None else repr(transform),
         "created_utc": started.isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),

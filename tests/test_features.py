@@ -48,6 +48,16 @@ def test_extract_features_writes_exact_features_and_manifest(small_setup, tmp_pa
     json.loads((out / "manifest.json").read_text())
 
 
+def test_manifest_of_a_torch_subset_names_the_wrapped_dataset(small_setup, tmp_path):
+    dataset, model, info, transform = small_setup
+    view = torch.utils.data.Subset(dataset, list(range(0, 30, 3)))
+    out = extract_features(model, transform, view, tmp_path / "sub", progress=False, backbone_info=info)
+    manifest = load_features(out)[3]
+    assert (manifest["dataset"], manifest["split"], manifest["n"]) == ("pcam_subset", "valid", 10)
+    assert manifest["dataset_info"]["subset_size"] == 10 and manifest["dataset_info"]["full_size"] == 30
+    assert manifest["class_names"] == ["normal", "metastatic"]
+
+
 def test_refuses_to_overwrite_unless_asked(small_setup, tmp_path):
     dataset, model, _info, transform = small_setup
     out = extract_features(model, transform, dataset, tmp_path / "f", progress=False)
