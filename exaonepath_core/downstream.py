@@ -17,7 +17,6 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -30,6 +29,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch.utils.data
+
+from exaonepath_core import atomic
 
 PAPER_ACCURACY = {"pcam": .901, "mhist": .818, "crc100k": .946, "til": .939, "msi_crc": .756, "msi_stad": .804}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -579,16 +580,11 @@ def _md5(path: Path) -> str:
 
 def _download(url: str, target: Path, md5: str | None, timeout: float) -> None:
     """Stream `url` to `target` atomically; verify md5 when known."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+    with atomic.atomic_path(target) as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out, length=1 << 20)
-        if md5 is not None and _md5(Path(tmp)) != md5:
+        if md5 is not None and _md5(tmp) != md5:
             raise PrepareError(f"checksum mismatch for {url}: expected md5 {md5}")
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _extract(archive: Path, destination: Path) -> None:

@@ -6,8 +6,6 @@ so they do not depend on (or change) pyplot's global state or the interactive ba
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -57,17 +55,10 @@ def _new_figure(width: float, height: float):
 
 
 def _save_png(figure, out_png: str | Path) -> Path:
-    """Write the figure atomically (temporary file in the same folder, then os.replace)."""
+    """Write the figure atomically (temporary file in the same folder, then rename; `atomic.atomic_path`)."""
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic.atomic_path(out) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out
 
 
@@ -128,16 +119,19 @@ def _scatter_by(ax, xy: np.ndarray, labels: np.ndarray | None, title: str) -> No
     values = labels[shown]
     uniques = np.unique(values.astype(str) if values.dtype == object else values)
     colours = _colours(len(uniques))
+    size = float(np.clip(8000.0 / max(int(shown.sum()), 1), 4.0, 24.0))  # visible for hundreds, not a blob for 10^4
     for i, value in enumerate(uniques):
         mask = values == value
-        ax.scatter(xy[shown][mask, 0], xy[shown][mask, 1], s=4, color=colours[i], label=str(value),
+        ax.scatter(xy[shown][mask, 0], xy[shown][mask, 1], s=size, color=colours[i], label=str(value),
                    alpha=0.75, linewidths=0, rasterized=True)
     suffix = f" ({shown.sum()} of {len(xy)} points)" if shown.sum() < len(xy) else f" ({len(xy)} points)"
     ax.set_title(f"{title}: {len(uniques)}{suffix}")
     ax.set_xticks([])
     ax.set_yticks([])
     if len(uniques) <= _MAX_LEGEND_ENTRIES:
-        ax.legend(loc="best", markerscale=3, frameon=False)
+        # beside the panel, so it never hides points
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), markerscale=max(1.0, 36.0 / size) ** 0.5,
+                  frameon=False, fontsize=7, borderaxespad=0.2)
 
 
 def plot_embeddings_by_arm(
@@ -215,8 +209,11 @@ def plot_collapse_bars(metrics_df: pd.DataFrame, out_png: str | Path, metrics: S
             chances = rows["chance"].astype(float)
             chances = chances[np.isfinite(chances)]
             if len(chances):
-                ax.axhline(float(chances.mean()), color="black", linestyle="--", linewidth=1, label="chance")
-                ax.legend(loc="best", frameon=False)
+                chance = float(chances.mean())
+                ax.axhline(chance, color="black", linestyle="--", linewidth=1)
+                # labelled on the line itself: a legend box would sit on the bars
+                ax.annotate("chance", xy=(1.0, chance), xycoords=("axes fraction", "data"), xytext=(2, 0),
+                            textcoords="offset points", va="center", ha="left", fontsize=7)
             ax.set_xticks(positions)
             ax.set_xticklabels(arms, rotation=20, ha="right")
             ax.set_title(metric.replace("_", " "), fontsize=9)
