@@ -243,3 +243,17 @@ def test_prepare_recognises_a_present_dataset(shared_data, tmp_path):
     with pytest.raises(PrepareError, match="unreachable"):
         downstream.prepare("crc100k", tmp_path, timeout=2, zenodo_api="http://127.0.0.1:9/")
     assert downstream.main(["check", "--dataset", "crc100k", "--root", str(tmp_path), "--no-strict"]) == 0
+
+
+def test_download_is_atomic_and_checks_md5(tmp_path):
+    import hashlib
+
+    source = tmp_path / "archive.bin"
+    payload = bytes(range(256)) * 5000
+    source.write_bytes(payload)
+    target = tmp_path / "dl" / "archive.bin"
+    downstream._download(source.as_uri(), target, hashlib.md5(payload).hexdigest(), timeout=5)
+    assert target.read_bytes() == payload
+    with pytest.raises(downstream.PrepareError, match="checksum mismatch"):
+        downstream._download(source.as_uri(), tmp_path / "dl" / "bad.bin", "0" * 32, timeout=5)
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["archive.bin"]  # no partial file left
