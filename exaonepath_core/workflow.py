@@ -459,7 +459,7 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
         try:
             cls = downstream.dataset_class(name)
             wanted = [s for s in cls.probe_splits if s is not None]
-            splits = {split: downstream.get_dataset(name, root_path, split, strict=cfg.profile == "paper")
+            splits = {split: downstream.get_dataset(name, root_path, split, strict=cfg.strict_inputs)
                       for split in wanted}
             if cfg.features.max_samples_per_split:
                 splits = {k: _subset(v, cfg.features.max_samples_per_split, cfg.seed) for k, v in splits.items()}
@@ -543,7 +543,7 @@ def _slides_table(cfg: ProjectConfig) -> pd.DataFrame | None:
     from exaonepath_core import cohort
     from exaonepath_core.paths import ResultsPaths
 
-    p = ResultsPaths.for_profile(cfg.profile, cfg.results_root).stage_dir("01", create=False) / "slides.csv"
+    p = ResultsPaths.for_profile(cfg.results_name, cfg.results_root).stage_dir("01", create=False) / "slides.csv"
     return cohort.read_slide_table(p) if p.is_file() else None
 
 
@@ -797,6 +797,7 @@ def report_preamble(cfg: ProjectConfig, paths) -> str:
         marker = paths.done_marker(key)
         if marker.is_file():
             times.append(f"{nb}: {json.loads(marker.read_text()).get('seconds', '?')} s")
-    return (f"<p>Profile <b>{html.escape(cfg.profile)}</b>, git {html.escape(sha)}, device {device(cfg)}. "
+    run = "" if cfg.results_name == cfg.profile else f" (run <b>{html.escape(cfg.results_name)}</b>)"
+    return (f"<p>Profile <b>{html.escape(cfg.profile)}</b>{run}, git {html.escape(sha)}, device {device(cfg)}. "
             f"Stage times: {html.escape('; '.join(times) or 'n/a')}. Resolved config: "
             f"<a href='config.yaml'>config.yaml</a>.</p>")
