@@ -10,6 +10,10 @@ Output folder (`out_dir`, by convention `results/<profile>/01_tiles/<TilingParam
     ledger/<slide_id>.json   one record per slide (status ok|failed, reason, n_tiles, seconds), written by the
                              process that tiled it, so shards on several machines never write the same file
     ledger.csv, summary.csv  the records of all shards gathered into one table / one row of totals
+                             (a slide id shared by several files of the listing: one failed row per file,
+                             found over the whole listing, so every shard reports it and none tiles it)
+
+Files are written atomically (`atomic.py`) with the permissions the umask gives (0644 under umask 022).
 
 Memory: a slide of any size (say 100k x 100k px) tiles in the same memory as a small one. The tissue mask is
 computed on a thumbnail at `mask_mpp` (8 um/px: a 100k px side at 0.25 um/px becomes 3,125 px, capped at
