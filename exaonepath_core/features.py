@@ -14,7 +14,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 import torch.utils.data
 from numpy.lib.format import open_memmap
+
+from exaonepath_core import atomic
 
 FEATURE_FILES = ("features.npy", "labels.npy", "sample_ids.txt", "manifest.json")
 MERGE_CHUNK_ROWS = 65_536
@@ -125,27 +126,6 @@ def _extract_rows(model: torch.nn.Module, transform: Callable[[torch.Tensor], to
     return {"n": n, "dim": dim, "n_nonfinite_rows": n_nonfinite, "macenko_fallbacks": macenko_fallbacks}
 
 
-def _atomic_install(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename a finished temporary folder onto `out_dir` (replacing an older result only when asked)."""
-    if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-        trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, trash)
-        os.replace(tmp_dir, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, out_dir)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
 def _check_writable(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not overwrite:
         what = "features" if (out_dir / "manifest.json").is_file() else "a folder without manifest.json"
@@ -162,15 +142,10 @@ def extract_feature_shard(model: torch.nn.Module, transform: Callable[[torch.Ten
     parts = out_dir.with_name(out_dir.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     final = parts / f"rank-{rank:05d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".rank-{rank:05d}.", dir=parts))
-    try:
+    with atomic.atomic_dir(final, overwrite=True) as tmp:
         stats = _extract_rows(model, transform, dataset, shard_indices(len(dataset), rank, world_size), tmp,
                               batch_size, num_workers, _resolve_device(device), amp, progress)
-        _write_json(tmp / "part.json", {"rank": rank, "world_size": world_size, **stats})
-        _atomic_install(tmp, final, overwrite=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic.write_json(tmp / "part.json", {"rank": rank, "world_size": world_size, **stats})
     return final
 
 
@@ -189,9 +164,7 @@ def merge_feature_shards(out_dir: str | os.PathLike, world_size: int, manifest: 
         raise ValueError(f"parts of {out_dir} disagree on the feature dimension: {sorted(dims)}")
     n, dim = sum(info["n"] for info in infos), dims.pop()
     _check_writable(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic.atomic_dir(out_dir, overwrite) as tmp:
         features = open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n, dim))
         labels = np.zeros(n, dtype=np.int64)
         row = 0
@@ -211,11 +184,7 @@ def merge_feature_shards(out_dir: str | os.PathLike, world_size: int, manifest: 
                     "n_nonfinite_rows": sum(i["n_nonfinite_rows"] for i in infos),
                     "macenko_fallbacks": sum(i["macenko_fallbacks"] for i in infos),
                     "world_size": world_size}
-        _write_json(tmp / "manifest.json", manifest)
-        _atomic_install(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic.write_json(tmp / "manifest.json", manifest)
     shutil.rmtree(parts, ignore_errors=True)
     return out_dir
 
@@ -236,19 +205,13 @@ def extract_features(model: torch.nn.Module, transform: Callable[[torch.Tensor],
     started = _dt.datetime.now(_dt.timezone.utc)
     t0 = time.perf_counter()
     if world_size == 1:  # no parts: stream straight into a temporary sibling, then rename
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with atomic.atomic_dir(out_dir, overwrite) as tmp:
             stats = _extract_rows(model, transform, dataset, np.arange(len(dataset)), tmp, batch_size,
                                   num_workers, resolved, amp, progress)
             seconds = time.perf_counter() - t0
             manifest = _manifest(model, transform, dataset, backbone_info, started, seconds, resolved, amp,
                                  batch_size, num_workers)
-            _write_json(tmp / "manifest.json", {**manifest, **stats, "world_size": 1})
-            _atomic_install(tmp, out_dir, overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            atomic.write_json(tmp / "manifest.json", {**manifest, **stats, "world_size": 1})
         return out_dir
     extract_feature_shard(model, transform, dataset, out_dir, rank, world_size, batch_size, num_workers,
                           resolved, amp, progress and rank == 0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from exaonepath_core.backbones import load_backbone, make_transform
 from exaonepath_core.downstream import get_dataset
 from exaonepath_core.features import (
+    FEATURE_FILES,
     extract_feature_shard,
     extract_features,
     load_features,
@@ -102,3 +104,17 @@ def test_load_features_rejects_incomplete_folders(small_setup, tmp_path):
     (out / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="missing manifest.json"):
         load_features(out)
+
+
+def test_feature_folder_follows_the_umask(small_setup, tmp_path):
+    """Lab colleagues can read features: the folder is not left 0700 as tempfile.mkdtemp makes it."""
+    import stat
+
+    dataset, model, _info, transform = small_setup
+    old = os.umask(0o022)
+    try:
+        out = extract_features(model, transform, dataset, tmp_path / "shared", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE((out / name).stat().st_mode) for name in FEATURE_FILES} == {0o644}
