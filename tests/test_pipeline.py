@@ -163,7 +163,7 @@ def test_strict_inputs_hold_under_a_sweep_and_an_inheriting_profile(tmp_path, ca
     nbs = _tiny_notebooks(tmp_path / "notebooks")
     args = ["--notebook-dir", str(nbs), "--only", "01", "--set", f"results_root={tmp_path / 'results'}"]
     if how == "sweep":
-        args += ["--profile", "paper", "--sweep", "arms=raw,macenko"]
+        args += ["--profile", "paper", "--sweep", "arms=raw,macenko", "--set", "normalize.stores=[raw, macenko]"]
     else:
         lab = tmp_path / "mylab.yaml"
         lab.write_text(yaml.safe_dump({"inherits": str(pipeline.REPO_ROOT / "configs" / "paper.yaml"),
