@@ -234,6 +234,8 @@ def open_stage(stage: str, config_path: str = "", profile: str = "smoke") -> tup
     cfg = load_run_config(config_path, profile)
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
     upstream = [k for k in STAGES if k < key]
+    if not cfg.arms:  # no pretraining arm: stages 02-03 have nothing to do (untrained / extra backbones only)
+        upstream = [k for k in upstream if k not in ("02", "03")]
     missing = [k for k in upstream if not paths.done_marker(k).is_file()]
     if missing:
         first = STAGES[missing[0]][0]

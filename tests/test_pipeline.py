@@ -188,3 +188,8 @@ def test_notebook_setup_requires_finished_upstream_stages(setup):
         pipeline.open_stage("04", "", str(cfg))
     got, got_paths = pipeline.open_stage("02", str(paths.config_path))
     assert got.to_dict() == loaded.to_dict() and got_paths.profile_dir == results / "tiny"
+    # without pretraining arms (untrained / extra backbones only) stages 02-03 have nothing to do
+    no_arms = pipeline.load_config(str(cfg), {"arms": []})
+    save_config(no_arms, paths.config_path)
+    got, _ = pipeline.open_stage("04", str(paths.config_path))
+    assert got.arms == []
