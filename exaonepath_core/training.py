@@ -751,7 +751,10 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                                 macenko_reference=_training_reference(cfg, patches, macenko_reference))
         atomic.write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"[pretrain] done: step {step}, loss {summary['first_loss']} -> {summary['final_loss']}, "
-              f"median {summary['median_img_per_s']:.1f} img/s, {wall_s:.1f} s", flush=True)
+              f"median {summary['median_img_per_s'] or float('nan'):.1f} img/s, {wall_s:.1f} s", flush=True)
+    if dist.is_initialized():
+        # no rank tears the process group down while rank 0 still exports (gloo aborts on an early close)
+        dist.barrier()
     return summary
 
 

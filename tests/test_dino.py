@@ -476,6 +476,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_path: str, centeri
         if rank == 0:
             grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
             torch.save({"grads": grads, "center": new_center}, result_path)
+        # every rank done with the group before either tears it down: a gloo peer that closes early can make
+        # the other abort at exit ("terminate called without an active exception"), seen once in CI
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

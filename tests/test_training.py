@@ -146,6 +146,16 @@ def test_kill_and_resume_equals_uninterrupted(raw_store, tmp_path):
     assert len(losses_full) == 7 and losses_split == losses_full
 
 
+def test_resuming_a_finished_run_trains_nothing_and_reports_cleanly(raw_store, tmp_path):
+    out = tmp_path / "done"
+    training.train(_tiny_config(raw_store, out, max_steps=2))
+    before = _load_checkpoint(out)
+    summary = training.train(_tiny_config(raw_store, out, max_steps=2), resume=True)
+    assert (summary["start_step"], summary["steps"], summary["median_img_per_s"]) == (2, 2, None)
+    after = _load_checkpoint(out)
+    assert all(torch.equal(after["student"][k], before["student"][k]) for k in before["student"])
+
+
 def test_resume_refuses_changed_recipe(raw_store, tmp_path):
     out = tmp_path / "run"
     training.train(_tiny_config(raw_store, out, max_steps=1))
