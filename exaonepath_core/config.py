@@ -263,7 +263,9 @@ _INTEGER = re.compile(r"[+-]?\d+")
 def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
+        item = typing.get_args(hint)[0]
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}.get(item)
+        return f"a list of {plural or _describe(item)}"
     if origin is dict:
         return f"a mapping of name: {_describe(typing.get_args(hint)[1])}"
     if origin in (typing.Union, types.UnionType):
