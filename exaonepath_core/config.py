@@ -260,16 +260,17 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _INTEGER = re.compile(r"[+-]?\d+")
 
 
-def _describe(hint: Any) -> str:
+def describe_type(hint: Any) -> str:
+    """An annotation in words: `list[str]` -> 'a list of strings'."""
     origin = typing.get_origin(hint)
     if origin is list:
         item = typing.get_args(hint)[0]
         plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}.get(item)
-        return f"a list of {plural or _describe(item)}"
+        return f"a list of {plural or describe_type(item)}"
     if origin is dict:
-        return f"a mapping of name: {_describe(typing.get_args(hint)[1])}"
+        return f"a mapping of name: {describe_type(typing.get_args(hint)[1])}"
     if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(hint))
+        return " or ".join("null" if a is type(None) else describe_type(a) for a in typing.get_args(hint))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
@@ -285,7 +286,7 @@ def check_value(dotted: str, hint: Any, value: Any) -> Any:
 
     def wrong(extra: str = "") -> ConfigError:
         got = "null" if value is None else f"{type(value).__name__} {value!r}"
-        return ConfigError(f"config key {dotted}: expected {_describe(hint)}, got {got}{extra}")
+        return ConfigError(f"config key {dotted}: expected {describe_type(hint)}, got {got}{extra}")
 
     if hint is Any:
         return value
@@ -391,7 +392,6 @@ def validate_values(cfg: ProjectConfig) -> None:
 
 def validate_pretrain_section(section: dict[str, Any]) -> None:
     """Check the pretraining keys against `PretrainConfig`: unknown keys, types, and its own range checks."""
-    from exaonepath_core import training
     from exaonepath_core.training import PretrainConfig
 
     known = {f.name for f in dataclasses.fields(PretrainConfig)}
@@ -407,7 +407,7 @@ def validate_pretrain_section(section: dict[str, Any]) -> None:
         raise ConfigError(f"config key pretrain.num_workers: must be >= 0, got {section['num_workers']!r}")
     try:
         PretrainConfig.from_mapping(section)  # its own checks: positive sizes, warmup <= epochs, choices
-    except (ConfigError, training.ConfigError) as err:  # training defines its own ConfigError class
+    except ConfigError as err:  # training.ConfigError is a subclass
         raise ConfigError(f"config section pretrain: {err}") from None
 
 

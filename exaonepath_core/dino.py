@@ -535,13 +535,12 @@ def clip_gradients_(parameters: list[nn.Parameter], max_norm: float, mode: str =
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    norms = torch._foreach_norm(grads)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    norms = torch.stack(torch._foreach_norm(grads)).float()
+    total = torch.linalg.vector_norm(norms)
     if mode == "per_parameter":
-        scales = [torch.clamp(max_norm / (n.float() + 1e-6), max=1.0).to(n.dtype) for n in norms]
+        torch._foreach_mul_(grads, list((max_norm / (norms + 1e-6)).clamp(max=1.0).unbind()))
     else:
-        scales = [torch.clamp(max_norm / (total + 1e-6), max=1.0).to(g.dtype) for g in grads]
-    torch._foreach_mul_(grads, scales)
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
     return float(total)
 
 

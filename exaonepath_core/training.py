@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from exaonepath_core import atomic, dino
+from exaonepath_core import atomic, config, dino
 from exaonepath_core.backbones import create_backbone
 from exaonepath_core.schedules import cosine_schedule, warmup_then_constant
 
@@ -46,7 +46,7 @@ RESUME_MUTABLE_KEYS = frozenset(
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(config.ConfigError):
     """A pretraining setting is unknown, mistyped or inconsistent."""
 
 
@@ -191,37 +191,12 @@ class PretrainConfig:
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
-    """Check a YAML value against a field's annotation; ints are accepted where floats are expected."""
-    args = typing.get_args(hint)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(f"{key} may not be null")
-    if args and type(None) in args:  # Optional[X]
-        hint = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(hint)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        (item_type,) = typing.get_args(hint)
-        return [_coerce(f"{key}[{i}]", item_type, v) for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    return value
+    """Check a YAML value against a field's annotation (`config.check_value`: ints accepted where floats are
+    expected, numbers written as strings converted)."""
+    try:
+        return config.check_value(key, hint, value)
+    except config.ConfigError:
+        raise ConfigError(f"{key} must be {config.describe_type(hint)}, got {value!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
