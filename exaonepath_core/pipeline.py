@@ -149,7 +149,6 @@ def run_pipeline(
         notebook = notebook_dir / f"{nb_name}.ipynb"
         if not notebook.is_file():
             raise FileNotFoundError(f"stage {nb_name}: notebook {notebook} not found")
-        declared = notebook_parameters(notebook)
         chash = stage_config_hash(cfg, key)
         if not force and not upstream_ran and paths.is_done(key, chash):
             print(f"[run_all] {nb_name}: done (same config {chash}), skipped", flush=True)
@@ -160,6 +159,7 @@ def run_pipeline(
         runs = [None]
         if key == "03":
             runs = list(cfg.arms)
+        declared = notebook_parameters(notebook)
         for arm in runs:
             suffix = f"_{arm}" if arm else ""
             offered = {"config_path": str(paths.config_path), "profile": cfg.results_name, "force": bool(force)}

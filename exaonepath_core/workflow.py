@@ -184,7 +184,6 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
     records = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines() if x.strip()]
     first = records[: max(1, len(records) // 10)]
     last = records[-max(1, len(records) // 10):]
-    rates = [r["img_per_s"] for r in records[1:] or records if r.get("img_per_s") is not None]
     # training.train wrote summary.json (git state, world size, entropies, paths): keep all of it and add the
     # stage's view, smoothed over the first/last tenth of the log (one step's loss is noisy)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -195,8 +194,8 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
         "loss_last": float(np.mean([r["loss"] for r in last])) if records else float("nan"),
         "teacher_entropy_last": (float(np.mean([r.get("teacher_entropy", np.nan) for r in last]))
                                  if records else None),
-        # the median step rate (the first step, with its warm-up, left out): robust to a loaded machine's spikes
-        "img_per_s": float(np.median(rates)) if rates else None,
+        # training's median step rate (first step left out): robust to a loaded machine's spikes
+        "img_per_s": summary.get("median_img_per_s"),
         "resumed": "--resume" in args,
     })
     atomic.write_json(summary_path, summary)
