@@ -175,7 +175,7 @@ def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
         raise ValueError(f"shard {index}/{count}: the number of shards N must be >= 1")
     if not 0 <= index < count:
         last = f"; the last of {count} is {count - 1}/{count}" if index == count else ""
-        raise ValueError(f"shard {index}/{count} is out of range: shard indices are 0-based, "
+        raise ValueError(f"shard {index}/{count} is out of range (need 0 <= i < N): shard indices are 0-based, "
                          f"from 0/{count} to {count - 1}/{count}{last}")
     return index, count
 

@@ -333,15 +333,16 @@ NON_NEGATIVE_KEYS = ("tiling.overlap", "tiling.qc_figures", "features.num_worker
                      "data.synthetic.heldout_slides_per_site", "probes.n_boot", "collapse.n_boot")
 CHOICE_KEYS: dict[str, tuple[str, ...]] = {"device": ("auto", "cpu", "cuda"), "collapse.embedding": ("tsne", "pca")}
 SHARD_KEYS = ("tiling.shard", "normalize.shard")
-_SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
 
 def shard_count(text: str) -> int:
-    """N of a shard string `i/N` (0 <= i < N); ConfigError otherwise."""
-    match = _SHARD.fullmatch(str(text))
-    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
-        raise ConfigError(f"shard must look like i/N with 0 <= i < N (e.g. 0/4), got {text!r}")
-    return int(match.group(2))
+    """N of a shard string `i/N` (0 <= i < N, parsed by `cohort.parse_shard`); ConfigError otherwise."""
+    from exaonepath_core.cohort import parse_shard  # cohort imports this module
+
+    try:
+        return parse_shard(text)[1]
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate_values(cfg: ProjectConfig) -> None:
