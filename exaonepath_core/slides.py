@@ -87,12 +87,6 @@ def _mpp_xy_from_properties(props: dict[str, str]) -> tuple[float | None, float 
     return None, None, "none"
 
 
-def _mpp_from_properties(props: dict[str, str]) -> tuple[float | None, str]:
-    """Level-0 um/px along x from OpenSlide properties (mpp-x, then TIFF resolution tags), with its source."""
-    mpp_x, _, source = _mpp_xy_from_properties(props)
-    return mpp_x, source
-
-
 def anisotropy(mpp_x: float, mpp_y: float) -> float:
     """Relative difference of the two pixel sides, |x - y| / min(x, y) (0.0 for square pixels)."""
     return abs(mpp_x - mpp_y) / min(mpp_x, mpp_y)
