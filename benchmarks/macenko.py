@@ -32,7 +32,11 @@ def load_cmu_tiles(data_root: Path) -> np.ndarray:
     """Every 224 px tile of the full grid over CMU-1-Small-Region.svs (117 tiles, tissue and background)."""
     import openslide
 
-    with openslide.OpenSlide(str(data_root / "wsi" / "CMU-1-Small-Region.svs")) as slide:
+    path = data_root / "wsi" / "CMU-1-Small-Region.svs"
+    if not path.is_file():
+        raise SystemExit(f"benchmark data not found: {path} (set EXAONEPATH_TEST_DATA or --data to the shared/data "
+                         "folder, or pass --tiles TILES.npy)")
+    with openslide.OpenSlide(str(path)) as slide:
         width, height = slide.dimensions
         coords = [(x, y) for y in range(0, height - TILE + 1, TILE) for x in range(0, width - TILE + 1, TILE)]
         return np.stack([np.asarray(slide.read_region(xy, 0, (TILE, TILE)).convert("RGB")) for xy in coords])
