@@ -21,6 +21,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/tools/bootstrap_venv.sh" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
+    # A fresh install needs ~6.5 GB; pip's own "No space left on device" comes late and names no size.
+    NEED_KB=$((7 * 1024 * 1024))
+    FREE_KB="$(df -Pk "$VENV" 2>/dev/null | awk 'NR==2 {print $4}')"
+    if [ -n "$FREE_KB" ] && [ "$FREE_KB" -lt "$NEED_KB" ] && ! "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1 \
+        && [ "${EXAONEPATH_SKIP_DISK_CHECK:-0}" != "1" ]; then
+        echo "[bootstrap] only $((FREE_KB / 1024 / 1024)) GiB free under $VENV; installing the stack (torch, timm, openslide ...) needs about 7 GiB." >&2
+        echo "[bootstrap] free some space (or set EXAONEPATH_VENV to a larger disk, or EXAONEPATH_SKIP_DISK_CHECK=1 to try anyway)" >&2
+        exit 1
+    fi
     echo "[bootstrap] installing exaonepath_core and its pinned dependencies into $VENV (first run: a few minutes, ~6.5 GB)"
     if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$ROOT[dev]" > "$VENV/pip-install.log" 2>&1; then
         grep -v "is ignored: it is neither" "$VENV/pip-install.log" | tail -40 >&2
