@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -97,23 +98,30 @@ def run_notebook(
     """Execute one notebook with papermill; raise StageFailed naming the cell and error on failure."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
+    from traitlets.config import Config
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        pm.execute_notebook(
-            str(notebook),
-            str(output),
-            parameters=parameters,
-            kernel_name=kernel_name(),
-            cwd=str(cwd),
-            progress_bar=progress,
-            log_output=log_output,
-            stdout_file=sys.stdout if log_output else None,
-            stderr_file=sys.stderr if log_output else None,
-        )
-    except PapermillExecutionError as exc:
-        cell = getattr(exc, "exec_count", None) or getattr(exc, "cell_index", None)
-        raise StageFailed(stage, output, cell, f"{exc.ename}: {exc.evalue}") from None
+    # The kernel talks to papermill over Unix sockets in a private temp folder, not over TCP on localhost:
+    # nothing listens on a port, and ipykernel has no reason to warn about unencrypted TCP at every stage.
+    with tempfile.TemporaryDirectory(prefix="exaonepath-kernel-") as sockets:
+        ipc = {"transport": "ipc", "ip": os.path.join(sockets, "kernel")} if os.name == "posix" else {}
+        kernel_config = Config({"KernelManager": ipc})
+        try:
+            pm.execute_notebook(
+                str(notebook),
+                str(output),
+                parameters=parameters,
+                kernel_name=kernel_name(),
+                cwd=str(cwd),
+                progress_bar=progress,
+                log_output=log_output,
+                stdout_file=sys.stdout if log_output else None,
+                stderr_file=sys.stderr if log_output else None,
+                config=kernel_config,
+            )
+        except PapermillExecutionError as exc:
+            cell = getattr(exc, "exec_count", None) or getattr(exc, "cell_index", None)
+            raise StageFailed(stage, output, cell, f"{exc.ename}: {exc.evalue}") from None
 
 
 def run_pipeline(

@@ -193,3 +193,23 @@ def test_notebook_setup_requires_finished_upstream_stages(setup):
     save_config(no_arms, paths.config_path)
     got, _ = pipeline.open_stage("04", str(paths.config_path))
     assert got.arms == []
+
+
+def test_kernel_runs_over_private_unix_sockets_without_tcp_warning(tmp_path, capfd):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell('out = ""', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "from ipykernel.kernelapp import IPKernelApp\n"
+            "app = IPKernelApp.instance()\n"
+            "open(out, 'w').write(app.transport + ' ' + app.ip)\n"
+        ),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    record = tmp_path / "transport.txt"
+    pipeline.run_notebook(tmp_path / "in.ipynb", tmp_path / "out.ipynb", {"out": str(record)}, "xx", progress=False)
+    transport, ip = record.read_text().split(" ", 1)
+    assert transport == "ipc" and "exaonepath-kernel-" in ip
+    assert not Path(ip).parent.exists()  # the socket folder is removed with the kernel
+    assert "without encryption" not in capfd.readouterr().err
