@@ -445,15 +445,27 @@ def dino_loss(
     """
     if teacher_out.shape[0] % n_global:
         raise ValueError(f"teacher_out rows ({teacher_out.shape[0]}) not divisible by n_global ({n_global})")
-    batch = teacher_out.shape[0] // n_global
+    teacher_p = teacher_probabilities(teacher_out, center, teacher_temp, centering, sinkhorn_iterations)
+    return dino_loss_from_targets(student_out, teacher_p, student_temp, n_global)
+
+
+def dino_loss_from_targets(
+    student_out: torch.Tensor, teacher_p: torch.Tensor, student_temp: float, n_global: int = 2
+) -> torch.Tensor:
+    """`dino_loss` given the teacher's target distributions (`teacher_probabilities`, rows summing to 1).
+
+    The training step computes the targets once and reuses them for the loss and the collapse diagnostics.
+    """
+    if teacher_p.shape[0] % n_global:
+        raise ValueError(f"teacher rows ({teacher_p.shape[0]}) not divisible by n_global ({n_global})")
+    batch = teacher_p.shape[0] // n_global
     if batch == 0 or student_out.shape[0] % batch:
         raise ValueError(f"student_out rows ({student_out.shape[0]}) not a multiple of the batch size ({batch})")
     n_crops = student_out.shape[0] // batch
     if n_crops < 2:
         raise ValueError(f"DINO needs at least two views, got {n_crops}")
     student_logp = nnf.log_softmax(student_out.float() / student_temp, dim=-1).chunk(n_crops)
-    teacher_p = teacher_probabilities(teacher_out, center, teacher_temp, centering,
-                                      sinkhorn_iterations).detach().chunk(n_global)
+    teacher_p = teacher_p.detach().float().chunk(n_global)
     total = student_out.new_zeros((), dtype=torch.float32)
     n_terms = 0
     for iq, q in enumerate(teacher_p):
@@ -569,6 +581,13 @@ def teacher_stats(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp:
     `teacher_kl`: their difference, the mean KL(p_i || mean p), which falls to 0 under either collapse.
     """
     p = teacher_probabilities(teacher_out, center, teacher_temp, centering, sinkhorn_iterations)
+    return target_stats(p, center)
+
+
+@torch.no_grad()
+def target_stats(p: torch.Tensor, center: torch.Tensor) -> dict[str, float]:
+    """`teacher_stats` from target distributions already computed (the training step's, shared with its loss)."""
+    p = p.float()
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
     mean_p = p.mean(0)
     entropy_of_mean = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
@@ -576,7 +595,7 @@ def teacher_stats(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp:
         "teacher_entropy": float(entropy),
         "teacher_entropy_of_mean": float(entropy_of_mean),
         "teacher_kl": float(entropy_of_mean - entropy),
-        "teacher_max_entropy": math.log(teacher_out.shape[-1]),
+        "teacher_max_entropy": math.log(p.shape[-1]),
         "center_norm": float(center.float().norm()),
         "center_mean": float(center.float().mean()),
     }

@@ -379,6 +379,7 @@ class StepResult:
     finite: bool
     teacher_out: torch.Tensor
     grad_norm: float | None
+    teacher_p: torch.Tensor | None = None  # the loss's target distributions, for the collapse diagnostics
 
 
 class DINOTrainStep:
@@ -431,11 +432,12 @@ class DINOTrainStep:
             with torch.no_grad():
                 teacher_out = self.teacher_net(views[:2])
             student_out = self.student(views)
-        loss = dino.dino_loss(student_out, teacher_out, center, self.student_temp, teacher_temp,
-                              centering=self.centering, sinkhorn_iterations=self.sinkhorn_iterations)
+        teacher_p = dino.teacher_probabilities(teacher_out, center, teacher_temp, self.centering,
+                                               self.sinkhorn_iterations)
+        loss = dino.dino_loss_from_targets(student_out, teacher_p, self.student_temp)
         loss_value = _global_mean(loss.detach())
         if not math.isfinite(loss_value):
-            return StepResult(loss_value, False, teacher_out, None)
+            return StepResult(loss_value, False, teacher_out, None, teacher_p)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = None
@@ -447,7 +449,7 @@ class DINOTrainStep:
                 param.grad = None  # AdamW then skips them entirely (no moment updates either)
         self.optimizer.step()
         dino.ema_update_(self.teacher_net, self.student_net, momentum)
-        return StepResult(loss_value, True, teacher_out, grad_norm)
+        return StepResult(loss_value, True, teacher_out, grad_norm, teacher_p)
 
 
 def make_optimizer(student_net: nn.Module, fused: bool) -> torch.optim.AdamW:
@@ -669,8 +671,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                     raise NonFiniteLossError(
                         f"loss is {loss_value} at step {step} (epoch {epoch}); training stopped, {where}"
                     )
-                stats = dino.teacher_stats(teacher_out, center, teacher_temp, cfg.centering,
-                                           cfg.sinkhorn_iterations)
+                stats = dino.target_stats(result.teacher_p, center)
                 center = dino.update_center(center, teacher_out, cfg.center_momentum)
                 step += 1
 

@@ -178,6 +178,19 @@ def test_teacher_stats_detect_collapse():
     assert healthy["teacher_kl"] == pytest.approx(math.log(6), rel=1e-3)
 
 
+@pytest.mark.parametrize("centering", ["center", "sinkhorn_knopp"])
+def test_loss_and_stats_from_shared_targets_equal_the_direct_ones(centering):
+    # the training step computes the targets once for both the loss and the diagnostics
+    g = torch.Generator().manual_seed(3)
+    student, teacher, center = torch.randn(20, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(1, 16)
+    direct = dino.dino_loss(student, teacher, center, 0.1, 0.05, centering=centering)
+    p = dino.teacher_probabilities(teacher, center, 0.05, centering)
+    assert float(dino.dino_loss_from_targets(student, p, 0.1)) == pytest.approx(float(direct), rel=1e-6)
+    assert dino.target_stats(p, center) == dino.teacher_stats(teacher, center, 0.05, centering)
+    with pytest.raises(ValueError, match="not divisible"):
+        dino.dino_loss_from_targets(student, p[:7], 0.1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # head and wrapper
 # ---------------------------------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(raw_store, t
     import yaml
 
     config.write_text(yaml.safe_dump(_tiny_config(raw_store, out, saveckp_freq=2).to_dict()))
-    real_loss = dino.dino_loss
+    real_loss = dino.dino_loss_from_targets
     calls = {"n": 0}
 
     def loss_with_nan_at_step_3(*args, **kwargs):
@@ -181,7 +181,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(raw_store, t
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(dino, "dino_loss", loss_with_nan_at_step_3)
+    monkeypatch.setattr(dino, "dino_loss_from_targets", loss_with_nan_at_step_3)
     code = training.main(["--config", str(config)])
     err = capsys.readouterr().err
     assert code == 3
