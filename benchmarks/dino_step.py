@@ -7,7 +7,8 @@ Reference (Algorithm 1, written straightforwardly): fp32, one backbone + head ca
 double loop over (teacher view, student view) pairs, plain for-loop AdamW, a per-parameter EMA loop.
 Ours: the training loop's own step, `training.DINOTrainStep` (`dino.MultiCropWrapper`: one backbone call per
 resolution group; the teacher targets computed once for the loss and the logged entropies; fused AdamW;
-gradient clipping; `dino.ema_update_` with foreach ops), and on CUDA bf16 autocast + torch.compile (+ TF32 for the remaining fp32 matmuls, as training sets it).
+gradient clipping; `dino.ema_update_` with foreach ops), and on CUDA bf16 autocast + torch.compile (+ TF32
+for the remaining fp32 matmuls, as training sets it).
 
     .venv/bin/python benchmarks/dino_step.py --quick [--json out.json]
 """
