@@ -14,8 +14,10 @@ def cosine_schedule(
 ) -> np.ndarray:
     """Linear warm-up from `start_warmup` to `base`, then a half cosine from `base` to `final`; one value per step.
 
-    The warm-up covers `warmup_epochs * steps_per_epoch` steps and ends one step short of `base`
-    (as DINO's `cosine_scheduler`); the cosine part starts exactly at `base` and ends exactly at `final`.
+    The warm-up covers `warmup_epochs * steps_per_epoch` steps and ends one step short of `base`; the cosine part
+    starts exactly at `base` and ends exactly at `final`. DINO's `cosine_scheduler` places the endpoints the other
+    way round (its warm-up reaches `base`, its cosine stops one step short of `final`): the two differ by one
+    step's increment at the two joints, so, e.g., our teacher momentum is exactly 1.0 on the last step.
     """
     if epochs <= 0 or steps_per_epoch <= 0:
         raise ValueError(f"epochs ({epochs}) and steps_per_epoch ({steps_per_epoch}) must be positive")

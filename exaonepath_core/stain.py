@@ -36,7 +36,13 @@ class MacenkoReference:
 
     @classmethod
     def default(cls) -> MacenkoReference:
-        """The standard H&E reference of Macenko et al. (the one torchstain and the paper's code use)."""
+        """The standard H&E reference of Macenko et al., torchstain's built-in default.
+
+        EXAONEPath's official code does not use it: it fits torchstain to one TCGA crop
+        (`target_TCGA-55-A48X_coords_[19440  9824]_[4096 4096].png` in its repository), whose stain vectors and
+        maximum concentrations differ; pass that image as `normalize.reference_image` (or a reference JSON fitted
+        to it as the backbone's `macenko_reference`) to reproduce its colours.
+        """
         return cls(np.array(DEFAULT_STAIN_MATRIX), np.array(DEFAULT_MAX_CONCENTRATIONS))
 
     def to_dict(self) -> dict:

@@ -362,7 +362,8 @@ def _gather_rng_states(runtime: _Runtime) -> list[dict[str, Any]]:
 
 
 def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices only: not on biases, norms, tokens or position embeddings (ndim <= 1)."""
+    """Weight decay as DINO's `get_params_groups`: none on biases and 1-D tensors (norms); weight matrices,
+    the CLS token and position embeddings (3-D) are decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -259,7 +259,16 @@ def load_backbone_with_transform(spec: str, cfg: ProjectConfig):
     EXAONEPath checkpoint see Macenko-normalized inputs, the others raw inputs."""
     from exaonepath_core import backbones
 
-    model, info = backbones.load_backbone(spec)
+    options = backbones.parse_backbone_spec(spec)
+    if options["kind"] == "exaonepath" and options.get("macenko_reference") is None:
+        # the official checkpoint sees the run's Macenko reference, the one our macenko arm was trained with
+        options["macenko_reference"] = stain_reference(cfg).to_dict()
+        if not cfg.normalize.reference_image:
+            print(f"[features] note: {spec} gets Macenko with the standard H&E reference; EXAONEPath's own code "
+                  "fits its normaliser to one TCGA crop (target_TCGA-55-A48X_coords_[19440  9824]_[4096 4096].png "
+                  "in its repository): set normalize.reference_image to that image to feed it the colours it "
+                  "was trained on", flush=True)
+    model, info = backbones.load_backbone(options)
     return model.to(device(cfg)).eval(), backbones.make_transform(info), info
 
 

@@ -205,3 +205,24 @@ def test_random_init_timm_backbone_is_reproducible_without_a_seed_in_the_spec():
     second, _ = load_backbone("timm:resnet18")
     assert info.extra["seed"] == 0
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_official_checkpoint_gets_the_runs_macenko_reference(exaonepath_ckpt, shared_data, capsys):
+    from exaonepath_core import stain, workflow
+    from exaonepath_core.config import load_config
+
+    path, _ = exaonepath_ckpt
+    cfg = load_config("smoke", {"device": "cpu"})
+    _, _, info = workflow.load_backbone_with_transform(f"exaonepath:{path}", cfg)
+    assert info.preprocess.macenko_reference == stain.MacenkoReference.default().to_dict()
+    assert "target_TCGA-55-A48X" in capsys.readouterr().out  # the user is told how to match the official colours
+
+    target = shared_data / "stain" / "tiatoolbox_target_image.png"
+    cfg = load_config("smoke", {"device": "cpu", "normalize.reference_image": str(target)})
+    _, transform, info = workflow.load_backbone_with_transform(f"exaonepath:{path}", cfg)
+    fitted = stain.fit_reference(np.asarray(Image.open(target).convert("RGB")))
+    np.testing.assert_allclose(info.preprocess.macenko_reference["stain_matrix"], fitted.stain_matrix, atol=1e-9)
+    assert "target_TCGA-55-A48X" not in capsys.readouterr().out
+    default = load_backbone(f"exaonepath:{path}")[1]
+    batch = torch.from_numpy(np.asarray(Image.open(target).convert("RGB"))[:96, :96].copy())[None]
+    assert not torch.equal(transform(batch), make_transform(default)(batch))  # the reference reaches the pixels
