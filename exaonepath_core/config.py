@@ -101,6 +101,10 @@ class FeaturesSection:
     # Tiles embedded per held-out REAL slide (task `heldout_slides`, unlabelled; seeded subsample, the rest
     # counted in datasets.csv); 0 = all. Here, not under `collapse`, because it decides what stage 04 embeds.
     max_tiles_per_heldout_slide: int = 500
+    # One evaluation recipe for every backbone: shorter side resized to input_size / fraction, then a centre crop
+    # of input_size. 0.875 = Resize 256 + CenterCrop 224 (DINO's linear evaluation and EXAONEPath's own
+    # recipe); 1.0 = the whole patch resized to the input size.
+    center_crop_fraction: float = 0.875
 
 
 @dataclass
@@ -362,6 +366,9 @@ def validate_values(cfg: ProjectConfig) -> None:
         if _get_dotted(d, dotted) not in allowed:
             raise ConfigError(f"config key {dotted}: must be one of {', '.join(allowed)}, "
                               f"got {_get_dotted(d, dotted)!r}")
+    fraction = cfg.features.center_crop_fraction
+    if not 0.5 <= fraction <= 1.0:
+        raise ConfigError(f"config key features.center_crop_fraction: must lie in [0.5, 1], got {fraction!r}")
     for dotted in SHARD_KEYS:
         try:
             shard_count(_get_dotted(d, dotted))

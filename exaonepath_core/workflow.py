@@ -5,6 +5,7 @@ patch stores, teacher exports, feature folders), so a stage can be rerun alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -269,6 +270,10 @@ def load_backbone_with_transform(spec: str, cfg: ProjectConfig):
                   "in its repository): set normalize.reference_image to that image to feed it the colours it "
                   "was trained on", flush=True)
     model, info = backbones.load_backbone(options)
+    # the run's evaluation recipe, the same for every backbone (features.center_crop_fraction)
+    crop = info.preprocess.crop
+    info.preprocess = dataclasses.replace(info.preprocess, crop=crop,
+                                          resize=round(crop / cfg.features.center_crop_fraction))
     return model.to(device(cfg)).eval(), backbones.make_transform(info), info
 
 

@@ -215,6 +215,7 @@ def test_official_checkpoint_gets_the_runs_macenko_reference(exaonepath_ckpt, sh
     cfg = load_config("smoke", {"device": "cpu"})
     _, _, info = workflow.load_backbone_with_transform(f"exaonepath:{path}", cfg)
     assert info.preprocess.macenko_reference == stain.MacenkoReference.default().to_dict()
+    assert (info.preprocess.resize, info.preprocess.crop) == (224, 224)  # smoke: center_crop_fraction 1.0
     assert "target_TCGA-55-A48X" in capsys.readouterr().out  # the user is told how to match the official colours
 
     target = shared_data / "stain" / "tiatoolbox_target_image.png"
@@ -226,3 +227,19 @@ def test_official_checkpoint_gets_the_runs_macenko_reference(exaonepath_ckpt, sh
     default = load_backbone(f"exaonepath:{path}")[1]
     batch = torch.from_numpy(np.asarray(Image.open(target).convert("RGB"))[:96, :96].copy())[None]
     assert not torch.equal(transform(batch), make_transform(default)(batch))  # the reference reaches the pixels
+
+
+def test_one_evaluation_crop_recipe_for_every_backbone():
+    from exaonepath_core import workflow
+    from exaonepath_core.config import load_config
+
+    cfg = load_config("paper", {"device": "cpu"})
+    assert cfg.features.center_crop_fraction == 0.875
+    _, transform, info = workflow.load_backbone_with_transform("timm:vit_tiny_patch16_224", cfg)
+    assert (info.preprocess.resize, info.preprocess.crop) == (256, 224)  # DINO's linear-eval Resize 256 + crop 224
+    batch = torch.arange(96 * 96 * 3, dtype=torch.int64).reshape(1, 96, 96, 3).remainder(256).to(torch.uint8)
+    cropped = transform(batch)
+    whole = workflow.load_backbone_with_transform(
+        "timm:vit_tiny_patch16_224", load_config("paper", {"device": "cpu", "features.center_crop_fraction": 1.0}))
+    assert whole[2].preprocess.resize == 224 and cropped.shape == whole[1](batch).shape == (1, 3, 224, 224)
+    assert not torch.equal(cropped, whole[1](batch))

@@ -117,6 +117,7 @@ BAD_OVERRIDES = [
     ("data.slide_dirs=/tmp", "data.slide_dirs", "expected a list of strings, got str '/tmp'"),
     ("pretrain.epochs=abc", "pretrain.epochs", "expected an integer, got str 'abc'"),
     ("pretrain.epochs=0", "pretrain", "epochs must be positive"),
+    ("features.center_crop_fraction=0.2", "features.center_crop_fraction", "must lie in"),
     ("pretrain.warmup_epochs=50", "pretrain", "warmup_epochs"),
     ("pretrain.use_amp=yes please", "pretrain.use_amp", "true/false"),
     ("pretrain.num_workers=-1", "pretrain.num_workers", ">= 0"),
