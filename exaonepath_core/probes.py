@@ -7,6 +7,7 @@ paper's accuracies, where datasets that are not on disk are listed as absent, ne
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,15 +106,41 @@ def _standardize(train: np.ndarray, *others: np.ndarray | None) -> list[np.ndarr
                                      for x in others]
 
 
-def _validation_split(X: np.ndarray, y: np.ndarray, seed: int, fraction: float = 0.2
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (train_idx, val_idx) of a train split, for choosing hyper-parameters when no val exists."""
-    from sklearn.model_selection import train_test_split
+_TCGA_PATIENT = re.compile(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}")
+
+
+def patient_groups(sample_ids: Sequence[str]) -> np.ndarray | None:
+    """The TCGA patient (`TCGA-XX-XXXX`) in each sample id, or None when no id names one.
+
+    Kather's MSI tiles (`blk-...-TCGA-A6-2674-01Z-00-DX1.png`) carry their patient's barcode; ids without one
+    become their own group. Used to keep one patient's patches on one side of a hyper-parameter split.
+    """
+    found = [_TCGA_PATIENT.search(str(i)) for i in sample_ids]
+    if not any(found):
+        return None
+    return np.array([m.group(0) if m else f"sample:{i}" for m, i in zip(found, sample_ids)])
+
+
+def _validation_split(X: np.ndarray, y: np.ndarray, seed: int, fraction: float = 0.2,
+                      groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train_idx, val_idx, how) of a train split, for choosing hyper-parameters when no val split exists.
+
+    Stratified by class; with `groups` (patients) and at least 5 of them, also grouped, so that patches of one
+    patient never sit on both sides: a patch-level split rewards memorising patients and picks too weak a
+    regularisation on patient-labelled tasks (MSI).
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
     index = np.arange(len(y))
     counts = np.bincount(y)
+    if groups is not None and len(np.unique(groups)) >= 5:
+        folds = StratifiedGroupKFold(n_splits=round(1 / fraction), shuffle=True, random_state=seed)
+        fit_idx, val_idx = next(folds.split(index, y, groups))
+        if len(np.unique(y[fit_idx])) >= 2 and len(val_idx):
+            return fit_idx, val_idx, "train_split_by_patient"
     stratify = y if counts[counts > 0].min() >= 2 else None
-    return train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    fit_idx, val_idx = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    return fit_idx, val_idx, "train_split"
 
 
 def _check_inputs(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray) -> None:
@@ -131,11 +158,11 @@ def _check_inputs(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.nda
 
 def logistic_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None, yval: np.ndarray | None,
                    Xte: np.ndarray, yte: np.ndarray, Cs: Iterable[float] = DEFAULT_CS, seed: int = 0,
-                   max_iter: int = 2000, n_boot: int = 200) -> dict[str, Any]:
+                   max_iter: int = 2000, n_boot: int = 200, groups: np.ndarray | None = None) -> dict[str, Any]:
     """L2 logistic regression on standardised features; C chosen by validation accuracy, then refit on train.
 
-    Without a validation split, 20% of train (stratified, `seed`) picks C and the final model is refit
-    on all of train.
+    Without a validation split, 20% of train (stratified, `seed`; grouped by `groups`, e.g. patients, when
+    given) picks C and the final model is refit on all of train.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -143,8 +170,8 @@ def logistic_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None, yv
     _check_inputs(Xtr, ytr, Xte, yte)
     n_classes = int(max(ytr.max(), yte.max()) + 1)
     if Xval is None:
-        fit_idx, val_idx = _validation_split(Xtr, ytr, seed)
-        X_fit, y_fit, X_sel, y_sel, selection = Xtr[fit_idx], ytr[fit_idx], Xtr[val_idx], ytr[val_idx], "train_split"
+        fit_idx, val_idx, selection = _validation_split(Xtr, ytr, seed, groups=groups)
+        X_fit, y_fit, X_sel, y_sel = Xtr[fit_idx], ytr[fit_idx], Xtr[val_idx], ytr[val_idx]
     else:
         X_fit, y_fit, X_sel, y_sel, selection = Xtr, ytr, np.asarray(Xval), np.asarray(yval, np.int64), "val"
     Z_fit, Z_sel = _standardize(X_fit, X_sel)
@@ -166,11 +193,12 @@ def logistic_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None, yv
 def linear_head_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None, yval: np.ndarray | None,
                       Xte: np.ndarray, yte: np.ndarray, weight_decays: Iterable[float] = (0.0, 1e-4, 1e-3, 1e-2),
                       epochs: int = 50, batch_size: int = 1024, lr: float = 1e-3, seed: int = 0,
-                      device: str | None = None, n_boot: int = 200) -> dict[str, Any]:
+                      device: str | None = None, n_boot: int = 200,
+                      groups: np.ndarray | None = None) -> dict[str, Any]:
     """A torch linear layer (AdamW, cosine schedule) on standardised features, for sets too large for lbfgs.
 
-    The weight decay is chosen by validation accuracy (or on a 20% split of train), then the head is
-    retrained with it on all of train.
+    The weight decay is chosen by validation accuracy (or on a 20% split of train, grouped by `groups` when
+    given), then the head is retrained with it on all of train.
     """
     import torch
 
@@ -208,8 +236,8 @@ def linear_head_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None,
             return torch.softmax(logits, dim=1).cpu().numpy()
 
     if Xval is None:
-        fit_idx, val_idx = _validation_split(Xtr, ytr, seed)
-        X_fit, y_fit, X_sel, y_sel, selection = Xtr[fit_idx], ytr[fit_idx], Xtr[val_idx], ytr[val_idx], "train_split"
+        fit_idx, val_idx, selection = _validation_split(Xtr, ytr, seed, groups=groups)
+        X_fit, y_fit, X_sel, y_sel = Xtr[fit_idx], ytr[fit_idx], Xtr[val_idx], ytr[val_idx]
     else:
         X_fit, y_fit, X_sel, y_sel, selection = Xtr, ytr, np.asarray(Xval), np.asarray(yval, np.int64), "val"
     scores = {}
@@ -261,11 +289,11 @@ def knn_probe(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray
 # ----------------------------------------------------------------------------------------------------------
 # Running probes over feature folders, tables, figure
 # ----------------------------------------------------------------------------------------------------------
-def _load_split(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _load_split(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[str]]:
     from exaonepath_core.features import load_features
 
-    X, y, _, manifest = load_features(directory)
-    return np.asarray(X, dtype=np.float32), y, manifest
+    X, y, ids, manifest = load_features(directory)
+    return np.asarray(X, dtype=np.float32), y, manifest, ids
 
 
 def run_probes(task: str, feature_dirs: Mapping[str, Mapping[str, str | os.PathLike]],
@@ -284,22 +312,25 @@ def run_probes(task: str, feature_dirs: Mapping[str, Mapping[str, str | os.PathL
         missing = [role for role in ("train", "test") if role not in dirs]
         if missing:
             raise KeyError(f"{task}/{backbone}: feature folder(s) for {', '.join(missing)} not given")
-        Xtr, ytr, manifest_tr = _load_split(dirs["train"])
-        Xte, yte, manifest_te = _load_split(dirs["test"])
+        Xtr, ytr, manifest_tr, ids_tr = _load_split(dirs["train"])
+        groups = None if dirs.get("val") else patient_groups(ids_tr)
+        Xte, yte, manifest_te, _ = _load_split(dirs["test"])
         Xval, yval = (None, None)
         if dirs.get("val"):
-            Xval, yval, _ = _load_split(dirs["val"])
+            Xval, yval, _, _ = _load_split(dirs["val"])
         if manifest_tr.get("class_names") != manifest_te.get("class_names"):
             raise ValueError(f"{task}/{backbone}: train and test class names differ "
                              f"({manifest_tr.get('class_names')} vs {manifest_te.get('class_names')})")
         for seed in seeds:
             for probe in probes:
                 if probe == "logistic":
-                    result = logistic_probe(Xtr, ytr, Xval, yval, Xte, yte, Cs=Cs, seed=seed, n_boot=n_boot)
-                    hparam = f"C={result['C']:.3g}"
+                    result = logistic_probe(Xtr, ytr, Xval, yval, Xte, yte, Cs=Cs, seed=seed, n_boot=n_boot,
+                                            groups=groups)
+                    hparam = f"C={result['C']:.3g} ({result['selection']})"
                 elif probe == "linear_head":
-                    result = linear_head_probe(Xtr, ytr, Xval, yval, Xte, yte, seed=seed, n_boot=n_boot)
-                    hparam = f"weight_decay={result['weight_decay']:.3g}"
+                    result = linear_head_probe(Xtr, ytr, Xval, yval, Xte, yte, seed=seed, n_boot=n_boot,
+                                               groups=groups)
+                    hparam = f"weight_decay={result['weight_decay']:.3g} ({result['selection']})"
                 else:
                     result = knn_probe(Xtr, ytr, Xte, yte, k=knn_k, seed=seed, n_boot=n_boot)
                     hparam = f"k={result['k']}"
