@@ -55,11 +55,12 @@ def _auroc(y_true: np.ndarray, positive_score: np.ndarray) -> float:
 
 def metrics(y_true: Sequence[int], y_pred: Sequence[int], y_score: np.ndarray | None = None,
             n_boot: int = 200, seed: int = 0, n_classes: int | None = None,
-            ci: float = 0.95) -> dict[str, dict[str, float]]:
+            ci: float = 0.95, groups: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Top-1 accuracy, balanced accuracy, macro F1 and (binary, with scores) AUROC, each with a bootstrap CI.
 
     Returns {metric: {"value", "ci_low", "ci_high"}}; the interval is the percentile bootstrap over test
-    samples (`n_boot` resamples; 0 disables it and the bounds are NaN).
+    samples (`n_boot` resamples; 0 disables it and the bounds are NaN), or over `groups` (e.g. patients:
+    whole patients are resampled, since one patient's patches are not independent) when given.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
@@ -82,8 +83,18 @@ def metrics(y_true: Sequence[int], y_pred: Sequence[int], y_score: np.ndarray | 
     point = compute(slice(None))
     names = list(METRIC_NAMES[:len(point)])
     rng = np.random.default_rng(seed)
-    boots = np.array([compute(rng.integers(0, len(y_true), len(y_true))) for _ in range(n_boot)]).reshape(
-        n_boot, len(point))
+    if groups is None:
+        boots = [compute(rng.integers(0, len(y_true), len(y_true))) for _ in range(n_boot)]
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != y_true.shape:
+            raise ValueError(f"groups {groups.shape} does not match y_true {y_true.shape}")
+        _, inverse = np.unique(groups, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])  # sample indices of each group
+        boots = [compute(np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))]))
+                 for _ in range(n_boot)]
+    boots = np.array(boots).reshape(n_boot, len(point))
     alpha = (1 - ci) / 2
     out = {}
     for j, name in enumerate(names):
@@ -158,7 +169,8 @@ def _check_inputs(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.nda
 
 def logistic_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None, yval: np.ndarray | None,
                    Xte: np.ndarray, yte: np.ndarray, Cs: Iterable[float] = DEFAULT_CS, seed: int = 0,
-                   max_iter: int = 2000, n_boot: int = 200, groups: np.ndarray | None = None) -> dict[str, Any]:
+                   max_iter: int = 2000, n_boot: int = 200, groups: np.ndarray | None = None,
+                   test_groups: np.ndarray | None = None) -> dict[str, Any]:
     """L2 logistic regression on standardised features; C chosen by validation accuracy, then refit on train.
 
     Without a validation split, 20% of train (stratified, `seed`; grouped by `groups`, e.g. patients, when
@@ -187,14 +199,15 @@ def logistic_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None, yv
     y_pred = proba.argmax(axis=1)
     return {"probe": "logistic", "C": best_C, "selection": selection, "val_scores": scores,
             "y_pred": y_pred, "y_score": proba,
-            "metrics": metrics(yte, y_pred, proba, n_boot=n_boot, seed=seed, n_classes=n_classes)}
+            "metrics": metrics(yte, y_pred, proba, n_boot=n_boot, seed=seed, n_classes=n_classes,
+                               groups=test_groups)}
 
 
 def linear_head_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None, yval: np.ndarray | None,
                       Xte: np.ndarray, yte: np.ndarray, weight_decays: Iterable[float] = (0.0, 1e-4, 1e-3, 1e-2),
                       epochs: int = 50, batch_size: int = 1024, lr: float = 1e-3, seed: int = 0,
                       device: str | None = None, n_boot: int = 200,
-                      groups: np.ndarray | None = None) -> dict[str, Any]:
+                      groups: np.ndarray | None = None, test_groups: np.ndarray | None = None) -> dict[str, Any]:
     """A torch linear layer (AdamW, cosine schedule) on standardised features, for sets too large for lbfgs.
 
     The weight decay is chosen by validation accuracy (or on a 20% split of train, grouped by `groups` when
@@ -250,12 +263,13 @@ def linear_head_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None,
     y_pred = proba.argmax(axis=1)
     return {"probe": "linear_head", "weight_decay": best_wd, "selection": selection, "val_scores": scores,
             "y_pred": y_pred, "y_score": proba,
-            "metrics": metrics(yte, y_pred, proba, n_boot=n_boot, seed=seed, n_classes=n_classes)}
+            "metrics": metrics(yte, y_pred, proba, n_boot=n_boot, seed=seed, n_classes=n_classes,
+                               groups=test_groups)}
 
 
 def knn_probe(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray, k: int = 20,
               metric: str = "cosine", temperature: float = 0.07, chunk: int = 1024, seed: int = 0,
-              n_boot: int = 200) -> dict[str, Any]:
+              n_boot: int = 200, test_groups: np.ndarray | None = None) -> dict[str, Any]:
     """Weighted kNN (DINO's: votes exp(similarity / T) of the k nearest train points), cosine by default."""
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
@@ -283,7 +297,8 @@ def knn_probe(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray
     proba = votes / votes.sum(axis=1, keepdims=True)
     y_pred = proba.argmax(axis=1)
     return {"probe": "knn", "k": k, "metric": metric, "y_pred": y_pred, "y_score": proba,
-            "metrics": metrics(yte, y_pred, proba, n_boot=n_boot, seed=seed, n_classes=n_classes)}
+            "metrics": metrics(yte, y_pred, proba, n_boot=n_boot, seed=seed, n_classes=n_classes,
+                               groups=test_groups)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,7 +329,8 @@ def run_probes(task: str, feature_dirs: Mapping[str, Mapping[str, str | os.PathL
             raise KeyError(f"{task}/{backbone}: feature folder(s) for {', '.join(missing)} not given")
         Xtr, ytr, manifest_tr, ids_tr = _load_split(dirs["train"])
         groups = None if dirs.get("val") else patient_groups(ids_tr)
-        Xte, yte, manifest_te, _ = _load_split(dirs["test"])
+        Xte, yte, manifest_te, ids_te = _load_split(dirs["test"])
+        test_groups = patient_groups(ids_te)  # intervals resample whole patients where ids name them
         Xval, yval = (None, None)
         if dirs.get("val"):
             Xval, yval, _, _ = _load_split(dirs["val"])
@@ -325,14 +341,15 @@ def run_probes(task: str, feature_dirs: Mapping[str, Mapping[str, str | os.PathL
             for probe in probes:
                 if probe == "logistic":
                     result = logistic_probe(Xtr, ytr, Xval, yval, Xte, yte, Cs=Cs, seed=seed, n_boot=n_boot,
-                                            groups=groups)
+                                            groups=groups, test_groups=test_groups)
                     hparam = f"C={result['C']:.3g} ({result['selection']})"
                 elif probe == "linear_head":
                     result = linear_head_probe(Xtr, ytr, Xval, yval, Xte, yte, seed=seed, n_boot=n_boot,
-                                               groups=groups)
+                                               groups=groups, test_groups=test_groups)
                     hparam = f"weight_decay={result['weight_decay']:.3g} ({result['selection']})"
                 else:
-                    result = knn_probe(Xtr, ytr, Xte, yte, k=knn_k, seed=seed, n_boot=n_boot)
+                    result = knn_probe(Xtr, ytr, Xte, yte, k=knn_k, seed=seed, n_boot=n_boot,
+                                       test_groups=test_groups)
                     hparam = f"k={result['k']}"
                 for metric, values in result["metrics"].items():
                     rows.append({"task": task, "backbone": backbone, "probe": probe, "seed": int(seed),

@@ -195,3 +195,19 @@ def test_hyperparameters_without_a_val_split_are_chosen_on_held_out_patients():
     assert leaky["val_scores"][leaky["C"]] - leaky_test > 0.3
     assert grouped["C"] < leaky["C"] and grouped["metrics"]["accuracy"]["value"] > leaky_test + 0.03
     assert abs(grouped["val_scores"][grouped["C"]] - grouped["metrics"]["accuracy"]["value"]) < 0.15
+
+
+def test_intervals_resample_whole_patients_when_ids_name_them():
+    # 20 patients x 50 patches; each patient's patches are all right or all wrong (14 of 20 right)
+    y_true = np.zeros(1000, dtype=np.int64)
+    y_pred = np.repeat((np.arange(20) >= 14).astype(np.int64), 50)
+    groups = np.repeat([f"TCGA-AA-{p:04d}" for p in range(20)], 50)
+    by_patch = metrics(y_true, y_pred, n_boot=400, seed=0, n_classes=2)["accuracy"]
+    by_patient = metrics(y_true, y_pred, n_boot=400, seed=0, n_classes=2, groups=groups)["accuracy"]
+    assert by_patch["value"] == by_patient["value"] == pytest.approx(0.7)
+    # patch resampling treats 1000 patches as independent (half-width ~0.03); 20 patients give ~0.2
+    assert by_patch["ci_high"] - by_patch["ci_low"] < 0.08
+    assert by_patient["ci_high"] - by_patient["ci_low"] > 0.25
+    assert by_patient["ci_low"] < 0.55 and by_patient["ci_high"] > 0.85
+    with pytest.raises(ValueError, match="groups"):
+        metrics(y_true, y_pred, n_boot=5, groups=groups[:10])
