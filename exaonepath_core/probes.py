@@ -363,8 +363,10 @@ def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, 
     """Mean/std over seeds of `metric` per (task, backbone, probe) beside the paper's value.
 
     Paper tasks without results are listed with status "absent: <reason>" (from `available`) and NaN values.
+    `seeds_differ` is False where every seed gave the same value: with a fixed val split, L-BFGS logistic
+    regression and kNN are deterministic and the seed only moves the bootstrap, so std 0 is not stability.
     """
-    columns = ["task", "backbone", "probe", "status", "n_seeds", "mean", "std", "ci_low", "ci_high",
+    columns = ["task", "backbone", "probe", "status", "n_seeds", "seeds_differ", "mean", "std", "ci_low", "ci_high",
                "paper_accuracy", "delta_vs_paper"]
     rows = []
     if len(df):
@@ -372,8 +374,11 @@ def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, 
         for (task, backbone, probe), group in selected.groupby(["task", "backbone", "probe"], sort=False):
             mean = float(group["value"].mean())
             reference = paper.get(task, np.nan)
+            per_seed = group.groupby("seed")["value"].mean()
             rows.append({"task": task, "backbone": backbone, "probe": probe, "status": "present",
-                         "n_seeds": int(group["seed"].nunique()), "mean": mean,
+                         "n_seeds": int(group["seed"].nunique()),
+                         "seeds_differ": bool(len(per_seed) > 1 and np.ptp(per_seed.to_numpy()) > 1e-12),
+                         "mean": mean,
                          # a spread needs at least two seeds: NaN, not a misleading 0.0, for one
                          "std": (float(group.groupby("seed")["value"].mean().std(ddof=0))
                                  if group["seed"].nunique() > 1 else np.nan),
@@ -387,7 +392,7 @@ def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, 
             if status == "present":
                 status = "absent: present on disk but not probed"
             rows.append({"task": task, "backbone": "", "probe": "", "status": status, "n_seeds": 0,
-                         "mean": np.nan, "std": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+                         "seeds_differ": False, "mean": np.nan, "std": np.nan, "ci_low": np.nan, "ci_high": np.nan,
                          "paper_accuracy": paper[task], "delta_vs_paper": np.nan})
     return pd.DataFrame(rows, columns=columns)
 

@@ -102,6 +102,9 @@ def test_run_probes_summary_and_plot(tmp_path):
     table = summary_table(df, available={"pcam": "absent: no root configured", "mhist": "present"})
     present = table[table.status == "present"]
     assert set(present.task) == {"toy"} and (present.n_seeds == 2).all()
+    # kNN is deterministic: its two seeds only move the bootstrap, which the table says instead of a std of 0
+    knn = present[present.probe == "knn"]
+    assert not knn.seeds_differ.any() and (knn["std"] == 0).all()
     absent = table.set_index("task").loc[list(PAPER_ACCURACY)]
     assert absent["mean"].isna().all()  # never faked
     assert absent.loc["pcam", "status"] == "absent: no root configured"
@@ -137,6 +140,7 @@ def test_plot_falls_back_to_knn_per_task_and_never_fails_on_no_results(tmp_path)
     assert one_seed.loc[one_seed.task == "big", "std"].isna().all()  # one seed: no spread claimed
     assert two_seeds.loc[(two_seeds.task == "big") & (two_seeds.probe == "logistic"), "std"].iloc[0] == \
         pytest.approx(0.005)
+    assert two_seeds.loc[two_seeds.task == "big", "seeds_differ"].all()
 
 
 def test_real_pcam_subset_probe_beats_chance(shared_data, tmp_path):
