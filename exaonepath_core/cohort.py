@@ -69,13 +69,29 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
     if cfg.data.slide_list:
         real += [resolve_path(x) for x in list_file_entries(resolve_path(cfg.data.slide_list))]
     for p in real:
-        rows.append({"slide_id": slide_id_of(p), "path": str(p), "source": "slides", "site": p.parent.name,
-                     "split": "train", "sidecar": ""})
+        rows.append({"slide_id": slide_id_of(p), "path": str(p), "source": "slides",
+                     "site": site_of(p, cfg.data.site_rule), "split": "train", "sidecar": ""})
     table = pd.DataFrame(rows, columns=COLUMNS)
     dup = table[table.duplicated("slide_id", keep=False)]
     if len(dup):
         raise ValueError("duplicate slide ids (file names must be unique):\n" + dup.to_string(index=False))
     return mark_real_heldout(table, cfg, progress=progress)
+
+
+_TCGA_TSS = re.compile(r"^TCGA-([A-Z0-9]{2})-", re.IGNORECASE)
+
+
+def site_of(path: str | Path, rule: str = "folder") -> str:
+    """A real slide's site: its parent folder, or under "tcga_tss" the tissue source site of the TCGA barcode
+    its file name starts with (`TCGA-A6-2674-...` -> `tcga_tss_A6`), the parent folder when it has none."""
+    path = Path(path)
+    if rule == "tcga_tss":
+        match = _TCGA_TSS.match(path.name)
+        if match:
+            return f"tcga_tss_{match.group(1).upper()}"
+    elif rule != "folder":
+        raise ValueError(f"data.site_rule must be folder or tcga_tss, got {rule!r}")
+    return path.parent.name
 
 
 def heldout_rank_key(slide_id: str, seed: int) -> str:

@@ -54,10 +54,14 @@ class DataSection:
     slide_dirs: list[str] = field(default_factory=list)
     slide_list: str = ""  # optional text file, one slide path per line
     # Real slides (slide_dirs / slide_list) kept out of pretraining for the stage-06 collapse metrics: this many
-    # per site (site = the slide's parent folder), chosen by a seeded hash of the slide id; a site needs more
+    # per site (see site_rule), chosen by a seeded hash of the slide id; a site needs more
     # slides than this (one at least stays in pretraining), else none is held out there and that is reported.
     heldout_slides_per_site: int = 0
     heldout_list: str = ""  # alternative: a text file of slide ids (or paths) to hold out, one per line
+    # What a real slide's "site" is: "folder" = its parent folder; "tcga_tss" = the tissue source site of a TCGA
+    # barcode in the file name (TCGA-<TSS>-...: the contributing lab, the unit of stain variation), falling
+    # back to the parent folder for slides without one (e.g. GTEx).
+    site_rule: str = "folder"
     mpp_override: float | None = None
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
     downstream_roots: dict[str, str] = field(default_factory=dict)
@@ -335,7 +339,8 @@ POSITIVE_KEYS = ("tiling.tile_size", "tiling.workers", "tiling.target_mpp", "nor
 NON_NEGATIVE_KEYS = ("tiling.overlap", "tiling.qc_figures", "features.num_workers", "features.max_samples_per_split",
                      "features.max_tiles_per_heldout_slide", "data.heldout_slides_per_site",
                      "data.synthetic.heldout_slides_per_site", "probes.n_boot", "collapse.n_boot")
-CHOICE_KEYS: dict[str, tuple[str, ...]] = {"device": ("auto", "cpu", "cuda"), "collapse.embedding": ("tsne", "pca")}
+CHOICE_KEYS: dict[str, tuple[str, ...]] = {"device": ("auto", "cpu", "cuda"), "collapse.embedding": ("tsne", "pca"),
+                                           "data.site_rule": ("folder", "tcga_tss")}
 SHARD_KEYS = ("tiling.shard", "normalize.shard")
 
 

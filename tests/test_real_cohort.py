@@ -40,6 +40,24 @@ def _dummy_slides(root: Path, per_site: dict[str, int]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # stage 01: which real slides are held out
 # ----------------------------------------------------------------------------------------------------------------
+def test_site_is_the_tcga_tissue_source_site_with_the_folder_as_fallback(tmp_path):
+    slides = tmp_path / "slides"
+    names = {"tcga": [f"TCGA-{tss}-{i:04d}-01Z-00-DX1.svs" for tss in ("A6", "AA", "a6") for i in range(3)],
+             "gtex": [f"GTEX-11{i}F-0126.svs" for i in range(4)]}
+    for folder, files in names.items():
+        (slides / folder).mkdir(parents=True)
+        for name in files:
+            (slides / folder / name).write_bytes(b"")
+    table = cohort.build_slide_table(_paper_config(tmp_path))
+    assert table.groupby("site").size().to_dict() == {"gtex": 4, "tcga_tss_A6": 6, "tcga_tss_AA": 3}
+    held = table[table.split == "heldout"].groupby("site").size().to_dict()
+    assert held == {"gtex": 2, "tcga_tss_A6": 2, "tcga_tss_AA": 2}  # 2 per lab, not 2 for all of TCGA
+    by_folder = cohort.build_slide_table(_paper_config(tmp_path, **{"data.site_rule": "folder"}))
+    assert by_folder.groupby("site").size().to_dict() == {"gtex": 4, "tcga": 9}
+    with pytest.raises(ValueError, match="site_rule"):
+        cohort.site_of("x.svs", "scanner")
+
+
 def test_heldout_choice_per_site_is_deterministic_and_too_few_is_reported(tmp_path, capsys):
     _dummy_slides(tmp_path / "slides", {"labA": 5, "labB": 3, "labC": 2})
     cfg = _paper_config(tmp_path)
