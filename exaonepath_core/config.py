@@ -109,6 +109,7 @@ class FeaturesSection:
     # of input_size. 0.875 = Resize 256 + CenterCrop 224 (DINO's linear evaluation and EXAONEPath's own
     # recipe); 1.0 = the whole patch resized to the input size.
     center_crop_fraction: float = 0.875
+    amp: bool = False  # bf16 autocast on GPU (faster); False = float32 as EXAONEPath's evaluation. CPU: float32
 
 
 @dataclass

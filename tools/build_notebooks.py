@@ -198,7 +198,7 @@ for bname, spec in backbones.items():
             if not done:
                 features.extract_features(model, transform, ds, target, batch_size=cfg.features.batch_size,
                                           num_workers=cfg.features.num_workers, device=workflow.device(cfg),
-                                          overwrite=force)
+                                          amp=cfg.features.amp, overwrite=force)
             m = json.loads((target / "manifest.json").read_text())
             rows.append({"backbone": bname, "dataset": dname, "split": split, "n": m.get("n"), "dim": m.get("dim"),
                          "reused": done})
@@ -211,8 +211,10 @@ table
 
 NOTEBOOKS["05_linear_probes"] = [
     ("md", ("# 05 · Linear probes\n\nL2 logistic regression on frozen features (regularisation chosen on the "
-            "validation split), kNN (k=20, cosine) as a second view; top-1 accuracy (the paper's metric), balanced "
-            "accuracy, macro F1, AUROC, each with a bootstrap 95% interval, over several seeds. Absent datasets are "
+            "validation split, or where there is none on 20% of train, held-out patients when the ids name TCGA "
+            "patients), kNN (k=20, cosine) as a second view; top-1 accuracy (the paper's metric), balanced "
+            "accuracy, macro F1, AUROC, each with a bootstrap 95% interval (resampling patients where known), over "
+            "several seeds (`seeds_differ` says whether they changed anything but the bootstrap). Absent datasets are "
             "listed as absent, never faked. Outputs: `results/<profile>/05_probes/`.")),
     ("code", params_cell(force=False)),
     ("code", setup_cell("05", '''import matplotlib
