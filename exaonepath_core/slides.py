@@ -127,9 +127,13 @@ class Slide:
                     self._mpp = None
                     self.mpp_source = source if file_mpp is None else f"implausible {file_mpp:.4g} um/px from {source}"
             if self._mpp is None and require_mpp:
+                power = _positive_float(self.properties.get("openslide.objective-power")
+                                        or self.properties.get("aperio.AppMag"))
+                hint = (f"; the file states objective power {power:g}x, commonly {10.0 / power:.3g} um/px at "
+                        "level 0 (scanners differ: check before using it)" if power else "")
                 raise MissingMppError(
                     f"no mpp in {self.path.name} ({self.mpp_source}); pass an mpp override "
-                    "(--mpp-override / mpp_override=) with the scanner's um per pixel at level 0"
+                    f"(--mpp-override / mpp_override=) with the scanner's um per pixel at level 0{hint}"
                 )
         except BaseException:
             self._osr.close()

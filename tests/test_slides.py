@@ -130,6 +130,16 @@ def test_missing_mpp_and_override(tmp_path):
     screen = write_tiled_tiff(tmp_path / "screen.tiff", np.full((128, 128, 3), 9, np.uint8), 72, "INCH")
     with pytest.raises(MissingMppError, match="implausible"), open_slide(screen):
         pass
+
+
+def test_missing_mpp_error_names_the_objective_power(svs, tmp_path):
+    # the real Aperio file with its MPP field renamed (same length): OpenSlide then reports no mpp, only AppMag
+    data = svs.read_bytes()
+    assert data.count(b"MPP = 0.4990") == 2
+    (tmp_path / "nompp.svs").write_bytes(data.replace(b"MPP = 0.4990", b"XPP = 0.4990"))
+    with pytest.raises(MissingMppError, match=r"objective power 20x, commonly 0\.5 um/px"), \
+            open_slide(tmp_path / "nompp.svs"):
+        pass
     scan = write_tiled_tiff(tmp_path / "scan.tiff", np.full((128, 128, 3), 9, np.uint8), 40000, "CENTIMETER")
     with open_slide(scan) as s:
         assert s.mpp == pytest.approx(0.25)
