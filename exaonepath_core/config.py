@@ -85,6 +85,9 @@ class NormalizeSection:
     """Macenko normalization and the patch stores."""
 
     reference_image: str = ""  # empty: the standard H&E reference; else a path to an RGB reference crop
+    # Io / alpha / beta: the reference fit and the per-patch estimate of the stored macenko patches (recorded in the
+    # store's manifest). On-the-fly normalization (pretrain.normalize_on_the_fly) and the Macenko step of feature
+    # extraction use the paper's 240 / 1 / 0.15.
     Io: float = 240.0
     alpha: float = 1.0
     beta: float = 0.15

@@ -134,6 +134,7 @@ class PatchStoreWriter:
         mode: str,
         reference: MacenkoReference | None = None,
         force: bool = False,
+        macenko_params: dict | None = None,
     ) -> None:
         if int(patch_size) <= 0:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
@@ -143,6 +144,8 @@ class PatchStoreWriter:
         self.patch_size = int(patch_size)
         self.mode = mode
         self.reference = reference
+        # Io / alpha / beta of the per-patch stain estimate (macenko mode); a store is written with one set
+        self.macenko_params = None if mode == "raw" else {**DEFAULT_MACENKO_PARAMS, **(macenko_params or {})}
         self.force = force
         (self.root / "slides").mkdir(parents=True, exist_ok=True)
         self._open_manifest()
@@ -154,6 +157,7 @@ class PatchStoreWriter:
             "patch_size": self.patch_size,
             "mode": self.mode,
             "reference": None if self.reference is None else self.reference.to_dict(),
+            "macenko_params": self.macenko_params,
         }
 
     def _open_manifest(self) -> None:
@@ -162,7 +166,9 @@ class PatchStoreWriter:
         if path.is_file():
             existing = read_manifest(self.root)
             problems = []
-            for key in ("format_version", "patch_size", "mode"):
+            # stores written before macenko_params was recorded used the defaults
+            existing.setdefault("macenko_params", None if existing.get("mode") == "raw" else DEFAULT_MACENKO_PARAMS)
+            for key in ("format_version", "patch_size", "mode", "macenko_params"):
                 if existing.get(key) != settings[key]:
                     problems.append(f"{key}: store has {existing.get(key)!r}, asked for {settings[key]!r}")
             stored_ref = existing.get("reference")
@@ -311,6 +317,9 @@ def is_store_complete(root: str | os.PathLike, slide_ids: Iterable[str]) -> bool
     return all(slide_id in done for slide_id in slide_ids)
 
 
+DEFAULT_MACENKO_PARAMS = {"Io": 240.0, "alpha": 1.0, "beta": 0.15}  # the paper's (and torchstain's) values
+
+
 def warm_up_normalizer(reference: MacenkoReference | None, device: str | torch.device = "cpu") -> float:
     """Run the Macenko kernel once on a tiny batch (numba JIT compile, CUDA context); returns the seconds."""
     start = time.perf_counter()
@@ -333,6 +342,7 @@ def _normalized_batches(
     batch_size: int,
     device: str | torch.device,
     fallback_sink: list[np.ndarray],
+    macenko_params: dict | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the slide's batches (split to at most batch_size), Macenko-normalized when mode is macenko."""
     for batch in make_batch_iterator():
@@ -346,7 +356,7 @@ def _normalized_batches(
             if chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[-1] != 3:
                 raise ValueError(f"tiles must be uint8 (b, T, T, 3), got {chunk.dtype} {chunk.shape}")
             tensor = torch.from_numpy(np.ascontiguousarray(chunk)).to(device)
-            normalized, fallback = macenko_normalize_batch(tensor, reference)
+            normalized, fallback = macenko_normalize_batch(tensor, reference, **(macenko_params or {}))
             fallback_sink.append(fallback.cpu().numpy())
             yield normalized.cpu().numpy()
 
@@ -362,8 +372,12 @@ def normalize_slides(
     force: bool = False,
     progress: bool = True,
     patch_size: int | None = None,
+    macenko_params: dict | None = None,
 ) -> pd.DataFrame:
     """Write every slide of this shard into the store (normalized when mode == 'macenko'); returns its ledger.
+
+    `macenko_params`: Io / alpha / beta of the per-patch stain estimate (default 240 / 1 / 0.15, the paper's);
+    recorded in the store's manifest, which refuses a later run with other values unless force.
 
     `tile_sources` yields (slide_id, coords (N, 2), make_batch_iterator) where the iterator yields uint8
     (b, T, T, 3) tiles in the order of coords. A failing slide is recorded in the ledger with its reason and
@@ -392,7 +406,11 @@ def normalize_slides(
         sources[slide_id] = source
     selected = shard_slide_ids(sources, shard)
     root = Path(root)
-    writer = None if patch_size is None else PatchStoreWriter(root, patch_size, mode, reference, force=force)
+    if macenko_params is not None and set(macenko_params) - set(DEFAULT_MACENKO_PARAMS):
+        raise ValueError(f"macenko_params takes {sorted(DEFAULT_MACENKO_PARAMS)}, got {sorted(macenko_params)}")
+    params = None if mode == "raw" else {**DEFAULT_MACENKO_PARAMS, **(macenko_params or {})}
+    writer = None if patch_size is None else PatchStoreWriter(root, patch_size, mode, reference, force=force,
+                                                              macenko_params=params)
     skipped: list[str] = []
     warmup_seconds = None
     for position, slide_id in enumerate(selected):
@@ -414,7 +432,8 @@ def normalize_slides(
             if writer is None:
                 if first is None:
                     raise ValueError("no tiles and no patch_size given: cannot tell the store's patch size")
-                writer = PatchStoreWriter(root, int(np.asarray(first).shape[1]), mode, reference, force=force)
+                writer = PatchStoreWriter(root, int(np.asarray(first).shape[1]), mode, reference, force=force,
+                                          macenko_params=params)
                 if not force and writer.has_slide(slide_id):
                     skipped.append(slide_id)
                     continue
@@ -427,7 +446,7 @@ def normalize_slides(
             flags: list[np.ndarray] = []
             row = writer.write_slide(
                 slide_id, np.asarray(coords),
-                _normalized_batches(replay, mode, reference, batch_size, device, flags),
+                _normalized_batches(replay, mode, reference, batch_size, device, flags, params),
                 fallback=flags,
             )
             if progress:

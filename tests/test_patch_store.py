@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from exaonepath_core import patch_store
 from exaonepath_core.patch_store import (
     PatchStoreDataset,
     PatchStoreWriter,
@@ -279,3 +280,26 @@ def test_rank_indices_match_distributed_sampler(n, world):
         assert sorted(set(np.concatenate(parts).tolist())) == list(range(n))
         assert len({len(p) for p in parts}) == 1
     assert not np.array_equal(rank_indices(50, 0, 2, 7, 0), rank_indices(50, 0, 2, 7, 1))
+
+
+def test_store_records_its_macenko_parameters_and_refuses_others(tmp_path):
+    rng = np.random.default_rng(0)
+    base = np.array([[200, 120, 180], [130, 60, 150], [230, 170, 200]], dtype=np.float64)
+    tiles = np.clip(base[rng.integers(0, 3, (4, 32, 32))] * rng.uniform(0.8, 1.0, (4, 32, 32, 1)), 0, 255)
+    tiles = tiles.astype(np.uint8)
+    coords = np.array([[0, 0], [32, 0], [0, 32], [32, 32]])
+    source = [("s1", coords, lambda: iter([tiles]))]
+    default = patch_store.normalize_slides(source, tmp_path / "a", "macenko", progress=False)
+    assert patch_store.read_manifest(tmp_path / "a")["macenko_params"] == {"Io": 240.0, "alpha": 1.0, "beta": 0.15}
+    strict = patch_store.normalize_slides(source, tmp_path / "b", "macenko", progress=False,
+                                          macenko_params={"beta": 0.6})
+    assert patch_store.read_manifest(tmp_path / "b")["macenko_params"]["beta"] == 0.6
+    assert int(default.n_patches.sum()) == int(strict.n_patches.sum()) == 4
+    # the parameters reach the kernel: a stricter optical-density threshold changes the output
+    a = patch_store.PatchStoreDataset(tmp_path / "a")
+    b = patch_store.PatchStoreDataset(tmp_path / "b")
+    assert not np.array_equal(np.stack([a[i] for i in range(4)]), np.stack([b[i] for i in range(4)]))
+    with pytest.raises(RuntimeError, match="macenko_params: store has .*'beta': 0.15.*asked for .*'beta': 0.6"):
+        patch_store.normalize_slides(source, tmp_path / "a", "macenko", progress=False, macenko_params={"beta": 0.6})
+    with pytest.raises(ValueError, match="macenko_params takes"):
+        patch_store.normalize_slides(source, tmp_path / "c", "macenko", progress=False, macenko_params={"gamma": 1})
