@@ -2,7 +2,12 @@
 
 Every adapter validates its layout when constructed: split folders/files, class names and order, and (with
 `strict=True`, for the real datasets) the published split sizes and per-class counts. A broken layout raises
-`DatasetLayoutError` whose message names exactly what is missing. Items are `(uint8 HWC array, label, sample_id)`.
+`DatasetLayoutError` whose message names exactly what is missing. Items are `(uint8 HWC array, label, sample_id)`;
+an image that cannot be decoded raises `ImageReadError` naming the dataset, split, sample id and file.
+
+`python -m exaonepath_core.downstream check --dataset NAME --root DIR [--deep]` validates the layout (fast, no
+decoding); `--deep` also decodes every image once and lists the unreadable ones and those whose size differs
+from the dataset's common size (feature batches need one size), exiting non-zero when there is any.
 
 `python -m exaonepath_core.downstream prepare --dataset NAME --root DIR` documents each official source and
 downloads it when the network is reachable (it fails cleanly with instructions when it is not).
@@ -38,16 +43,37 @@ CRC_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 
 
+# Pillow modes of more than 8 bits per sample: convert("RGB") clips them to 0..255, which turns a 16-bit tile
+# into a mostly white image without a word, so they are refused instead of converted
+HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 class DatasetLayoutError(FileNotFoundError):
     """The on-disk layout of a dataset is incomplete or differs from the official one."""
 
 
+class ImageReadError(OSError):
+    """One sample of a dataset could not be decoded; the message names the dataset, split, sample id and file."""
+
+
 def _read_rgb(path: Path) -> np.ndarray:
-    """An image file as a uint8 (H, W, 3) array."""
+    """An image file as a uint8 (H, W, 3) array (refuses more than 8 bits per sample rather than clipping)."""
     from PIL import Image
 
     with Image.open(path) as image:
+        if image.mode in HIGH_BIT_DEPTH_MODES:
+            raise ValueError(f"{image.mode} image ({image.width}x{image.height}) has more than 8 bits per sample; "
+                             "converting it to RGB would clip it: convert it to 8-bit RGB first")
         return np.array(image.convert("RGB"), dtype=np.uint8)  # writable: torch.from_numpy needs it
+
+
+def _case_hint(wanted: Sequence[str], present: Sequence[str]) -> str:
+    """"; found 'tum' (case differs)" for each wanted name present only in another letter case."""
+    by_lower: dict[str, list[str]] = {}
+    for name in present:
+        by_lower.setdefault(name.lower(), []).append(name)
+    found = [f"'{other}'" for name in wanted for other in by_lower.get(name.lower(), []) if other != name]
+    return f"; found {', '.join(found)} (case differs)" if found else ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,6 +114,11 @@ class PatchDataset(torch.utils.data.Dataset):
     def _load_image(self, position: int) -> np.ndarray:
         raise NotImplementedError
 
+    def sample_path(self, position: int) -> str:
+        """Where the item at `position` of the full split is stored (a file, or file + row)."""
+        paths = getattr(self, "_paths", None)
+        return str(paths[position]) if paths is not None else self._sample_ids[position]
+
     # shared -----------------------------------------------------------------------------------------------
     def _validate_counts(self) -> None:
         """Every class present (both modes); exact published counts in strict mode."""
@@ -113,7 +144,12 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, str]:
         position = int(self._index[i])
-        return self._load_image(position), int(self._labels[position]), self._sample_ids[position]
+        try:
+            image = self._load_image(position)
+        except Exception as exc:  # any decoder failure: say which file, keep the original as the cause
+            raise ImageReadError(f"{self.name}/{self.split}: cannot read sample {self._sample_ids[position]} "
+                                 f"({self.sample_path(position)}): {type(exc).__name__}: {exc}") from exc
+        return image, int(self._labels[position]), self._sample_ids[position]
 
     @property
     def labels(self) -> np.ndarray:
@@ -158,6 +194,7 @@ class FolderClassDataset(PatchDataset):
 
     split_folders: ClassVar[Mapping[str, str]] = {}
     class_folders: tuple[str, ...] = ()  # folder names in class order (default: class_names)
+    split_level_files: tuple[str, ...] = ()  # files expected beside the class folders (not counted as skipped)
 
     def _split_dir(self) -> Path:
         return self.root / self.split_folders[self.split]
@@ -166,13 +203,19 @@ class FolderClassDataset(PatchDataset):
         split_dir = self._split_dir()
         layout = "/".join([self.split_folders[self.split], "{" + ",".join(self._folders()) + "}", "*"])
         if not split_dir.is_dir():
+            siblings = sorted(p.name for p in split_dir.parent.iterdir()) if split_dir.parent.is_dir() else []
             raise DatasetLayoutError(f"{self.name}: missing folder {split_dir} (expected layout under "
-                                     f"{self.root}: {layout})")
-        present = {p.name for p in split_dir.iterdir() if p.is_dir()}
+                                     f"{self.root}: {layout}){_case_hint([split_dir.name], siblings)}")
+        present = set()
+        for entry in os.scandir(split_dir):
+            if entry.is_dir():
+                present.add(entry.name)
+            elif entry.name not in self.split_level_files:  # e.g. Thumbs.db, notes.txt: counted, not used
+                self.skipped[f"file beside the class folders ({Path(entry.name).suffix or 'no extension'})"] += 1
         missing = [name for name in self._folders() if name not in present]
         if missing:
             raise DatasetLayoutError(f"{self.name}: missing class folder(s) {', '.join(missing)} in {split_dir} "
-                                     f"(expected {', '.join(self._folders())})")
+                                     f"(expected {', '.join(self._folders())}){_case_hint(missing, sorted(present))}")
         extra = sorted(present - set(self._folders()))
         if extra:
             raise DatasetLayoutError(f"{self.name}: unexpected folder(s) {', '.join(extra)} in {split_dir} "
@@ -224,6 +267,13 @@ class PCamDataset(PatchDataset):
             hint = f" ({', '.join(gz)} present as .gz: gunzip them first)" if gz else ""
             raise DatasetLayoutError(f"pcam: missing file(s) {', '.join(missing)} in {self.root}{hint}")
         x_path, y_path = self._files()
+        for path in (x_path, y_path):
+            try:
+                with h5py.File(path, "r"):
+                    pass
+            except OSError as exc:
+                raise DatasetLayoutError(f"pcam: cannot open {path} as HDF5 ({exc}); re-download or gunzip it "
+                                         "again") from exc
         with h5py.File(x_path, "r") as fx, h5py.File(y_path, "r") as fy:
             for handle, key, path in ((fx, "x", x_path), (fy, "y", y_path)):
                 if key not in handle:
@@ -244,6 +294,10 @@ class PCamDataset(PatchDataset):
         self._sample_ids = [f"{self.split}/{i:06d}" for i in range(len(y))]
         self._h5: Any = None
         self._h5_pid = -1
+
+    def sample_path(self, position: int) -> str:
+        """The h5 file and row of the item at `position`."""
+        return f"{self._files()[0]} row {position}"
 
     def _load_image(self, position: int) -> np.ndarray:
         import h5py
@@ -412,6 +466,7 @@ class CRCSubsetDataset(FolderClassDataset):
     class_names = tuple(c for c in CRC_CLASSES if c != "BACK")
     splits = ("all", "train", "test")
     split_folders: ClassVar[Mapping[str, str]] = {"all": ".", "train": ".", "test": "."}
+    split_level_files = ("labels.csv",)
     expected: ClassVar[Mapping[str, Mapping[str, int]]] = {"all": {c: 4 for c in CRC_CLASSES if c != "BACK"},
                 "train": {c: 2 for c in CRC_CLASSES if c != "BACK"},
                 "test": {c: 2 for c in CRC_CLASSES if c != "BACK"}}
@@ -463,9 +518,87 @@ def class_names(name: str) -> tuple[str, ...]:
     return dataset_class(name).class_names
 
 
+@dataclass
+class ImageCheck:
+    """What decoding every image of one split found: unreadable files and sizes that differ from the common one."""
+
+    dataset: str
+    split: str
+    n_checked: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (file, error)
+    size_counts: Counter[tuple[int, ...]] = field(default_factory=Counter)  # image shape -> count
+    size_examples: dict[tuple[int, ...], list[str]] = field(default_factory=dict)  # shape -> first files
+
+    EXAMPLES_PER_SIZE: ClassVar[int] = 5
+
+    @property
+    def common_size(self) -> tuple[int, ...] | None:
+        """The most frequent image shape (ties: the first one seen)."""
+        return self.size_counts.most_common(1)[0][0] if self.size_counts else None
+
+    @property
+    def n_odd_size(self) -> int:
+        """How many decodable images differ in shape from the common one."""
+        return sum(n for shape, n in self.size_counts.items() if shape != self.common_size)
+
+    @property
+    def ok(self) -> bool:
+        """True when every image decodes and all share one shape."""
+        return not self.unreadable and self.n_odd_size == 0
+
+    def summary(self) -> str:
+        """One line: counts of unreadable and odd-sized images."""
+        common = "x".join(map(str, self.common_size[:2])) if self.common_size else "none"
+        return (f"{self.dataset}/{self.split}: {self.n_checked} image(s) decoded, {len(self.unreadable)} unreadable, "
+                f"{self.n_odd_size} of another size than the common {common}")
+
+    def lines(self) -> list[str]:
+        """The summary, then every unreadable file with its error, then example files of each odd size."""
+        out = [self.summary()]
+        out += [f"  unreadable: {path}: {error}" for path, error in self.unreadable]
+        for shape, n in sorted(self.size_counts.items(), key=lambda kv: -kv[1]):
+            if shape != self.common_size:
+                shown = self.size_examples[shape]
+                more = f" (+{n - len(shown)} more)" if n > len(shown) else ""
+                out.append(f"  size {'x'.join(map(str, shape[:2]))} ({n} image(s)): {', '.join(shown)}{more}")
+        return out
+
+
+def check_images(dataset: PatchDataset) -> ImageCheck:
+    """Decode every image of `dataset` once (streaming) and record the unreadable ones and each image shape."""
+    report = ImageCheck(dataset.name, dataset.split)
+    for i in range(len(dataset)):
+        position = int(dataset._index[i])
+        path = dataset.sample_path(position)
+        report.n_checked += 1
+        try:
+            image = dataset[i][0]
+        except ImageReadError as exc:
+            cause = exc.__cause__ or exc
+            report.unreadable.append((path, f"{type(cause).__name__}: {cause}"))
+            continue
+        report.size_counts[image.shape] += 1
+        examples = report.size_examples.setdefault(image.shape, [])
+        if len(examples) < ImageCheck.EXAMPLES_PER_SIZE:
+            examples.append(path)
+    return report
+
+
+def _probe_split_datasets(name: str, root: str | os.PathLike, strict: bool) -> list[PatchDataset]:
+    cls = dataset_class(name)
+    return [cls(root, split, strict=strict) for split in cls.probe_splits if split is not None]
+
+
 def available_datasets(roots: Mapping[str, str | os.PathLike], strict: bool = True,
-                       names: Sequence[str] | None = None) -> dict[str, str]:
-    """Dataset name -> "present" or "absent: <reason>" for the paper's six tasks and every configured root."""
+                       names: Sequence[str] | None = None, deep: bool = False,
+                       reports: dict[str, list[ImageCheck]] | None = None) -> dict[str, str]:
+    """Dataset name -> "present", "absent: <reason>" or (deep) "damaged: <counts>", for the paper's six tasks
+    and every configured root.
+
+    The default check reads the layout only (no decoding). `deep=True` also decodes every image of every probe
+    split once (`check_images`); a dataset with unreadable images or images of another size than the common
+    one is "damaged". Pass a dict as `reports` to receive each dataset's per-split `ImageCheck`s.
+    """
     names = list(names) if names is not None else list(dict.fromkeys([*PAPER_ACCURACY, *roots]))
     status = {}
     for name in names:
@@ -473,13 +606,20 @@ def available_datasets(roots: Mapping[str, str | os.PathLike], strict: bool = Tr
             status[name] = "absent: no root configured"
             continue
         try:
-            cls = dataset_class(name)
-            for split in cls.probe_splits:
-                if split is not None:
-                    cls(roots[name], split, strict=strict)
-            status[name] = "present"
+            datasets = _probe_split_datasets(name, roots[name], strict)
         except (DatasetLayoutError, KeyError, ValueError, OSError) as exc:
             status[name] = f"absent: {str(exc).splitlines()[0]}"
+            continue
+        status[name] = "present"
+        if deep:
+            checks = [check_images(dataset) for dataset in datasets]
+            if reports is not None:
+                reports[name] = checks
+            bad = [c for c in checks if not c.ok]
+            if bad:
+                status[name] = "damaged: " + "; ".join(
+                    f"{c.split}: {len(c.unreadable)} of {c.n_checked} image(s) unreadable, "
+                    f"{c.n_odd_size} of another size" for c in bad)
     return status
 
 
@@ -655,6 +795,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--root", required=True)
         sub.add_argument("--timeout", type=float, default=20.0)
         sub.add_argument("--no-strict", action="store_true")
+        if command == "check":
+            sub.add_argument("--deep", action="store_true",
+                             help="also decode every image once; list unreadable and odd-sized files")
     commands.add_parser("sources")
     args = parser.parse_args(argv)
     if args.command == "sources":
@@ -662,8 +805,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_manual_text(name, Path("ROOT")) + "\n")
         return 0
     if args.command == "check":
-        status = available_datasets({args.dataset: args.root}, strict=not args.no_strict, names=[args.dataset])
+        reports: dict[str, list[ImageCheck]] = {}
+        status = available_datasets({args.dataset: args.root}, strict=not args.no_strict, names=[args.dataset],
+                                    deep=args.deep, reports=reports)
         print(f"{args.dataset}: {status[args.dataset]}")
+        for check in reports.get(args.dataset, []):
+            print("\n".join(check.lines()))
         return 0 if status[args.dataset] == "present" else 1
     try:
         print(prepare(args.dataset, args.root, timeout=args.timeout))

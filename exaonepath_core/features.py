@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,24 @@ from exaonepath_core import atomic
 
 FEATURE_FILES = ("features.npy", "labels.npy", "sample_ids.txt", "manifest.json")
 MERGE_CHUNK_ROWS = 65_536
+ODD_IDS_SHOWN = 10  # sample ids an odd-shape error lists before '+N more'
 
 
 def _collate_uint8(batch: Sequence[tuple[np.ndarray, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Stack (HWC uint8, label, id) items into a uint8 (B,H,W,3) tensor; all patches must share a size."""
-    shapes = {item[0].shape for item in batch}
+    """Stack (HWC uint8, label, id) items into a uint8 (B,H,W,3) tensor; all patches must share a size.
+
+    Patches of another size are an error naming their sample ids, never resized here: a silent resize would
+    give those samples a different scale (um/px) from the rest without any record of it.
+    """
+    shapes = Counter(item[0].shape for item in batch)
     if len(shapes) != 1:
-        raise ValueError(f"patches of one batch differ in shape {sorted(shapes)}; resize them in the dataset")
+        common = shapes.most_common(1)[0][0]
+        odd = [f"{item[2]} {item[0].shape[:2]}" for item in batch if item[0].shape != common]
+        shown = ", ".join(odd[:ODD_IDS_SHOWN]) + (f" (+{len(odd) - ODD_IDS_SHOWN} more)" if len(odd) > ODD_IDS_SHOWN
+                                                   else "")
+        raise ValueError(f"{len(odd)} of {len(batch)} patches of one batch differ in shape from the batch's common "
+                         f"{common}: {shown}; every patch of a dataset must have one size (resize those files, or "
+                         "list all of them with `python -m exaonepath_core.downstream check --deep`)")
     images = torch.from_numpy(np.stack([item[0] for item in batch]))
     labels = torch.as_tensor([item[1] for item in batch], dtype=torch.int64)
     return images, labels, [str(item[2]) for item in batch]

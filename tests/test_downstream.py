@@ -140,16 +140,112 @@ def test_crc100k_layout(shared_data, tmp_path):
     with pytest.raises(DatasetLayoutError, match=r"TUM: found 1, expected 1233"):
         get_dataset("crc100k", tmp_path, "test", strict=True)
     (tmp_path / "CRC-VAL-HE-7K" / "notes.txt").write_text("x")
+    (tmp_path / "CRC-VAL-HE-7K" / "Thumbs.db").write_text("x")
     (tmp_path / "CRC-VAL-HE-7K" / "ADI" / "Thumbs.db").write_text("x")
     with pytest.warns(UserWarning, match="ignored files"):
         reported = get_dataset("crc100k", tmp_path, "test", strict=False)
-    assert reported.skipped == {"not an image (.db)": 1} and len(reported) == 9
+    # files beside the class folders are counted too, not silently passed over
+    assert reported.skipped == {"not an image (.db)": 1, "file beside the class folders (.txt)": 1,
+                                "file beside the class folders (.db)": 1} and len(reported) == 9
+    assert reported.describe()["skipped_files"]["file beside the class folders (.db)"] == 1
     shutil.rmtree(tmp_path / "CRC-VAL-HE-7K" / "MUS")
     with pytest.raises(DatasetLayoutError, match=r"missing class folder\(s\) MUS in .*CRC-VAL-HE-7K"):
         get_dataset("crc100k", tmp_path, "test", strict=False)
     (tmp_path / "NCT-CRC-HE-100K" / "EXTRA").mkdir()
     with pytest.raises(DatasetLayoutError, match=r"unexpected folder\(s\) EXTRA"):
         get_dataset("crc100k", tmp_path, "train", strict=False)
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def test_unreadable_images_name_their_file_and_deep_check_lists_them(shared_data, tmp_path, capsys):
+    _tiny_crc100k(shared_data, tmp_path)
+    test_dir = tmp_path / "CRC-VAL-HE-7K"
+    truncated = next((test_dir / "ADI").glob("*.png"))
+    _truncate(truncated)
+    garbage = test_dir / "DEB" / "garbage.png"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    small = test_dir / "LYM" / "small.png"
+    Image.open(next((test_dir / "MUC").glob("*.png"))).crop((0, 0, 100, 100)).save(small)
+    root = str(tmp_path)
+    # the default check reads no pixels: the layout is fine, so it stays "present" (fast)
+    assert downstream.main(["check", "--dataset", "crc100k", "--root", root, "--no-strict"]) == 0
+    assert capsys.readouterr().out.strip() == "crc100k: present"
+
+    dataset = get_dataset("crc100k", tmp_path, "test", strict=False)
+    position = dataset.sample_ids.index(f"CRC-VAL-HE-7K/ADI/{truncated.name}")
+    with pytest.raises(downstream.ImageReadError) as info:
+        dataset[position]
+    message = str(info.value)
+    assert message.startswith(f"crc100k/test: cannot read sample CRC-VAL-HE-7K/ADI/{truncated.name} ({truncated})")
+    assert "truncated" in message and isinstance(info.value, OSError)
+
+    checks = downstream.check_images(dataset)
+    assert checks.n_checked == len(dataset) == 11 and not checks.ok
+    assert sorted(path for path, _ in checks.unreadable) == sorted([str(truncated), str(garbage)])
+    assert checks.common_size == (224, 224, 3) and checks.n_odd_size == 1
+    assert checks.size_counts == {(224, 224, 3): 8, (100, 100, 3): 1}
+    assert checks.size_examples[(100, 100, 3)] == [str(small)]
+
+    reports: dict = {}
+    status = available_datasets({"crc100k": tmp_path}, strict=False, names=["crc100k"], deep=True, reports=reports)
+    assert status["crc100k"] == "damaged: test: 2 of 11 image(s) unreadable, 1 of another size"
+    assert [c.split for c in reports["crc100k"]] == ["train", "test"] and reports["crc100k"][0].ok
+    assert downstream.main(["check", "--dataset", "crc100k", "--root", root, "--no-strict", "--deep"]) == 1
+    out = capsys.readouterr().out
+    print(out)  # the report the user sees (pytest -s shows it)
+    assert "crc100k/test: 11 image(s) decoded, 2 unreadable, 1 of another size than the common 224x224" in out
+    assert f"unreadable: {truncated}: OSError: image file is truncated" in out
+    assert f"unreadable: {garbage}: UnidentifiedImageError" in out
+    assert f"size 100x100 (1 image(s)): {small}" in out
+    assert "crc100k/train: 25 image(s) decoded, 0 unreadable, 0 of another size" in out
+
+
+def test_sixteen_bit_images_are_refused_not_clipped(shared_data, tmp_path):
+    _copy_class_folders({"MSS": _real_patches(shared_data, 2, 0), "MSIMUT": _real_patches(shared_data, 2, 1)},
+                        tmp_path / "TRAIN")
+    gray = np.asarray(Image.open(_real_patches(shared_data, 1, 0)[0]).convert("L"), dtype=np.uint16) * 257
+    deep = tmp_path / "TRAIN" / "MSS" / "deep.png"
+    Image.fromarray(gray).save(deep)  # a 16-bit grayscale PNG
+    with Image.open(deep) as opened:
+        assert opened.mode.startswith("I")  # Pillow reads it as I;16 (old versions: I)
+    dataset = get_dataset("msi_crc", tmp_path, "train", strict=False)
+    with pytest.raises(downstream.ImageReadError, match=r"msi_crc/train: cannot read sample TRAIN/MSS/deep.png .*"
+                                                        r"more than 8 bits per sample.*convert it to 8-bit RGB"):
+        dataset[dataset.sample_ids.index("TRAIN/MSS/deep.png")]
+    checks = downstream.check_images(dataset)
+    assert [path for path, _ in checks.unreadable] == [str(deep)] and checks.n_checked == 5
+
+
+def test_case_differences_are_named(shared_data, tmp_path):
+    _tiny_crc100k(shared_data, tmp_path)
+    (tmp_path / "CRC-VAL-HE-7K" / "TUM").rename(tmp_path / "CRC-VAL-HE-7K" / "tum")
+    with pytest.raises(DatasetLayoutError, match=r"missing class folder\(s\) TUM in .*; found 'tum' \(case differs\)"):
+        get_dataset("crc100k", tmp_path, "test", strict=False)
+    for split in ("TRAIN", "TEST"):
+        _copy_class_folders({"MSS": _real_patches(shared_data, 1, 0), "MSIMUT": _real_patches(shared_data, 1, 1)},
+                            tmp_path / "msi" / split.lower())
+    with pytest.raises(DatasetLayoutError, match=r"missing folder .*TRAIN .*; found 'train' \(case differs\)"):
+        get_dataset("msi_crc", tmp_path / "msi", "train", strict=False)
+
+
+def test_pcam_garbage_h5_names_the_file(shared_data, tmp_path):
+    _tiny_pcam(shared_data, tmp_path)
+    x_path = tmp_path / "camelyonpatch_level_2_split_valid_x.h5"
+    x_path.write_bytes(b"this is not an HDF5 file" * 100)
+    with pytest.raises(DatasetLayoutError, match=rf"pcam: cannot open {x_path} as HDF5 \(.*signature"):
+        get_dataset("pcam", tmp_path, "valid", strict=False)
+    status = available_datasets({"pcam": tmp_path}, strict=False, names=["pcam"])
+    assert status["pcam"].startswith(f"absent: pcam: cannot open {x_path} as HDF5")
+    # a dataset that opens but whose rows cannot be read names the file and the row
+    dataset = get_dataset("pcam", tmp_path, "test", strict=False)
+    _truncate(tmp_path / "camelyonpatch_level_2_split_test_x.h5", keep=0.3)
+    with pytest.raises(downstream.ImageReadError, match=r"pcam/test: cannot read sample test/000007 "
+                                                        r"\(.*camelyonpatch_level_2_split_test_x.h5 row 7\)"):
+        dataset[7]
 
 
 # ---------------------------------------------------------------------------------------------- TCGA-TILs

@@ -118,3 +118,33 @@ def test_feature_folder_follows_the_umask(small_setup, tmp_path):
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE((out / name).stat().st_mode) for name in FEATURE_FILES} == {0o644}
+
+
+def test_an_odd_sized_patch_is_an_error_naming_its_sample_id(small_setup, shared_data, tmp_path):
+    """No silent resize in the collate: the error names the odd sample(s) and their size."""
+    import shutil
+
+    from PIL import Image
+
+    from exaonepath_core.features import _collate_uint8
+
+    _dataset, model, _info, transform = small_setup
+    root = tmp_path / "crc"
+    shutil.copytree(shared_data / "patches" / "crc_val_he_7k_subset", root)
+    victim = sorted((root / "MUS").glob("*.png"))[1]
+    Image.open(victim).crop((0, 0, 100, 100)).save(victim)
+    dataset = get_dataset("crc_subset", root, "all", strict=True)
+    odd_id = f"MUS/{victim.name}"
+    with pytest.raises(ValueError) as info:
+        extract_features(model, transform, dataset, tmp_path / "f", batch_size=8, progress=False)
+    message = str(info.value)
+    assert f"1 of 8 patches of one batch differ in shape from the batch's common (224, 224, 3): {odd_id} (100, 100)" \
+        in message and "check --deep" in message
+    assert not (tmp_path / "f").exists()  # nothing half-written left behind
+    items = [(np.zeros((4, 4, 3), np.uint8), 0, f"id{k}") for k in range(13)]
+    items += [(np.zeros((5, 4, 3), np.uint8), 1, f"odd{k}") for k in range(12)]
+    with pytest.raises(ValueError, match=r"12 of 25 patches .*common \(4, 4, 3\): odd0 \(5, 4\), .*odd9 \(5, 4\) "
+                                         r"\(\+2 more\)"):
+        _collate_uint8(items)
+    images, labels, ids = _collate_uint8(items[:13])
+    assert images.shape == (13, 4, 4, 3) and labels.sum() == 0 and ids[12] == "id12"
