@@ -564,10 +564,13 @@ class ImageCheck:
         return out
 
 
-def check_images(dataset: PatchDataset) -> ImageCheck:
+def check_images(dataset: PatchDataset, progress: bool = False) -> ImageCheck:
     """Decode every image of `dataset` once (streaming) and record the unreadable ones and each image shape."""
+    from tqdm.auto import tqdm
+
     report = ImageCheck(dataset.name, dataset.split)
-    for i in range(len(dataset)):
+    for i in tqdm(range(len(dataset)), disable=not progress, desc=f"decoding {dataset.name}/{dataset.split}",
+                  unit="img"):
         position = int(dataset._index[i])
         path = dataset.sample_path(position)
         report.n_checked += 1
@@ -591,13 +594,15 @@ def _probe_split_datasets(name: str, root: str | os.PathLike, strict: bool) -> l
 
 def available_datasets(roots: Mapping[str, str | os.PathLike], strict: bool = True,
                        names: Sequence[str] | None = None, deep: bool = False,
-                       reports: dict[str, list[ImageCheck]] | None = None) -> dict[str, str]:
+                       reports: dict[str, list[ImageCheck]] | None = None, progress: bool = False
+                       ) -> dict[str, str]:
     """Dataset name -> "present", "absent: <reason>" or (deep) "damaged: <counts>", for the paper's six tasks
     and every configured root.
 
     The default check reads the layout only (no decoding). `deep=True` also decodes every image of every probe
     split once (`check_images`); a dataset with unreadable images or images of another size than the common
-    one is "damaged". Pass a dict as `reports` to receive each dataset's per-split `ImageCheck`s.
+    one is "damaged". Pass a dict as `reports` to receive each dataset's per-split `ImageCheck`s; `progress`
+    shows a progress bar while decoding.
     """
     names = list(names) if names is not None else list(dict.fromkeys([*PAPER_ACCURACY, *roots]))
     status = {}
@@ -612,7 +617,7 @@ def available_datasets(roots: Mapping[str, str | os.PathLike], strict: bool = Tr
             continue
         status[name] = "present"
         if deep:
-            checks = [check_images(dataset) for dataset in datasets]
+            checks = [check_images(dataset, progress) for dataset in datasets]
             if reports is not None:
                 reports[name] = checks
             bad = [c for c in checks if not c.ok]
@@ -807,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         reports: dict[str, list[ImageCheck]] = {}
         status = available_datasets({args.dataset: args.root}, strict=not args.no_strict, names=[args.dataset],
-                                    deep=args.deep, reports=reports)
+                                    deep=args.deep, reports=reports, progress=args.deep)
         print(f"{args.dataset}: {status[args.dataset]}")
         for check in reports.get(args.dataset, []):
             print("\n".join(check.lines()))
