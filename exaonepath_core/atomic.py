@@ -176,3 +176,16 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def move_aside(path: str | os.PathLike, tag: str = "") -> Path:
+    """Rename `path` to `<name>.superseded-<time>[-tag][-n]` beside it (a rename: no copy, nothing deleted)."""
+    import time
+
+    path = Path(path)
+    stem = f"{path.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}" + (f"-{tag}" if tag else "")
+    target, n = path.with_name(stem), 2
+    while target.exists():
+        target, n = path.with_name(f"{stem}-{n}"), n + 1
+    path.rename(target)
+    return target

@@ -91,6 +91,40 @@ class ResultsPaths:
     def clear_done(self, stage: str) -> None:
         self.done_marker(stage).unlink(missing_ok=True)
 
+    def inputs_marker(self, stage: str) -> Path:
+        """`.inputs.json`: the config hash the stage's outputs on disk are being built from (written at its start)."""
+        return self.stage_dir(stage, create=False) / ".inputs.json"
+
+    def built_from(self, stage: str) -> str | None:
+        """The config hash the stage's outputs were (or are being) built from; None when unknown."""
+        for marker in (self.inputs_marker(stage), self.done_marker(stage)):
+            try:
+                return json.loads(marker.read_text())["config_hash"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return None
+
+    def supersede_outputs(self, stage: str, config_hash: str) -> Path | None:
+        """Move the stage's folder aside when its outputs were built from another config; returns the new place.
+
+        Per-item resume (slides in a ledger, feature folders, checkpoints) would otherwise take outputs of the
+        old config for done and mix them with new ones. Moved, not deleted: nothing is lost, and a large patch
+        store is renamed in place rather than copied. Outputs of an unknown config (no marker) are kept.
+        """
+        folder = self.stage_dir(stage, create=False)
+        old = self.built_from(stage)
+        if old is None or old == config_hash or not folder.is_dir():
+            return None
+        from exaonepath_core.atomic import move_aside
+
+        return move_aside(folder, old[:8])
+
+    def mark_inputs(self, stage: str, config_hash: str) -> Path:
+        """Record, before the stage runs, which config its outputs are built from (see `supersede_outputs`)."""
+        marker = self.inputs_marker(stage)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        return write_json_atomic(marker, {"stage": STAGES[stage_key(stage)][0], "config_hash": config_hash})
+
 
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
     """JSON to a temp file in the same folder, then rename (never a half-written file)."""

@@ -162,7 +162,13 @@ def run_pipeline(
             print(f"[run_all] {nb_name}: done (same config {chash}), skipped", flush=True)
             status[key] = "skipped"
             continue
+        if key != "03":  # stage 03 decides per arm (workflow.write_pretrain_config): a run resumes or restarts
+            moved = paths.supersede_outputs(key, chash)
+            if moved is not None:
+                print(f"[run_all] {nb_name}: its outputs were built from another config; moved aside to "
+                      f"{moved} (delete it when no longer needed) and rebuilt", flush=True)
         paths.clear_done(key)
+        paths.mark_inputs(key, chash)
         t0 = time.time()
         runs = [None]
         if key == "03":
@@ -306,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, KeyError, FileNotFoundError) as exc:
         print(f"\n[run_all] ERROR: {exc}", file=sys.stderr, flush=True)
         return 2
+    except PermissionError as exc:  # e.g. a read-only results_root: say so before any stage, not as a traceback
+        print(f"\n[run_all] ERROR: cannot write {exc.filename}: {exc.strerror} (check results_root and its "
+              "permissions)", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("\n[run_all] interrupted: finished stages keep their done-markers, and a rerun resumes the "
+              "interrupted one (tiling and normalization per slide, pretraining from its last checkpoint)",
+              file=sys.stderr, flush=True)
+        return 130
     print(f"[run_all] all selected stages finished; total time {time.time() - t0:.1f} s", flush=True)
     return 0
 

@@ -11,11 +11,13 @@ the checkpoint; a resumed run skips the first k batches of the interrupted epoch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -475,10 +477,45 @@ def train(cfg: PretrainConfig, resume: bool = False, dataset: Dataset | None = N
     """
     runtime = _init_distributed(cfg)
     try:
-        return _train(cfg, runtime, resume, dataset)
+        with _sole_writer(Path(cfg.output_dir), runtime.rank == 0):
+            return _train(cfg, runtime, resume, dataset)
     finally:
         if runtime.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class OutputDirBusyError(RuntimeError):
+    """Another training process holds the output folder."""
+
+
+@contextlib.contextmanager
+def _sole_writer(output_dir: Path, is_main: bool) -> Iterator[None]:
+    """Hold an exclusive lock on OUTPUT_DIR/.train.lock (rank 0) for the whole run.
+
+    A trainer left running by a killed notebook or runner would otherwise write the same checkpoint and log as
+    the rerun that started beside it. The lock is released by the kernel when the process dies, so a crash
+    never leaves a stale lock behind.
+    """
+    if not is_main:
+        yield
+        return
+    import fcntl
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / ".train.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise OutputDirBusyError(
+                f"another training process ({holder}) is writing {output_dir}; wait for it to finish or stop it "
+                "(e.g. a run left behind by an interrupted notebook), then rerun") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {platform.node()}\n")
+        handle.flush()
+        yield
 
 
 def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Dataset | None) -> dict[str, Any]:
@@ -961,6 +998,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"[pretrain] ERROR: {err}", file=sys.stderr, flush=True)
         return 3
+    except OutputDirBusyError as err:
+        print(f"[pretrain] ERROR: {err}", file=sys.stderr, flush=True)
+        return 4
     if args.plot and int(os.environ.get("RANK", "0")) == 0:
         plot_training_curves(summary["log"], Path(cfg.output_dir) / "training_curves.png")
     return 0

@@ -148,8 +148,63 @@ def write_pretrain_config(cfg: ProjectConfig, arm: str, normalize_dir: Path, out
         device=cfg.device,
     )
     PretrainConfig.from_mapping(settings)  # validate now, with the key named, rather than in the subprocess
+    _supersede_changed_run(cfg, Path(out_dir), settings)
     path = Path(out_dir) / "pretrain.yaml"
-    return atomic.write_text(path, yaml.safe_dump(settings, sort_keys=True))
+    text = yaml.safe_dump(settings, sort_keys=True)
+    if path.is_file() and path.read_text() == text:
+        return path  # unchanged: keep its time, so a finished run is recognised and reused
+    return atomic.write_text(path, text)
+
+
+def _supersede_changed_run(cfg: ProjectConfig, out_dir: Path, settings: dict[str, Any]) -> None:
+    """Move an arm's earlier run aside when it was trained with other settings or from other patches.
+
+    What must match to resume: every pretraining setting a resumed run may not change (training's
+    RESUME_MUTABLE_KEYS may change: max_steps, checkpoint frequency, workers, ...) and the config of the
+    stages that made its patch store (data, tiling, normalize). A run from before this record existed is
+    compared on its settings alone; the trainer's own resume check still guards it.
+    """
+    from exaonepath_core.pipeline import stage_config_hash
+    from exaonepath_core.training import RESUME_MUTABLE_KEYS
+
+    record = {"settings": {k: v for k, v in settings.items() if k not in RESUME_MUTABLE_KEYS},
+              "patches_config_hash": stage_config_hash(cfg, "02")}
+    record = json.loads(json.dumps(record))  # tuples -> lists, as read back
+    record_path = out_dir / "run_inputs.json"
+    has_run = any((out_dir / name).is_file() for name in ("checkpoint.pth", "teacher_backbone.pth"))
+    if has_run:
+        if record_path.is_file():
+            old = json.loads(record_path.read_text())
+        else:
+            import yaml
+
+            previous = out_dir / "pretrain.yaml"
+            old_settings = yaml.safe_load(previous.read_text()) if previous.is_file() else {}
+            old = {"settings": {k: v for k, v in json.loads(json.dumps(old_settings)).items()
+                                if k not in RESUME_MUTABLE_KEYS},
+                   "patches_config_hash": record["patches_config_hash"]}
+        if old != record:
+            changed = sorted(k for k in set(old["settings"]) | set(record["settings"])
+                             if old["settings"].get(k) != record["settings"].get(k))
+            if old.get("patches_config_hash") != record["patches_config_hash"]:
+                changed.append("the patch store's config (data / tiling / normalize)")
+            target = atomic.move_aside(out_dir)
+            print(f"[pretrain] {out_dir.name}: trained with other settings ({', '.join(changed)}); the earlier run "
+                  f"moved aside to {target} (delete it when no longer needed); training from scratch", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(record_path, record)
+
+
+def _die_with_parent() -> None:
+    """(Linux, in the child before exec) SIGTERM the trainer when the process that started it dies.
+
+    Killing the runner's process group misses the notebook kernel's children (the kernel has its own session);
+    without this the trainer, or torchrun and its workers, would go on writing the run folder beside a rerun.
+    """
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1, force: bool = False) -> dict:
@@ -178,7 +233,8 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "a") as log:
         # check=False: a failed run is reported below with the tail of its log, which check=True would hide.
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, check=False)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, check=False,
+                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
     if proc.returncode != 0:
         raise RuntimeError(f"pretraining exited with code {proc.returncode}; last lines of {log_path}:\n{tail}")

@@ -213,3 +213,49 @@ def test_kernel_runs_over_private_unix_sockets_without_tcp_warning(tmp_path, cap
     assert transport == "ipc" and "exaonepath-kernel-" in ip
     assert not Path(ip).parent.exists()  # the socket folder is removed with the kernel
     assert "without encryption" not in capfd.readouterr().err
+
+
+def test_a_config_change_moves_the_stale_outputs_aside_instead_of_resuming_from_them(setup, capsys):
+    nbs, results, cfg = setup
+    pipeline.run_pipeline(str(cfg), notebook_dir=nbs, progress=False)
+    paths = ResultsPaths(results, "tiny")
+    for stage in ("01", "02", "04"):  # stand-ins for a ledger, a patch store, feature folders
+        (paths.stage_dir(stage) / "made_before.txt").write_text("old config")
+    status = pipeline.run_pipeline(str(cfg), notebook_dir=nbs, progress=False, overrides={"normalize.beta": 0.3})
+    assert status["01"] == "skipped" and status["02"] == "ran"
+    out = capsys.readouterr().out
+    assert "02_normalize_stains: its outputs were built from another config; moved aside" in out
+    assert (paths.stage_dir("01") / "made_before.txt").is_file()  # upstream of the change: kept in place
+    for stage in ("02", "04"):  # the changed stage and everything below it start clean, the old outputs kept
+        folder = paths.stage_dir(stage, create=False)
+        assert not (folder / "made_before.txt").exists()
+        moved = list(folder.parent.glob(f"{folder.name}.superseded-*"))
+        assert len(moved) == 1 and (moved[0] / "made_before.txt").read_text() == "old config"
+    # an interrupted stage (inputs recorded, no done-marker) with the same config resumes in place
+    (paths.stage_dir("05") / "partial.txt").write_text("same config")
+    paths.clear_done("05")
+    moved_before = set(results.glob("tiny/*.superseded-*"))
+    pipeline.run_pipeline(str(cfg), notebook_dir=nbs, progress=False, overrides={"normalize.beta": 0.3})
+    assert (paths.stage_dir("05") / "partial.txt").is_file()
+    assert set(results.glob("tiny/*.superseded-*")) == moved_before
+
+
+def test_unwritable_results_root_and_ctrl_c_end_with_a_message(setup, capsys, monkeypatch):
+    nbs, results, cfg = setup
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(results / "tiny"))
+
+    monkeypatch.setattr(pipeline, "save_config", refuse)
+    assert pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {results / 'tiny'}: Permission denied" in err and "results_root" in err
+    assert "Traceback" not in err
+    monkeypatch.undo()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_notebook", interrupt)
+    assert pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs)]) == 130
+    assert "interrupted" in capsys.readouterr().err

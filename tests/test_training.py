@@ -313,3 +313,86 @@ def test_bf16_autocast_steps_track_fp32(raw_store, tmp_path, monkeypatch):
     moved = [k for k in ckpt["student"] if not torch.equal(ckpt["student"][k], _load_checkpoint(tmp_path / "fp32")
                                                              ["student"][k])]
     assert moved, "the bf16 run must differ numerically from the fp32 one (autocast was not applied)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one writer per run folder, trainers die with their starter, changed runs move aside
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_second_trainer_on_the_same_folder_is_refused(raw_store, tmp_path, capsys):
+    import fcntl
+
+    import yaml
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    config = out / "pretrain.yaml"
+    config.write_text(yaml.safe_dump(_tiny_config(raw_store, out, max_steps=1).to_dict()))
+    with open(out / ".train.lock", "a+") as holder:  # what a trainer left running by a killed kernel holds
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("pid 12345 on elsewhere\n")
+        holder.flush()
+        assert training.main(["--config", str(config)]) == 4
+    err = capsys.readouterr().err
+    assert "another training process (pid 12345 on elsewhere) is writing" in err
+    assert not (out / "checkpoint.pth").exists()
+    assert training.main(["--config", str(config)]) == 0  # released: the run goes ahead
+    assert (out / "checkpoint.pth").is_file()
+
+
+def test_the_trainer_process_dies_with_the_process_that_started_it(tmp_path):
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    (tmp_path / "child.py").write_text(
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    (tmp_path / "starter.py").write_text(
+        "import subprocess, sys, time\n"
+        "from exaonepath_core.workflow import _die_with_parent\n"
+        f"subprocess.Popen([sys.executable, {str(tmp_path / 'child.py')!r}], preexec_fn=_die_with_parent)\n"
+        "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "starter.py")],
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        for _ in range(600):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        parent.kill()  # SIGKILL: no cleanup code runs in the parent
+        parent.wait()
+        for _ in range(100):
+            stat = Path(f"/proc/{child}/stat")
+            if not stat.is_file() or stat.read_text().split()[2] == "Z":  # gone, or a zombie awaiting init
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, 9)
+            pytest.fail("the child outlived its parent by 10 s")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_changed_settings_move_an_arms_earlier_run_aside(tmp_path, capsys):
+    from exaonepath_core import workflow
+    from exaonepath_core.config import load_config
+
+    out = tmp_path / "03_pretrain" / "raw"
+    cfg = load_config("ci", {"results_root": str(tmp_path)})
+    first = workflow.write_pretrain_config(cfg, "raw", tmp_path / "02_normalize", out)
+    (out / "checkpoint.pth").write_bytes(b"trained")
+    mtime = first.stat().st_mtime_ns
+    # same settings, or only ones a resumed run may change: the run stays and resumes
+    assert workflow.write_pretrain_config(cfg, "raw", tmp_path / "02_normalize", out).stat().st_mtime_ns == mtime
+    longer = load_config("ci", {"results_root": str(tmp_path), "pretrain.max_steps": 50})
+    workflow.write_pretrain_config(longer, "raw", tmp_path / "02_normalize", out)
+    assert (out / "checkpoint.pth").is_file() and not list(out.parent.glob("raw.superseded-*"))
+    # a new learning rate, or patches normalized with another beta: a new run, the old one kept aside
+    for change in ({"pretrain.lr": 0.004}, {"normalize.beta": 0.3}):
+        changed = load_config("ci", {"results_root": str(tmp_path), **change})
+        workflow.write_pretrain_config(changed, "raw", tmp_path / "02_normalize", out)
+        assert not (out / "checkpoint.pth").exists()
+        (out / "checkpoint.pth").write_bytes(b"trained")
+    assert len(list(out.parent.glob("raw.superseded-*"))) == 2
+    printed = capsys.readouterr().out
+    assert "trained with other settings (lr)" in printed and "the patch store's config" in printed
