@@ -240,6 +240,19 @@ def check_paper_inputs(cfg: ProjectConfig) -> None:
             "profile's YAML or pass --set data.slide_dirs=[...]; strict_inputs: false for a deliberate subset):\n  "
             + "\n  ".join(missing)
         )
+    # the layouts too (class folders, h5 keys; no decoding): a broken dataset found in stage 04 would come after
+    # days of pretraining, and would then only be listed as absent
+    from exaonepath_core.downstream import available_datasets
+
+    roots = {name: resolve_path(root) for name, root in cfg.data.downstream_roots.items()}
+    status = available_datasets(roots, strict=True, names=list(roots))
+    broken = [f"data.downstream_roots.{name}: {text}" for name, text in status.items() if text != "present"]
+    if broken:
+        raise ConfigError(
+            f"profile {cfg.profile!r} has strict_inputs: true and these datasets are not readable as laid out "
+            "(`python -m exaonepath_core.downstream check --dataset NAME --root DIR [--deep]` for details):\n  "
+            + "\n  ".join(broken)
+        )
 
 
 def open_stage(stage: str, config_path: str = "", profile: str = "smoke") -> tuple[ProjectConfig, ResultsPaths]:

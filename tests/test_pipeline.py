@@ -259,3 +259,18 @@ def test_unwritable_results_root_and_ctrl_c_end_with_a_message(setup, capsys, mo
     monkeypatch.setattr(pipeline, "run_notebook", interrupt)
     assert pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs)]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_strict_inputs_check_dataset_layouts_before_any_stage(tmp_path):
+    from exaonepath_core.config import load_config
+
+    (tmp_path / "slides").mkdir()
+    crc = tmp_path / "crc" / "NCT-CRC-HE-100K"
+    for name in ("ADI", "BACK"):  # seven of the nine class folders missing
+        (crc / name).mkdir(parents=True)
+    cfg = load_config("paper", {"data.slide_dirs": [str(tmp_path / "slides")],
+                                "data.downstream_roots": {"crc100k": str(tmp_path / "crc")}})
+    with pytest.raises(ConfigError, match=r"not readable as laid out[\s\S]*data.downstream_roots.crc100k: absent"):
+        pipeline.check_paper_inputs(cfg)
+    pipeline.check_paper_inputs(load_config("paper", {"data.slide_dirs": [str(tmp_path / "slides")],
+                                                      "data.downstream_roots": {}}))  # nothing to check: passes
