@@ -703,10 +703,10 @@ def _complete_sidecar(out: Path, site: int, slide: int, digest: str) -> dict[str
 
 def _read_manifest(out: Path) -> pd.DataFrame:
     manifest = pd.read_csv(out / "manifest.csv")
-    # Absolute paths are stored for other stages; if the folder moved, re-anchor them here.
+    # Every file of the cohort lives in its folder: anchor the stored absolute paths to the folder being read,
+    # so a cohort copied or moved elsewhere is read from where it is now, never from where it was written.
     for column in ("path", "sidecar_path", "class_map_path"):
-        manifest[column] = [p if Path(p).exists() else str((out / Path(p).name).resolve())
-                            for p in manifest[column]]
+        manifest[column] = [str((out / Path(p).name).resolve()) for p in manifest[column]]
     return manifest
 
 

@@ -345,3 +345,14 @@ def test_plot_cohort_examples_writes_a_png(cohort, tmp_path):
     image = np.asarray(Image.open(out).convert("RGB"))
     assert image.shape[0] > 600 and image.shape[1] > 500
     assert image.std() > 20  # tiles drawn, not an empty canvas
+
+
+def test_a_copied_cohort_is_read_from_its_new_place(tmp_path):
+    import shutil
+
+    first = synthetic.generate_cohort(tmp_path / "a", TINY, progress=False, workers=1)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # e.g. data/ copied into another checkout; the original stays
+    copied = synthetic.generate_cohort(tmp_path / "b", TINY, progress=False)
+    for column in ("path", "sidecar_path", "class_map_path"):
+        assert all(Path(p).parent == (tmp_path / "b").resolve() and Path(p).is_file() for p in copied[column])
+    assert [Path(p).name for p in copied["path"]] == [Path(p).name for p in first["path"]]
