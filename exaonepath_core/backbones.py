@@ -10,7 +10,7 @@ Each carries its preprocessing (`PreprocessSpec`), applied batch-wise on uint8 t
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ class PreprocessSpec:
     crop: int
     macenko: bool = False
     macenko_reference: dict | None = None  # MacenkoReference.to_dict(); None = MacenkoReference.default()
+    macenko_params: dict | None = None  # Io / alpha / beta of the per-patch estimate; None = 240 / 1 / 0.15
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -94,38 +95,6 @@ class BackboneInfo:
         return asdict(self)
 
 
-def _macenko_batch_function() -> Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]]:
-    """`stain.macenko_normalize_batch` when it exists, else a per-image torchstain fallback (same maths)."""
-    from exaonepath_core import stain
-
-    batched = getattr(stain, "macenko_normalize_batch", None)
-    if batched is not None:
-        return batched
-    return _torchstain_normalize_batch
-
-
-def _torchstain_normalize_batch(images: torch.Tensor, reference: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Macenko per image with torchstain; background patches it cannot fit pass through unchanged (flagged)."""
-    from torchstain.torch.normalizers import TorchMacenkoNormalizer
-
-    normalizer = TorchMacenkoNormalizer()
-    normalizer.HERef = torch.as_tensor(reference.stain_matrix, dtype=torch.float32)
-    normalizer.maxCRef = torch.as_tensor(reference.max_concentrations, dtype=torch.float32)
-    out = images.clone()
-    fallback = torch.zeros(images.shape[0], dtype=torch.bool)
-    for i in range(images.shape[0]):
-        try:
-            normed, _, _ = normalizer.normalize(images[i].permute(2, 0, 1).cpu(), stains=False)
-        except (IndexError, RuntimeError):  # torchstain fails on patches without stained pixels
-            fallback[i] = True
-            continue
-        if not torch.isfinite(normed.float()).all():
-            fallback[i] = True
-            continue
-        out[i] = normed.clamp(0, 255).to(torch.uint8).to(images.device)
-    return out, fallback.to(images.device)
-
-
 class BatchTransform:
     """uint8 (B,H,W,3) tensor -> normalized float (B,3,crop,crop); picklable, device-agnostic."""
 
@@ -149,7 +118,9 @@ class BatchTransform:
             )
         spec = self.spec
         if spec.macenko:
-            images, fallback = _macenko_batch_function()(images, self._reference)
+            from exaonepath_core.stain import macenko_normalize_batch
+
+            images, fallback = macenko_normalize_batch(images, self._reference, **(spec.macenko_params or {}))
             self.last_fallback_count = int(fallback.sum())
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
         height, width = x.shape[-2:]

@@ -85,9 +85,9 @@ class NormalizeSection:
     """Macenko normalization and the patch stores."""
 
     reference_image: str = ""  # empty: the standard H&E reference; else a path to an RGB reference crop
-    # Io / alpha / beta: the reference fit and the per-patch estimate of the stored macenko patches (recorded in the
-    # store's manifest). On-the-fly normalization (pretrain.normalize_on_the_fly) and the Macenko step of feature
-    # extraction use the paper's 240 / 1 / 0.15.
+    # Io / alpha / beta: the reference fit, the per-patch estimate of the stored macenko patches (recorded in the
+    # store's manifest) and the Macenko step of feature extraction. On-the-fly normalization
+    # (pretrain.normalize_on_the_fly) supports the paper's 240 / 1 / 0.15 only, and refuses others.
     Io: float = 240.0
     alpha: float = 1.0
     beta: float = 0.15
@@ -390,6 +390,11 @@ def validate_values(cfg: ProjectConfig) -> None:
             raise ConfigError(f"config key {dotted}: expected a list of distinct values from "
                               f"{', '.join(allowed)}, got {values!r}")
     on_the_fly = bool(cfg.pretrain.get("normalize_on_the_fly", False))
+    estimate = (cfg.normalize.Io, cfg.normalize.alpha, cfg.normalize.beta)
+    if on_the_fly and "macenko" in cfg.arms and estimate != (240.0, 1.0, 0.15):
+        raise ConfigError(f"config key pretrain.normalize_on_the_fly: normalizes with Io/alpha/beta 240/1/0.15, but "
+                          f"normalize.Io/alpha/beta are {estimate[0]:g}/{estimate[1]:g}/{estimate[2]:g}: store the "
+                          "patches (normalize_on_the_fly: false) to train with other values")
     for arm in cfg.arms:  # the store each arm pretrains from (as workflow.write_pretrain_config picks it)
         store = "macenko" if arm == "macenko" and not on_the_fly else "raw"
         if store not in cfg.normalize.stores:

@@ -326,10 +326,13 @@ def load_backbone_with_transform(spec: str, cfg: ProjectConfig):
                   "in its repository): set normalize.reference_image to that image to feed it the colours it "
                   "was trained on", flush=True)
     model, info = backbones.load_backbone(options)
-    # the run's evaluation recipe, the same for every backbone (features.center_crop_fraction)
+    # the run's evaluation recipe, the same for every backbone (features.center_crop_fraction), and the run's
+    # Macenko estimate (normalize.Io / alpha / beta, as the macenko store was written) for those that normalize
     crop = info.preprocess.crop
+    params = {"Io": cfg.normalize.Io, "alpha": cfg.normalize.alpha, "beta": cfg.normalize.beta}
     info.preprocess = dataclasses.replace(info.preprocess, crop=crop,
-                                          resize=round(crop / cfg.features.center_crop_fraction))
+                                          resize=round(crop / cfg.features.center_crop_fraction),
+                                          macenko_params=params if info.preprocess.macenko else None)
     return model.to(device(cfg)).eval(), backbones.make_transform(info), info
 
 

@@ -243,3 +243,20 @@ def test_one_evaluation_crop_recipe_for_every_backbone():
         "timm:vit_tiny_patch16_224", load_config("paper", {"device": "cpu", "features.center_crop_fraction": 1.0}))
     assert whole[2].preprocess.resize == 224 and cropped.shape == whole[1](batch).shape == (1, 3, 224, 224)
     assert not torch.equal(cropped, whole[1](batch))
+
+
+def test_feature_time_macenko_uses_the_runs_estimate_parameters(exaonepath_ckpt, shared_data):
+    from exaonepath_core import workflow
+    from exaonepath_core.config import load_config
+
+    path, _ = exaonepath_ckpt
+    spec = f"exaonepath:{path}"
+    paper_values = workflow.load_backbone_with_transform(spec, load_config("smoke", {"device": "cpu"}))
+    strict = workflow.load_backbone_with_transform(spec, load_config("smoke", {"device": "cpu", "normalize.beta": 0.6}))
+    assert paper_values[2].preprocess.macenko_params == {"Io": 240.0, "alpha": 1.0, "beta": 0.15}
+    assert strict[2].preprocess.macenko_params["beta"] == 0.6
+    raw = workflow.load_backbone_with_transform("timm:vit_tiny_patch16_224", load_config("smoke", {"device": "cpu"}))
+    assert raw[2].preprocess.macenko_params is None  # no Macenko step, nothing to parametrise
+    tile = np.asarray(Image.open(shared_data / "stain" / "tiatoolbox_source_image.png").convert("RGB"))[:96, :96]
+    batch = torch.from_numpy(tile.copy())[None]
+    assert not torch.equal(paper_values[1](batch), strict[1](batch))

@@ -243,3 +243,10 @@ def test_notebook_config_lookup_by_profile(tmp_path):
     assert load_run_config(str(tmp_path / "res" / "lab" / "config.yaml"), "ignored").profile == "lab"
     with pytest.raises(ConfigError, match="needs `config_path` or `profile`"):
         load_run_config("", "")
+
+
+def test_on_the_fly_normalization_refuses_macenko_values_it_does_not_apply():
+    load_config("smoke", {"pretrain.normalize_on_the_fly": True})  # paper values: fine
+    with pytest.raises(ConfigError, match=r"normalize_on_the_fly: normalizes with Io/alpha/beta 240/1/0.15.*0\.3"):
+        load_config("smoke", {"pretrain.normalize_on_the_fly": True, "normalize.beta": 0.3})
+    assert load_config("smoke", {"normalize.beta": 0.3}).normalize.beta == 0.3  # stored patches take any value
