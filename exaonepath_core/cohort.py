@@ -78,7 +78,8 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
     return mark_real_heldout(table, cfg, progress=progress)
 
 
-_TCGA_TSS = re.compile(r"^TCGA-([A-Z0-9]{2})-", re.IGNORECASE)
+# A TCGA barcode's first fields: tissue source site (the contributing lab) and participant, TCGA-<TSS>-<patient>
+TCGA_BARCODE = re.compile(r"TCGA-([A-Z0-9]{2})-([A-Z0-9]{4})", re.IGNORECASE)
 
 
 def site_of(path: str | Path, rule: str = "folder") -> str:
@@ -86,7 +87,7 @@ def site_of(path: str | Path, rule: str = "folder") -> str:
     its file name starts with (`TCGA-A6-2674-...` -> `tcga_tss_A6`), the parent folder when it has none."""
     path = Path(path)
     if rule == "tcga_tss":
-        match = _TCGA_TSS.match(path.name)
+        match = TCGA_BARCODE.match(path.name)
         if match:
             return f"tcga_tss_{match.group(1).upper()}"
     elif rule != "folder":

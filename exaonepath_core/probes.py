@@ -7,7 +7,6 @@ paper's accuracies, where datasets that are not on disk are listed as absent, ne
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,19 +116,18 @@ def _standardize(train: np.ndarray, *others: np.ndarray | None) -> list[np.ndarr
                                      for x in others]
 
 
-_TCGA_PATIENT = re.compile(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}")
-
-
 def patient_groups(sample_ids: Sequence[str]) -> np.ndarray | None:
     """The TCGA patient (`TCGA-XX-XXXX`) in each sample id, or None when no id names one.
 
     Kather's MSI tiles (`blk-...-TCGA-A6-2674-01Z-00-DX1.png`) carry their patient's barcode; ids without one
     become their own group. Used to keep one patient's patches on one side of a hyper-parameter split.
     """
-    found = [_TCGA_PATIENT.search(str(i)) for i in sample_ids]
+    from exaonepath_core.cohort import TCGA_BARCODE
+
+    found = [TCGA_BARCODE.search(str(i)) for i in sample_ids]
     if not any(found):
         return None
-    return np.array([m.group(0) if m else f"sample:{i}" for m, i in zip(found, sample_ids)])
+    return np.array([m.group(0).upper() if m else f"sample:{i}" for m, i in zip(found, sample_ids)])
 
 
 def _validation_split(X: np.ndarray, y: np.ndarray, seed: int, fraction: float = 0.2,
