@@ -374,12 +374,11 @@ def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, 
             reference = paper.get(task, np.nan)
             per_seed = group.groupby("seed")["value"].mean()
             rows.append({"task": task, "backbone": backbone, "probe": probe, "status": "present",
-                         "n_seeds": int(group["seed"].nunique()),
+                         "n_seeds": len(per_seed),
                          "seeds_differ": bool(len(per_seed) > 1 and np.ptp(per_seed.to_numpy()) > 1e-12),
                          "mean": mean,
                          # a spread needs at least two seeds: NaN, not a misleading 0.0, for one
-                         "std": (float(group.groupby("seed")["value"].mean().std(ddof=0))
-                                 if group["seed"].nunique() > 1 else np.nan),
+                         "std": float(per_seed.std(ddof=0)) if len(per_seed) > 1 else np.nan,
                          "ci_low": float(group["ci_low"].mean()),
                          "ci_high": float(group["ci_high"].mean()), "paper_accuracy": reference,
                          "delta_vs_paper": mean - reference if metric == "accuracy" else np.nan})
