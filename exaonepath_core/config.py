@@ -95,6 +95,10 @@ class NormalizeSection:
     stores: list[str] = field(default_factory=lambda: ["raw", "macenko"])
     shard: str = "0/1"
 
+    def macenko_params(self) -> dict[str, float]:
+        """Io / alpha / beta as `stain.macenko_normalize_batch` takes them."""
+        return {"Io": self.Io, "alpha": self.alpha, "beta": self.beta}
+
 
 @dataclass
 class FeaturesSection:
@@ -390,11 +394,13 @@ def validate_values(cfg: ProjectConfig) -> None:
             raise ConfigError(f"config key {dotted}: expected a list of distinct values from "
                               f"{', '.join(allowed)}, got {values!r}")
     on_the_fly = bool(cfg.pretrain.get("normalize_on_the_fly", False))
-    estimate = (cfg.normalize.Io, cfg.normalize.alpha, cfg.normalize.beta)
-    if on_the_fly and "macenko" in cfg.arms and estimate != (240.0, 1.0, 0.15):
+    from exaonepath_core.stain import DEFAULT_MACENKO_PARAMS
+
+    if on_the_fly and "macenko" in cfg.arms and cfg.normalize.macenko_params() != DEFAULT_MACENKO_PARAMS:
+        asked = "/".join(f"{v:g}" for v in cfg.normalize.macenko_params().values())
         raise ConfigError(f"config key pretrain.normalize_on_the_fly: normalizes with Io/alpha/beta 240/1/0.15, but "
-                          f"normalize.Io/alpha/beta are {estimate[0]:g}/{estimate[1]:g}/{estimate[2]:g}: store the "
-                          "patches (normalize_on_the_fly: false) to train with other values")
+                          f"normalize.Io/alpha/beta are {asked}: store the patches (normalize_on_the_fly: false) to "
+                          "train with other values")
     for arm in cfg.arms:  # the store each arm pretrains from (as workflow.write_pretrain_config picks it)
         store = "macenko" if arm == "macenko" and not on_the_fly else "raw"
         if store not in cfg.normalize.stores:

@@ -34,7 +34,7 @@ import torch
 
 from exaonepath_core import atomic
 from exaonepath_core.cohort import check_shard, parse_shard  # noqa: F401 - parse_shard re-exported
-from exaonepath_core.stain import MacenkoReference, macenko_normalize_batch
+from exaonepath_core.stain import DEFAULT_MACENKO_PARAMS, MacenkoReference, macenko_normalize_batch
 
 STORE_FORMAT_VERSION = 1
 STORE_MODES = ("raw", "macenko")
@@ -317,9 +317,6 @@ def is_store_complete(root: str | os.PathLike, slide_ids: Iterable[str]) -> bool
     return all(slide_id in done for slide_id in slide_ids)
 
 
-DEFAULT_MACENKO_PARAMS = {"Io": 240.0, "alpha": 1.0, "beta": 0.15}  # the paper's (and torchstain's) values
-
-
 def warm_up_normalizer(reference: MacenkoReference | None, device: str | torch.device = "cpu") -> float:
     """Run the Macenko kernel once on a tiny batch (numba JIT compile, CUDA context); returns the seconds."""
     start = time.perf_counter()
@@ -408,9 +405,8 @@ def normalize_slides(
     root = Path(root)
     if macenko_params is not None and set(macenko_params) - set(DEFAULT_MACENKO_PARAMS):
         raise ValueError(f"macenko_params takes {sorted(DEFAULT_MACENKO_PARAMS)}, got {sorted(macenko_params)}")
-    params = None if mode == "raw" else {**DEFAULT_MACENKO_PARAMS, **(macenko_params or {})}
     writer = None if patch_size is None else PatchStoreWriter(root, patch_size, mode, reference, force=force,
-                                                              macenko_params=params)
+                                                              macenko_params=macenko_params)
     skipped: list[str] = []
     warmup_seconds = None
     for position, slide_id in enumerate(selected):
@@ -433,7 +429,7 @@ def normalize_slides(
                 if first is None:
                     raise ValueError("no tiles and no patch_size given: cannot tell the store's patch size")
                 writer = PatchStoreWriter(root, int(np.asarray(first).shape[1]), mode, reference, force=force,
-                                          macenko_params=params)
+                                          macenko_params=macenko_params)
                 if not force and writer.has_slide(slide_id):
                     skipped.append(slide_id)
                     continue
@@ -446,7 +442,7 @@ def normalize_slides(
             flags: list[np.ndarray] = []
             row = writer.write_slide(
                 slide_id, np.asarray(coords),
-                _normalized_batches(replay, mode, reference, batch_size, device, flags, params),
+                _normalized_batches(replay, mode, reference, batch_size, device, flags, writer.macenko_params),
                 fallback=flags,
             )
             if progress:

@@ -74,7 +74,7 @@ def stain_reference(cfg: ProjectConfig):
     from PIL import Image
 
     image = np.asarray(Image.open(resolve_path(cfg.normalize.reference_image)).convert("RGB"))
-    return stain.fit_reference(image, Io=cfg.normalize.Io, alpha=cfg.normalize.alpha, beta=cfg.normalize.beta)
+    return stain.fit_reference(image, **cfg.normalize.macenko_params())
 
 
 def normalize_summary(ledgers: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -329,10 +329,9 @@ def load_backbone_with_transform(spec: str, cfg: ProjectConfig):
     # the run's evaluation recipe, the same for every backbone (features.center_crop_fraction), and the run's
     # Macenko estimate (normalize.Io / alpha / beta, as the macenko store was written) for those that normalize
     crop = info.preprocess.crop
-    params = {"Io": cfg.normalize.Io, "alpha": cfg.normalize.alpha, "beta": cfg.normalize.beta}
-    info.preprocess = dataclasses.replace(info.preprocess, crop=crop,
-                                          resize=round(crop / cfg.features.center_crop_fraction),
-                                          macenko_params=params if info.preprocess.macenko else None)
+    info.preprocess = dataclasses.replace(
+        info.preprocess, crop=crop, resize=round(crop / cfg.features.center_crop_fraction),
+        macenko_params=cfg.normalize.macenko_params() if info.preprocess.macenko else None)
     return model.to(device(cfg)).eval(), backbones.make_transform(info), info
 
 

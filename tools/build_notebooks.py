@@ -122,7 +122,7 @@ for mode in cfg.normalize.stores:
         sources, out / mode, mode=mode, reference=reference if mode == "macenko" else None,
         batch_size=cfg.normalize.batch_size, device=workflow.device(cfg),
         shard=cohort.parse_shard(cfg.normalize.shard), force=force,
-        macenko_params={"Io": cfg.normalize.Io, "alpha": cfg.normalize.alpha, "beta": cfg.normalize.beta})
+        macenko_params=cfg.normalize.macenko_params())
 counts = workflow.normalize_summary(ledgers)
 workflow.write_csv_atomic(counts, out / "normalize_summary.csv")
 counts
