@@ -382,7 +382,7 @@ class StepResult:
     finite: bool
     teacher_out: torch.Tensor
     grad_norm: float | None
-    teacher_p: torch.Tensor | None = None  # the loss's target distributions, for the collapse diagnostics
+    teacher_p: torch.Tensor  # the loss's target distributions, reused for the collapse diagnostics
 
 
 class DINOTrainStep:

@@ -161,8 +161,8 @@ def _supersede_changed_run(cfg: ProjectConfig, out_dir: Path, settings: dict[str
 
     What must match to resume: every pretraining setting a resumed run may not change (training's
     RESUME_MUTABLE_KEYS may change: max_steps, checkpoint frequency, workers, ...) and the config of the
-    stages that made its patch store (data, tiling, normalize). A run from before this record existed is
-    compared on its settings alone; the trainer's own resume check still guards it.
+    stages that made its patch store (data, tiling, normalize). As with the runner's stage folders, a run of
+    unknown inputs (no record) is kept; the trainer's own resume check still guards it.
     """
     from exaonepath_core.pipeline import stage_config_hash
     from exaonepath_core.training import RESUME_MUTABLE_KEYS
@@ -172,25 +172,15 @@ def _supersede_changed_run(cfg: ProjectConfig, out_dir: Path, settings: dict[str
     record = json.loads(json.dumps(record))  # tuples -> lists, as read back
     record_path = out_dir / "run_inputs.json"
     has_run = any((out_dir / name).is_file() for name in ("checkpoint.pth", "teacher_backbone.pth"))
-    if has_run:
-        if record_path.is_file():
-            old = json.loads(record_path.read_text())
-        else:
-            import yaml
-
-            previous = out_dir / "pretrain.yaml"
-            old_settings = yaml.safe_load(previous.read_text()) if previous.is_file() else {}
-            old = {"settings": {k: v for k, v in json.loads(json.dumps(old_settings)).items()
-                                if k not in RESUME_MUTABLE_KEYS},
-                   "patches_config_hash": record["patches_config_hash"]}
-        if old != record:
-            changed = sorted(k for k in set(old["settings"]) | set(record["settings"])
-                             if old["settings"].get(k) != record["settings"].get(k))
-            if old.get("patches_config_hash") != record["patches_config_hash"]:
-                changed.append("the patch store's config (data / tiling / normalize)")
-            target = atomic.move_aside(out_dir)
-            print(f"[pretrain] {out_dir.name}: trained with other settings ({', '.join(changed)}); the earlier run "
-                  f"moved aside to {target} (delete it when no longer needed); training from scratch", flush=True)
+    old = json.loads(record_path.read_text()) if has_run and record_path.is_file() else record
+    if old != record:
+        changed = sorted(k for k in set(old["settings"]) | set(record["settings"])
+                         if old["settings"].get(k) != record["settings"].get(k))
+        if old.get("patches_config_hash") != record["patches_config_hash"]:
+            changed.append("the patch store's config (data / tiling / normalize)")
+        target = atomic.move_aside(out_dir)
+        print(f"[pretrain] {out_dir.name}: trained with other settings ({', '.join(changed)}); the earlier run "
+              f"moved aside to {target} (delete it when no longer needed); training from scratch", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_json(record_path, record)
 
