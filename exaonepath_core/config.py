@@ -468,13 +468,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def save_config(cfg: ProjectConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML atomically (next to a stage's outputs)."""
+    from exaonepath_core import atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def resolve_path(value: str | Path, base: Path = REPO_ROOT) -> Path:

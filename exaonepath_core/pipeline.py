@@ -13,10 +13,14 @@ executed notebook (with the traceback in it) is kept under `results/<profile>/no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +68,10 @@ HASH_EXCLUDED_KEYS: dict[str, str] = {
     "pretrain.num_workers": "data-loader processes; samples are seeded per (epoch, index)",
     "pretrain.progress_bar": "terminal display",
     "features.num_workers": "data-loader processes; the same features in the same order",
+    # every shard of a stage writes into the one stage folder, and the run without a shard that completes it
+    # must find their outputs there (a hash per shard would move each shard's work aside as "another config")
+    "tiling.shard": "which part of the slide list this process tiles",
+    "normalize.shard": "which part of the slide list this process normalizes",
 }
 
 
@@ -75,6 +83,105 @@ def stage_config_hash(cfg: ProjectConfig, stage: str) -> str:
         if key == stage_key(stage):
             break
     return cfg.keys_hash(keys, exclude=HASH_EXCLUDED_KEYS)
+
+
+class RunBusy(RuntimeError):
+    """Another runner is working on the same run folder."""
+
+
+# Temp names of `atomic` (`.<name>.<random>.tmp`, `.<name>.<random>.old`) and of the QC figures' `.<stem>.tmp.png`
+def is_temp_name(name: str) -> bool:
+    """True for a temp file or folder that an atomic write leaves behind only when its process is killed."""
+    return name.startswith(".") and (name.endswith((".tmp", ".old")) or ".tmp." in name)
+
+
+STALE_TEMP_AGE_S = 600.0
+
+
+def remove_stale_temp_files(folder: Path, older_than_s: float = STALE_TEMP_AGE_S) -> tuple[int, int]:
+    """Delete the temp files and folders that killed writes left under `folder`; returns (count, bytes).
+
+    Called by a runner that holds its run folder alone, so no other runner is writing. The age limit (newest
+    modification inside, 10 minutes by default) spares a write still going on from a notebook opened by hand.
+    Superseded folders are left as they were moved aside.
+    """
+    now, count, size = time.time(), 0, 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if ".superseded-" not in d]
+        for name in [d for d in dirnames if is_temp_name(d)] + [f for f in filenames if is_temp_name(f)]:
+            path = Path(dirpath) / name
+            entries = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+            try:
+                stats = [e.lstat() for e in entries]
+            except FileNotFoundError:  # removed meanwhile by whoever wrote it
+                continue
+            if now - max(st.st_mtime for st in stats) < older_than_s:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                dirnames.remove(name)
+            else:
+                path.unlink(missing_ok=True)
+            count, size = count + 1, size + sum(st.st_size for st in stats)
+    return count, size
+
+
+@contextlib.contextmanager
+def hold_run_folder(profile_dir: Path, shard_tag: str = "") -> Iterator[bool]:
+    """Hold `profile_dir/.run_all.lock` for a run, alone or shared with other shards; yields True if held alone.
+
+    A run that is not sharded holds the folder alone: a second runner on the same folder would supersede,
+    resume and mark done the stages under the first one's feet, so it is refused with `RunBusy` naming the
+    holder. Shards of one stage (SLURM array tasks) share the folder, each holding its own shard's lock too.
+    The kernel releases a dead runner's locks. On a file system without flock the run goes on unguarded.
+    """
+    import fcntl
+
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    holder = (f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+              + " ".join(sys.argv))
+    guarded = True
+    with contextlib.ExitStack() as stack:
+        wanted = [(profile_dir / ".run_all.lock", fcntl.LOCK_SH if shard_tag else fcntl.LOCK_EX)]
+        if shard_tag:
+            wanted.append((profile_dir / f".run_all.{shard_tag}.lock", fcntl.LOCK_EX))
+        for path, mode in wanted:
+            handle = stack.enter_context(open(path, "a+"))
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                others = [p.read_text().strip() for p in sorted(profile_dir.glob(".run_all*.lock"))]
+                named = "; ".join(o for o in others if o) or "a sharded run"
+                raise RunBusy(
+                    f"another ./run_all.sh is working on {profile_dir} ({named}). Wait for it to finish, or give "
+                    "this run its own folder with --set run_name=NAME") from None
+            except OSError as exc:
+                print(f"[run_all] WARNING: cannot lock {path} ({exc.strerror}); running without the guard "
+                      "against a second runner on this folder", flush=True)
+                guarded = False
+                break
+            if mode == fcntl.LOCK_EX:
+                handle.truncate(0)
+                handle.write(holder + "\n")
+                handle.flush()
+                stack.callback(handle.truncate, 0)  # runs before the close that releases the lock
+        yield guarded and not shard_tag
+
+
+def shard_tag(cfg: ProjectConfig) -> str:
+    """'' for a whole run, else e.g. 'tiling-shard1of4': names this shard's config, notebooks and lock."""
+    parts = []
+    for section, value in (("tiling", cfg.tiling.shard), ("normalize", cfg.normalize.shard)):
+        count = shard_count(value)
+        if count > 1:
+            parts.append(f"{section}-shard{value.split('/')[0].strip()}of{count}")
+    return ".".join(parts)
+
+
+def sharded_stages(cfg: ProjectConfig) -> set[str]:
+    """The stages this run does only a part of (a done-marker is written by the run without a shard)."""
+    return {stage for stage, value in (("01", cfg.tiling.shard), ("02", cfg.normalize.shard))
+            if shard_count(value) > 1}
 
 
 class StageFailed(RuntimeError):
@@ -148,7 +255,23 @@ def run_pipeline(
     check_shards(cfg, selected)
     check_paper_inputs(cfg)
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
-    save_config(cfg, paths.config_path)
+    tag = shard_tag(cfg)
+    with hold_run_folder(paths.profile_dir, tag) as alone:
+        if alone:
+            count, size = remove_stale_temp_files(paths.profile_dir)
+            if count:
+                print(f"[run_all] removed {count} temp file(s)/folder(s), {size / 2**20:.1f} MiB, that an "
+                      f"interrupted run left under {paths.profile_dir}", flush=True)
+        return _run_stages(cfg, paths, selected, tag, force, notebook_dir, progress, log_output)
+
+
+def _run_stages(cfg: ProjectConfig, paths: ResultsPaths, selected: list[str], tag: str, force: bool,
+                notebook_dir: Path, progress: bool, log_output: bool) -> dict[str, str]:
+    """The stage loop of `run_pipeline`, with the run folder held."""
+    # Shards running at once must not read each other's config (the shard value differs) or write one notebook
+    config_path = paths.profile_dir / f"config.{tag}.yaml" if tag else paths.config_path
+    save_config(cfg, config_path)
+    partial = sharded_stages(cfg)
 
     status: dict[str, str] = {}
     upstream_ran = False
@@ -175,12 +298,12 @@ def run_pipeline(
             runs = list(cfg.arms)
         declared = notebook_parameters(notebook)
         for arm in runs:
-            suffix = f"_{arm}" if arm else ""
-            offered = {"config_path": str(paths.config_path), "profile": cfg.results_name, "force": bool(force)}
+            suffix = (f"_{arm}" if arm else "") + (f".{tag}" if tag else "")
+            offered = {"config_path": str(config_path), "profile": cfg.results_name, "force": bool(force)}
             if arm:
                 offered["arm"] = arm
             params = {k: v for k, v in offered.items() if k in declared}
-            label = nb_name + (f" [{arm}]" if arm else "")
+            label = nb_name + (f" [{arm}]" if arm else "") + (f" [{tag}]" if tag else "")
             print(f"[run_all] {label}: running", flush=True)
             run_notebook(
                 notebook,
@@ -191,6 +314,12 @@ def run_pipeline(
                 log_output=log_output,
             )
         seconds = time.time() - t0
+        if key in partial:
+            print(f"[run_all] {nb_name}: this shard finished in {seconds:.1f} s; the stage is marked done by a "
+                  "run without the shard setting once every shard has finished (it skips their slides)",
+                  flush=True)
+            status[key] = "ran (shard)"
+            continue
         paths.mark_done(key, chash, seconds=round(seconds, 2))
         print(f"[run_all] {nb_name}: finished in {seconds:.1f} s", flush=True)
         status[key] = "ran"
@@ -322,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as exc:
         print(f"\n[run_all] FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
+    except RunBusy as exc:
+        print(f"\n[run_all] ERROR: {exc}", file=sys.stderr, flush=True)
+        return 4
     except (ConfigError, KeyError, FileNotFoundError) as exc:
         print(f"\n[run_all] ERROR: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -2,6 +2,8 @@
 strict inputs under sweeps and inheriting profiles, sharded stages alone, only declared notebook parameters."""
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import nbformat
@@ -18,7 +20,7 @@ import json, pathlib, yaml
 cfg = yaml.safe_load(open(config_path))
 out = pathlib.Path(cfg["results_root"]) / profile / "runs.jsonl"
 with open(out, "a") as fh:
-    fh.write(json.dumps({"stage": STAGE, "arm": arm, "seed": cfg["seed"]}) + "\\n")
+    fh.write(json.dumps({"stage": STAGE, "arm": arm, "seed": cfg["seed"], "shard": cfg["tiling"]["shard"]}) + "\\n")
 if cfg["seed"] == 13 and STAGE == "04":
     raise ValueError("deliberate failure in stage 04")
 """
@@ -129,13 +131,13 @@ def test_sharded_stage_refuses_later_stages(setup, capsys):
     assert not (results / "tiny" / "runs.jsonl").exists()  # refused before any notebook ran
     status = pipeline.run_pipeline(str(cfg), overrides={"tiling.shard": "1/4"}, only=["01"], notebook_dir=nbs,
                                    progress=False)
-    assert status == {"01": "ran"}
+    assert status == {"01": "ran (shard)"}
     code = pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs), "--set", "normalize.shard=0/2",
                           "--from", "02"])
     assert code == 2 and "normalize.shard=0/2" in capsys.readouterr().err
     status = pipeline.run_pipeline(str(cfg), overrides={"normalize.shard": "0/2"}, only=["01", "02"],
                                    notebook_dir=nbs, progress=False)
-    assert status == {"01": "ran", "02": "ran"}
+    assert status == {"01": "ran", "02": "ran (shard)"}
 
 
 def test_paper_profile_names_every_missing_path(capsys):
@@ -274,3 +276,89 @@ def test_strict_inputs_check_dataset_layouts_before_any_stage(tmp_path):
         pipeline.check_paper_inputs(cfg)
     pipeline.check_paper_inputs(load_config("paper", {"data.slide_dirs": [str(tmp_path / "slides")],
                                                       "data.downstream_roots": {}}))  # nothing to check: passes
+
+
+def test_shards_share_the_stage_folder_and_the_run_without_a_shard_completes_it(setup, capsys):
+    """The SLURM-array workflow: shards write into one stage folder, none marks it done, none moves another's
+    outputs aside, each reads its own config; the run without a shard then finishes the stage in place."""
+    nbs, results, cfg = setup
+    paths = ResultsPaths(results, "tiny")
+    for i in range(2):
+        status = pipeline.run_pipeline(str(cfg), overrides={"tiling.shard": f"{i}/2"}, only=["01"],
+                                       notebook_dir=nbs, progress=False)
+        assert status == {"01": "ran (shard)"}
+        (paths.stage_dir("01") / f"slides_of_shard_{i}.txt").write_text("tiled")
+    assert not paths.done_marker("01").exists()
+    assert not list(results.glob("tiny/*.superseded-*"))  # the shards did not take each other for another config
+    assert [r["shard"] for r in _runs(results)] == ["0/2", "1/2"]  # each notebook read its own shard's config
+    for i in range(2):
+        assert yaml.safe_load((paths.profile_dir / f"config.tiling-shard{i}of2.yaml").read_text())["tiling"][
+            "shard"] == f"{i}/2"
+        assert (paths.notebooks_dir / f"01_tile_slides.tiling-shard{i}of2.ipynb").is_file()
+    assert "marked done by a run without the shard" in capsys.readouterr().out
+    status = pipeline.run_pipeline(str(cfg), notebook_dir=nbs, progress=False)
+    assert status["01"] == "ran" and paths.done_marker("01").is_file()
+    assert sorted(p.name for p in paths.stage_dir("01").glob("slides_of_shard_*")) == [
+        "slides_of_shard_0.txt", "slides_of_shard_1.txt"]  # completed in place, not moved aside
+    assert not list(results.glob("tiny/*.superseded-*"))
+
+
+def test_a_second_runner_on_the_same_folder_is_refused_but_shards_run_side_by_side(setup, capsys):
+    nbs, results, cfg = setup
+    folder = results / "tiny"
+    with pipeline.hold_run_folder(folder) as alone:
+        assert alone
+        assert pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs)]) == 4
+        err = capsys.readouterr().err
+        assert f"another ./run_all.sh is working on {folder} (pid {os.getpid()}" in err
+        assert "--set run_name=" in err and "Traceback" not in err
+        assert not _runs(results)  # refused before any stage
+        with pytest.raises(pipeline.RunBusy), pipeline.hold_run_folder(folder, "tiling-shard0of2"):
+            pass
+    assert (folder / ".run_all.lock").read_text() == ""  # the holder's line goes with the lock
+    with pipeline.hold_run_folder(folder, "tiling-shard0of2") as alone0, \
+            pipeline.hold_run_folder(folder, "tiling-shard1of2") as alone1:
+        assert not alone0 and not alone1
+        with pytest.raises(pipeline.RunBusy, match="pid"), pipeline.hold_run_folder(folder, "tiling-shard1of2"):
+            pass
+        with pytest.raises(pipeline.RunBusy, match="working on"), pipeline.hold_run_folder(folder):
+            pass
+    with pipeline.hold_run_folder(folder) as alone:  # every lock released
+        assert alone
+
+
+def test_temp_files_of_a_killed_run_are_removed_by_the_next_run(setup, capsys):
+    nbs, results, cfg = setup
+    paths = ResultsPaths(results, "tiny")
+    stage = paths.stage_dir("02")
+    old = time.time() - 2 * pipeline.STALE_TEMP_AGE_S
+    stale_file = stage / ".shard-00003.npy.k2j3h1.tmp"
+    stale_file.write_bytes(b"x" * 4096)
+    stale_dir = stage / ".features.ab12.tmp"
+    (stale_dir / "part").mkdir(parents=True)
+    (stale_dir / "part" / "rows.npy").write_bytes(b"y" * 1024)
+    trash = stage / ".features.cd34.old"
+    trash.mkdir()
+    fresh = stage / ".ledger.csv.zz99.tmp"  # a write going on (e.g. a notebook opened by hand)
+    fresh.write_text("being written")
+    superseded = paths.profile_dir / "04_features.superseded-20260101-000000-abc"
+    superseded.mkdir()
+    kept_in_superseded = superseded / ".x.tmp"
+    kept_in_superseded.write_text("left as moved aside")
+    keep = [stage / ".inputs.json", stage / "ledger.csv"]
+    for p in keep:
+        p.write_text("{}")
+    for p in [stale_file, stale_dir, stale_dir / "part", stale_dir / "part" / "rows.npy", trash, keep[0], keep[1],
+              kept_in_superseded]:
+        os.utime(p, (old, old))
+    expected_bytes = sum(p.lstat().st_size for p in [stale_file, stale_dir, stale_dir / "part",
+                                                      stale_dir / "part" / "rows.npy", trash])
+    assert pipeline.remove_stale_temp_files(paths.profile_dir) == (3, expected_bytes)
+    assert not stale_file.exists() and not stale_dir.exists() and not trash.exists()
+    assert fresh.is_file() and kept_in_superseded.is_file() and all(p.is_file() for p in keep)
+    # the runner does it on start when it holds the folder alone, and says so
+    stale_file.write_bytes(b"x" * 4096)
+    os.utime(stale_file, (old, old))
+    pipeline.run_pipeline(str(cfg), only=["01"], notebook_dir=nbs, progress=False)
+    assert not stale_file.exists() and fresh.is_file()
+    assert "removed 1 temp file(s)/folder(s)" in capsys.readouterr().out
