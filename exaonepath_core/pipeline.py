@@ -9,6 +9,9 @@ The hash covers the config keys the stage or an upstream stage reads, less those
 only (`HASH_EXCLUDED_KEYS`).
 A failing notebook stops the run with exit code 1, naming the stage, the failing cell and the error; the
 executed notebook (with the traceback in it) is kept under `results/<profile>/notebooks/`.
+One runner works on a run folder at a time (`hold_run_folder`: a second exits 4 naming the first), except shards
+of stage 01 or 02 (`tiling.shard`, `normalize.shard`), which share it, each with its own config file and executed
+notebook, and leave the done-marker to the run without a shard.
 """
 from __future__ import annotations
 
