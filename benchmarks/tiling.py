@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -189,7 +190,7 @@ def main() -> int:
     parser.add_argument("--qc", action="store_true", help="include the QC figure in our timed tiler")
     args = parser.parse_args()
 
-    from exaonepath_core.tiling import TilingParams, tile_slide
+    from exaonepath_core.tiling import TilingParams
 
     sources = [args.data / "wsi" / "CMU-1-Small-Region.svs", args.data / "wsi" / "CMU-1-Small-Region_pyramid_generic.tiff"]
     missing = [str(p) for p in sources if not p.is_file()]
@@ -203,6 +204,17 @@ def main() -> int:
     print(f"loadavg at start: {loadavg_start} ({os.cpu_count()} cores); QC figure "
           f"{'included' if args.qc else 'not included'} in our timing")
     work = Path(tempfile.mkdtemp(prefix="bench_tiling_"))
+    try:
+        return _run(args, sources, work, copies, reps, params, loadavg_start)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # symlinks, coords files and QC figures of every run
+
+
+def _run(args: argparse.Namespace, sources: list[Path], work: Path, copies: int, reps: int, params,
+         loadavg_start: str) -> int:
+    """Measure every group in the scratch folder `work` (removed by the caller) and print / save the results."""
+    from exaonepath_core.tiling import TilingParams, tile_slide
+
     cmu = []
     for c in range(copies):
         for src in sources:

@@ -477,3 +477,148 @@ def test_peak_memory_does_not_grow_with_slide_size(tmp_path):
     (n_small, rss_small), (n_large, rss_large) = results[2048], results[12288]
     assert n_small == (2048 // 224) ** 2 and n_large == (12288 // 224) ** 2  # uniform tissue: every grid tile
     assert rss_large < rss_small + 50, results  # MB; observed within a few MB of each other
+
+
+# --- tile pixels against an independent read; overlap fractions; exact-fit grids ----------------------------
+def _independent_tile(osr, x: int, y: int, level0_mpp: float, target_mpp: float, tile_size: int) -> tuple:
+    """The tile at level-0 (x, y) by plain OpenSlide + torch: (tile uint8, level, read size, level-0 patch).
+
+    The level (coarsest with mpp <= target x 1.01), the read size and the filter (anti-aliased bilinear, what
+    Pillow's BILINEAR does when shrinking, as `_read_one_tile` documents) are worked out here, not by the code.
+    """
+    import torch
+
+    patch = round(tile_size * target_mpp / level0_mpp)
+    level = max(lv for lv, ds in enumerate(osr.level_downsamples) if level0_mpp * ds <= target_mpp * 1.01)
+    size = round(patch / osr.level_downsamples[level])
+    region = np.array(osr.read_region((x, y), level, (size, size)).convert("RGB"))
+    if size == tile_size:
+        return region, level, size, patch
+    chw = torch.from_numpy(region).permute(2, 0, 1)[None].float()
+    small = torch.nn.functional.interpolate(chw, size=(tile_size, tile_size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    return small[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy(), level, size, patch
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+@pytest.mark.parametrize(
+    "name, target_mpp, tile_size, want_level, resampled",
+    [
+        ("CMU-1-Small-Region.svs", 1.0, 96, 0, True),  # smoke profile: 192 px at level 0 shrunk to 96
+        ("CMU-1-Small-Region_pyramid_generic.tiff", 3.0, 64, 1, True),  # 96 px at level 1 shrunk to 64
+        ("CMU-1-Small-Region.svs", 0.5, 224, 0, False),  # level 0's own mpp (0.499 within 1 %)
+        ("CMU-1-Small-Region_pyramid_generic.tiff", 2.0, 64, 1, False),  # level 1's own mpp (1.997)
+    ],
+)
+def test_tile_pixels_match_an_independent_openslide_read(wsi, tmp_path, name, target_mpp, tile_size, want_level,
+                                                         resampled):
+    """Stored tiles equal read_region at the right level and size + an anti-aliased bilinear resize."""
+    import openslide
+
+    path = wsi / name
+    params = TilingParams(target_mpp=target_mpp, tile_size=tile_size, min_tissue_fraction=0.2, qc_figure=False)
+    ts = load_tile_set(tile_slide(path, tmp_path, params)["coords_path"])
+    with openslide.OpenSlide(str(path)) as osr:
+        level0_mpp = float(osr.properties[openslide.PROPERTY_NAME_MPP_X])
+        width, height = osr.dimensions
+        # Six tiles spread over the set, off the diagonal so that x and y cannot stand in for each other.
+        off_diagonal = np.flatnonzero(ts.coords[:, 0] != ts.coords[:, 1])
+        assert len(off_diagonal) >= 6
+        picks = off_diagonal[np.linspace(0, len(off_diagonal) - 1, 6).round().astype(int)]
+        tiles = next(read_tiles(ts, picks))
+        for tile, (x, y) in zip(tiles, ts.coords[picks].tolist()):
+            want, level, size, patch = _independent_tile(osr, x, y, level0_mpp, target_mpp, tile_size)
+            assert (ts.read_level, ts.read_size, ts.level0_patch_size) == (level, size, patch) and level == want_level
+            assert (size != tile_size) == resampled
+            # torch vs Pillow anti-aliased bilinear: observed MAD <= 0.17 grey levels (0 when not resampled);
+            # reading (y, x) instead gives 33-210, a tile half a patch to the right 34-92.
+            assert _mad(tile, want) < 1.0, (x, y)
+            if resampled:  # Pillow itself on the same independent read: identical pixels (observed MAD 0)
+                region = osr.read_region((x, y), level, (size, size)).convert("RGB")
+                assert _mad(tile, np.asarray(region.resize((tile_size, tile_size), Image.Resampling.BILINEAR))) < 0.5
+            # The stored (x, y) are level-0 coordinates of the patch's top-left: level 0 over the same box,
+            # shrunk to the tile, shows the same tissue (observed MAD 0 for level-0 reads, 2.5-11.5 from level 1,
+            # whose JPEG tiles were encoded separately), and the box half a patch along does not (34-92).
+            assert x + patch <= width and y + patch <= height
+            level0 = np.asarray(osr.read_region((x, y), 0, (patch, patch)).convert("RGB")
+                                .resize((tile_size, tile_size), Image.Resampling.BILINEAR))
+            shifted = np.asarray(osr.read_region((x + patch // 2, y), 0, (patch, patch)).convert("RGB")
+                                 .resize((tile_size, tile_size), Image.Resampling.BILINEAR))
+            assert _mad(tile, level0) < 16.0 and _mad(tile, shifted) > 2 * _mad(tile, level0) + 10, (x, y)
+    with h5py.File(ts.coords_path) as f:
+        step = int(f.attrs["level0_step"])
+    assert step == patch and (ts.coords % step == 0).all()  # no overlap: the grid is multiples of the patch
+
+
+def _box_overlap_fraction(x: int, y: int, size: int, rect: tuple[int, int, int, int]) -> float:
+    """Share of the size x size box at (x, y) inside rect = (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = rect
+    return max(0, min(x + size, x1) - max(x, x0)) * max(0, min(y + size, y1) - max(y, y0)) / (size * size)
+
+
+def test_overlapped_tiles_measure_tissue_over_the_whole_patch(tmp_path):
+    """96 px tiles, 48 px overlap, over a tissue rectangle: each tile's fraction is of its 96 px patch, not its step."""
+    rect = (512, 512, 1024, 1536)  # level-0 px; edges on the 16 px grid of the 8 um/px mask, away from the border
+    rgb = np.full((2048, 2048, 3), 245, np.uint8)
+    rgb[rect[1] : rect[3], rect[0] : rect[2]] = _tissue_like(1024)[:, :512]
+    path = tmp_path / "rect.tiff"
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    params = TilingParams(target_mpp=0.5, tile_size=96, overlap=48, min_tissue_fraction=0.0, qc_figure=False)
+    rec = tile_slide(path, tmp_path / "out", params)
+    ts = load_tile_set(rec["coords_path"])
+    with h5py.File(rec["coords_path"]) as f:
+        patch, step = int(f.attrs["level0_patch_size"]), int(f.attrs["level0_step"])
+        assert float(f.attrs["mask_tissue_fraction"]) == pytest.approx(0.125, abs=0.002)  # observed 0.1243
+    assert (patch, step) == (96, 48)
+    over_patch = np.array([_box_overlap_fraction(x, y, patch, rect) for x, y in ts.coords.tolist()])
+    over_step = np.array([_box_overlap_fraction(x, y, step, rect) for x, y in ts.coords.tolist()])
+    # The mask rounds the rectangle's corners (median filter): leave out tiles within 2 mask px of a corner.
+    corners = [(cx, cy) for cx in (rect[0], rect[2]) for cy in (rect[1], rect[3])]
+    clear = np.array([not any(x - 32 < cx < x + patch + 32 and y - 32 < cy < y + patch + 32 for cx, cy in corners)
+                      for x, y in ts.coords.tolist()])
+    assert clear.sum() > 200 and len(ts) > 250  # observed 269 of 297 tiles
+    # The design separates the two measures: observed 50 clear tiles differ by > 0.2 (up to 0.5).
+    assert (np.abs(over_patch - over_step)[clear] > 0.2).sum() >= 30
+    np.testing.assert_allclose(ts.tissue_fraction[clear], over_patch[clear], atol=0.01)  # observed error 2e-8
+    np.testing.assert_allclose(ts.tissue_fraction, over_patch, atol=0.1)  # corners: observed 0.083
+
+
+@pytest.mark.parametrize(
+    "source_mpp, target_mpp, tile_size, overlap, patch, step",
+    [(0.5, 0.5, 96, 0, 96, 96), (0.5, 0.5, 96, 32, 96, 64), (0.25, 0.5, 96, 16, 192, 160)],
+)
+def test_exact_fit_grid_keeps_the_last_column_and_row(source_mpp, target_mpp, tile_size, overlap, patch, step):
+    """Every whole tile inside the slide: a side of k * step + patch gives k + 1 tiles, one pixel less gives k."""
+    assert tile_geometry(source_mpp, target_mpp, tile_size, overlap) == (patch, step)
+    for k_x, k_y in ((4, 2), (1, 5)):
+        for dx, dy, cols, rows in ((0, 0, k_x + 1, k_y + 1), (-1, 0, k_x, k_y + 1), (0, -1, k_x + 1, k_y),
+                                   (1, step - 1, k_x + 1, k_y + 1)):
+            width, height = k_x * step + patch + dx, k_y * step + patch + dy
+            grid = grid_coordinates((width, height), source_mpp, target_mpp, tile_size, overlap)
+            assert len(grid) == cols * rows, (width, height)
+            assert np.unique(grid[:, 0]).tolist() == [i * step for i in range(cols)]
+            assert np.unique(grid[:, 1]).tolist() == [j * step for j in range(rows)]
+            if (dx, dy) == (0, 0):  # the last tile ends exactly on the slide's edge
+                assert grid[-1].tolist() == [width - patch, height - patch]
+    # A side of exactly one patch holds one tile; one pixel less holds none.
+    assert len(grid_coordinates((patch, patch), source_mpp, target_mpp, tile_size, overlap)) == 1
+    assert len(grid_coordinates((patch - 1, patch), source_mpp, target_mpp, tile_size, overlap)) == 0
+
+
+def test_exact_fit_slide_tiles_every_column_and_row(tmp_path):
+    """Through tile_slide: a 416 x 352 px slide (5 and 4 steps of 64 + a 96 px patch) has 6 x 5 grid tiles."""
+    path = tmp_path / "fit.tiff"
+    tifffile.imwrite(path, _tissue_like(512)[:352, :416], tile=(64, 64), photometric="rgb",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    params = TilingParams(target_mpp=0.5, tile_size=96, overlap=32, min_tissue_fraction=0.0, qc_figure=False)
+    rec = tile_slide(path, tmp_path / "out", params)
+    with h5py.File(rec["coords_path"]) as f:
+        assert int(f.attrs["n_grid_tiles"]) == 6 * 5
+    ts = load_tile_set(rec["coords_path"])
+    assert ts.coords[:, 0].max() == 416 - 96 and ts.coords[:, 1].max() == 352 - 96
+    last = next(read_tiles(ts, [int(np.argmax(ts.coords.sum(1)))]))[0]
+    np.testing.assert_array_equal(last, _tissue_like(512)[352 - 96 : 352, 416 - 96 : 416])  # the corner pixels
