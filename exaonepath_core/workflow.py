@@ -507,10 +507,15 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
         tiles_dir = Path(json.loads((Path(tiles_stage_dir) / "tiles.json").read_text())["tiles_dir"])
     if len(held):
         sidecars = dict(zip(held.slide_id, held.sidecar))
-        splits = {name: SyntheticTileDataset(cohort.tile_sets(held[held.slide_id.isin(ids)], tiles_dir), sidecars)
-                  for name, ids in synthetic_probe_slides(held).items()}
+        splits, n_missing = {}, 0
+        for name, ids in synthetic_probe_slides(held).items():
+            chosen = held[held.slide_id.isin(ids)]
+            sets = cohort.tile_sets(chosen, tiles_dir)
+            n_missing += len(chosen) - len(sets)  # failed in stage 01 (its ledger says why): counted, not hidden
+            splits[name] = SyntheticTileDataset(sets, sidecars)
         unlabelled = sum(ds.n_unlabelled for ds in splits.values())
-        out[SYNTHETIC_TASK] = {"status": f"present ({unlabelled} mixed/background tiles without a class left out)",
+        out[SYNTHETIC_TASK] = {"status": f"present ({unlabelled} mixed/background tiles without a class left out; "
+                                         f"{n_missing} held-out slide(s) without tile coordinates)",
                                "splits": splits, "n": sum(len(v) for v in splits.values())}
     real_entry = real_heldout_dataset(cfg, slides, tiles_dir)
     if real_entry is not None:
@@ -563,6 +568,25 @@ def _slide_of(ids: np.ndarray) -> np.ndarray:
     return np.array([s.split("|", 1)[0] for s in ids])
 
 
+def probe_feature_dirs(features_dir: Path) -> tuple[dict[str, dict[str, dict[str, Path]]], list[dict[str, str]]]:
+    """{task: {backbone: {"train", "test"[, "val"]: folder}}} of the labelled feature folders a probe can use,
+    and one row (task, backbone, missing) for each that lacks its train or test split (listed, never dropped)."""
+    tasks: dict[str, dict[str, dict[str, Path]]] = {}
+    incomplete = []
+    for bdir in sorted(p for p in Path(features_dir).iterdir() if p.is_dir()):
+        for ddir in sorted(p for p in bdir.iterdir() if p.is_dir() and p.name not in UNLABELLED_TASKS):
+            splits = {s.name: s for s in ddir.iterdir() if (s / "manifest.json").is_file()}
+            missing = [name for name in ("train", "test") if name not in splits]
+            if missing:
+                incomplete.append({"task": ddir.name, "backbone": bdir.name, "missing": ", ".join(missing)})
+                continue
+            dirs = {"train": splits["train"], "test": splits["test"]}
+            if "valid" in splits:
+                dirs["val"] = splits["valid"]
+            tasks.setdefault(ddir.name, {})[bdir.name] = dirs
+    return tasks, incomplete
+
+
 def run_all_probes(cfg: ProjectConfig, features_dir: Path, min_per_class: int = 10) -> pd.DataFrame:
     """Every task with train and test features: logistic probe and kNN over the configured seeds, long format.
 
@@ -572,16 +596,7 @@ def run_all_probes(cfg: ProjectConfig, features_dir: Path, min_per_class: int = 
     """
     from exaonepath_core import probes
 
-    features_dir = Path(features_dir)
-    tasks: dict[str, dict[str, dict[str, Path]]] = {}
-    for bdir in sorted(p for p in features_dir.iterdir() if p.is_dir()):
-        for ddir in sorted(p for p in bdir.iterdir() if p.is_dir() and p.name not in UNLABELLED_TASKS):
-            splits = {s.name: s for s in ddir.iterdir() if (s / "manifest.json").is_file()}
-            if "train" in splits and "test" in splits:
-                dirs = {"train": splits["train"], "test": splits["test"]}
-                if "valid" in splits:
-                    dirs["val"] = splits["valid"]
-                tasks.setdefault(ddir.name, {})[bdir.name] = dirs
+    tasks, _ = probe_feature_dirs(features_dir)
     frames = []
     for task, dirs in sorted(tasks.items()):
         ytr = np.load(next(iter(dirs.values()))["train"] / "labels.npy")
@@ -622,6 +637,10 @@ def probe_summary(results: pd.DataFrame, features_dir: Path) -> pd.DataFrame:
                 "status": "not probed: no tissue labels (held-out real slides, collapse metrics only in stage 06)",
                 "n_seeds": 0}
                for task in UNLABELLED_TASKS if str(available.get(task, "")).startswith("present")]
+    if Path(features_dir).is_dir():
+        skipped += [{"task": row["task"], "backbone": row["backbone"], "probe": "", "n_seeds": 0,
+                     "status": f"not probed: no {row['missing']} split features (see stage 04's datasets.csv)"}
+                    for row in probe_feature_dirs(features_dir)[1]]
     return pd.concat([summary, pd.DataFrame(skipped, columns=summary.columns)], ignore_index=True) if skipped \
         else summary
 
@@ -715,11 +734,15 @@ def _class_names_of(task_dir: Path) -> list[str]:
 
 def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.DataFrame:
     """The paper's claim as comparisons (long format), per cohort: each non-raw arm vs the raw arm, and the
-    untrained initialisation fed Macenko vs raw inputs (what the normalization alone does). `lower` tells
-    whether slide/site identifiability fell; for the leave-one-slide-out class kNN, `kept` whether it fell by
-    at most `class_margin`. `claim_holds` per comparison: slide-ID probe and same-slide neighbours lower,
-    tissue class kept. A cohort without tissue labels (real slides) gets the class row as
-    "skipped: no tissue labels" and a claim_holds outcome that says only slide identity was checked."""
+    untrained initialisation fed Macenko vs raw inputs (what the normalization alone does).
+
+    Slide/site identifiability counts as `lower` only when the arm's 95 % interval lies wholly below the
+    baseline's (`ci_high` < baseline `ci_low`); a lower point value whose intervals overlap is reported as
+    "lower, CIs overlap" and does not count (a metric without intervals falls back to its point value, and says
+    so). For the leave-one-slide-out class kNN, `kept` when it fell by at most `class_margin`. `claim_holds` per
+    comparison: slide-ID probe and same-slide neighbours lower, tissue class kept. A cohort without tissue
+    labels (real slides) gets the class row as "skipped: no tissue labels" and a claim_holds outcome that says
+    only slide identity was checked."""
     if metrics.empty:
         return pd.DataFrame()
     if "cohort" not in metrics.columns:
@@ -733,10 +756,29 @@ def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.Da
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _lower_outcome(value: float, low: float, high: float, base: float, base_low: float,
+                   base_high: float) -> tuple[bool, str]:
+    """Whether `value` is lower than `base` beyond their intervals, and the outcome text."""
+    if not value < base:
+        return False, "not lower"
+    if any(pd.isna(x) for x in (high, base_low)):
+        return True, "lower (point values; no CIs)"
+    if high < base_low:
+        return True, "lower (CIs apart)"
+    return False, "lower, CIs overlap (not counted)"
+
+
 def _verdict_of_cohort(metrics: pd.DataFrame, class_margin: float) -> pd.DataFrame:
     from exaonepath_core import collapse
 
-    value = metrics.pivot_table(index="metric", columns="arm", values="value", aggfunc="first", dropna=False)
+    table = {col: metrics.pivot_table(index="metric", columns="arm", values=col, aggfunc="first", dropna=False)
+             if col in metrics.columns else None for col in ("value", "ci_low", "ci_high")}
+    value = table["value"]
+
+    def bound(col: str, metric: str, arm: str) -> float:
+        frame = table[col]
+        return float("nan") if frame is None else frame.loc[metric, arm]
+
     pairs = [(arm, "raw") for arm in value.columns if arm not in ("raw",) and not arm.startswith("untrained")]
     if {"untrained_raw", "untrained_macenko"} <= set(value.columns):
         pairs.append(("untrained_macenko", "untrained_raw"))
@@ -751,10 +793,12 @@ def _verdict_of_cohort(metrics: pd.DataFrame, class_margin: float) -> pd.DataFra
         checks = []
         for m in identity:
             if m in value.index and pd.notna(value.loc[m, arm]) and pd.notna(value.loc[m, base]):
-                lower = bool(value.loc[m, arm] < value.loc[m, base])
+                lower, outcome = _lower_outcome(value.loc[m, arm], bound("ci_low", m, arm), bound("ci_high", m, arm),
+                                                value.loc[m, base], bound("ci_low", m, base),
+                                                bound("ci_high", m, base))
                 rows.append({"comparison": f"{arm} vs {base}", "metric": m, "value": value.loc[m, arm],
                              "baseline": value.loc[m, base], "delta": value.loc[m, arm] - value.loc[m, base],
-                             "outcome": "lower" if lower else "not lower"})
+                             "outcome": outcome})
                 if m in (collapse.SLIDE_PROBE, collapse.SAME_SLIDE_NEIGHBOURS):
                     checks.append(lower)
         m = collapse.KNN_LEAVE_ONE_SLIDE_OUT

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -208,3 +209,33 @@ def test_bad_input_is_rejected_clearly():
     mixed_sites[0] = 2  # slide 0 now has patches from two sites
     with pytest.raises(ValueError, match="more than one site"):
         collapse.collapse_metrics(features, slides, classes, mixed_sites, n_boot=0)
+
+
+def _metric_rows(arm: str, rows: dict[str, tuple[float, float, float]]) -> list[dict]:
+    return [{"arm": arm, "metric": m, "value": v, "ci_low": lo, "ci_high": hi} for m, (v, lo, hi) in rows.items()]
+
+
+def test_verdict_counts_a_drop_only_when_the_intervals_are_apart():
+    from exaonepath_core import collapse, workflow
+
+    knn = collapse.KNN_LEAVE_ONE_SLIDE_OUT
+    raw = {collapse.SLIDE_PROBE: (0.69, 0.60, 0.78), collapse.SAME_SLIDE_NEIGHBOURS: (0.53, 0.48, 0.58),
+           knn: (0.65, 0.60, 0.70)}
+    apart = {collapse.SLIDE_PROBE: (0.16, 0.10, 0.22), collapse.SAME_SLIDE_NEIGHBOURS: (0.20, 0.17, 0.23),
+             knn: (0.68, 0.63, 0.73)}
+    # lower point values, but the slide-ID intervals overlap the raw arm's: not evidence of a drop
+    overlap = {collapse.SLIDE_PROBE: (0.66, 0.55, 0.75), collapse.SAME_SLIDE_NEIGHBOURS: (0.20, 0.17, 0.23),
+               knn: (0.66, 0.61, 0.71)}
+    nan = math.nan
+    no_ci = {collapse.SLIDE_PROBE: (0.30, nan, nan), collapse.SAME_SLIDE_NEIGHBOURS: (0.25, nan, nan),
+             knn: (0.64, nan, nan)}
+    metrics = pd.DataFrame(_metric_rows("raw", raw) + _metric_rows("macenko", apart)
+                           + _metric_rows("stain_augmentation", overlap) + _metric_rows("other", no_ci))
+    verdict = workflow.collapse_verdict(metrics).set_index(["comparison", "metric"])["outcome"]
+    assert verdict[("macenko vs raw", collapse.SLIDE_PROBE)] == "lower (CIs apart)"
+    assert verdict[("macenko vs raw", "claim_holds")] == "holds"
+    assert verdict[("stain_augmentation vs raw", collapse.SLIDE_PROBE)] == "lower, CIs overlap (not counted)"
+    assert verdict[("stain_augmentation vs raw", collapse.SAME_SLIDE_NEIGHBOURS)] == "lower (CIs apart)"
+    assert verdict[("stain_augmentation vs raw", "claim_holds")] == "does not hold"
+    assert verdict[("other vs raw", collapse.SLIDE_PROBE)] == "lower (point values; no CIs)"
+    assert verdict[("other vs raw", "claim_holds")] == "holds"  # knn fell by 0.01 <= 0.05: kept

@@ -215,3 +215,21 @@ def test_intervals_resample_whole_patients_when_ids_name_them():
     assert by_patient["ci_low"] < 0.55 and by_patient["ci_high"] > 0.85
     with pytest.raises(ValueError, match="groups"):
         metrics(y_true, y_pred, n_boot=5, groups=groups[:10])
+
+
+def test_a_feature_folder_without_its_test_split_is_listed_not_dropped(tmp_path):
+    from exaonepath_core import workflow
+
+    for backbone, splits in (("raw", ("train", "test")), ("macenko", ("train",)), ("untrained_raw", ("test",))):
+        for split in splits:
+            (tmp_path / backbone / "crc_subset" / split).mkdir(parents=True)
+            (tmp_path / backbone / "crc_subset" / split / "manifest.json").write_text("{}")
+    tasks, incomplete = workflow.probe_feature_dirs(tmp_path)
+    assert list(tasks) == ["crc_subset"] and list(tasks["crc_subset"]) == ["raw"]
+    assert incomplete == [{"task": "crc_subset", "backbone": "macenko", "missing": "test"},
+                          {"task": "crc_subset", "backbone": "untrained_raw", "missing": "train"}]
+    summary = workflow.probe_summary(pd.DataFrame(), tmp_path)
+    rows = summary[summary.task == "crc_subset"].set_index("backbone")["status"]
+    assert rows.to_dict() == {
+        "macenko": "not probed: no test split features (see stage 04's datasets.csv)",
+        "untrained_raw": "not probed: no train split features (see stage 04's datasets.csv)"}
