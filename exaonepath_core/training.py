@@ -635,7 +635,8 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     checkpoint_path = output_dir / CHECKPOINT_NAME
     start_step = 0
     if resume:
-        start_step, center = _resume(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center)
+        start_step, center = _resume(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center,
+                                     n_patches=n_patches, steps_per_epoch=steps_per_epoch)
     elif is_main and checkpoint_path.exists():
         print(f"[pretrain] note: {checkpoint_path} exists and will be overwritten (pass --resume to continue it)",
               flush=True)
@@ -735,7 +736,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                                          ips=f"{img_per_s:.1f}", refresh=False)
                 if step % cfg.saveckp_freq == 0 and step < last_step:
                     _save_checkpoint(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center,
-                                     step, steps_per_epoch)
+                                     step, steps_per_epoch, n_patches)
                     last_saved_step = step
     finally:
         if progress is not None:
@@ -745,7 +746,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
 
     # ============ final checkpoint and teacher export ... ============
     _save_checkpoint(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center, step,
-                     steps_per_epoch)
+                     steps_per_epoch, n_patches)
     wall_s = time.perf_counter() - t_start
     summary: dict[str, Any] = {
         "steps": step, "start_step": start_step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
@@ -791,8 +792,12 @@ def _save_checkpoint(
     center: torch.Tensor,
     step: int,
     steps_per_epoch: int,
+    n_patches: int,
 ) -> None:
-    """Tensors and plain dicts only (loads with `weights_only=True`); written atomically by rank 0."""
+    """Tensors and plain dicts only (loads with `weights_only=True`); written atomically by rank 0.
+
+    `n_patches` (the training set's size) and `steps_per_epoch` let a resume refuse a store of another size.
+    """
     rng_states = _gather_rng_states(runtime)  # collective: every rank takes part
     if runtime.rank != 0:
         return
@@ -800,6 +805,7 @@ def _save_checkpoint(
         "step": step,
         "epoch": step // steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,
+        "n_patches": n_patches,
         "world_size": runtime.world_size,
         "student": student_net.state_dict(),
         "teacher": teacher_net.state_dict(),
@@ -821,7 +827,15 @@ def _resume(
     teacher_net: nn.Module,
     optimizer: torch.optim.Optimizer,
     center: torch.Tensor,
+    *,
+    n_patches: int,
+    steps_per_epoch: int,
 ) -> tuple[int, torch.Tensor]:
+    """Load the checkpoint at `path` into the networks and optimizer; returns (step, centre).
+
+    Refuses (ConfigError) a checkpoint whose recipe, world size or training-set size differs from this run's:
+    `data_root` may move, but a store of another size would shift every schedule and the data order.
+    """
     if not path.exists():
         if runtime.rank == 0:
             print(f"[pretrain] --resume: no checkpoint at {path}, starting from step 0", flush=True)
@@ -835,6 +849,15 @@ def _resume(
     if checkpoint["world_size"] != runtime.world_size:
         raise ConfigError(f"cannot resume {path}: it was written with world_size {checkpoint['world_size']}, "
                           f"this run has {runtime.world_size} (the data order and schedules depend on it)")
+    # checkpoints written before n_patches was stored carry steps_per_epoch only
+    saved_patches = checkpoint.get("n_patches")
+    if checkpoint["steps_per_epoch"] != steps_per_epoch or (saved_patches is not None and saved_patches != n_patches):
+        saved_size = f"{saved_patches} patches, " if saved_patches is not None else ""
+        raise ConfigError(
+            f"cannot resume {path}: it was trained on {saved_size}{checkpoint['steps_per_epoch']} steps per epoch; "
+            f"this run's data ({cfg.data_root or 'the dataset passed in'}) has {n_patches} patches, "
+            f"{steps_per_epoch} steps per epoch (the schedules and the data order depend on it: point data_root "
+            "at the store it was trained on, or start a new run without --resume)")
     student_net.load_state_dict(checkpoint["student"], strict=True)
     teacher_net.load_state_dict(checkpoint["teacher"], strict=True)
     optimizer.load_state_dict(checkpoint["optimizer"])

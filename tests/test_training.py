@@ -21,20 +21,25 @@ from exaonepath_core.training import ConfigError, PretrainConfig
 PATCH = 48
 
 
-@pytest.fixture(scope="module")
-def raw_store(shared_data, tmp_path_factory) -> Path:
-    """A raw patch store of 40 real H&E patches (48 px) cut from a TCGA region, as two 'slides'."""
+def _write_raw_store(shared_data: Path, root: Path, patches_per_slide: int) -> Path:
+    """A raw patch store of real H&E patches (48 px) cut from a TCGA region, as two 'slides'."""
     from exaonepath_core.patch_store import PatchStoreWriter
 
     image = np.asarray(Image.open(shared_data / "stain" / "tiatoolbox_TCGA-HE-7130-01Z-00-DX1.png").convert("RGB"))
-    root = tmp_path_factory.mktemp("store") / "raw"
     writer = PatchStoreWriter(root, PATCH, "raw")
     for slide, (y0, x0) in enumerate([(100, 100), (500, 500)]):
-        coords = np.array([(x0 + PATCH * (i % 5), y0 + PATCH * (i // 5)) for i in range(20)], dtype=np.int64)
+        coords = np.array([(x0 + PATCH * (i % 5), y0 + PATCH * (i // 5)) for i in range(patches_per_slide)],
+                          dtype=np.int64)
         patches = np.stack([image[y:y + PATCH, x:x + PATCH] for x, y in coords])
         writer.write_slide(f"slide{slide}", coords, [patches[:10], patches[10:]])
     writer.finalize()
     return root
+
+
+@pytest.fixture(scope="module")
+def raw_store(shared_data, tmp_path_factory) -> Path:
+    """40 patches: 5 steps per epoch at batch 8."""
+    return _write_raw_store(shared_data, tmp_path_factory.mktemp("store") / "raw", 20)
 
 
 def _tiny_config(store: Path, out: Path, **overrides) -> PretrainConfig:
@@ -156,11 +161,29 @@ def test_resuming_a_finished_run_trains_nothing_and_reports_cleanly(raw_store, t
     assert all(torch.equal(after["student"][k], before["student"][k]) for k in before["student"])
 
 
-def test_resume_refuses_changed_recipe(raw_store, tmp_path):
+def test_resume_refuses_changed_recipe_or_a_store_of_another_size(shared_data, raw_store, tmp_path):
     out = tmp_path / "run"
     training.train(_tiny_config(raw_store, out, max_steps=1))
+    assert _load_checkpoint(out)["n_patches"] == 40 and _load_checkpoint(out)["steps_per_epoch"] == 5
     with pytest.raises(ConfigError, match="lr"):
         training.train(_tiny_config(raw_store, out, max_steps=2, lr=0.1), resume=True)
+    # data_root may move (resume-mutable), but not to a store of another size: 24 patches give 3 steps/epoch,
+    # 42 patches the same 5 steps/epoch yet another permutation of the data
+    smaller = _write_raw_store(shared_data, tmp_path / "smaller", 12)
+    larger = _write_raw_store(shared_data, tmp_path / "larger", 21)
+    with pytest.raises(ConfigError, match=r"trained on 40 patches, 5 steps per epoch; .* has 24 patches, 3 steps"):
+        training.train(_tiny_config(smaller, out, max_steps=2), resume=True)
+    with pytest.raises(ConfigError, match=r"trained on 40 patches, 5 steps per epoch; .* has 42 patches, 5 steps"):
+        training.train(_tiny_config(larger, out, max_steps=2), resume=True)
+    assert _load_checkpoint(out)["step"] == 1  # refused before any step
+    # a checkpoint written before n_patches was stored still resumes, and is still checked by steps per epoch
+    old_style = _load_checkpoint(out)
+    del old_style["n_patches"]
+    torch.save(old_style, out / "checkpoint.pth")
+    with pytest.raises(ConfigError, match=r"trained on 5 steps per epoch; .* has 24 patches, 3 steps"):
+        training.train(_tiny_config(smaller, out, max_steps=2), resume=True)
+    summary = training.train(_tiny_config(raw_store, out, max_steps=2), resume=True)
+    assert (summary["start_step"], summary["steps"]) == (1, 2) and _load_checkpoint(out)["n_patches"] == 40
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(raw_store, tmp_path, monkeypatch, capsys):
