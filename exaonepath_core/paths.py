@@ -80,6 +80,13 @@ class ResultsPaths:
         except json.JSONDecodeError:
             return False
 
+    def done_info(self, stage: str) -> dict[str, Any]:
+        """The done-marker's content ({} when absent or unreadable)."""
+        try:
+            return json.loads(self.done_marker(stage).read_text())
+        except (OSError, ValueError):
+            return {}
+
     def mark_done(self, stage: str, config_hash: str, **info: Any) -> Path:
         """Write the done-marker atomically."""
         marker = self.done_marker(stage)

@@ -187,6 +187,46 @@ def sharded_stages(cfg: ProjectConfig) -> set[str]:
             if shard_count(value) > 1}
 
 
+def stage_warnings(stage: str, stage_dir: Path, cfg: ProjectConfig) -> list[str]:
+    """What a finished stage's own tables say went wrong (failed slides, datasets not loaded), one line each.
+
+    The notebooks count every failure in their tables; this puts the counts on the console, where a run that
+    exits 0 would otherwise leave them unseen.
+    """
+    import pandas as pd
+
+    def table(name: str) -> pd.DataFrame | None:
+        try:
+            return pd.read_csv(stage_dir / name)
+        except (OSError, ValueError):
+            return None
+
+    out = []
+    key = stage_key(stage)
+    if key == "01" and (summary := table("tiling_summary.csv")) is not None and len(summary):
+        total = summary[summary["source"] == "all"]
+        row = (total if len(total) else summary).iloc[-1]
+        where = f"{stage_dir / 'tiling_summary.csv'} and the ledger.csv beside the tiles"
+        if int(row["failed"]):
+            out.append(f"{int(row['failed'])} of {int(row['slides'])} slide(s) failed to tile (see {where})")
+        if int(row.get("zero_tile_slides", 0)):
+            out.append(f"{int(row['zero_tile_slides'])} slide(s) gave no tile (no tissue at the threshold; see "
+                       f"{where})")
+    if key == "02" and (summary := table("normalize_summary.csv")) is not None:
+        for _, row in summary[summary["slides_failed"] > 0].iterrows():
+            reasons = str(row.get("failed_reasons", ""))
+            out.append(f"store {row['store']}: {int(row['slides_failed'])} slide(s) could not be read and are not "
+                       f"in it ({reasons[:300]}{' ...' if len(reasons) > 300 else ''}; see "
+                       f"{stage_dir / 'normalize_summary.csv'})")
+    if key == "04" and (status := table("datasets.csv")) is not None:
+        detail = dict(zip(status["dataset"], status["detail"].astype(str)))
+        for name, root in cfg.data.downstream_roots.items():
+            text = detail.get(name, "not listed")
+            if not text.startswith("present"):
+                out.append(f"dataset {name} (data.downstream_roots: {root}) was not loaded: {text}")
+    return out
+
+
 class StageFailed(RuntimeError):
     """A stage notebook raised; carries what the user needs to find the error."""
 
@@ -285,7 +325,10 @@ def _run_stages(cfg: ProjectConfig, paths: ResultsPaths, selected: list[str], ta
             raise FileNotFoundError(f"stage {nb_name}: notebook {notebook} not found")
         chash = stage_config_hash(cfg, key)
         if not force and not upstream_ran and paths.is_done(key, chash):
-            print(f"[run_all] {nb_name}: done (same config {chash}), skipped", flush=True)
+            earlier = paths.done_info(key).get("warnings") or []
+            print(f"[run_all] {nb_name}: done (same config {chash}), skipped"
+                  + (f"; its run had {len(earlier)} warning(s): " + " | ".join(earlier) if earlier else ""),
+                  flush=True)
             status[key] = "skipped"
             continue
         if key != "03":  # stage 03 decides per arm (workflow.write_pretrain_config): a run resumes or restarts
@@ -323,8 +366,12 @@ def _run_stages(cfg: ProjectConfig, paths: ResultsPaths, selected: list[str], ta
                   flush=True)
             status[key] = "ran (shard)"
             continue
-        paths.mark_done(key, chash, seconds=round(seconds, 2))
-        print(f"[run_all] {nb_name}: finished in {seconds:.1f} s", flush=True)
+        warnings = stage_warnings(key, paths.stage_dir(key, create=False), cfg)
+        for text in warnings:
+            print(f"[run_all] WARNING {nb_name}: {text}", flush=True)
+        paths.mark_done(key, chash, seconds=round(seconds, 2), warnings=warnings)
+        print(f"[run_all] {nb_name}: finished in {seconds:.1f} s"
+              + (f" with {len(warnings)} warning(s) (above)" if warnings else ""), flush=True)
         status[key] = "ran"
         upstream_ran = True
     return status

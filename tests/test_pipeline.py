@@ -362,3 +362,45 @@ def test_temp_files_of_a_killed_run_are_removed_by_the_next_run(setup, capsys):
     pipeline.run_pipeline(str(cfg), only=["01"], notebook_dir=nbs, progress=False)
     assert not stale_file.exists() and fresh.is_file()
     assert "removed 1 temp file(s)/folder(s)" in capsys.readouterr().out
+
+
+def test_failures_counted_in_a_stage_table_are_printed_and_kept_in_its_marker(setup, capsys):
+    nbs, results, cfg = setup
+    nb = nbformat.read(nbs / "01_tile_slides.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import pandas as pd\n"
+        "d = pathlib.Path(cfg['results_root']) / profile / '01_tiles'\n"
+        "d.mkdir(parents=True, exist_ok=True)\n"
+        "pd.DataFrame([{'source': 'lab', 'split': 'pretrain', 'slides': 4, 'ok': 2, 'failed': 2, 'tiles': 80,\n"
+        "               'zero_tile_slides': 1},\n"
+        "              {'source': 'all', 'split': 'all', 'slides': 4, 'ok': 2, 'failed': 2, 'tiles': 80,\n"
+        "               'zero_tile_slides': 1}]).to_csv(d / 'tiling_summary.csv', index=False)\n"))
+    nbformat.write(nb, nbs / "01_tile_slides.ipynb")
+    pipeline.run_pipeline(str(cfg), only=["01"], notebook_dir=nbs, progress=False)
+    out = capsys.readouterr().out
+    assert "[run_all] WARNING 01_tile_slides: 2 of 4 slide(s) failed to tile" in out
+    assert "[run_all] WARNING 01_tile_slides: 1 slide(s) gave no tile" in out
+    assert "finished in" in out and "with 2 warning(s) (above)" in out
+    paths = ResultsPaths(results, "tiny")
+    assert len(paths.done_info("01")["warnings"]) == 2
+    pipeline.run_pipeline(str(cfg), only=["01"], notebook_dir=nbs, progress=False)
+    assert "skipped; its run had 2 warning(s): 2 of 4 slide(s) failed" in capsys.readouterr().out
+
+
+def test_stage_warnings_read_the_normalize_and_dataset_tables(tmp_path):
+    from exaonepath_core.config import load_config
+
+    cfg = load_config("smoke", {"data.downstream_roots": {"pcam_subset": "/data/pcam", "crc100k": "/data/crc"}})
+    (tmp_path / "normalize_summary.csv").write_text(
+        "store,slides_ok,slides_failed,patches,fallback_passed_through,fallback_fraction,failed_reasons\n"
+        "raw,3,0,300,0,0.0,\nmacenko,2,1,200,4,0.02,SlideReadError: Premature end of JPEG file\n")
+    assert pipeline.stage_warnings("02", tmp_path, cfg) == [(
+        f"store macenko: 1 slide(s) could not be read and are not in it (SlideReadError: Premature end of JPEG "
+        f"file; see {tmp_path / 'normalize_summary.csv'})")]
+    (tmp_path / "datasets.csv").write_text(
+        "dataset,status,detail,n,splits\npcam_subset,present,present,300,train=100\n"
+        "crc100k,absent,absent: DatasetLayoutError: no images for class(es) BACK,0,\n")
+    assert pipeline.stage_warnings("04", tmp_path, cfg) == [(
+        "dataset crc100k (data.downstream_roots: /data/crc) was not loaded: absent: DatasetLayoutError: no images "
+        "for class(es) BACK")]
+    assert pipeline.stage_warnings("05", tmp_path, cfg) == []
