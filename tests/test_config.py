@@ -250,3 +250,113 @@ def test_on_the_fly_normalization_refuses_macenko_values_it_does_not_apply():
     with pytest.raises(ConfigError, match=r"normalize_on_the_fly: normalizes with Io/alpha/beta 240/1/0.15.*0\.3"):
         load_config("smoke", {"pretrain.normalize_on_the_fly": True, "normalize.beta": 0.3})
     assert load_config("smoke", {"normalize.beta": 0.3}).normalize.beta == 0.3  # stored patches take any value
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Mistakes that must stop at load time with one clear line, not a traceback or an "absent" row days later
+# ------------------------------------------------------------------------------------------------------------
+MISINDENTED = "profile: lab\ntiling:\n  tile_size: 64\n   overlap: 8\n"  # `overlap` one space too deep
+
+
+def test_a_misindented_profile_names_file_line_column_and_problem(tmp_path):
+    bad = tmp_path / "lab.yaml"
+    bad.write_text(MISINDENTED)
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    message = str(info.value)
+    assert str(bad) in message and "line 4, column 11" in message, message
+    assert "mapping values are not allowed here" in message and "'   overlap: 8'" in message, message
+    # a broken parent is named as the parent, not as the child that inherits it
+    child = _write(tmp_path, "child.yaml", {"inherits": "lab.yaml", "profile": "child"})
+    with pytest.raises(ConfigError, match=re.escape(f"config file {bad} is not valid YAML")):
+        load_config(child)
+    binary = tmp_path / "notes.yaml"
+    binary.write_bytes(b"\xff\xfe\x00profile")
+    with pytest.raises(ConfigError, match=re.escape(f"cannot read config file {binary}")):
+        load_config(binary)
+
+
+def test_a_broken_set_value_names_the_override_and_column():
+    with pytest.raises(ConfigError) as info:
+        parse_override("probes.seeds=[0,1")
+    message = str(info.value)
+    assert "override 'probes.seeds=[0,1' is not valid YAML" in message, message
+    # columns count in the text as typed: the sequence opens at 14 and the value ends at 18
+    assert "at line 1, column 18" in message and "starts at line 1, column 14" in message, message
+    assert "expected ',' or ']'" in message, message
+
+
+def test_cli_turns_broken_yaml_into_exit_2_without_a_traceback(tmp_path, capsys):
+    from exaonepath_core import pipeline
+
+    bad = tmp_path / "lab.yaml"
+    bad.write_text(MISINDENTED)
+    assert pipeline.main(["--profile", str(bad), "--only", "01"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(bad) in err and "line 4, column 11" in err, err
+    assert pipeline.main(["--profile", "smoke", "--only", "01", "--set", "probes.seeds=[0,1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "probes.seeds=[0,1" in err and "column 18" in err, err
+
+
+def test_extra_backbones_are_checked_at_load_time(tmp_path, monkeypatch):
+    def error(*specs: str) -> str:
+        with pytest.raises(ConfigError) as info:
+            load_config("smoke", {"features.extra_backbones": list(specs)})
+        return str(info.value)
+
+    message = error("foo")
+    assert "features.extra_backbones[0]: 'foo' is not a backbone spec (no kind: prefix)" in message, message
+    assert "'exaonepath:/path/EXAONEPath.ckpt', 'ours:/path/teacher_backbone.pth', 'timm:<model_name>'" in message
+    assert "unknown backbone kind 'dino'" in error("timm:resnet18", "dino:/x.pth")
+    assert "features.extra_backbones[1]" in error("timm:resnet18", "dino:/x.pth")
+    missing = tmp_path / "nope.ckpt"
+    assert f"not found: {missing} is not a file" in error(f"exaonepath:{missing}")
+    assert "is not a file" in error(f"exaonepath:{tmp_path}")  # a folder is no checkpoint
+    # `ours:` weights need the JSON the pretraining export writes beside them
+    weights = tmp_path / "arm" / "teacher_backbone.pth"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    assert f"needs {weights.with_name('teacher_backbone.json')} beside the weights" in error(f"ours:{weights}")
+    weights.with_name("teacher_backbone.json").write_text("{}")
+    # relative paths: from the repository root, wherever the loader runs (JupyterLab runs from notebooks/)
+    monkeypatch.chdir(tmp_path)
+    ok = [f"ours:{weights}", "exaonepath:configs/paper.yaml", "timm:resnet18"]
+    assert load_config("smoke", {"features.extra_backbones": ok}).features.extra_backbones == ok
+    assert f"not found: {REPO_ROOT / 'arm' / 'teacher_backbone.pth'}" in error("ours:arm/teacher_backbone.pth")
+    message = error("timm:resnet_18")
+    assert "timm has no architecture named 'resnet_18'" in message and "close names: resnet18" in message, message
+
+
+def test_loading_a_profile_without_timm_backbones_does_not_import_timm():
+    import subprocess
+    import sys
+
+    code = ("import sys; from exaonepath_core.config import load_config; "
+            "load_config('paper'); load_config('smoke', {'features.extra_backbones': ['exaonepath:configs/ci.yaml']}); "
+            "print('timm' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_unknown_downstream_dataset_names_are_rejected_with_the_known_ones():
+    from exaonepath_core.downstream import DATASETS
+
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", {"data.downstream_roots": {"pcam_subset": "/x", "crc_100k": "/y"}})
+    message = str(info.value)
+    assert "data.downstream_roots.crc_100k: unknown dataset 'crc_100k' (did you mean 'crc100k'?)" in message, message
+    assert f"known: {', '.join(DATASETS)}" in message and len(DATASETS) >= 8
+    assert load_config("smoke", {"data.downstream_roots": {name: "/x" for name in DATASETS}}).data.downstream_roots
+
+
+def test_a_childs_downstream_roots_replace_the_inherited_ones(tmp_path):
+    _write(tmp_path, "base.yaml", {"profile": "b", "data": {"downstream_roots": {"pcam": "/p", "mhist": "/m"},
+                                                            "cache_dir": "c"}})
+    child = _write(tmp_path, "child.yaml", {"inherits": "base.yaml", "data": {"downstream_roots": {"crc100k": "/c"}}})
+    cfg = load_config(child)
+    assert cfg.data.downstream_roots == {"crc100k": "/c"}  # replaced, not {pcam, mhist, crc100k}
+    assert cfg.data.cache_dir == "c"  # the rest of `data` still merges
+    empty = _write(tmp_path, "none.yaml", {"inherits": "base.yaml", "data": {"downstream_roots": {}}})
+    assert load_config(empty).data.downstream_roots == {}
+    assert load_config("smoke").data.downstream_roots.keys() == {"pcam_subset", "crc_subset"}  # none of paper's six
