@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from exaonepath_core import dino
+from exaonepath_core import dino, training
 from exaonepath_core.backbones import create_backbone
 from exaonepath_core.schedules import cosine_schedule, warmup_then_constant
 
@@ -424,10 +424,11 @@ def test_teacher_temperature_schedule():
 # ---------------------------------------------------------------------------------------------------------------
 # optimisation
 # ---------------------------------------------------------------------------------------------------------------
-def _tiny_student(seed: int = 0, out_dim: int = 64) -> dino.MultiCropWrapper:
+def _tiny_student(seed: int = 0, out_dim: int = 64, norm_last_layer: bool = True) -> dino.MultiCropWrapper:
     torch.manual_seed(seed)
     backbone = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8)
-    head = dino.DINOHead(backbone.num_features, out_dim=out_dim, hidden_dim=64, bottleneck_dim=16)
+    head = dino.DINOHead(backbone.num_features, out_dim=out_dim, hidden_dim=64, bottleneck_dim=16,
+                         norm_last_layer=norm_last_layer)
     return dino.MultiCropWrapper(backbone, head)
 
 
@@ -458,6 +459,145 @@ def test_few_steps_decrease_loss_on_fixed_batch():
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real step, training.DINOTrainStep, against a hand computation from DINO's Algorithm 1
+# ---------------------------------------------------------------------------------------------------------------
+LAST_LAYER = "head.last_layer."
+
+
+def _targets_by_definition(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float, centering: str,
+                           iterations: int) -> torch.Tensor:
+    """Float64 teacher targets: softmax((t - c) / T), or the plain Sinkhorn-Knopp of `_sinkhorn_reference`."""
+    if centering == "center":
+        return torch.softmax((teacher_out.double() - center.double()) / teacher_temp, dim=-1)
+    return torch.from_numpy(_sinkhorn_reference(teacher_out.double().numpy(), teacher_temp, iterations))
+
+
+def _loss_from_definition(student_out: torch.Tensor, targets: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """Mean over (teacher global view i, student view v != i) of the batch-mean cross-entropy H(P_t^i, P_s^v)."""
+    batch = targets.shape[0] // 2
+    n_views = student_out.shape[0] // batch
+    terms = []
+    for i in range(2):
+        p_teacher = targets[i * batch:(i + 1) * batch]
+        for v in range(n_views):
+            if v != i:
+                log_p_student = torch.log_softmax(student_out[v * batch:(v + 1) * batch].double() / student_temp, -1)
+                terms.append(-(p_teacher * log_p_student).sum(-1).mean())
+    assert len(terms) == 2 * n_views - 2
+    return torch.stack(terms).mean()
+
+
+def _clip_by_definition(grads: dict[str, torch.Tensor], max_norm: float, mode: str) -> float:
+    """DINO's per-parameter clipping (each gradient to norm <= max_norm) or one joint scale; returns the norm
+    of all gradients before clipping."""
+    total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+    for grad in grads.values():
+        norm = float(grad.double().norm()) if mode == "per_parameter" else total
+        grad.mul_(min(1.0, max_norm / (norm + 1e-6)))
+    return total
+
+
+class _AdamWByDefinition:
+    """Loshchilov & Hutter's AdamW written out in float64: decoupled decay (none on biases and 1-D tensors, as
+    DINO's `get_params_groups`), bias-corrected moments, torch's defaults betas (0.9, 0.999) and eps 1e-8; a
+    parameter without gradient is skipped altogether (no decay, no moment update)."""
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.betas, self.eps = betas, eps
+        self.moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lr: float,
+             weight_decay: float) -> dict[str, torch.Tensor]:
+        """The parameters after one step (those without a gradient returned unchanged)."""
+        beta1, beta2 = self.betas
+        updated = dict(params)
+        for name, grad in grads.items():
+            grad = grad.double()
+            m, v, t = self.moments.get(name, (torch.zeros_like(grad), torch.zeros_like(grad), 0))
+            m, v, t = beta1 * m + (1 - beta1) * grad, beta2 * v + (1 - beta2) * grad * grad, t + 1
+            self.moments[name] = (m, v, t)
+            decay = 0.0 if name.endswith(".bias") or params[name].ndim <= 1 else weight_decay
+            value = params[name].double() * (1 - lr * decay)
+            value -= lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + self.eps)
+            updated[name] = value.float()
+        return updated
+
+
+def _assert_close_by_name(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str,
+                          atol: float = 1e-6) -> None:
+    assert actual.keys() == expected.keys(), f"{what}: {sorted(actual.keys() ^ expected.keys())[:4]}"
+    for name, value in actual.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=atol,
+                                   msg=lambda detail, name=name: f"{what}, {name}: {detail}")
+
+
+def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("centering, clip_mode, freeze_last_layer", [
+    ("center", "per_parameter", False),
+    ("sinkhorn_knopp", "global", False),
+    ("center", "per_parameter", True),
+])
+def test_train_step_equals_dino_algorithm_by_hand(centering, clip_mode, freeze_last_layer):
+    """Two calls of the production step against the definition: teacher targets from the two global views only,
+    the loss over (teacher view i, student view v != i) pairs, clipping, AdamW, then the EMA of the UPDATED
+    student; with freeze_last_layer the head's last layer (its norm g trainable here) does not move."""
+    student = _tiny_student(0, norm_last_layer=False)
+    teacher = _tiny_student(1)  # unlike the student: wrong targets or a wrong EMA cannot hide behind equality
+    teacher.requires_grad_(False)
+    step = training.DINOTrainStep(student, student, teacher, training.make_optimizer(student, fused=False),
+                                  student_temp=0.1, centering=centering, sinkhorn_iterations=3, clip_grad=0.3,
+                                  use_amp=False, clip_grad_mode=clip_mode)
+    adamw = _AdamWByDefinition()
+    center = torch.randn(1, 64, generator=torch.Generator().manual_seed(9)) * 0.3
+    last_layer = {n for n, _ in student.named_parameters() if n.startswith(LAST_LAYER)}
+    assert len(last_layer) == 2  # weight-norm direction v and norm g
+    for call, (lr, weight_decay, teacher_temp, momentum) in enumerate([(2e-3, 0.04, 0.04, 0.9),
+                                                                       (1e-3, 0.2, 0.06, 0.8)]):
+        views = _fixed_views(4, seed=10 * call)
+        student_before, teacher_before = _parameters(student), _parameters(teacher)
+        # by hand, on the same networks before the step (no drop-path: the forward is deterministic)
+        with torch.no_grad():
+            teacher_out = teacher(views[:2])
+        targets = _targets_by_definition(teacher_out, center, teacher_temp, centering, 3)
+        loss = _loss_from_definition(student(views), targets, 0.1)
+        grads = dict(zip([n for n, _ in student.named_parameters()],
+                         torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)))
+        grads = {n: g for n, g in grads.items() if g is not None}
+        grad_norm = _clip_by_definition(grads, 0.3, clip_mode)
+        if freeze_last_layer:
+            grads = {n: g for n, g in grads.items() if n not in last_layer}
+
+        result = step(views, center, lr=lr, weight_decay=weight_decay, teacher_temp=teacher_temp,
+                      momentum=momentum, freeze_last_layer=freeze_last_layer)
+
+        assert result.finite
+        assert result.loss == pytest.approx(loss.item(), rel=1e-5), f"call {call}: loss != definition"
+        torch.testing.assert_close(result.teacher_out, teacher_out)
+        torch.testing.assert_close(result.teacher_p, targets.float(), rtol=1e-4, atol=1e-6)
+        assert result.grad_norm == pytest.approx(grad_norm, rel=1e-4)
+        moved = {n for n, p in student.named_parameters() if not torch.equal(p, student_before[n])}
+        assert set(student_before) - last_layer <= moved, f"call {call}: not moved: {set(student_before) - moved}"
+        if freeze_last_layer:
+            assert not moved & last_layer, f"call {call}: frozen last layer moved: {sorted(moved & last_layer)}"
+        else:
+            assert moved >= last_layer
+        # the step's (clipped) gradients are the definition's, to float32 rounding (~2e-7 of up to 0.2)
+        step_grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+        _assert_close_by_name(step_grads, grads, f"call {call}: clipped gradient != definition's")
+        # AdamW by hand on those gradients. Fed the hand gradients themselves, Adam's first step, which moves a
+        # weight by lr * g / (|g| + 1e-8), would turn their rounding noise (the attention key bias's gradient is
+        # exactly 0 in exact arithmetic) into noise-signed moves of a fraction of lr
+        expected_student = adamw.step(student_before, step_grads, lr, weight_decay)
+        _assert_close_by_name(_parameters(student), expected_student, f"call {call}: student != AdamW by hand")
+        expected_teacher = {n: momentum * t + (1 - momentum) * expected_student[n] for n, t in teacher_before.items()}
+        _assert_close_by_name(_parameters(teacher), expected_teacher,
+                              f"call {call}: teacher != m * teacher + (1 - m) * updated student")
 
 
 # ---------------------------------------------------------------------------------------------------------------
