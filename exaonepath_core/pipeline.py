@@ -298,6 +298,14 @@ def run_pipeline(
     check_shards(cfg, selected)
     check_paper_inputs(cfg)
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
+    if selected:  # the stages this run does not run must have finished before: say so before any work
+        missing = [k for k in missing_upstream(cfg, paths, selected[0]) if k not in selected]
+        if missing:
+            again = "the same command" + (" (with the same --sweep)" if results_name else "")
+            raise ConfigError(
+                f"stage {STAGES[selected[0]][0]} needs stage(s) {', '.join(STAGES[k][0] for k in missing)} of run "
+                f"{cfg.results_name!r} first (no done-marker under {paths.profile_dir}): run {again} with "
+                f"--from {missing[0]} instead of --only/--from {selected[0]}")
     tag = shard_tag(cfg)
     with hold_run_folder(paths.profile_dir, tag) as alone:
         if alone:
@@ -434,15 +442,21 @@ def check_paper_inputs(cfg: ProjectConfig) -> None:
         )
 
 
+def missing_upstream(cfg: ProjectConfig, paths: ResultsPaths, stage: str) -> list[str]:
+    """Keys of the stages before `stage` that have no done-marker in this run's folder."""
+    key = stage_key(stage)
+    upstream = [k for k in STAGES if k < key]
+    if not cfg.arms:  # no pretraining arm: stages 02-03 have nothing to do (untrained / extra backbones only)
+        upstream = [k for k in upstream if k not in ("02", "03")]
+    return [k for k in upstream if not paths.done_marker(k).is_file()]
+
+
 def open_stage(stage: str, config_path: str = "", profile: str = "smoke") -> tuple[ProjectConfig, ResultsPaths]:
     """A stage notebook's set-up: its run's resolved config and paths; upstream stages must have finished."""
     key = stage_key(stage)
     cfg = load_run_config(config_path, profile)
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
-    upstream = [k for k in STAGES if k < key]
-    if not cfg.arms:  # no pretraining arm: stages 02-03 have nothing to do (untrained / extra backbones only)
-        upstream = [k for k in upstream if k not in ("02", "03")]
-    missing = [k for k in upstream if not paths.done_marker(k).is_file()]
+    missing = missing_upstream(cfg, paths, key)
     if missing:
         first = STAGES[missing[0]][0]
         raise RuntimeError(

@@ -305,8 +305,9 @@ def load_backbone_with_transform(spec: str, cfg: ProjectConfig):
     preprocessing: our macenko arm's teacher (its export records the arm and reference) and the official
     EXAONEPath checkpoint see Macenko-normalized inputs, the others raw inputs."""
     from exaonepath_core import backbones
+    from exaonepath_core.config import resolve_backbone_spec
 
-    options = backbones.parse_backbone_spec(spec)
+    options = resolve_backbone_spec(spec)  # paths read as the config check read them (repository root, ~)
     if options["kind"] == "exaonepath" and options.get("macenko_reference") is None:
         # the official checkpoint sees the run's Macenko reference, the one our macenko arm was trained with
         options["macenko_reference"] = stain_reference(cfg).to_dict()
@@ -733,8 +734,9 @@ def _class_names_of(task_dir: Path) -> list[str]:
 
 
 def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.DataFrame:
-    """The paper's claim as comparisons (long format), per cohort: each non-raw arm vs the raw arm, and the
-    untrained initialisation fed Macenko vs raw inputs (what the normalization alone does).
+    """The paper's claim as comparisons (long format), per cohort: each non-raw pretraining arm vs the raw arm,
+    and the untrained initialisation fed Macenko vs raw inputs (what the normalization alone does). Extra
+    backbones (timm models, the official checkpoint) are not compared: they differ in more than the input.
 
     Slide/site identifiability counts as `lower` only when the arm's 95 % interval lies wholly below the
     baseline's (`ci_high` < baseline `ci_low`); a lower point value whose intervals overlap is reported as
@@ -779,7 +781,11 @@ def _verdict_of_cohort(metrics: pd.DataFrame, class_margin: float) -> pd.DataFra
         frame = table[col]
         return float("nan") if frame is None else frame.loc[metric, arm]
 
-    pairs = [(arm, "raw") for arm in value.columns if arm not in ("raw",) and not arm.startswith("untrained")]
+    from exaonepath_core.training import INPUT_ARMS
+
+    # the claim is about our pretraining arms (same network, data and schedule, another input); an extra
+    # backbone (another architecture, another training) stays in the metrics table, described, not judged
+    pairs = [(arm, "raw") for arm in value.columns if arm in INPUT_ARMS and arm != "raw"]
     if {"untrained_raw", "untrained_macenko"} <= set(value.columns):
         pairs.append(("untrained_macenko", "untrained_raw"))
     if {"raw", "untrained_raw"} <= set(value.columns):

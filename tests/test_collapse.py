@@ -230,12 +230,24 @@ def test_verdict_counts_a_drop_only_when_the_intervals_are_apart():
     no_ci = {collapse.SLIDE_PROBE: (0.30, nan, nan), collapse.SAME_SLIDE_NEIGHBOURS: (0.25, nan, nan),
              knn: (0.64, nan, nan)}
     metrics = pd.DataFrame(_metric_rows("raw", raw) + _metric_rows("macenko", apart)
-                           + _metric_rows("stain_augmentation", overlap) + _metric_rows("other", no_ci))
+                           + _metric_rows("stain_augmentation", overlap) + _metric_rows("untrained_raw", raw)
+                           + _metric_rows("untrained_macenko", no_ci))
     verdict = workflow.collapse_verdict(metrics).set_index(["comparison", "metric"])["outcome"]
     assert verdict[("macenko vs raw", collapse.SLIDE_PROBE)] == "lower (CIs apart)"
     assert verdict[("macenko vs raw", "claim_holds")] == "holds"
     assert verdict[("stain_augmentation vs raw", collapse.SLIDE_PROBE)] == "lower, CIs overlap (not counted)"
     assert verdict[("stain_augmentation vs raw", collapse.SAME_SLIDE_NEIGHBOURS)] == "lower (CIs apart)"
     assert verdict[("stain_augmentation vs raw", "claim_holds")] == "does not hold"
-    assert verdict[("other vs raw", collapse.SLIDE_PROBE)] == "lower (point values; no CIs)"
-    assert verdict[("other vs raw", "claim_holds")] == "holds"  # knn fell by 0.01 <= 0.05: kept
+    assert verdict[("untrained_macenko vs untrained_raw", collapse.SLIDE_PROBE)] == "lower (point values; no CIs)"
+    assert verdict[("untrained_macenko vs untrained_raw", "claim_holds")] == "holds"  # knn fell by 0.01 <= 0.05: kept
+
+
+def test_verdict_judges_pretraining_arms_only_not_extra_backbones():
+    from exaonepath_core import collapse, workflow
+
+    rows = {collapse.SLIDE_PROBE: (0.69, 0.60, 0.78), collapse.SAME_SLIDE_NEIGHBOURS: (0.53, 0.48, 0.58)}
+    low = {collapse.SLIDE_PROBE: (0.10, 0.05, 0.15), collapse.SAME_SLIDE_NEIGHBOURS: (0.10, 0.05, 0.15)}
+    metrics = pd.DataFrame(_metric_rows("raw", rows) + _metric_rows("macenko", low)
+                           + _metric_rows("timm_vit_small_patch16_224", low) + _metric_rows("exaonepath", low))
+    verdict = workflow.collapse_verdict(metrics)
+    assert set(verdict.comparison) == {"macenko vs raw"}

@@ -91,8 +91,22 @@ def test_config_change_reruns_from_the_affected_stage(setup):
 
 def test_from_stage_runs_it_and_every_later_one(setup):
     nbs, results, cfg = setup
-    status = pipeline.run_pipeline(str(cfg), start_from="06", notebook_dir=nbs, progress=False)
-    assert status == {"06": "ran", "07": "ran"} and [r["stage"] for r in _runs(results)] == ["06", "07"]
+    pipeline.run_pipeline(str(cfg), notebook_dir=nbs, progress=False)
+    before = len(_runs(results))
+    status = pipeline.run_pipeline(str(cfg), start_from="06", force=True, notebook_dir=nbs, progress=False)
+    assert status == {"06": "ran", "07": "ran"} and [r["stage"] for r in _runs(results)[before:]] == ["06", "07"]
+
+
+def test_a_stage_whose_upstream_never_ran_in_this_run_folder_is_refused_before_any_work(setup, capsys):
+    nbs, results, cfg = setup
+    code = pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs), "--only", "05",
+                          "--sweep", "probes.n_boot=50,100"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert ("stage 05_linear_probes needs stage(s) 01_tile_slides, 02_normalize_stains, 03_pretrain_dino, "
+            "04_extract_features of run 'tiny__probes.n_boot=50' first") in err
+    assert "run the same command (with the same --sweep) with --from 01" in err
+    assert not list(results.glob("tiny__*"))  # nothing left behind
 
 
 def test_failing_notebook_names_stage_cell_and_error(setup, capsys):
@@ -113,6 +127,7 @@ def test_notebook_receives_only_the_parameters_it_declares(setup):
     nb = nbformat.read(nbs / "05_linear_probes.ipynb", as_version=4)
     nb.cells[0].source = 'config_path = ""\nprofile = ""\narm = None\n'  # no `force`
     nbformat.write(nb, nbs / "05_linear_probes.ipynb")
+    pipeline.run_pipeline(str(cfg), only=["01", "02", "03", "04"], notebook_dir=nbs, progress=False)
     status = pipeline.run_pipeline(str(cfg), only=["05"], force=True, notebook_dir=nbs, progress=False)
     assert status == {"05": "ran"}
     executed = nbformat.read(results / "tiny" / "notebooks" / "05_linear_probes.ipynb", as_version=4)
@@ -149,8 +164,8 @@ def test_paper_profile_names_every_missing_path(capsys):
 
 def test_sweep_runs_each_value_into_its_own_folder(setup):
     nbs, results, cfg = setup
-    code = pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs), "--only", "03",
-                          "--sweep", "arms=raw,stain_augmentation"])
+    code = pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs), "--only", "01", "--only", "02",
+                          "--only", "03", "--sweep", "arms=raw,stain_augmentation"])
     assert code == 0
     for arm in ("raw", "stain_augmentation"):
         folder = results / f"tiny__arms={arm}"
