@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -473,7 +474,11 @@ def _parse_sweep(text: str) -> tuple[str, list[Any]]:
     if "=" not in text:
         raise ConfigError(f"--sweep must look like key=v1,v2, got {text!r}")
     key, raw = text.split("=", 1)
-    values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+    try:  # one YAML flow sequence, so a value may itself be a list: probes.seeds=[0],[0,1,2]
+        values = yaml.safe_load(f"[{raw}]")
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--sweep {text!r}: the values are not a comma-separated YAML list ({exc.problem}); "
+                          "e.g. --sweep probes.n_boot=100,1000 or --sweep 'probes.seeds=[0],[0,1,2]'") from None
     if not values:
         raise ConfigError(f"--sweep {key}: no values")
     return key.strip(), values
@@ -506,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for v in values:
                 value = [v] if key == "arms" and not isinstance(v, list) else v
-                runs.append(({**overrides, key: value}, f"{base_name}__{key}={v}".replace(os.sep, "_")))
+                shown = json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else v
+                runs.append(({**overrides, key: value}, f"{base_name}__{key}={shown}".replace(os.sep, "_")))
         for run_overrides, name in runs:
             if name:
                 print(f"[run_all] sweep run {name}", flush=True)

@@ -419,3 +419,17 @@ def test_stage_warnings_read_the_normalize_and_dataset_tables(tmp_path):
         "dataset crc100k (data.downstream_roots: /data/crc) was not loaded: absent: DatasetLayoutError: no images "
         "for class(es) BACK")]
     assert pipeline.stage_warnings("05", tmp_path, cfg) == []
+
+
+def test_sweep_values_may_be_lists_and_a_broken_list_is_a_config_error(setup, capsys):
+    nbs, results, cfg = setup
+    code = pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs), "--only", "01",
+                          "--sweep", "probes.seeds=[0],[0,1]"])
+    assert code == 0
+    for seeds in ([0], [0, 1]):
+        folder = results / f"tiny__probes.seeds={str(seeds).replace(' ', '')}"
+        assert yaml.safe_load((folder / "config.yaml").read_text())["probes"]["seeds"] == seeds
+    capsys.readouterr()
+    assert pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs), "--sweep", "probes.seeds=[0,[1"]) == 2
+    err = capsys.readouterr().err
+    assert "not a comma-separated YAML list" in err and "Traceback" not in err
