@@ -489,6 +489,41 @@ class CRCSubsetDataset(FolderClassDataset):
             self._sample_ids = [self._sample_ids[i] for i in keep]
 
 
+IMAGE_FOLDER_PREFIX = "folder_"
+
+
+class ImageFolderDataset(FolderClassDataset):
+    """Your own labelled patches: `root/{train,test}/<class>/*` (an optional `valid/` is not read); any name
+    `folder_<task>` in `data.downstream_roots` uses it.
+
+    The classes are the sub-folders of `train/`, in sorted order; `test/` must hold the same ones. Without a
+    val split, the logistic probe picks its C on a held-out part of train, as for the other such datasets.
+    """
+
+    splits = ("train", "valid", "test")
+    probe_splits = ("train", None, "test")
+    split_folders: ClassVar[Mapping[str, str]] = {"train": "train", "valid": "valid", "test": "test"}
+
+    def _scan(self) -> None:
+        train = self.root / "train"
+        classes = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+        if len(classes) < 2:
+            raise DatasetLayoutError(
+                f"{self.name}: {train} must hold one folder per class (at least two), found "
+                f"{classes or 'none'}; expected layout under {self.root}: {{train,test}}/<class>/*.png|jpg|tif")
+        self.class_names = tuple(classes)  # per instance: every folder dataset has its own classes
+        super()._scan()
+
+
+def image_folder_class(name: str) -> type[PatchDataset]:
+    """The adapter of a `folder_<task>` dataset (an `ImageFolderDataset` carrying that name)."""
+    task = name[len(IMAGE_FOLDER_PREFIX):]
+    if not name.startswith(IMAGE_FOLDER_PREFIX) or not task or not task.replace("_", "").replace("-", "").isalnum():
+        raise KeyError(f"a dataset of your own is named {IMAGE_FOLDER_PREFIX}<task> with letters, digits, _ or -, "
+                       f"got {name!r}")
+    return type(f"ImageFolder_{task}", (ImageFolderDataset,), {"name": name})
+
+
 DATASETS: dict[str, type[PatchDataset]] = {
     "pcam": PCamDataset,
     "mhist": MHISTDataset,
@@ -502,9 +537,12 @@ DATASETS: dict[str, type[PatchDataset]] = {
 
 
 def dataset_class(name: str) -> type[PatchDataset]:
-    """The adapter class registered under `name`."""
+    """The adapter class registered under `name`, or the image-folder adapter for a `folder_<task>` name."""
+    if name.startswith(IMAGE_FOLDER_PREFIX):
+        return image_folder_class(name)
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or {IMAGE_FOLDER_PREFIX}<task> "
+                       "for your own {train,test}/<class>/ folders")
     return DATASETS[name]
 
 
@@ -789,14 +827,25 @@ def prepare(name: str, root: str | os.PathLike, timeout: float = 20.0, zenodo_ap
     return f"{name}: prepared at {root}"
 
 
+def _check_name(name: str) -> str:
+    try:
+        dataset_class(name)
+    except KeyError as err:
+        raise argparse.ArgumentTypeError(err.args[0]) from None
+    return name
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `prepare --dataset NAME --root DIR`, `check --dataset NAME --root DIR`, `sources`."""
     parser = argparse.ArgumentParser(prog="python -m exaonepath_core.downstream", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for command in ("prepare", "check"):
         sub = commands.add_parser(command)
-        sub.add_argument("--dataset", required=True, choices=sorted(DATASET_SOURCES) if command == "prepare"
-                         else sorted(DATASETS))
+        if command == "prepare":
+            sub.add_argument("--dataset", required=True, choices=sorted(DATASET_SOURCES))
+        else:  # a registered name, or folder_<task> for your own {train,test}/<class>/ folders
+            sub.add_argument("--dataset", required=True, type=_check_name,
+                             help=f"one of {', '.join(sorted(DATASETS))}, or {IMAGE_FOLDER_PREFIX}<task>")
         sub.add_argument("--root", required=True)
         sub.add_argument("--timeout", type=float, default=20.0)
         sub.add_argument("--no-strict", action="store_true")

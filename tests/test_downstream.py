@@ -353,3 +353,37 @@ def test_download_is_atomic_and_checks_md5(tmp_path):
     with pytest.raises(downstream.PrepareError, match="checksum mismatch"):
         downstream._download(source.as_uri(), tmp_path / "dl" / "bad.bin", "0" * 32, timeout=5)
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["archive.bin"]  # no partial file left
+
+
+def test_your_own_image_folders_load_as_a_folder_dataset(shared_data, tmp_path, capsys):
+    """`folder_<task>`: classes from train/'s sub-folders (sorted), test/ must match, config and check accept it."""
+    from exaonepath_core.config import ConfigError, load_config
+
+    source = shared_data / "patches" / "crc_val_he_7k_subset"
+    root = tmp_path / "mine"
+    for cls in ("TUM", "STR", "LYM"):
+        files = sorted((source / cls).glob("*"))
+        for split, part in (("train", files[0::2]), ("test", files[1::2])):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in part:
+                shutil.copy(f, root / split / cls / f.name)
+    (root / "train" / "notes.txt").write_text("beside the class folders: counted, not used")
+    train = downstream.get_dataset("folder_crc3", root, "train")
+    test = downstream.get_dataset("folder_crc3", root, "test")
+    assert train.class_names == test.class_names == ("LYM", "STR", "TUM")
+    assert len(train) == len(test) == 6 and np.bincount(train.labels).tolist() == [2, 2, 2]
+    image, label, sample_id = train[0]
+    assert image.shape == (224, 224, 3) and image.dtype == np.uint8 and label == 0
+    assert sample_id.startswith("train/LYM/")
+    assert downstream.dataset_class("folder_crc3").probe_splits == ("train", None, "test")
+    cfg = load_config("smoke", {"data.downstream_roots": {"folder_crc3": str(root)}})
+    assert cfg.data.downstream_roots == {"folder_crc3": str(root)}
+    with pytest.raises(ConfigError, match="folder_<task>"):
+        load_config("smoke", {"data.downstream_roots": {"folder_": str(root)}})
+    assert downstream.main(["check", "--dataset", "folder_crc3", "--root", str(root)]) == 0
+    shutil.rmtree(root / "test" / "STR")
+    with pytest.raises(downstream.DatasetLayoutError, match="missing class folder"):
+        downstream.get_dataset("folder_crc3", root, "test")
+    (tmp_path / "empty_root").mkdir()
+    with pytest.raises(downstream.DatasetLayoutError, match="one folder per class"):
+        downstream.get_dataset("folder_crc3", tmp_path / "empty_root", "train")
