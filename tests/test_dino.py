@@ -609,26 +609,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, result_path: str, centering: str) -> None:
+CENTERINGS = ("center", "sinkhorn_knopp")
+DDP_STEP = {"lr": 2e-3, "weight_decay": 0.04, "teacher_temp": 0.04, "momentum": 0.9, "freeze_last_layer": False}
+
+
+def _one_production_step(student: nn.Module, student_net: dino.MultiCropWrapper, views: list[torch.Tensor],
+                         centering: str) -> dict:
+    """One call of `training.DINOTrainStep` (the loop's step) from fixed networks; what it produced."""
+    teacher = _tiny_student(1)
+    teacher.requires_grad_(False)
+    step = training.DINOTrainStep(student, student_net, teacher, training.make_optimizer(student_net, fused=False),
+                                  student_temp=0.1, centering=centering, sinkhorn_iterations=3, clip_grad=0.3,
+                                  use_amp=False)
+    before, teacher_before = _parameters(student_net), _parameters(teacher)
+    center = torch.full((1, 64), 0.01)
+    result = step(views, center, **DDP_STEP)
+    return {
+        "loss": torch.tensor(result.loss), "grad_norm": torch.tensor(result.grad_norm),
+        "grads": {n: p.grad.clone() for n, p in student_net.named_parameters() if p.grad is not None},
+        "before": before, "student": _parameters(student_net),
+        "teacher_before": teacher_before, "teacher": _parameters(teacher),
+        # the loop's centre update from this step's teacher output (all-reduced over ranks)
+        "center": dino.update_center(center, result.teacher_out, 0.9),
+    }
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        student = _tiny_student(0)
-        teacher = _tiny_student(0)
-        ddp = nn.parallel.DistributedDataParallel(student)
         views = _fixed_views(8)
         half = [v[rank * 4:(rank + 1) * 4] for v in views]
-        center = torch.full((1, 64), 0.01)
-        with torch.no_grad():
-            teacher_out = teacher(half[:2])
-        loss = dino.dino_loss(ddp(half), teacher_out, center, 0.1, 0.04, centering=centering)
-        loss.backward()
-        new_center = dino.update_center(center, teacher_out, 0.9)
-        if rank == 0:
-            grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-            torch.save({"grads": grads, "center": new_center}, result_path)
+        results = {}
+        for centering in CENTERINGS:
+            student_net = _tiny_student(0)
+            ddp = nn.parallel.DistributedDataParallel(student_net)
+            results[centering] = _one_production_step(ddp, student_net, half, centering)
+        torch.save(results, f"{result_dir}/rank{rank}.pt")
         # every rank done with the group before either tears it down: a gloo peer that closes early can make
         # the other abort at exit ("terminate called without an active exception"), seen once in CI
         dist.barrier()
@@ -636,25 +655,41 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_path: str, centeri
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("centering", ["center", "sinkhorn_knopp"])
-def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, centering):
-    """Also for Sinkhorn-Knopp targets, whose balance is over the global batch (all-reduced sums)."""
-    result_path = tmp_path / "ddp_rank0.pt"
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(result_path), centering), nprocs=2, join=True,
+def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path):
+    """The production step under DDP (2 gloo ranks, 4 samples each) equals it in one process on the 8 samples,
+    for the running centre and for Sinkhorn-Knopp targets, whose balance is over the global batch."""
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    ddp = torch.load(result_path, weights_only=True)
-
-    student = _tiny_student(0)
-    teacher = _tiny_student(0)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     views = _fixed_views(8)
-    center = torch.full((1, 64), 0.01)
-    with torch.no_grad():
-        teacher_out = teacher(views[:2])
-    # one forward over the whole batch: the per-sample mean over 8 equals the average of two 4-sample means
-    dino.dino_loss(student(views), teacher_out, center, 0.1, 0.04, centering=centering).backward()
-    grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
-    assert grads.keys() == ddp["grads"].keys() and len(grads) > 10
-    for name, grad in grads.items():
-        torch.testing.assert_close(ddp["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    expected_center = 0.9 * center + 0.1 * teacher_out.mean(0, keepdim=True)
-    torch.testing.assert_close(ddp["center"], expected_center, rtol=1e-5, atol=1e-7)
+    for centering in CENTERINGS:
+        ddp, other_rank = ranks[0][centering], ranks[1][centering]
+        student_net = _tiny_student(0)
+        one = _one_production_step(student_net, student_net, views, centering)
+        # the loss is the ranks' mean: the per-sample mean over 8 equals the average of two 4-sample means
+        assert float(ddp["loss"]) == pytest.approx(float(one["loss"]), rel=1e-5), centering
+        assert float(ddp["grad_norm"]) == pytest.approx(float(one["grad_norm"]), rel=1e-4), centering
+        assert len(one["grads"]) > 10
+        _assert_close_by_name(ddp["grads"], one["grads"], f"{centering}: DDP clipped gradient")
+        torch.testing.assert_close(ddp["center"], one["center"], rtol=1e-5, atol=1e-7)
+        # both ranks hold the same networks after the step
+        for part in ("student", "teacher"):
+            _assert_close_by_name(other_rank[part], ddp[part], f"{centering}: rank 1 {part} != rank 0's", atol=0)
+        # each side's update is AdamW, then the EMA of the updated student, on its own gradients (shown equal
+        # above) to float rounding
+        momentum = DDP_STEP["momentum"]
+        for name, side in (("DDP", ddp), ("1 process", one)):
+            expected = _AdamWByDefinition().step(side["before"], side["grads"], DDP_STEP["lr"],
+                                                 DDP_STEP["weight_decay"])
+            _assert_close_by_name(side["student"], expected, f"{centering}: {name} student != AdamW by hand")
+            expected = {n: momentum * t + (1 - momentum) * side["student"][n]
+                        for n, t in side["teacher_before"].items()}
+            _assert_close_by_name(side["teacher"], expected, f"{centering}: {name} teacher != EMA")
+        moved = sum(int((ddp["student"][n] != ddp["before"][n]).sum()) for n in ddp["before"])
+        assert moved > 0.9 * sum(t.numel() for t in ddp["before"].values())
+        # and the two sides' networks directly: Adam's first step, lr * g / (|g| + 1e-8), turns the rounding
+        # noise of gradients that are exactly 0 in exact arithmetic (the attention key bias) into moves of a
+        # fraction of lr (up to 3e-5 of lr 2e-3 seen), so the tolerance is lr / 10
+        _assert_close_by_name(ddp["student"], one["student"], f"{centering}: DDP student", atol=DDP_STEP["lr"] / 10)
+        _assert_close_by_name(ddp["teacher"], one["teacher"], f"{centering}: DDP teacher",
+                              atol=(1 - momentum) * DDP_STEP["lr"] / 10)
