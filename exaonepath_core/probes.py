@@ -403,12 +403,14 @@ PROBE_LABELS = {"logistic": "logistic", "linear_head": "linear head", "knn": "kN
 
 
 def plot_probe_results(df: pd.DataFrame, out_png: str | os.PathLike, metric: str = "accuracy",
-                       probe: str = "logistic", paper: Mapping[str, float] = PAPER_ACCURACY) -> Path:
+                       probe: str = "logistic", paper: Mapping[str, float] = PAPER_ACCURACY,
+                       chance: Mapping[str, float] | None = None) -> Path:
     """Bar chart of `metric` per task and backbone (mean over seeds, bootstrap CI), paper values as markers.
 
     Each task shows the `probe` results; a task without them (too few samples for a logistic probe, say) shows
     the next probe that has results (linear head, then kNN), named under its tick. With no results at all the
-    figure says so instead of failing, so a run over absent datasets still finishes.
+    figure says so instead of failing, so a run over absent datasets still finishes. `chance` (task -> the
+    accuracy of always answering the test split's majority class) draws a dashed mark per task.
     """
     import matplotlib
 
@@ -449,7 +451,10 @@ def plot_probe_results(df: pd.DataFrame, out_png: str | os.PathLike, metric: str
                        for t in tasks], fontsize=9)
         ax.set_ylabel(f"test {metric.replace('_', ' ')}")
         ax.set_ylim(0, 1)
-        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        marked = [i for i, t in enumerate(tasks) if chance and t in chance and metric == "accuracy"]
+        for n, i in enumerate(marked):  # per task: chance differs (2 classes for PCam, 8 for CRC, ...)
+            ax.hlines(chance[tasks[i]], i - 0.45, i + 0.45, colors="black", linestyles="--", lw=1.0, zorder=4,
+                      label="chance (majority class)" if n == 0 else None)
         # beside the axes, so it never covers a bar
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         ax.set_title(f"{PROBE_LABELS.get(probe, probe).capitalize()} probes on frozen features\n"

@@ -251,3 +251,20 @@ def test_verdict_judges_pretraining_arms_only_not_extra_backbones():
                            + _metric_rows("timm_vit_small_patch16_224", low) + _metric_rows("exaonepath", low))
     verdict = workflow.collapse_verdict(metrics)
     assert set(verdict.comparison) == {"macenko vs raw"}
+
+
+def test_report_states_the_verdict_in_words(tmp_path):
+    from exaonepath_core import workflow
+
+    assert workflow.verdict_paragraph(tmp_path) == ""  # no stage 06 yet: nothing claimed
+    rows = {collapse.SLIDE_PROBE: (0.69, 0.60, 0.78), collapse.SAME_SLIDE_NEIGHBOURS: (0.53, 0.48, 0.58),
+            collapse.KNN_LEAVE_ONE_SLIDE_OUT: (0.65, 0.60, 0.70)}
+    low = {collapse.SLIDE_PROBE: (0.16, 0.10, 0.22), collapse.SAME_SLIDE_NEIGHBOURS: (0.20, 0.17, 0.23),
+           collapse.KNN_LEAVE_ONE_SLIDE_OUT: (0.68, 0.63, 0.73)}
+    metrics = pd.DataFrame(_metric_rows("raw", rows) + _metric_rows("macenko", low)
+                           + _metric_rows("stain_augmentation", rows))
+    metrics.insert(0, "cohort", "synthetic")
+    workflow.collapse_verdict(metrics).to_csv(tmp_path / "collapse_verdict.csv", index=False)
+    text = workflow.verdict_paragraph(tmp_path)
+    assert "synthetic: macenko vs raw &rarr; <b>holds</b>" in text
+    assert "synthetic: stain_augmentation vs raw &rarr; <b>does not hold</b>" in text

@@ -233,3 +233,21 @@ def test_a_feature_folder_without_its_test_split_is_listed_not_dropped(tmp_path)
     assert rows.to_dict() == {
         "macenko": "not probed: no test split features (see stage 04's datasets.csv)",
         "untrained_raw": "not probed: no train split features (see stage 04's datasets.csv)"}
+
+
+def test_chance_per_task_is_the_test_majority_rate_and_is_drawn(tmp_path):
+    from exaonepath_core import workflow
+
+    for split, labels in (("train", [0, 1, 1, 2]), ("test", [0, 0, 0, 1, 2, 2, 1, 0])):
+        d = tmp_path / "feats" / "raw" / "crc" / split
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text("{}")
+        np.save(d / "labels.npy", np.asarray(labels))
+    assert workflow.task_chance(tmp_path / "feats") == {"crc": 0.5}
+    results = pd.DataFrame([{"task": "crc", "backbone": "raw", "probe": "logistic", "seed": 0, "metric": "accuracy",
+                             "value": 0.7, "ci_low": 0.6, "ci_high": 0.8}])
+    out = probes.plot_probe_results(results, tmp_path / "bars.png", chance={"crc": 0.5})
+    with Image.open(out) as im:
+        assert im.size[0] > 500
+    summary = workflow.probe_summary(pd.DataFrame([{**results.iloc[0], "value": 0.71599999999}]), tmp_path / "feats")
+    assert summary.loc[summary.task == "crc", "mean"].item() == 0.716  # rounded for reading

@@ -232,7 +232,8 @@ summary = workflow.probe_summary(results, paths.stage_dir("04"))
 workflow.write_csv_atomic(summary, out / "probe_summary.csv")
 summary
 ''')),
-    ("code", '''probes.plot_probe_results(results, out / "probe_results.png")
+    ("code", '''chance = workflow.task_chance(paths.stage_dir("04"))  # majority-class rate of each task's test split
+probes.plot_probe_results(results, out / "probe_results.png", chance=chance)
 display(Image(filename=str(out / "probe_results.png")))
 '''),
 ]
