@@ -32,6 +32,9 @@ def stage_key(name: str) -> str:
     raise KeyError(f"unknown stage {name!r}; stages: {', '.join(nb for nb, _ in STAGES.values())}")
 
 
+UNREADABLE_MARKER = "unreadable-marker"
+
+
 @dataclass(frozen=True)
 class ResultsPaths:
     """Folders of one profile's run: results/<profile>/<stage>/, notebooks/, done-markers."""
@@ -103,20 +106,25 @@ class ResultsPaths:
         return self.stage_dir(stage, create=False) / ".inputs.json"
 
     def built_from(self, stage: str) -> str | None:
-        """The config hash the stage's outputs were (or are being) built from; None when unknown."""
+        """The config hash the stage's outputs were (or are being) built from; None when no marker exists, and
+        UNREADABLE_MARKER when one exists but cannot be read (the outputs are then of an unknown config)."""
+        unreadable = False
         for marker in (self.inputs_marker(stage), self.done_marker(stage)):
             try:
                 return json.loads(marker.read_text())["config_hash"]
-            except (OSError, ValueError, KeyError, TypeError):
+            except FileNotFoundError:
                 continue
-        return None
+            except (OSError, ValueError, KeyError, TypeError):
+                unreadable = True
+        return UNREADABLE_MARKER if unreadable else None
 
     def supersede_outputs(self, stage: str, config_hash: str) -> Path | None:
         """Move the stage's folder aside when its outputs were built from another config; returns the new place.
 
         Per-item resume (slides in a ledger, feature folders, checkpoints) would otherwise take outputs of the
         old config for done and mix them with new ones. Moved, not deleted: nothing is lost, and a large patch
-        store is renamed in place rather than copied. Outputs of an unknown config (no marker) are kept.
+        store is renamed in place rather than copied. Outputs without any marker (made by hand, or before
+        markers existed) are kept; outputs whose marker is corrupt are moved aside, as of another config.
         """
         folder = self.stage_dir(stage, create=False)
         old = self.built_from(stage)
@@ -124,7 +132,7 @@ class ResultsPaths:
             return None
         from exaonepath_core.atomic import move_aside
 
-        return move_aside(folder, old[:8])
+        return move_aside(folder, "unreadable" if old == UNREADABLE_MARKER else old[:8])
 
     def mark_inputs(self, stage: str, config_hash: str) -> Path:
         """Record, before the stage runs, which config its outputs are built from (see `supersede_outputs`)."""

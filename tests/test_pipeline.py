@@ -433,3 +433,19 @@ def test_sweep_values_may_be_lists_and_a_broken_list_is_a_config_error(setup, ca
     assert pipeline.main(["--profile", str(cfg), "--notebook-dir", str(nbs), "--sweep", "probes.seeds=[0,[1"]) == 2
     err = capsys.readouterr().err
     assert "not a comma-separated YAML list" in err and "Traceback" not in err
+
+
+def test_outputs_under_a_corrupt_marker_are_moved_aside_and_unmarked_ones_kept(setup):
+    nbs, results, cfg = setup
+    paths = ResultsPaths(results, "tiny")
+    pipeline.run_pipeline(str(cfg), only=["01"], notebook_dir=nbs, progress=False)
+    chash = pipeline.stage_config_hash(pipeline.load_config(str(cfg)), "01")
+    assert paths.built_from("01") == chash
+    (paths.stage_dir("01") / "made_before.txt").write_text("unknown config")
+    paths.inputs_marker("01").write_text('{"config_hash": ')  # cut off mid-write by a full disk, say
+    paths.done_marker("01").unlink()
+    assert paths.built_from("01") == "unreadable-marker"
+    moved = paths.supersede_outputs("01", chash)
+    assert moved is not None and moved.name.endswith("-unreadable") and (moved / "made_before.txt").is_file()
+    (paths.stage_dir("01") / "by_hand.txt").write_text("no marker at all")
+    assert paths.built_from("01") is None and paths.supersede_outputs("01", chash) is None
