@@ -536,8 +536,6 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         print(f"[pretrain] git {git['git_sha']} dirty={git['git_dirty']} world_size={runtime.world_size} "
               f"device={device} torch={torch.__version__}", flush=True)
         print("[pretrain] settings:\n" + "\n".join(f"  {k}: {v!r}" for k, v in cfg.to_dict().items()), flush=True)
-        atomic.write_text(output_dir / "pretrain_config.json",
-                           json.dumps({**cfg.to_dict(), **git, "world_size": runtime.world_size}, indent=2) + "\n")
 
     # ============ data ... ============
     patches = dataset if dataset is not None else _load_patch_dataset(cfg)
@@ -641,6 +639,9 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         print(f"[pretrain] note: {checkpoint_path} exists and will be overwritten (pass --resume to continue it)",
               flush=True)
     if is_main:
+        # written once the resume is accepted: a refused one leaves the record of the run it refused to continue
+        atomic.write_text(output_dir / "pretrain_config.json",
+                          json.dumps({**cfg.to_dict(), **git, "world_size": runtime.world_size}, indent=2) + "\n")
         _truncate_log(output_dir / LOG_NAME, start_step)
     # drop-path draws differ per rank; on resume the saved per-rank state was restored above
     if start_step == 0:

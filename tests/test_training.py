@@ -176,6 +176,7 @@ def test_resume_refuses_changed_recipe_or_a_store_of_another_size(shared_data, r
     with pytest.raises(ConfigError, match=r"trained on 40 patches, 5 steps per epoch; .* has 42 patches, 5 steps"):
         training.train(_tiny_config(larger, out, max_steps=2), resume=True)
     assert _load_checkpoint(out)["step"] == 1  # refused before any step
+    assert json.loads((out / "pretrain_config.json").read_text())["data_root"] == str(raw_store)
     # a checkpoint written before n_patches was stored still resumes, and is still checked by steps per epoch
     old_style = _load_checkpoint(out)
     del old_style["n_patches"]
