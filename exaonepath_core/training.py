@@ -569,8 +569,12 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         raise ConfigError(f"{n_patches} patches give {per_rank} per rank, fewer than one batch of {batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
     last_step = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+    # the epoch's permutation is cut to whole batches on every rank (DINO's drop_last): the rest of the
+    # patches sit out that epoch only (another random set each epoch), counted here rather than unmentioned
+    unused_per_epoch = n_patches - steps_per_epoch * batch_size * runtime.world_size
     if is_main:
-        print(f"[pretrain] data: {n_patches} patches, arm={cfg.input_arm}, {steps_per_epoch} steps/epoch, "
+        print(f"[pretrain] data: {n_patches} patches, arm={cfg.input_arm}, {steps_per_epoch} steps/epoch "
+              f"({unused_per_epoch} patches sit out each epoch: whole batches only, another set each epoch), "
               f"{total_steps} steps in {cfg.epochs} epochs, stopping at step {last_step}", flush=True)
 
     # ============ building student and teacher networks ... ============
@@ -753,12 +757,16 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         "steps": step, "start_step": start_step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "epochs_completed": step / steps_per_epoch, "world_size": runtime.world_size, "device": str(device),
         "arch": cfg.arch, "input_arm": cfg.input_arm, "wall_s": wall_s,
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "n_patches": n_patches, "patches_unused_per_epoch": unused_per_epoch,
+        # single steps (noisy); stage 03 adds loss_first / loss_last, means over the first / last tenth
+        "first_step_loss": losses[0] if losses else None, "last_step_loss": losses[-1] if losses else None,
         "mean_img_per_s": float(np.mean(rates[1:] if len(rates) > 1 else rates)) if rates else None,
         # the median resists a loaded machine's spikes (the first step, with its warm-up, left out)
         "median_img_per_s": float(np.median(rates[1:] if len(rates) > 1 else rates)) if rates else None,
         **{k: last_record.get(k) for k in ("teacher_entropy", "teacher_entropy_of_mean", "teacher_kl",
-                                           "teacher_max_entropy", "center_norm")},
+                                           "teacher_max_entropy")},
+        # Sinkhorn-Knopp targets leave the running centre unused: no norm of it to report
+        "center_norm": last_record.get("center_norm") if cfg.centering == "center" else None,
         "checkpoint": str(checkpoint_path), "teacher_backbone": str(output_dir / TEACHER_EXPORT_NAME),
         "log": str(output_dir / LOG_NAME), **git,
     }
@@ -766,7 +774,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         export_teacher_backbone(teacher_net.backbone, output_dir, cfg,
                                 macenko_reference=_training_reference(cfg, patches, macenko_reference))
         atomic.write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        print(f"[pretrain] done: step {step}, loss {summary['first_loss']} -> {summary['final_loss']}, "
+        print(f"[pretrain] done: step {step}, loss {summary['first_step_loss']} -> {summary['last_step_loss']}, "
               f"median {summary['median_img_per_s'] or float('nan'):.1f} img/s, {wall_s:.1f} s", flush=True)
     if dist.is_initialized():
         # no rank tears the process group down while rank 0 still exports (gloo aborts on an early close)

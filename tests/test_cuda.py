@@ -249,7 +249,7 @@ def test_train_on_cuda_exports_a_teacher_loadable_on_cpu(cmu_tiles, tmp_path):
     )
     summary = training.train(cfg)
     assert summary["steps"] == 4 and summary["device"].startswith("cuda")
-    assert math.isfinite(summary["first_loss"]) and math.isfinite(summary["final_loss"])
+    assert math.isfinite(summary["first_step_loss"]) and math.isfinite(summary["last_step_loss"])
     meta = json.loads((out / "teacher_backbone.json").read_text())
     assert meta["arm"] == "macenko" and meta["macenko"] is True
     assert MacenkoReference.from_dict(meta["macenko_reference"]).allclose(MacenkoReference.default())

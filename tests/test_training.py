@@ -99,7 +99,13 @@ def test_train_writes_checkpoint_log_and_loadable_teacher(raw_store, tmp_path):
     out = tmp_path / "run"
     summary = training.train(_tiny_config(raw_store, out, max_steps=3))
     assert summary["steps"] == 3 and summary["steps_per_epoch"] == 5 and summary["total_steps"] == 10
-    assert all(np.isfinite([summary["first_loss"], summary["final_loss"]]))
+    assert all(np.isfinite([summary["first_step_loss"], summary["last_step_loss"]]))
+    assert summary["n_patches"] == 40 and summary["patches_unused_per_epoch"] == 0
+    assert summary["center_norm"] > 0
+    # 40 patches in batches of 6: 6 steps, 4 patches sit out each epoch (counted); Sinkhorn-Knopp has no centre
+    odd = training.train(_tiny_config(raw_store, tmp_path / "odd", max_steps=1, batch_size_per_gpu=6,
+                                      centering="sinkhorn_knopp"))
+    assert odd["steps_per_epoch"] == 6 and odd["patches_unused_per_epoch"] == 4 and odd["center_norm"] is None
 
     checkpoint = _load_checkpoint(out)  # weights_only=True: tensors and plain containers only
     assert checkpoint["step"] == 3 and checkpoint["config"]["arch"] == "vit_tiny_patch16_224"
@@ -221,7 +227,7 @@ def test_normalize_on_the_fly_counts_fallback_patches(raw_store, tmp_path):
     out = tmp_path / "otf"
     cfg = _tiny_config(raw_store, out, max_steps=2, input_arm="macenko", normalize_on_the_fly=True)
     summary = training.train(cfg)
-    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    assert summary["steps"] == 2 and np.isfinite(summary["last_step_loss"])
     records = training.read_log(out / "log.jsonl")
     assert all(isinstance(r["macenko_fallback"], int) and 0 <= r["macenko_fallback"] <= 8 for r in records)
     meta = json.loads((out / "teacher_backbone.json").read_text())
@@ -257,7 +263,7 @@ def test_stain_augmentation_arm_changes_colours_deterministically(raw_store, tmp
     assert all(torch.equal(a, b) for a, b in zip(views_a, views_b))  # same (seed, epoch, index): same views
     assert float((views_a[0] - views_plain[0]).abs().mean()) > 1e-3  # the stain perturbation is applied
     summary = training.train(_tiny_config(raw_store, tmp_path / "sa", max_steps=2, input_arm="stain_augmentation"))
-    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    assert summary["steps"] == 2 and np.isfinite(summary["last_step_loss"])
 
 
 @pytest.mark.slow
