@@ -327,6 +327,7 @@ def _run_stages(cfg: ProjectConfig, paths: ResultsPaths, selected: list[str], ta
 
     status: dict[str, str] = {}
     upstream_ran = False
+    all_warnings: list[str] = []
     for key in selected:
         nb_name, _ = STAGES[key]
         notebook = notebook_dir / f"{nb_name}.ipynb"
@@ -378,11 +379,14 @@ def _run_stages(cfg: ProjectConfig, paths: ResultsPaths, selected: list[str], ta
         warnings = stage_warnings(key, paths.stage_dir(key, create=False), cfg)
         for text in warnings:
             print(f"[run_all] WARNING {nb_name}: {text}", flush=True)
+        all_warnings += [f"{nb_name}: {text}" for text in warnings]
         paths.mark_done(key, chash, seconds=round(seconds, 2), warnings=warnings)
         print(f"[run_all] {nb_name}: finished in {seconds:.1f} s"
               + (f" with {len(warnings)} warning(s) (above)" if warnings else ""), flush=True)
         status[key] = "ran"
         upstream_ran = True
+    if all_warnings:  # once more at the end, where a long run's last lines are read
+        print(f"[run_all] {len(all_warnings)} warning(s) in this run:\n  " + "\n  ".join(all_warnings), flush=True)
     return status
 
 

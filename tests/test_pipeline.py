@@ -396,6 +396,7 @@ def test_failures_counted_in_a_stage_table_are_printed_and_kept_in_its_marker(se
     assert "[run_all] WARNING 01_tile_slides: 2 of 4 slide(s) failed to tile" in out
     assert "[run_all] WARNING 01_tile_slides: 1 slide(s) gave no tile" in out
     assert "finished in" in out and "with 2 warning(s) (above)" in out
+    assert "[run_all] 2 warning(s) in this run:\n  01_tile_slides: 2 of 4 slide(s) failed" in out
     paths = ResultsPaths(results, "tiny")
     assert len(paths.done_info("01")["warnings"]) == 2
     pipeline.run_pipeline(str(cfg), only=["01"], notebook_dir=nbs, progress=False)
