@@ -88,6 +88,10 @@ class TilingSection:
     workers: int = 2
     shard: str = "0/1"
     qc_figures: int = 6
+    # decode every kept tile once while tiling: a slide with corrupt tile data (a truncated JPEG tile) then fails
+    # in stage 01, with its reason in the ledger, rather than being dropped from the stores in stage 02. It reads
+    # every tile a second time, so it is off by default
+    verify_tiles: bool = False
 
 
 @dataclass

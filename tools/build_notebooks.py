@@ -57,7 +57,8 @@ print(slides.groupby(["source", "split"]).size().rename("slides").to_string())
 ''')),
     ("md", "## Tiling with a per-slide ledger (rerun skips finished slides; failed ones retried with `force`)"),
     ("code", '''params = tiling.TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
-                             overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction)
+                             overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction,
+                             verify_tiles=cfg.tiling.verify_tiles)
 tiles_dir = out / params.folder_name()
 overrides = {p: cfg.data.mpp_override for p in slides.path} if cfg.data.mpp_override else None
 ledger = tiling.tile_cohort(list(slides.path), tiles_dir, params, workers=cfg.tiling.workers,
