@@ -1,6 +1,7 @@
 """Tiling stage: mask on pen-marked thumbnails, grid geometry, the CMU slide, bad input, ledger, shards, reads."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import h5py
@@ -622,3 +623,21 @@ def test_exact_fit_slide_tiles_every_column_and_row(tmp_path):
     assert ts.coords[:, 0].max() == 416 - 96 and ts.coords[:, 1].max() == 352 - 96
     last = next(read_tiles(ts, [int(np.argmax(ts.coords.sum(1)))]))[0]
     np.testing.assert_array_equal(last, _tissue_like(512)[352 - 96 : 352, 416 - 96 : 416])  # the corner pixels
+
+
+def test_verify_tiles_fails_a_slide_with_corrupt_tile_data_at_tiling_time(wsi, tmp_path):
+    """Zeroed bytes inside the SVS's JPEG tiles: the header and thumbnail still read, so without verification
+    the slide tiles as ok and only its tile reads fail later (stage 02); with it, it fails here with a reason."""
+    broken = tmp_path / "slides" / "zeroed.svs"
+    broken.parent.mkdir()
+    data = bytearray((wsi / "CMU-1-Small-Region.svs").read_bytes())
+    data[400_000:900_000] = bytes(500_000)
+    broken.write_bytes(bytes(data))
+    params = TilingParams(target_mpp=1.0, tile_size=96, qc_figure=False)
+    plain = tile_cohort([broken], tmp_path / "plain", params, progress=False).set_index("slide_id")
+    assert plain.loc["zeroed", "status"] == "ok" and plain.loc["zeroed", "n_tiles"] > 0
+    checked = tile_cohort([broken], tmp_path / "checked", dataclasses.replace(params, verify_tiles=True),
+                          progress=False).set_index("slide_id")
+    assert checked.loc["zeroed", "status"] == "failed", checked.loc["zeroed"].to_dict()
+    print("verify_tiles reason:", checked.loc["zeroed", "reason"])
+    assert not (tmp_path / "checked" / "coords" / "zeroed.h5").exists()
