@@ -471,17 +471,26 @@ def plot_tiling_qc(
     level0_dimensions: tuple[int, int] | None = None,
     title_extra: str = "",
     max_size: int = 1024,
+    tile_size: int | None = None,
+    target_mpp: float | None = None,
 ) -> Path:
-    """Save a PNG: slide thumbnail, tissue mask overlay (green) and the tile grid (blue squares)."""
+    """Save a PNG: slide thumbnail, tissue mask overlay (green) and the tiles kept (blue squares), with a legend.
+
+    The title gives the tile count and size: `tile_size` px at `target_mpp` um/px when known (read from a
+    TileSet, or passed), and always the level-0 patch size in pixels.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     if isinstance(tile_set_or_coords, TileSet):
         coords = tile_set_or_coords.coords
         level0_patch_size = tile_set_or_coords.level0_patch_size
+        tile_size = tile_set_or_coords.tile_size if tile_size is None else tile_size
+        target_mpp = tile_set_or_coords.target_mpp if target_mpp is None else target_mpp
     else:
         coords = np.asarray(tile_set_or_coords, dtype=np.int64).reshape(-1, 2)
         if level0_patch_size is None:
@@ -493,13 +502,20 @@ def plot_tiling_qc(
                 thumbnail = slide.thumbnail(max_size)
     th, tw = thumbnail.shape[:2]
     sx, sy = tw / level0_dimensions[0], th / level0_dimensions[1]
-    fig = Figure(figsize=(6.5, 6.5 * th / tw + 0.6), dpi=120)
+    mask_rgba = (0.0, 0.8, 0.2, 0.30)
+    tile_edge = (0.1, 0.3, 1.0, 0.8)
+    fig = Figure(figsize=(6.5, 6.5 * th / tw + 0.9), dpi=120)
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(thumbnail, interpolation="bilinear")
-    if mask is not None and mask.any():
-        overlay = np.zeros(mask.shape + (4,), dtype=np.float32)
-        overlay[mask] = (0.0, 0.8, 0.2, 0.30)
-        ax.imshow(overlay, extent=(-0.5, tw - 0.5, th - 0.5, -0.5), interpolation="nearest")
+    handles = []
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.any():
+            overlay = np.zeros(mask.shape + (4,), dtype=np.float32)
+            overlay[mask] = mask_rgba
+            ax.imshow(overlay, extent=(-0.5, tw - 0.5, th - 0.5, -0.5), interpolation="nearest")
+        handles.append(Patch(facecolor=mask_rgba, edgecolor=mask_rgba[:3],
+                             label=f"tissue mask ({100.0 * mask.mean() if mask.size else 0.0:.0f}% of slide)"))
     if len(coords):
         x0 = coords[:, 0] * sx - 0.5
         y0 = coords[:, 1] * sy - 0.5
@@ -508,11 +524,19 @@ def plot_tiling_qc(
             [np.stack([x0, y0], 1), np.stack([x0 + w, y0], 1), np.stack([x0 + w, y0 + h], 1), np.stack([x0, y0 + h], 1)],
             axis=1,
         )
-        ax.add_collection(PolyCollection(squares, facecolors="none", edgecolors=(0.1, 0.3, 1.0, 0.8), linewidths=0.5))
+        ax.add_collection(PolyCollection(squares, facecolors="none", edgecolors=tile_edge, linewidths=0.5))
+    handles.append(Patch(facecolor="none", edgecolor=tile_edge, label=f"tiles kept ({len(coords)})"))
     ax.set_xlim(-0.5, tw - 0.5)
     ax.set_ylim(th - 0.5, -0.5)
     ax.set_axis_off()
-    title = f"{slide_id_from_path(slide_path)}: {len(coords)} tiles"
+    # below the thumbnail, so it never covers tissue
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), frameon=False,
+              fontsize=8, handlelength=1.5)
+    if tile_size is not None and target_mpp is not None:
+        size = f"{tile_size} px at {target_mpp:g} um/px = {level0_patch_size} px at level 0"
+    else:
+        size = f"{level0_patch_size} px at level 0"
+    title = f"{slide_id_from_path(slide_path)}: {len(coords)} tiles of {size}"
     if title_extra:
         title += f"\n{title_extra[:90]}"
     ax.set_title(title, fontsize=9)
