@@ -445,7 +445,8 @@ def _tile_open_slide(slide: Slide, out_dir: Path, params: TilingParams, start: f
     if params.qc_figure:
         qc_path = out_dir / "qc" / f"{slide_id}.png"
         plot_tiling_qc(slide_path, coords, mask, qc_path, thumbnail=thumb, level0_patch_size=patch,
-                       level0_dimensions=slide.dimensions, title_extra=reason)
+                       level0_dimensions=slide.dimensions, title_extra=reason, tile_size=params.tile_size,
+                       target_mpp=params.target_mpp)
     return {
         "slide_id": slide_id,
         "slide_path": str(slide_path),
@@ -1014,13 +1015,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mpp-override", type=float, default=None,
                         help="um/px at level 0 for every slide (for slides without, or with anisotropic, mpp)")
     parser.add_argument("--no-qc", action="store_true", help="skip the per-slide QC figures")
+    parser.add_argument("--verify-tiles", action="store_true",
+                        help="decode every kept tile once, so a slide with corrupt tile data fails here (2x reads)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         shard = parse_shard(args.shard)
         params = TilingParams(
             target_mpp=args.target_mpp, tile_size=args.tile_size, overlap=args.overlap,
-            min_tissue_fraction=args.min_tissue, qc_figure=not args.no_qc,
+            min_tissue_fraction=args.min_tissue, qc_figure=not args.no_qc, verify_tiles=args.verify_tiles,
         )
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")

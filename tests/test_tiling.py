@@ -641,3 +641,7 @@ def test_verify_tiles_fails_a_slide_with_corrupt_tile_data_at_tiling_time(wsi, t
     assert checked.loc["zeroed", "status"] == "failed", checked.loc["zeroed"].to_dict()
     print("verify_tiles reason:", checked.loc["zeroed", "reason"])
     assert not (tmp_path / "checked" / "coords" / "zeroed.h5").exists()
+    # the command line: exit 1 naming the slide and the read error
+    code = main(["--slides", str(broken.parent), "--out", str(tmp_path / "cli"), "--target-mpp", "1.0",
+                 "--tile-size", "96", "--no-qc", "--no-progress", "--verify-tiles"])
+    assert code == 1
