@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -75,21 +76,25 @@ def time_torchstain(tiles: np.ndarray) -> tuple[float, int]:
     return len(tiles) / (time.perf_counter() - start), failures
 
 
-def time_ours(batch: torch.Tensor, device: str, chunk_size: int | None, backend: str = "auto",
+def time_ours(batches: list[torch.Tensor], device: str, chunk_size: int | None, backend: str = "auto",
               out: torch.Tensor | None = None) -> tuple[float, int]:
-    """Patches/s of one pass of macenko_normalize_batch over the whole set (host-device copies included).
+    """Patches/s of one pass of macenko_normalize_batch over each of `batches` (host-device copies included).
 
     `out` is an output buffer reused across passes, as a pipeline looping over batches does (the patch store);
     without it every pass also pays for faulting in a fresh output tensor (~5% of the numba backend's time).
+    Several batches per timing make one timed block last about as long as torchstain's (a single 30 ms pass
+    swings by +-20 % with the scheduler); they are distinct copies of the tiles, so no pass finds its input
+    in the CPU caches where the previous one left it, as a pipeline streaming new patches would not.
     """
     reference = MacenkoReference.default()
     if device != "cpu":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    normalized, fallback = macenko_normalize_batch(batch.to(device), reference, chunk_size=chunk_size,
-                                                   backend=backend, out=out)
-    normalized = normalized.cpu()
-    return len(batch) / (time.perf_counter() - start), int(fallback.sum())
+    for batch in batches:
+        normalized, fallback = macenko_normalize_batch(batch.to(device), reference, chunk_size=chunk_size,
+                                                       backend=backend, out=out)
+        normalized = normalized.cpu()
+    return sum(len(b) for b in batches) / (time.perf_counter() - start), int(fallback.sum())
 
 
 def main() -> None:
@@ -118,12 +123,20 @@ def main() -> None:
     # output buffers on the device, allocated once like a batch loop would (each backend its own)
     ours_out = torch.empty_like(batch, device=args.device)
     torch_out = torch.empty_like(batch, device=args.device)
+    # passes per timed block so each lasts >= 0.25 s (one pass of ours on 117 tiles is ~30 ms on 2 cores),
+    # each over its own copy of the tiles (64 MiB and more in all: beyond the caches)
+    one_pass = len(batch) / time_ours([batch], args.device, args.chunk_size, out=ours_out)[0]
+    one_pass_torch = len(batch) / time_ours([batch], args.device, args.chunk_size, backend="torch", out=torch_out)[0]
+    ours_passes = max(1, math.ceil(0.25 / one_pass), math.ceil(2**26 / batch.numel()))
+    torch_passes = max(1, math.ceil(0.25 / one_pass_torch), math.ceil(2**26 / batch.numel()))
+    copies = [batch.clone() for _ in range(max(ours_passes, torch_passes))]
     ts_rates, ours_rates, torch_rates, ratios = [], [], [], []
     ts_failures = ours_failures = torch_failures = 0
     for _ in range(repeats):  # interleaved so that all see the same load
         ts_rate, ts_failures = time_torchstain(tiles)
-        ours_rate, ours_failures = time_ours(batch, args.device, args.chunk_size, out=ours_out)
-        torch_rate, torch_failures = time_ours(batch, args.device, args.chunk_size, backend="torch", out=torch_out)
+        ours_rate, ours_failures = time_ours(copies[:ours_passes], args.device, args.chunk_size, out=ours_out)
+        torch_rate, torch_failures = time_ours(copies[:torch_passes], args.device, args.chunk_size, backend="torch",
+                                               out=torch_out)
         ts_rates.append(ts_rate)
         ours_rates.append(ours_rate)
         torch_rates.append(torch_rate)
@@ -136,6 +149,8 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "chunk_size": args.chunk_size,
         "repeats": repeats,
+        "ours_passes_per_timing": ours_passes,
+        "ours_torch_passes_per_timing": torch_passes,
         "ours_output_buffer_reused": True,
         "torchstain_patches_per_s": round(float(np.median(ts_rates)), 1),
         "ours_backend": "numba" if args.device == "cpu" and NUMBA_AVAILABLE else "torch",
