@@ -634,8 +634,9 @@ def available_datasets(roots: Mapping[str, str | os.PathLike], strict: bool = Tr
                        names: Sequence[str] | None = None, deep: bool = False,
                        reports: dict[str, list[ImageCheck]] | None = None, progress: bool = False
                        ) -> dict[str, str]:
-    """Dataset name -> "present", "absent: <reason>" or (deep) "damaged: <counts>", for the paper's six tasks
-    and every configured root.
+    """Dataset name -> "present", "absent: <reason>" (no root, or nothing at it), "unreadable: <reason>" (a root
+    that exists but is not laid out as the adapter expects) or (deep) "damaged: <counts>", for the paper's six
+    tasks and every configured root.
 
     The default check reads the layout only (no decoding). `deep=True` also decodes every image of every probe
     split once (`check_images`); a dataset with unreadable images or images of another size than the common
@@ -651,7 +652,9 @@ def available_datasets(roots: Mapping[str, str | os.PathLike], strict: bool = Tr
         try:
             datasets = _probe_split_datasets(name, roots[name], strict)
         except (DatasetLayoutError, KeyError, ValueError, OSError) as exc:
-            status[name] = f"absent: {str(exc).splitlines()[0]}"
+            # "absent" only when nothing is there: a folder that exists but is laid out wrongly says so
+            kind = "unreadable" if Path(roots[name]).exists() else "absent"
+            status[name] = f"{kind}: {str(exc).splitlines()[0]}"
             continue
         status[name] = "present"
         if deep:

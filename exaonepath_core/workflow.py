@@ -534,7 +534,9 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
         # What the adapters raise for an absent or incomplete dataset (DatasetLayoutError is an OSError;
         # unknown split: ValueError; unknown name: KeyError): reported, never faked. Anything else is a bug.
         except (OSError, ValueError, KeyError) as err:
-            out[name] = {"status": f"absent: {type(err).__name__}: {str(err).splitlines()[0]}", "splits": {}, "n": 0}
+            kind = "unreadable" if root_path.exists() else "absent"  # there, but not laid out as expected
+            out[name] = {"status": f"{kind}: {type(err).__name__}: {str(err).splitlines()[0]}", "splits": {},
+                         "n": 0}
     for name in downstream.PAPER_ACCURACY:
         out.setdefault(name, {"status": "absent: no root configured", "splits": {}, "n": 0})
     return out

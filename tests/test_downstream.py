@@ -239,7 +239,7 @@ def test_pcam_garbage_h5_names_the_file(shared_data, tmp_path):
     with pytest.raises(DatasetLayoutError, match=rf"pcam: cannot open {x_path} as HDF5 \(.*signature"):
         get_dataset("pcam", tmp_path, "valid", strict=False)
     status = available_datasets({"pcam": tmp_path}, strict=False, names=["pcam"])
-    assert status["pcam"].startswith(f"absent: pcam: cannot open {x_path} as HDF5")
+    assert status["pcam"].startswith(f"unreadable: pcam: cannot open {x_path} as HDF5")
     # a dataset that opens but whose rows cannot be read names the file and the row
     dataset = get_dataset("pcam", tmp_path, "test", strict=False)
     _truncate(tmp_path / "camelyonpatch_level_2_split_test_x.h5", keep=0.3)

@@ -287,7 +287,7 @@ def test_strict_inputs_check_dataset_layouts_before_any_stage(tmp_path):
         (crc / name).mkdir(parents=True)
     cfg = load_config("paper", {"data.slide_dirs": [str(tmp_path / "slides")],
                                 "data.downstream_roots": {"crc100k": str(tmp_path / "crc")}})
-    with pytest.raises(ConfigError, match=r"not readable as laid out[\s\S]*data.downstream_roots.crc100k: absent"):
+    with pytest.raises(ConfigError, match=r"not readable as laid out[\s\S]*data.downstream_roots.crc100k: unreadable"):
         pipeline.check_paper_inputs(cfg)
     pipeline.check_paper_inputs(load_config("paper", {"data.slide_dirs": [str(tmp_path / "slides")],
                                                       "data.downstream_roots": {}}))  # nothing to check: passes
