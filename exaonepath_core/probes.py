@@ -365,7 +365,7 @@ def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, 
     regression and kNN are deterministic and the seed only moves the bootstrap, so std 0 is not stability.
     """
     columns = ["task", "backbone", "probe", "status", "n_seeds", "seeds_differ", "mean", "std", "ci_low", "ci_high",
-               "paper_accuracy", "delta_vs_paper"]
+               "paper_accuracy", "delta_vs_paper", "note"]
     rows = []
     if len(df):
         selected = df[df["metric"] == metric]
@@ -381,7 +381,10 @@ def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, 
                          "std": float(per_seed.std(ddof=0)) if len(per_seed) > 1 else np.nan,
                          "ci_low": float(group["ci_low"].mean()),
                          "ci_high": float(group["ci_high"].mean()), "paper_accuracy": reference,
-                         "delta_vs_paper": mean - reference if metric == "accuracy" else np.nan})
+                         "delta_vs_paper": mean - reference if metric == "accuracy" else np.nan,
+                         # e.g. why a task has a kNN probe only: carried from the long table to the one people read
+                         "note": "; ".join(dict.fromkeys(str(n) for n in group.get("note", pd.Series(dtype=str))
+                                                         if isinstance(n, str) and n))})
     done = {row["task"] for row in rows}
     for task in paper:
         if task not in done:
@@ -390,7 +393,7 @@ def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, 
                 status = "absent: present on disk but not probed"
             rows.append({"task": task, "backbone": "", "probe": "", "status": status, "n_seeds": 0,
                          "seeds_differ": False, "mean": np.nan, "std": np.nan, "ci_low": np.nan, "ci_high": np.nan,
-                         "paper_accuracy": paper[task], "delta_vs_paper": np.nan})
+                         "paper_accuracy": paper[task], "delta_vs_paper": np.nan, "note": ""})
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -251,3 +251,6 @@ def test_chance_per_task_is_the_test_majority_rate_and_is_drawn(tmp_path):
         assert im.size[0] > 500
     summary = workflow.probe_summary(pd.DataFrame([{**results.iloc[0], "value": 0.71599999999}]), tmp_path / "feats")
     assert summary.loc[summary.task == "crc", "mean"].item() == 0.716  # rounded for reading
+    noted = results.assign(probe="knn", note="kNN only (k=3): 4 training samples, smallest class 1")
+    summary = workflow.probe_summary(noted, tmp_path / "feats").set_index("task")
+    assert summary.loc["crc", "note"] == "kNN only (k=3): 4 training samples, smallest class 1"
