@@ -208,7 +208,9 @@ class FolderClassDataset(PatchDataset):
                                      f"{self.root}: {layout}){_case_hint([split_dir.name], siblings)}")
         present = set()
         for entry in os.scandir(split_dir):
-            if entry.is_dir():
+            if entry.name.startswith(".") or entry.name == "__MACOSX":  # .ipynb_checkpoints, .DS_Store, zip debris
+                self.skipped["hidden entry beside the class folders"] += 1
+            elif entry.is_dir():
                 present.add(entry.name)
             elif entry.name not in self.split_level_files:  # e.g. Thumbs.db, notes.txt: counted, not used
                 self.skipped[f"file beside the class folders ({Path(entry.name).suffix or 'no extension'})"] += 1
@@ -506,13 +508,24 @@ class ImageFolderDataset(FolderClassDataset):
 
     def _scan(self) -> None:
         train = self.root / "train"
-        classes = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+        classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")
+                         and p.name != "__MACOSX") if train.is_dir() else []
         if len(classes) < 2:
             raise DatasetLayoutError(
                 f"{self.name}: {train} must hold one folder per class (at least two), found "
                 f"{classes or 'none'}; expected layout under {self.root}: {{train,test}}/<class>/*.png|jpg|tif")
         self.class_names = tuple(classes)  # per instance: every folder dataset has its own classes
         super()._scan()
+
+    def __reduce__(self):
+        # the class is made per name at run time: rebuild it by name (spawned DataLoader workers unpickle it)
+        return _restore_image_folder, (self.name, self.__dict__)
+
+
+def _restore_image_folder(name: str, state: dict) -> PatchDataset:
+    dataset = image_folder_class(name).__new__(image_folder_class(name))
+    dataset.__dict__.update(state)
+    return dataset
 
 
 def image_folder_class(name: str) -> type[PatchDataset]:

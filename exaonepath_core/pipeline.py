@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -93,10 +94,14 @@ class RunBusy(RuntimeError):
     """Another runner is working on the same run folder."""
 
 
-# Temp names of `atomic` (`.<name>.<random>.tmp`, `.<name>.<random>.old`) and of the QC figures' `.<stem>.tmp.png`
+# Temp names of `atomic` (mkstemp/mkdtemp: `.<name>.<8 random>.tmp` / `.old`), of the QC figures
+# (`.<stem>.tmp.png`) and of the report (`.index.html.tmp`); nothing else, so a user's `.notes.old` stays
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$|^\..+\.tmp\.png$|^\.index\.html\.tmp$")
+
+
 def is_temp_name(name: str) -> bool:
     """True for a temp file or folder that an atomic write leaves behind only when its process is killed."""
-    return name.startswith(".") and (name.endswith((".tmp", ".old")) or ".tmp." in name)
+    return bool(_TEMP_NAME.match(name))
 
 
 STALE_TEMP_AGE_S = 600.0
@@ -172,13 +177,44 @@ def hold_run_folder(profile_dir: Path, shard_tag: str = "") -> Iterator[bool]:
         yield guarded and not shard_tag
 
 
+@contextlib.contextmanager
+def _stage_setup_lock(profile_dir: Path, stage: str) -> Iterator[None]:
+    """A short exclusive lock (blocking) around a stage's supersede / mark-inputs step."""
+    import fcntl
+
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    with open(profile_dir / f".stage-{stage_key(stage)}.setup.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system: unguarded, as hold_run_folder says
+            pass
+        yield
+
+
+def prepare_stage_folder(paths: ResultsPaths, stage: str, config_hash: str) -> Path | None:
+    """Before a stage runs: move its outputs of another config aside (not stage 03's, which decides per arm),
+    clear its done-marker and record the config it is now built from; returns where old outputs went.
+
+    Shards starting together share the folder: one at a time does this under a short lock, so a second shard
+    finds the first one's marker instead of moving its fresh folder aside as the old config's.
+    """
+    key = stage_key(stage)
+    with _stage_setup_lock(paths.profile_dir, key):
+        moved = paths.supersede_outputs(key, config_hash) if key != "03" else None
+        paths.clear_done(key)
+        paths.mark_inputs(key, config_hash)
+    return moved
+
+
 def shard_tag(cfg: ProjectConfig) -> str:
     """'' for a whole run, else e.g. 'tiling-shard1of4': names this shard's config, notebooks and lock."""
+    from exaonepath_core.cohort import parse_shard
+
     parts = []
     for section, value in (("tiling", cfg.tiling.shard), ("normalize", cfg.normalize.shard)):
-        count = shard_count(value)
-        if count > 1:
-            parts.append(f"{section}-shard{value.split('/')[0].strip()}of{count}")
+        if shard_count(value) > 1:
+            index, count = parse_shard(value)  # parsed: "01/4" and "1/4" are one shard, with one lock
+            parts.append(f"{section}-shard{index}of{count}")
     return ".".join(parts)
 
 
@@ -341,13 +377,10 @@ def _run_stages(cfg: ProjectConfig, paths: ResultsPaths, selected: list[str], ta
                   flush=True)
             status[key] = "skipped"
             continue
-        if key != "03":  # stage 03 decides per arm (workflow.write_pretrain_config): a run resumes or restarts
-            moved = paths.supersede_outputs(key, chash)
-            if moved is not None:
-                print(f"[run_all] {nb_name}: its outputs were built from another config; moved aside to "
-                      f"{moved} (delete it when no longer needed) and rebuilt", flush=True)
-        paths.clear_done(key)
-        paths.mark_inputs(key, chash)
+        moved = prepare_stage_folder(paths, key, chash)
+        if moved is not None:
+            print(f"[run_all] {nb_name}: its outputs were built from another config; moved aside to "
+                  f"{moved} (delete it when no longer needed) and rebuilt", flush=True)
         t0 = time.time()
         runs = [None]
         if key == "03":

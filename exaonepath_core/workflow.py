@@ -576,9 +576,11 @@ def probe_feature_dirs(features_dir: Path) -> tuple[dict[str, dict[str, dict[str
     and one row (task, backbone, missing) for each that lacks its train or test split (listed, never dropped)."""
     tasks: dict[str, dict[str, dict[str, Path]]] = {}
     incomplete = []
-    for bdir in sorted(p for p in Path(features_dir).iterdir() if p.is_dir()):
+    for bdir in sorted(p for p in Path(features_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
         for ddir in sorted(p for p in bdir.iterdir() if p.is_dir() and p.name not in UNLABELLED_TASKS):
             splits = {s.name: s for s in ddir.iterdir() if (s / "manifest.json").is_file()}
+            if not splits:  # not a feature folder (e.g. untrained_backbones/<arm>/ holds weights)
+                continue
             missing = [name for name in ("train", "test") if name not in splits]
             if missing:
                 incomplete.append({"task": ddir.name, "backbone": bdir.name, "missing": ", ".join(missing)})

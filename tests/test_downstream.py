@@ -368,6 +368,7 @@ def test_your_own_image_folders_load_as_a_folder_dataset(shared_data, tmp_path, 
             for f in part:
                 shutil.copy(f, root / split / cls / f.name)
     (root / "train" / "notes.txt").write_text("beside the class folders: counted, not used")
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # JupyterLab's, when someone browses the images: not a class
     train = downstream.get_dataset("folder_crc3", root, "train")
     test = downstream.get_dataset("folder_crc3", root, "test")
     assert train.class_names == test.class_names == ("LYM", "STR", "TUM")
@@ -376,6 +377,13 @@ def test_your_own_image_folders_load_as_a_folder_dataset(shared_data, tmp_path, 
     assert image.shape == (224, 224, 3) and image.dtype == np.uint8 and label == 0
     assert sample_id.startswith("train/LYM/")
     assert downstream.dataset_class("folder_crc3").probe_splits == ("train", None, "test")
+    # picklable (spawned DataLoader workers), subset index included
+    import pickle
+
+    subset = test.subset(4, seed=0)
+    clone = pickle.loads(pickle.dumps(subset))
+    assert clone.class_names == test.class_names and len(clone) == len(subset) < len(test)
+    assert [clone[i][2] for i in range(len(clone))] == [subset[i][2] for i in range(len(subset))]
     cfg = load_config("smoke", {"data.downstream_roots": {"folder_crc3": str(root)}})
     assert cfg.data.downstream_roots == {"folder_crc3": str(root)}
     with pytest.raises(ConfigError, match="folder_<task>"):

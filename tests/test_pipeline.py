@@ -347,23 +347,23 @@ def test_temp_files_of_a_killed_run_are_removed_by_the_next_run(setup, capsys):
     paths = ResultsPaths(results, "tiny")
     stage = paths.stage_dir("02")
     old = time.time() - 2 * pipeline.STALE_TEMP_AGE_S
-    stale_file = stage / ".shard-00003.npy.k2j3h1.tmp"
+    stale_file = stage / ".shard-00003.npy.k2j3h1ab.tmp"
     stale_file.write_bytes(b"x" * 4096)
-    stale_dir = stage / ".features.ab12.tmp"
+    stale_dir = stage / ".features.ab12cd_9.tmp"
     (stale_dir / "part").mkdir(parents=True)
     (stale_dir / "part" / "rows.npy").write_bytes(b"y" * 1024)
-    trash = stage / ".features.cd34.old"
+    trash = stage / ".features.cd34ef56.old"
     trash.mkdir()
-    fresh = stage / ".ledger.csv.zz99.tmp"  # a write going on (e.g. a notebook opened by hand)
+    fresh = stage / ".ledger.csv.zz99yy88.tmp"  # a write going on (e.g. a notebook opened by hand)
     fresh.write_text("being written")
     superseded = paths.profile_dir / "04_features.superseded-20260101-000000-abc"
     superseded.mkdir()
     kept_in_superseded = superseded / ".x.tmp"
     kept_in_superseded.write_text("left as moved aside")
-    keep = [stage / ".inputs.json", stage / "ledger.csv"]
+    keep = [stage / ".inputs.json", stage / "ledger.csv", stage / ".notes.old", stage / ".train.lock"]
     for p in keep:
         p.write_text("{}")
-    for p in [stale_file, stale_dir, stale_dir / "part", stale_dir / "part" / "rows.npy", trash, keep[0], keep[1],
+    for p in [stale_file, stale_dir, stale_dir / "part", stale_dir / "part" / "rows.npy", trash, *keep,
               kept_in_superseded]:
         os.utime(p, (old, old))
     expected_bytes = sum(p.lstat().st_size for p in [stale_file, stale_dir, stale_dir / "part",
@@ -450,3 +450,36 @@ def test_outputs_under_a_corrupt_marker_are_moved_aside_and_unmarked_ones_kept(s
     assert moved is not None and moved.name.endswith("-unreadable") and (moved / "made_before.txt").is_file()
     (paths.stage_dir("01") / "by_hand.txt").write_text("no marker at all")
     assert paths.built_from("01") is None and paths.supersede_outputs("01", chash) is None
+
+
+def _prepare_after_barrier(root: str, barrier, results) -> None:
+    paths = ResultsPaths(Path(root), "tiny")
+    barrier.wait()
+    try:
+        pipeline.prepare_stage_folder(paths, "01", "new-config-hash")
+        (paths.stage_dir("01", create=False) / f"work_{os.getpid()}.txt").write_text("shard output")
+        results.put("ok")
+    except (OSError, ValueError) as exc:  # reported to the parent, which fails the test with it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_shards_starting_together_move_the_old_outputs_aside_once(tmp_path):
+    """Without the setup lock, one shard moved the other's fresh folder aside (or crashed) in most trials."""
+    import multiprocessing as mp
+
+    paths = ResultsPaths(tmp_path, "tiny")
+    paths.mark_inputs("01", "old-config-hash")
+    (paths.stage_dir("01") / "old_output.txt").write_text("old config")
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_prepare_after_barrier, args=(str(tmp_path), barrier, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    outcomes = [results.get(timeout=5) for _ in procs]
+    assert outcomes == ["ok"] * 6, outcomes
+    moved = list(paths.profile_dir.glob("01_tiles.superseded-*"))
+    assert len(moved) == 1 and [p.name for p in moved[0].iterdir() if p.suffix == ".txt"] == ["old_output.txt"]
+    assert len(list(paths.stage_dir("01").glob("work_*.txt"))) == 6  # every shard's output in the one folder
+    assert paths.built_from("01") == "new-config-hash"

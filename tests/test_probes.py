@@ -224,6 +224,9 @@ def test_a_feature_folder_without_its_test_split_is_listed_not_dropped(tmp_path)
         for split in splits:
             (tmp_path / backbone / "crc_subset" / split).mkdir(parents=True)
             (tmp_path / backbone / "crc_subset" / split / "manifest.json").write_text("{}")
+    weights = tmp_path / "untrained_backbones" / "raw"  # stage 04 keeps the untrained weights here: not features
+    weights.mkdir(parents=True)
+    (weights / "teacher_backbone.pth").write_bytes(b"weights")
     tasks, incomplete = workflow.probe_feature_dirs(tmp_path)
     assert list(tasks) == ["crc_subset"] and list(tasks["crc_subset"]) == ["raw"]
     assert incomplete == [{"task": "crc_subset", "backbone": "macenko", "missing": "test"},
