@@ -8,6 +8,7 @@ leaves the previous version intact. Every stage writes its files through these h
     atomic_dir(path)              a temp folder, renamed onto `path` when complete (replaced only if asked)
     create_once(path, data)       create a file with `data` unless it exists (exactly one concurrent winner)
     write_bytes / write_text / write_json / write_csv / torch_save
+    file_lock(path)               an flock held for a block (one trainer per folder, one runner per run)
 
 `tempfile.mkstemp`/`mkdtemp` create 0600 files and 0700 folders whatever the umask, so a bare rename would
 publish results that colleagues cannot read. Every helper here gives the result the mode a plain `open()` or
@@ -189,3 +190,46 @@ def move_aside(path: str | os.PathLike, tag: str = "") -> Path:
         target, n = path.with_name(f"{stem}-{n}"), n + 1
     path.rename(target)
     return target
+
+
+class LockBusy(RuntimeError):
+    """`file_lock` without waiting found the lock taken; `holder` is what its holder wrote in the file."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by {holder or 'another process'}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, shared: bool = False, wait: bool = False, holder: str = ""
+              ) -> Iterator[bool]:
+    """Hold an flock on `path` for the block; yields True, or False where the file system has no flock.
+
+    Exclusive unless `shared`. Without `wait`, a lock held elsewhere raises `LockBusy` carrying the text its
+    holder wrote into the file; an exclusive holder writes `holder` there and empties it on release. The kernel
+    releases the lock of a process that dies, so a crash never leaves a stale lock behind.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(handle, mode)
+        except BlockingIOError:
+            handle.seek(0)
+            raise LockBusy(path, handle.read().strip()) from None
+        except OSError:  # e.g. a network file system mounted without flock: the caller decides what that means
+            yield False
+            return
+        if holder and not shared:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(holder + "\n")
+            handle.flush()
+        try:
+            yield True
+        finally:
+            if holder and not shared:
+                handle.truncate(0)  # before the close that releases the lock

@@ -144,50 +144,36 @@ def hold_run_folder(profile_dir: Path, shard_tag: str = "") -> Iterator[bool]:
     holder. Shards of one stage (SLURM array tasks) share the folder, each holding its own shard's lock too.
     The kernel releases a dead runner's locks. On a file system without flock the run goes on unguarded.
     """
-    import fcntl
+    from exaonepath_core.atomic import LockBusy, file_lock
 
-    profile_dir.mkdir(parents=True, exist_ok=True)
     holder = (f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
               + " ".join(sys.argv))
-    guarded = True
+    wanted = [(profile_dir / ".run_all.lock", bool(shard_tag))]  # (lock file, shared)
+    if shard_tag:
+        wanted.append((profile_dir / f".run_all.{shard_tag}.lock", False))
     with contextlib.ExitStack() as stack:
-        wanted = [(profile_dir / ".run_all.lock", fcntl.LOCK_SH if shard_tag else fcntl.LOCK_EX)]
-        if shard_tag:
-            wanted.append((profile_dir / f".run_all.{shard_tag}.lock", fcntl.LOCK_EX))
-        for path, mode in wanted:
-            handle = stack.enter_context(open(path, "a+"))
+        guarded = True
+        for path, shared in wanted:
             try:
-                fcntl.flock(handle, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
+                guarded = stack.enter_context(file_lock(path, shared=shared, holder=holder)) and guarded
+            except LockBusy:
                 others = [p.read_text().strip() for p in sorted(profile_dir.glob(".run_all*.lock"))]
                 named = "; ".join(o for o in others if o) or "a sharded run"
                 raise RunBusy(
                     f"another ./run_all.sh is working on {profile_dir} ({named}). Wait for it to finish, or give "
                     "this run its own folder with --set run_name=NAME") from None
-            except OSError as exc:
-                print(f"[run_all] WARNING: cannot lock {path} ({exc.strerror}); running without the guard "
-                      "against a second runner on this folder", flush=True)
-                guarded = False
-                break
-            if mode == fcntl.LOCK_EX:
-                handle.truncate(0)
-                handle.write(holder + "\n")
-                handle.flush()
-                stack.callback(handle.truncate, 0)  # runs before the close that releases the lock
+        if not guarded:
+            print(f"[run_all] WARNING: cannot lock {profile_dir}/.run_all.lock (no flock on this file system); "
+                  "running without the guard against a second runner on this folder", flush=True)
         yield guarded and not shard_tag
 
 
 @contextlib.contextmanager
 def _stage_setup_lock(profile_dir: Path, stage: str) -> Iterator[None]:
-    """A short exclusive lock (blocking) around a stage's supersede / mark-inputs step."""
-    import fcntl
+    """A short exclusive lock (waiting) around a stage's supersede / mark-inputs step."""
+    from exaonepath_core.atomic import file_lock
 
-    profile_dir.mkdir(parents=True, exist_ok=True)
-    with open(profile_dir / f".stage-{stage_key(stage)}.setup.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:  # no flock on this file system: unguarded, as hold_run_folder says
-            pass
+    with file_lock(profile_dir / f".stage-{stage_key(stage)}.setup.lock", wait=True):
         yield
 
 

@@ -499,23 +499,13 @@ def _sole_writer(output_dir: Path, is_main: bool) -> Iterator[None]:
     if not is_main:
         yield
         return
-    import fcntl
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / ".train.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise OutputDirBusyError(
-                f"another training process ({holder}) is writing {output_dir}; wait for it to finish or stop it "
-                "(e.g. a run left behind by an interrupted notebook), then rerun") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {platform.node()}\n")
-        handle.flush()
-        yield
+    try:
+        with atomic.file_lock(output_dir / ".train.lock", holder=f"pid {os.getpid()} on {platform.node()}"):
+            yield
+    except atomic.LockBusy as busy:
+        raise OutputDirBusyError(
+            f"another training process ({busy.holder or 'unknown'}) is writing {output_dir}; wait for it to finish "
+            "or stop it (e.g. a run left behind by an interrupted notebook), then rerun") from None
 
 
 def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Dataset | None) -> dict[str, Any]:
