@@ -465,20 +465,13 @@ def validate_values(cfg: ProjectConfig) -> None:
         raise ConfigError(f"config key run_name: a folder name without {os.sep!r}, got {cfg.run_name!r}")
     # a misspelt dataset name would only show up as "absent: KeyError" at stage 04/05, after pretraining
     if cfg.data.downstream_roots:
-        from exaonepath_core.downstream import DATASETS, IMAGE_FOLDER_PREFIX, dataset_class
+        from exaonepath_core.downstream import dataset_class
 
         for name in cfg.data.downstream_roots:
-            if name.startswith(IMAGE_FOLDER_PREFIX):  # your own {train,test}/<class>/ folders
-                try:
-                    dataset_class(name)
-                except KeyError as err:
-                    raise ConfigError(f"config key data.downstream_roots.{name}: {err.args[0]}") from None
-            elif name not in DATASETS:
-                close = difflib.get_close_matches(name, DATASETS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"config key data.downstream_roots.{name}: unknown dataset {name!r}{hint}; "
-                                  f"known: {', '.join(DATASETS)}, or {IMAGE_FOLDER_PREFIX}<task> for your own "
-                                  "{train,test}/<class>/ folders")
+            try:  # a registered name, or folder_<task>; the error suggests the nearest name
+                dataset_class(name)
+            except KeyError as err:
+                raise ConfigError(f"config key data.downstream_roots.{name}: {err.args[0]}") from None
     for i, spec in enumerate(cfg.features.extra_backbones):
         check_backbone_spec(f"features.extra_backbones[{i}]", spec)
 

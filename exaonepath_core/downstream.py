@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
+import functools
 import hashlib
 import json
 import os
@@ -65,6 +67,11 @@ def _read_rgb(path: Path) -> np.ndarray:
             raise ValueError(f"{image.mode} image ({image.width}x{image.height}) has more than 8 bits per sample; "
                              "converting it to RGB would clip it: convert it to 8-bit RGB first")
         return np.array(image.convert("RGB"), dtype=np.uint8)  # writable: torch.from_numpy needs it
+
+
+def _is_hidden(name: str) -> bool:
+    """A folder entry that is nobody's data: .ipynb_checkpoints, .DS_Store, a zip's __MACOSX."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def _case_hint(wanted: Sequence[str], present: Sequence[str]) -> str:
@@ -208,7 +215,7 @@ class FolderClassDataset(PatchDataset):
                                      f"{self.root}: {layout}){_case_hint([split_dir.name], siblings)}")
         present = set()
         for entry in os.scandir(split_dir):
-            if entry.name.startswith(".") or entry.name == "__MACOSX":  # .ipynb_checkpoints, .DS_Store, zip debris
+            if _is_hidden(entry.name):
                 self.skipped["hidden entry beside the class folders"] += 1
             elif entry.is_dir():
                 present.add(entry.name)
@@ -269,14 +276,15 @@ class PCamDataset(PatchDataset):
             hint = f" ({', '.join(gz)} present as .gz: gunzip them first)" if gz else ""
             raise DatasetLayoutError(f"pcam: missing file(s) {', '.join(missing)} in {self.root}{hint}")
         x_path, y_path = self._files()
-        for path in (x_path, y_path):
+
+        def open_h5(path: Path) -> h5py.File:
             try:
-                with h5py.File(path, "r"):
-                    pass
-            except OSError as exc:
+                return h5py.File(path, "r")
+            except OSError as exc:  # opened once here, not probed first and opened again
                 raise DatasetLayoutError(f"pcam: cannot open {path} as HDF5 ({exc}); re-download or gunzip it "
                                          "again") from exc
-        with h5py.File(x_path, "r") as fx, h5py.File(y_path, "r") as fy:
+
+        with open_h5(x_path) as fx, open_h5(y_path) as fy:
             for handle, key, path in ((fx, "x", x_path), (fy, "y", y_path)):
                 if key not in handle:
                     raise DatasetLayoutError(f"pcam: dataset '{key}' missing in {path} (has {list(handle)})")
@@ -508,8 +516,8 @@ class ImageFolderDataset(FolderClassDataset):
 
     def _scan(self) -> None:
         train = self.root / "train"
-        classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")
-                         and p.name != "__MACOSX") if train.is_dir() else []
+        classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not _is_hidden(p.name)) \
+            if train.is_dir() else []
         if len(classes) < 2:
             raise DatasetLayoutError(
                 f"{self.name}: {train} must hold one folder per class (at least two), found "
@@ -523,11 +531,13 @@ class ImageFolderDataset(FolderClassDataset):
 
 
 def _restore_image_folder(name: str, state: dict) -> PatchDataset:
-    dataset = image_folder_class(name).__new__(image_folder_class(name))
+    cls = image_folder_class(name)
+    dataset = cls.__new__(cls)
     dataset.__dict__.update(state)
     return dataset
 
 
+@functools.cache  # one class per name, however often it is asked for
 def image_folder_class(name: str) -> type[PatchDataset]:
     """The adapter of a `folder_<task>` dataset (an `ImageFolderDataset` carrying that name)."""
     task = name[len(IMAGE_FOLDER_PREFIX):]
@@ -554,7 +564,9 @@ def dataset_class(name: str) -> type[PatchDataset]:
     if name.startswith(IMAGE_FOLDER_PREFIX):
         return image_folder_class(name)
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or {IMAGE_FOLDER_PREFIX}<task> "
+        close = difflib.get_close_matches(name, DATASETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"unknown dataset {name!r}{hint}; known: {', '.join(DATASETS)}, or {IMAGE_FOLDER_PREFIX}<task> "
                        "for your own {train,test}/<class>/ folders")
     return DATASETS[name]
 

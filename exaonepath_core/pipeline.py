@@ -192,22 +192,24 @@ def prepare_stage_folder(paths: ResultsPaths, stage: str, config_hash: str) -> P
     return moved
 
 
+def _shards(cfg: ProjectConfig) -> list[tuple[str, str, str]]:
+    """(config section, stage, "i/N") of each stage this run does only a part of (N > 1)."""
+    return [(section, stage, value)
+            for section, stage, value in (("tiling", "01", cfg.tiling.shard), ("normalize", "02", cfg.normalize.shard))
+            if shard_count(value) > 1]
+
+
 def shard_tag(cfg: ProjectConfig) -> str:
     """'' for a whole run, else e.g. 'tiling-shard1of4': names this shard's config, notebooks and lock."""
     from exaonepath_core.cohort import parse_shard
 
-    parts = []
-    for section, value in (("tiling", cfg.tiling.shard), ("normalize", cfg.normalize.shard)):
-        if shard_count(value) > 1:
-            index, count = parse_shard(value)  # parsed: "01/4" and "1/4" are one shard, with one lock
-            parts.append(f"{section}-shard{index}of{count}")
-    return ".".join(parts)
+    # parsed: "01/4" and "1/4" are one shard, with one lock
+    return ".".join("{}-shard{}of{}".format(section, *parse_shard(value)) for section, _, value in _shards(cfg))
 
 
 def sharded_stages(cfg: ProjectConfig) -> set[str]:
     """The stages this run does only a part of (a done-marker is written by the run without a shard)."""
-    return {stage for stage, value in (("01", cfg.tiling.shard), ("02", cfg.normalize.shard))
-            if shard_count(value) > 1}
+    return {stage for _, stage, _ in _shards(cfg)}
 
 
 def stage_warnings(stage: str, stage_dir: Path, cfg: ProjectConfig) -> list[str]:
@@ -421,10 +423,10 @@ def notebook_parameters(notebook: Path) -> set[str]:
 
 def check_shards(cfg: ProjectConfig, selected: list[str]) -> None:
     """A sharded tiling (normalization) run does part of stage 01 (02): refuse to run any later stage with it."""
-    for dotted, stage, value in (("tiling.shard", "01", cfg.tiling.shard),
-                                 ("normalize.shard", "02", cfg.normalize.shard)):
+    for section, stage, value in _shards(cfg):
         later = [s for s in selected if s > stage]
-        if shard_count(value) > 1 and later:
+        if later:
+            dotted = f"{section}.shard"
             raise ConfigError(
                 f"{dotted}={value} handles one part of stage {stage} only, but stage(s) {', '.join(later)} are "
                 f"selected too: run each shard with --only {stage} (e.g. one SLURM array task each), then once "

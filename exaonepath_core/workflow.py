@@ -776,9 +776,9 @@ def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.Da
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _lower_outcome(value: float, low: float, high: float, base: float, base_low: float,
-                   base_high: float) -> tuple[bool, str]:
-    """Whether `value` is lower than `base` beyond their intervals, and the outcome text."""
+def _lower_outcome(value: float, high: float, base: float, base_low: float) -> tuple[bool, str]:
+    """Whether `value` (interval upper end `high`) is lower than `base` (lower end `base_low`) beyond their
+    intervals, and the outcome text."""
     if not value < base:
         return False, "not lower"
     if any(pd.isna(x) for x in (high, base_low)):
@@ -817,9 +817,8 @@ def _verdict_of_cohort(metrics: pd.DataFrame, class_margin: float) -> pd.DataFra
         checks = []
         for m in identity:
             if m in value.index and pd.notna(value.loc[m, arm]) and pd.notna(value.loc[m, base]):
-                lower, outcome = _lower_outcome(value.loc[m, arm], bound("ci_low", m, arm), bound("ci_high", m, arm),
-                                                value.loc[m, base], bound("ci_low", m, base),
-                                                bound("ci_high", m, base))
+                lower, outcome = _lower_outcome(value.loc[m, arm], bound("ci_high", m, arm), value.loc[m, base],
+                                                bound("ci_low", m, base))
                 rows.append({"comparison": f"{arm} vs {base}", "metric": m, "value": value.loc[m, arm],
                              "baseline": value.loc[m, base], "delta": value.loc[m, arm] - value.loc[m, base],
                              "outcome": outcome})
