@@ -83,8 +83,9 @@ def time_ours(batches: list[torch.Tensor], device: str, chunk_size: int | None, 
     `out` is an output buffer reused across passes, as a pipeline looping over batches does (the patch store);
     without it every pass also pays for faulting in a fresh output tensor (~5% of the numba backend's time).
     Several batches per timing make one timed block last about as long as torchstain's (a single 30 ms pass
-    swings by +-20 % with the scheduler); they are distinct copies of the tiles, so no pass finds its input
-    in the CPU caches where the previous one left it, as a pipeline streaming new patches would not.
+    swings by +-20 % with the scheduler); they cycle through copies of the tiles larger than the CPU caches
+    together, so no pass finds its input where the previous one left it, as a pipeline streaming new patches
+    would not.
     """
     reference = MacenkoReference.default()
     if device != "cpu":
@@ -123,19 +124,22 @@ def main() -> None:
     # output buffers on the device, allocated once like a batch loop would (each backend its own)
     ours_out = torch.empty_like(batch, device=args.device)
     torch_out = torch.empty_like(batch, device=args.device)
-    # passes per timed block so each lasts >= 0.25 s (one pass of ours on 117 tiles is ~30 ms on 2 cores),
-    # each over its own copy of the tiles (64 MiB and more in all: beyond the caches)
+    # passes per timed block so each lasts >= 0.25 s (one pass of ours on 117 tiles is ~30 ms on 2 cores), taken
+    # in turn from copies of the tiles that together exceed the CPU caches (>= 64 MiB), so no pass finds its
+    # input where the previous one left it; a fixed number of copies keeps host memory bounded on a fast GPU
     one_pass = len(batch) / time_ours([batch], args.device, args.chunk_size, out=ours_out)[0]
     one_pass_torch = len(batch) / time_ours([batch], args.device, args.chunk_size, backend="torch", out=torch_out)[0]
-    ours_passes = max(1, math.ceil(0.25 / one_pass), math.ceil(2**26 / batch.numel()))
-    torch_passes = max(1, math.ceil(0.25 / one_pass_torch), math.ceil(2**26 / batch.numel()))
-    copies = [batch.clone() for _ in range(max(ours_passes, torch_passes))]
+    copies = [batch.clone() for _ in range(max(2, math.ceil(2**26 / batch.numel())))]
+    ours_passes = max(len(copies), math.ceil(0.25 / one_pass))
+    torch_passes = max(len(copies), math.ceil(0.25 / one_pass_torch))
+    ours_blocks = [copies[i % len(copies)] for i in range(ours_passes)]
+    torch_blocks = [copies[i % len(copies)] for i in range(torch_passes)]
     ts_rates, ours_rates, torch_rates, ratios = [], [], [], []
     ts_failures = ours_failures = torch_failures = 0
     for _ in range(repeats):  # interleaved so that all see the same load
         ts_rate, ts_failures = time_torchstain(tiles)
-        ours_rate, ours_failures = time_ours(copies[:ours_passes], args.device, args.chunk_size, out=ours_out)
-        torch_rate, torch_failures = time_ours(copies[:torch_passes], args.device, args.chunk_size, backend="torch",
+        ours_rate, ours_failures = time_ours(ours_blocks, args.device, args.chunk_size, out=ours_out)
+        torch_rate, torch_failures = time_ours(torch_blocks, args.device, args.chunk_size, backend="torch",
                                                out=torch_out)
         ts_rates.append(ts_rate)
         ours_rates.append(ours_rate)
