@@ -108,6 +108,13 @@ class NormalizeSection:
     batch_size: int = 64
     stores: list[str] = field(default_factory=lambda: ["raw", "macenko"])
     shard: str = "0/1"
+    # on-disk format of the stores: shards (encoded patches in tar shards + a 32 B/patch memory-mapped index,
+    # shard_store) or npy (uncompressed, 150 KB per 224 px patch, patch_store; still read)
+    store_format: str = "shards"
+    encoding: str = "jpeg"  # jpeg | png (lossless) | webp (shards only)
+    jpeg_quality: int = 90  # quality of jpeg and webp
+    jpeg_subsampling: str = "4:2:0"  # chroma subsampling of jpeg: 4:2:0 (smaller) or 4:4:4 (README: measured)
+    shard_max_mb: int = 512  # a writer starts a new tar shard past this size
 
     def macenko_params(self) -> dict[str, float]:
         """Io / alpha / beta as `stain.macenko_normalize_batch` takes them."""
@@ -409,6 +416,25 @@ def shard_count(text: str) -> int:
         raise ConfigError(str(err)) from None
 
 
+def _check_store_keys(cfg: ProjectConfig) -> None:
+    """normalize.store_format / encoding / jpeg_quality / shard_max_mb and pretrain.data_source."""
+    from exaonepath_core.patch_store import STORE_FORMATS
+    from exaonepath_core.shard_store import ENCODINGS, JPEG_SUBSAMPLINGS
+
+    section = cfg.normalize
+    for key, value, allowed in (("normalize.store_format", section.store_format, STORE_FORMATS),
+                                ("normalize.encoding", section.encoding, tuple(ENCODINGS)),
+                                ("normalize.jpeg_subsampling", section.jpeg_subsampling, JPEG_SUBSAMPLINGS),
+                                ("pretrain.data_source", cfg.pretrain.get("data_source", "store"),
+                                 ("store", "storeless"))):
+        if value not in allowed:
+            raise ConfigError(f"config key {key}: must be one of {', '.join(allowed)}, got {value!r}")
+    if not 1 <= section.jpeg_quality <= 100:
+        raise ConfigError(f"config key normalize.jpeg_quality: must lie in [1, 100], got {section.jpeg_quality!r}")
+    if section.shard_max_mb <= 0:
+        raise ConfigError(f"config key normalize.shard_max_mb: must be > 0, got {section.shard_max_mb!r}")
+
+
 def validate_values(cfg: ProjectConfig) -> None:
     """Range, choice and cross-key checks on a typed config; ConfigError names the dotted key and value."""
     from exaonepath_core.patch_store import STORE_MODES
@@ -440,6 +466,7 @@ def validate_values(cfg: ProjectConfig) -> None:
         if any(v not in allowed for v in values) or len(set(values)) != len(values):
             raise ConfigError(f"config key {dotted}: expected a list of distinct values from "
                               f"{', '.join(allowed)}, got {values!r}")
+    _check_store_keys(cfg)
     on_the_fly = bool(cfg.pretrain.get("normalize_on_the_fly", False))
     from exaonepath_core.stain import DEFAULT_MACENKO_PARAMS
 
@@ -448,7 +475,8 @@ def validate_values(cfg: ProjectConfig) -> None:
         raise ConfigError(f"config key pretrain.normalize_on_the_fly: normalizes with Io/alpha/beta 240/1/0.15, but "
                           f"normalize.Io/alpha/beta are {asked}: store the patches (normalize_on_the_fly: false) to "
                           "train with other values")
-    for arm in cfg.arms:  # the store each arm pretrains from (as workflow.write_pretrain_config picks it)
+    for arm in cfg.arms if cfg.pretrain.get("data_source", "store") == "store" else []:
+        # the store each arm pretrains from (as workflow.write_pretrain_config picks it)
         store = "macenko" if arm == "macenko" and not on_the_fly else "raw"
         if store not in cfg.normalize.stores:
             raise ConfigError(f"config key arms: arm {arm!r} pretrains from the {store!r} patch store, which "

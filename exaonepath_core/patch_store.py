@@ -38,6 +38,7 @@ from exaonepath_core.stain import DEFAULT_MACENKO_PARAMS, MacenkoReference, mace
 
 STORE_FORMAT_VERSION = 1
 STORE_MODES = ("raw", "macenko")
+STORE_FORMATS = ("npy", "shards")
 LEDGER_COLUMNS = ["slide_id", "status", "reason", "n_patches", "n_fallback", "seconds"]
 INDEX_COLUMNS = ["patch_index", "slide_id", "x", "y", "fallback"]
 _SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
@@ -370,11 +371,18 @@ def normalize_slides(
     progress: bool = True,
     patch_size: int | None = None,
     macenko_params: dict | None = None,
+    store_format: str = "npy",
+    encoding: str = "jpeg",
+    quality: int = 90,
+    shard_max_bytes: int | None = None,
+    jpeg_subsampling: str = "4:2:0",
 ) -> pd.DataFrame:
     """Write every slide of this shard into the store (normalized when mode == 'macenko'); returns its ledger.
 
     `macenko_params`: Io / alpha / beta of the per-patch stain estimate (default 240 / 1 / 0.15, the paper's);
     recorded in the store's manifest, which refuses a later run with other values unless force.
+    `store_format`: "npy" (this module's uncompressed store) or "shards" (`shard_store`: `encoding` jpeg | png |
+    webp at `quality`, JPEG chroma `jpeg_subsampling`, tar shards of at most `shard_max_bytes`).
 
     `tile_sources` yields (slide_id, coords (N, 2), make_batch_iterator) where the iterator yields uint8
     (b, T, T, 3) tiles in the order of coords. A failing slide is recorded in the ledger with its reason and
@@ -405,8 +413,20 @@ def normalize_slides(
     root = Path(root)
     if macenko_params is not None and set(macenko_params) - set(DEFAULT_MACENKO_PARAMS):
         raise ValueError(f"macenko_params takes {sorted(DEFAULT_MACENKO_PARAMS)}, got {sorted(macenko_params)}")
-    writer = None if patch_size is None else PatchStoreWriter(root, patch_size, mode, reference, force=force,
-                                                              macenko_params=macenko_params)
+    if store_format not in STORE_FORMATS:
+        raise ValueError(f"store_format must be one of {STORE_FORMATS}, got {store_format!r}")
+
+    def open_writer(size: int):
+        if store_format == "npy":
+            return PatchStoreWriter(root, size, mode, reference, force=force, macenko_params=macenko_params)
+        from exaonepath_core import shard_store
+
+        return shard_store.ShardStoreWriter(
+            root, size, mode, reference, force=force, macenko_params=macenko_params, encoding=encoding,
+            quality=quality, shard_max_bytes=shard_max_bytes or shard_store.DEFAULT_SHARD_MAX_BYTES,
+            subsampling=jpeg_subsampling)
+
+    writer = None if patch_size is None else open_writer(patch_size)
     skipped: list[str] = []
     warmup_seconds = None
     for position, slide_id in enumerate(selected):
@@ -428,8 +448,7 @@ def normalize_slides(
             if writer is None:
                 if first is None:
                     raise ValueError("no tiles and no patch_size given: cannot tell the store's patch size")
-                writer = PatchStoreWriter(root, int(np.asarray(first).shape[1]), mode, reference, force=force,
-                                          macenko_params=macenko_params)
+                writer = open_writer(int(np.asarray(first).shape[1]))
                 if not force and writer.has_slide(slide_id):
                     skipped.append(slide_id)
                     continue
@@ -456,12 +475,22 @@ def normalize_slides(
             if progress:
                 print(f"[{position + 1}/{len(selected)}] {slide_id}: FAILED {reason}", file=sys.stderr)
                 traceback.print_exc(limit=3, file=sys.stderr)
-    # Every shard checks whether the whole listing is done; the last to finish writes index.csv and the counts
-    # (finalize_store is idempotent, so two shards finishing together both write the same files).
-    finalized = (root / "manifest.json").is_file() and is_store_complete(root, sources)
-    if finalized:
-        finalize_store(root)
-    ledger = read_ledger(root)
+    if writer is not None and hasattr(writer, "close"):
+        writer.close()  # the shard writer's open tar gets its end-of-archive blocks
+    # Every shard checks whether the whole listing is done; the last to finish writes the index and the counts
+    # (finalizing is idempotent, so two shards finishing together both write the same files).
+    if store_format == "npy":
+        finalized = (root / "manifest.json").is_file() and is_store_complete(root, sources)
+        if finalized:
+            finalize_store(root)
+        ledger = read_ledger(root)
+    else:
+        from exaonepath_core import shard_store
+
+        finalized = (root / "manifest.json").is_file() and shard_store.is_shard_store_complete(root, sources)
+        if finalized:
+            shard_store.finalize_shard_store(root)
+        ledger = shard_store.read_shard_ledger(root)[LEDGER_COLUMNS]
     ledger = ledger[ledger["slide_id"].isin(selected)].reset_index(drop=True)
     ledger["skipped"] = ledger["slide_id"].isin(skipped)
     ledger.attrs.update(store_finalized=finalized, warmup_seconds=warmup_seconds)

@@ -114,6 +114,11 @@ class PretrainConfig:
     # slides never trained on even when the store holds them (held-out slides of stage 01; a reused store keeps
     # every slide it ever wrote)
     exclude_slide_ids: list[str] = field(default_factory=list)
+    # store: data_root holds a patch store (shards or .npy) written by stage 02; storeless: a coordinate index,
+    # tiles read from the slides at each sample (raw; the macenko arm then needs normalize_on_the_fly)
+    data_source: str = "store"
+    store_on_corrupt: str = "raise"  # raise | skip (a corrupt shard record: stop, or count it and read the next)
+    store_max_open_files: int = 64  # open shard files (or slides, storeless) per loader worker
     # run
     seed: int = 0
     deterministic: bool = False
@@ -129,6 +134,14 @@ class PretrainConfig:
             raise ConfigError(f"input_arm must be one of {INPUT_ARMS}, got {self.input_arm!r}")
         if self.normalize_on_the_fly and self.input_arm != "macenko":
             raise ConfigError("normalize_on_the_fly applies to input_arm 'macenko' only (it reads a raw store)")
+        if self.data_source not in ("store", "storeless"):
+            raise ConfigError(f"data_source must be store or storeless, got {self.data_source!r}")
+        if self.data_source == "storeless" and self.input_arm == "macenko" and not self.normalize_on_the_fly:
+            raise ConfigError("data_source storeless reads raw tiles: the macenko arm needs normalize_on_the_fly")
+        if self.store_on_corrupt not in ("raise", "skip"):
+            raise ConfigError(f"store_on_corrupt must be raise or skip, got {self.store_on_corrupt!r}")
+        if self.store_max_open_files < 1:
+            raise ConfigError(f"store_max_open_files must be >= 1, got {self.store_max_open_files}")
         if self.clip_grad_mode not in dino.CLIP_MODES:
             raise ConfigError(f"clip_grad_mode must be one of {dino.CLIP_MODES}, got {self.clip_grad_mode!r}")
         if self.centering not in dino.CENTERINGS:
@@ -294,15 +307,19 @@ def _stain_function(name: str) -> Any:
 def _load_patch_dataset(cfg: PretrainConfig) -> Dataset:
     if not cfg.data_root:
         raise ConfigError("data_root is empty: point it at a patch store (raw or macenko) written by stage 02")
-    from exaonepath_core.patch_store import PatchStoreDataset
+    from exaonepath_core.shard_dataset import open_patch_dataset
 
-    dataset = PatchStoreDataset(cfg.data_root)
+    def open_store(root: str, slide_ids: list[str] | None = None) -> Dataset:
+        return open_patch_dataset(root, slide_ids, max_open_files=cfg.store_max_open_files,
+                                  max_open_slides=cfg.store_max_open_files, on_corrupt=cfg.store_on_corrupt)
+
+    dataset = open_store(cfg.data_root)
     excluded = sorted(set(cfg.exclude_slide_ids) & set(dataset.slide_ids))
     if excluded:
         keep = sorted(set(dataset.slide_ids) - set(excluded))
         print(f"[pretrain] {len(excluded)} excluded (held-out) slide(s) present in the store are left out: "
               f"{', '.join(excluded[:10])}{' ...' if len(excluded) > 10 else ''}", file=sys.stderr, flush=True)
-        dataset = PatchStoreDataset(cfg.data_root, slide_ids=keep)
+        dataset = open_store(cfg.data_root, slide_ids=keep)
     return dataset
 
 

@@ -128,8 +128,10 @@ def write_pretrain_config(cfg: ProjectConfig, arm: str, normalize_dir: Path, out
     from exaonepath_core.training import PretrainConfig
 
     settings = dict(cfg.pretrain)
-    on_the_fly = bool(settings.get("normalize_on_the_fly", False)) and arm == "macenko"
-    store = "macenko" if arm == "macenko" and not on_the_fly else "raw"
+    storeless = settings.get("data_source", "store") == "storeless"
+    # storeless tiles are raw: the macenko arm then normalizes them on the training device
+    on_the_fly = (bool(settings.get("normalize_on_the_fly", False)) or storeless) and arm == "macenko"
+    store = "storeless" if storeless else "macenko" if arm == "macenko" and not on_the_fly else "raw"
     slides_csv = Path(normalize_dir).parent / "01_tiles" / "slides.csv"
     heldout = []
     if slides_csv.is_file():
@@ -426,11 +428,22 @@ def heldout_in_pretraining_stores(slides: pd.DataFrame, normalize_dir: Path) -> 
 
     held = set(slides.loc[slides.split == "heldout", "slide_id"])
     found: dict[str, list[str]] = {}
-    for ledger_path in sorted(Path(normalize_dir).glob("*/ledger.csv")):
-        ledger = patch_store.read_ledger(ledger_path.parent)
-        leaked = sorted(held & set(ledger.loc[ledger.status == "ok", "slide_id"]))
+    from exaonepath_core import shard_store
+
+    for store_dir in sorted(p.parent for p in Path(normalize_dir).glob("*/manifest.json")):
+        # .npy stores keep a ledger.csv, shard stores one record per slide, storeless indexes a slide list
+        if (store_dir / "ledger.csv").is_file():
+            ledger = patch_store.read_ledger(store_dir)
+        elif (store_dir / "records").is_dir():
+            ledger = shard_store.read_shard_ledger(store_dir)
+        elif (store_dir / "slides.json").is_file():
+            ids = json.loads((store_dir / "slides.json").read_text())["slide_ids"]
+            ledger = pd.DataFrame({"slide_id": ids, "status": "ok"})
+        else:
+            continue
+        leaked = sorted(held & set(ledger.loc[ledger.status == "ok", "slide_id"])) if len(ledger) else []
         if leaked:
-            found[ledger_path.parent.name] = leaked
+            found[store_dir.name] = leaked
     return found
 
 

@@ -93,7 +93,8 @@ for p in cmu_first:
 NOTEBOOKS["02_normalize_stains"] = [
     ("md", ("# 02 · Normalize stains (Macenko) into patch stores\n\nThe paper normalizes every patch with Macenko "
             "(Io=240, alpha=1, beta=0.15) before pretraining. We write the pretraining slides' tiles once into sharded "
-            "stores, one per input (`raw`, `macenko`); degenerate patches (background) pass through unchanged and are "
+            "stores, one per input (`raw`, `macenko`): JPEG-encoded patches in tar shards with a memory-mapped index "
+            "(`normalize.store_format`), plus a storeless coordinate index; degenerate patches (background) pass through unchanged and are "
             "counted, never dropped. Outputs: `results/<profile>/02_normalize/`.")),
     ("code", params_cell(force=True)),
     ("code", setup_cell("02", '''import json
@@ -103,7 +104,7 @@ import matplotlib
 import numpy as np
 from IPython.display import Image, display
 
-from exaonepath_core import cohort, patch_store, stain, workflow
+from exaonepath_core import cohort, patch_store, stain, storeless, workflow
 from exaonepath_core.config import save_config
 from exaonepath_core.pipeline import open_stage
 ''', '''out = paths.stage_dir("02")
@@ -123,7 +124,11 @@ for mode in cfg.normalize.stores:
         sources, out / mode, mode=mode, reference=reference if mode == "macenko" else None,
         batch_size=cfg.normalize.batch_size, device=workflow.device(cfg),
         shard=cohort.parse_shard(cfg.normalize.shard), force=force,
-        macenko_params=cfg.normalize.macenko_params())
+        macenko_params=cfg.normalize.macenko_params(), store_format=cfg.normalize.store_format,
+        encoding=cfg.normalize.encoding, quality=cfg.normalize.jpeg_quality,
+        jpeg_subsampling=cfg.normalize.jpeg_subsampling, shard_max_bytes=cfg.normalize.shard_max_mb << 20)
+# the storeless source (pretrain.data_source: storeless): the stage-01 coordinates in one compact index
+print("storeless index:", storeless.write_storeless_index(train_sets, out / "storeless"), "patches")
 counts = workflow.normalize_summary(ledgers)
 workflow.write_csv_atomic(counts, out / "normalize_summary.csv")
 counts
