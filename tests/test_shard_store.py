@@ -277,7 +277,8 @@ def test_gpu_batched_jpeg_decode_matches_the_cpu_decoder(tmp_path, cmu_tiles):
     assert on_gpu.shape == on_cpu.shape and np.abs(on_gpu - on_cpu).max() <= 8  # IDCT rounding differs
 
 
-def test_data_scale_benchmark_quick(tmp_path):
+@pytest.mark.slow  # ~40-50 s on 2 loaded cores (the benchmark's CI size)
+def test_data_scale_benchmark_quick(tmp_path, shared_data):
     out = tmp_path / "data_scale.json"
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_scale.py"), "--quick", "--json", str(out)],
                          check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
