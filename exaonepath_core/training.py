@@ -136,8 +136,6 @@ class PretrainConfig:
             raise ConfigError("normalize_on_the_fly applies to input_arm 'macenko' only (it reads a raw store)")
         if self.data_source not in ("store", "storeless"):
             raise ConfigError(f"data_source must be store or storeless, got {self.data_source!r}")
-        if self.data_source == "storeless" and self.input_arm == "macenko" and not self.normalize_on_the_fly:
-            raise ConfigError("data_source storeless reads raw tiles: the macenko arm needs normalize_on_the_fly")
         if self.store_on_corrupt not in ("raise", "skip"):
             raise ConfigError(f"store_on_corrupt must be raise or skip, got {self.store_on_corrupt!r}")
         if self.store_max_open_files < 1:
@@ -320,6 +318,9 @@ def _load_patch_dataset(cfg: PretrainConfig) -> Dataset:
         print(f"[pretrain] {len(excluded)} excluded (held-out) slide(s) present in the store are left out: "
               f"{', '.join(excluded[:10])}{' ...' if len(excluded) > 10 else ''}", file=sys.stderr, flush=True)
         dataset = open_store(cfg.data_root, slide_ids=keep)
+    if cfg.input_arm == "macenko" and not cfg.normalize_on_the_fly and getattr(dataset, "mode", None) == "raw":
+        raise ConfigError(f"{cfg.data_root} holds raw patches (store mode raw, asked for input_arm macenko): point "
+                          "data_root at a macenko store or set normalize_on_the_fly: true (storeless is always raw)")
     return dataset
 
 

@@ -254,13 +254,13 @@ def test_storeless_reads_the_stage_01_tiles_with_a_bounded_lru_and_names_a_vanis
 
 def test_training_opens_whichever_store_the_folder_holds(tmp_path):
     _write(tmp_path / "shards", {"a": _random_tiles(0, 6), "held": _random_tiles(1, 4)}, encoding="png")
-    cfg = training.PretrainConfig(data_root=str(tmp_path / "shards"), exclude_slide_ids=["held"],
+    cfg = training.PretrainConfig(data_root=str(tmp_path / "shards"), exclude_slide_ids=["held"], input_arm="raw",
                                   store_max_open_files=3, store_on_corrupt="skip")
     dataset = training._load_patch_dataset(cfg)
     assert isinstance(dataset, ShardStoreDataset) and len(dataset) == 6 and dataset.slide_ids == ["a"]
     assert dataset.max_open_files == 3 and dataset.on_corrupt == "skip"
-    with pytest.raises(training.ConfigError, match="normalize_on_the_fly"):
-        training.PretrainConfig(data_source="storeless", input_arm="macenko")
+    with pytest.raises(training.ConfigError, match="holds raw patches .*normalize_on_the_fly"):
+        training._load_patch_dataset(training.PretrainConfig(data_root=str(tmp_path / "shards"), input_arm="macenko"))
     with pytest.raises(FileNotFoundError, match="not finalized"):
         ShardStoreWriter(tmp_path / "open", PATCH, "raw").write_slide("x", np.zeros((1, 2), int),
                                                                       [_random_tiles(0, 1)])
@@ -291,3 +291,34 @@ def test_data_scale_benchmark_quick(tmp_path, shared_data):
         assert key in result, key
     assert result["index_bytes_per_patch"] <= 32 and result["peak_open_files"] <= result["open_files_bound"]
     assert result["store_bytes_per_patch"] <= 25_000
+
+
+def test_heldout_slides_in_a_shard_store_or_storeless_index_are_found(tmp_path):
+    import pandas as pd
+
+    from exaonepath_core import workflow
+
+    normalize_dir = tmp_path / "02_normalize"
+    _write(normalize_dir / "raw", {"train1": _random_tiles(0, 3), "held1": _random_tiles(1, 3)}, encoding="png")
+    geometry = {"tissue_fraction": np.ones(2, np.float32), "tile_size": PATCH, "level0_patch_size": PATCH,
+                "read_level": 0, "read_size": PATCH, "target_mpp": 0.5, "source_mpp": 0.5}
+    sets = [tiling.TileSet(slide_id=s, slide_path=f"/nowhere/{s}.svs", coords=np.zeros((2, 2), np.int64), **geometry)
+            for s in ("held2", "train1")]
+    storeless.write_storeless_index(sets, normalize_dir / "storeless")
+    slides = pd.DataFrame({"slide_id": ["train1", "held1", "held2"], "split": ["train", "heldout", "heldout"]})
+    assert workflow.heldout_in_pretraining_stores(slides, normalize_dir) == {"raw": ["held1"],
+                                                                             "storeless": ["held2"]}
+
+
+def test_storeless_data_source_points_every_arm_at_the_coordinate_index(tmp_path):
+    import yaml
+
+    from exaonepath_core import workflow
+    from exaonepath_core.config import load_config
+
+    cfg = load_config("ci", {"results_root": str(tmp_path), "pretrain.data_source": "storeless"})
+    for arm in ("raw", "macenko"):
+        written = yaml.safe_load(workflow.write_pretrain_config(cfg, arm, tmp_path / "02_normalize",
+                                                                tmp_path / "03_pretrain" / arm).read_text())
+        assert written["data_root"] == str(tmp_path / "02_normalize" / "storeless")
+        assert written["normalize_on_the_fly"] is (arm == "macenko")  # raw tiles: macenko on the device
