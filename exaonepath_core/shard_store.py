@@ -223,9 +223,10 @@ class ShardStoreWriter:
         if self._tar is None:
             self._shard_name = f"{self._writer_tag}-{self._shard_seq:05d}.tar"
             self._shard_seq += 1
-            # kept open across slides (closed by _close_shard / close): one sequential file per writer
+            # kept open across slides (closed by _close_shard / close): one sequential file per writer. PAX:
+            # plain ustar headers, plus an extended header only for a member name over 100 characters
             self._tar = tarfile.open(  # noqa: SIM115
-                self.root / "shards" / self._shard_name, "w", format=tarfile.USTAR_FORMAT)
+                self.root / "shards" / self._shard_name, "w", format=tarfile.PAX_FORMAT)
         return self._tar
 
     def _close_shard(self) -> None:

@@ -71,11 +71,17 @@ def test_jpeg_round_trip_of_real_tiles_is_bounded_and_small(tmp_path, cmu_tiles)
 
 def test_lossless_png_round_trip_is_exact_and_shards_are_plain_tar(tmp_path, cmu_tiles):
     tiles = cmu_tiles[:12]
+    long_id = "TCGA-55-A48X-01Z-00-DX1." + "0123456789ABCDEF" * 5  # member names over ustar's 100 characters
+    _write(tmp_path / "long", {long_id: tiles[:6]}, encoding="png")
+    long_store = ShardStoreDataset(tmp_path / "long")
+    np.testing.assert_array_equal(np.stack([long_store[i] for i in range(6)]), tiles[:6])
     _write(tmp_path, {"cmu": tiles}, encoding="png")
     dataset = open_patch_dataset(tmp_path)
     assert isinstance(dataset, ShardStoreDataset)
     np.testing.assert_array_equal(np.stack([dataset[i] for i in range(len(dataset))]), tiles)
     (shard,) = (tmp_path / "shards").iterdir()
+    with tarfile.open(next((tmp_path / "long" / "shards").iterdir())) as tar:
+        assert tar.getnames()[0] == f"{long_id}_0_7.png"
     with tarfile.open(shard) as tar:  # any tar reader (webdataset, GNU tar) sees one member per patch
         names = tar.getnames()
         first = tar.extractfile(names[0]).read()
