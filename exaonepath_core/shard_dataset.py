@@ -176,6 +176,15 @@ class ShardStoreDataset(torch.utils.data.Dataset):
         """Shard files this process holds open."""
         return len(self._files) if self._owner_pid == os.getpid() else 0
 
+    def close(self) -> None:
+        """Close the shard files this process holds open (they reopen on the next read)."""
+        if self.__dict__.get("_owner_pid") == os.getpid():
+            while self._files:
+                os.close(self._files.popitem()[1])
+
+    def __del__(self) -> None:
+        self.close()
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_files"] = OrderedDict()

@@ -102,6 +102,9 @@ def test_index_is_a_shared_memmap_of_32_bytes_per_patch_without_per_patch_object
     assert len(sub) == 60 and sub.slide_ids == ["s002", "s005"]
     np.testing.assert_array_equal(sub[30], dataset[5 * 30])
     np.testing.assert_array_equal(sub[-1], dataset[6 * 30 - 1])
+    assert dataset.open_file_count() == 1  # one writer, one shard file
+    dataset.close()
+    assert dataset.open_file_count() == 0
     with pytest.raises(KeyError, match="nope"):
         ShardStoreDataset(tmp_path, slide_ids=["nope"])
 
