@@ -170,7 +170,7 @@ class ProjectConfig:
     tiling: TilingSection = field(default_factory=TilingSection)
     normalize: NormalizeSection = field(default_factory=NormalizeSection)
     pretrain: dict[str, Any] = field(default_factory=dict)
-    nproc_per_node: int = 1
+    nproc_per_node: int = 1  # `auto` in a YAML or --set resolves to the visible GPUs (1 without one) at load
     features: FeaturesSection = field(default_factory=FeaturesSection)
     probes: ProbesSection = field(default_factory=ProbesSection)
     collapse: CollapseSection = field(default_factory=CollapseSection)
@@ -554,6 +554,10 @@ def load_config(path_or_profile: str | Path, overrides: dict[str, Any] | None = 
             cursor = cursor.setdefault(part, {})
         cursor[leaf] = value
     data = _expand_env(data)
+    if "nproc_per_node" in data:  # `auto`: one process per visible GPU, 1 without one (typed as an int below)
+        from exaonepath_core.rank_checks import resolve_nproc_per_node
+
+        data["nproc_per_node"] = resolve_nproc_per_node(data["nproc_per_node"])
     cfg = _build(ProjectConfig, data, "")
     validate_pretrain_section(cfg.pretrain)
     validate_values(cfg)

@@ -322,6 +322,10 @@ def run_pipeline(
         selected = [s for s in selected if s in wanted]
     check_shards(cfg, selected)
     check_paper_inputs(cfg)
+    if "03" in selected and cfg.arms:  # before any stage: not after hours of tiling, as 8 CPU ranks killed for memory
+        from exaonepath_core.rank_checks import check_nproc_per_node
+
+        check_nproc_per_node(cfg.nproc_per_node, cfg.device)
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
     if selected:  # the stages this run does not run must have finished before: say so before any work
         missing = [k for k in missing_upstream(cfg, paths, selected[0]) if k not in selected]

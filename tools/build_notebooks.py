@@ -204,7 +204,7 @@ for bname, spec in backbones.items():
             m = json.loads((target / "manifest.json").read_text())
             rows.append({"backbone": bname, "dataset": dname, "split": split, "n": m.get("n"), "dim": m.get("dim"),
                          "reused": done})
-table = pd.DataFrame(rows)
+table = pd.DataFrame(rows, columns=workflow.FEATURES_INDEX_COLUMNS)  # header kept when nothing was embedded
 workflow.write_csv_atomic(table, out / "features_index.csv")
 workflow.write_csv_atomic(workflow.dataset_status_table(datasets), out / "datasets.csv")
 table
