@@ -91,6 +91,19 @@ def normalize_summary(ledgers: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(stage_tables.NORMALIZE_SUMMARY_COLUMNS))
 
 
+def check_pretraining_tiles(cfg: ProjectConfig, train_slides: pd.DataFrame, train_sets: list, tiles_dir: Path) -> None:
+    """Stop stage 02 with the reason when no pretraining slide gave a tile (every slide failed or had no tissue):
+    an empty store would otherwise fail later, inside the trainer or the QC figure, without saying why."""
+    if not cfg.arms or sum(len(ts.coords) for ts in train_sets):
+        return
+    empty_sets = sum(1 for ts in train_sets if len(ts.coords) == 0)
+    raise RuntimeError(
+        f"no tile to pretrain on: {len(train_slides)} pretraining slide(s), {len(train_slides) - len(train_sets)} "
+        f"failed to tile and {empty_sets} had no tissue at tiling.min_tissue_fraction={cfg.tiling.min_tissue_fraction} "
+        f"(reasons per slide in {Path(tiles_dir) / 'ledger.csv'}); check data.slide_dirs / data.slide_list "
+        f"(a site's held-out slides, data.heldout_slides_per_site, are not pretrained on)")
+
+
 def qc_examples(tile_sets: list, reference, n_slides: int = 6) -> tuple[list, list, list]:
     """One tissue-rich tile per slide (sites spread out) before and after Macenko, for the QC grid."""
     import torch
