@@ -243,6 +243,10 @@ def stage_warnings(stage: str, stage_dir: Path, cfg: ProjectConfig) -> list[str]
             out.append(f"store {row['store']}: {int(row['slides_failed'])} slide(s) could not be read and are not "
                        f"in it ({reasons[:300]}{' ...' if len(reasons) > 300 else ''}; see "
                        f"{stage_dir / 'normalize_summary.csv'})")
+        for _, row in summary[(summary["patches"] > 0) & (summary["fallback_passed_through"] == summary["patches"])
+                              & (summary["store"] == "macenko")].iterrows():
+            out.append(f"store macenko: every one of its {int(row['patches'])} patches was passed through unchanged "
+                       "(no stain estimate: background-only tiles?), so the macenko arm sees raw colours")
     if key == "04" and (status := table("datasets.csv")) is not None:
         detail = dict(zip(status["dataset"], status["detail"].astype(str)))
         for name, root in cfg.data.downstream_roots.items():

@@ -129,6 +129,23 @@ def test_report_items_list_no_collapse_figure_when_no_cohort_was_measured(tmp_pa
     assert "Not measured in this run" in workflow.report_preamble(cfg, paths)
 
 
+def test_stage_warnings_read_header_only_tables_and_name_a_store_of_fallbacks_only(tmp_path):
+    from exaonepath_core import pipeline
+
+    cfg = load_config("first_day", {"results_root": str(tmp_path)})
+    for name, columns in (("tiling_summary.csv", stage_tables.TILING_SUMMARY_COLUMNS),
+                          ("normalize_summary.csv", stage_tables.NORMALIZE_SUMMARY_COLUMNS),
+                          ("datasets.csv", stage_tables.DATASET_STATUS_COLUMNS)):
+        workflow.write_csv_atomic(stage_tables.empty(columns), tmp_path / name)
+    assert [pipeline.stage_warnings(k, tmp_path, cfg) for k in ("01", "02", "04")] == [[], [], []]
+    led = pd.DataFrame({"status": ["ok", "ok"], "n_patches": [5, 7], "n_fallback": [5, 7], "reason": ["", ""]})
+    workflow.write_csv_atomic(workflow.normalize_summary({"raw": led.assign(n_fallback=0), "macenko": led}),
+                              tmp_path / "normalize_summary.csv")
+    assert pipeline.stage_warnings("02", tmp_path, cfg) == [
+        ("store macenko: every one of its 12 patches was passed through unchanged (no stain estimate: "
+         "background-only tiles?), so the macenko arm sees raw colours")]
+
+
 def test_stage_02_stops_with_the_reason_when_no_pretraining_slide_gave_a_tile(tmp_path):
     cfg = load_config("first_day", {"results_root": str(tmp_path)})
     train = pd.DataFrame({"slide_id": ["a", "b"], "split": ["train", "train"]})
