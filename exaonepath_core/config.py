@@ -170,7 +170,7 @@ class ProjectConfig:
     tiling: TilingSection = field(default_factory=TilingSection)
     normalize: NormalizeSection = field(default_factory=NormalizeSection)
     pretrain: dict[str, Any] = field(default_factory=dict)
-    nproc_per_node: int = 1  # `auto` in a YAML or --set resolves to the visible GPUs (1 without one) at load
+    nproc_per_node: int = 1
     features: FeaturesSection = field(default_factory=FeaturesSection)
     probes: ProbesSection = field(default_factory=ProbesSection)
     collapse: CollapseSection = field(default_factory=CollapseSection)

@@ -50,6 +50,15 @@ def check_nproc_per_node(nproc_per_node: int, device: str, gpus: int | None = No
             f"GPU) or a number <= {gpus}, or device: cpu to run {nproc_per_node} CPU ranks on purpose")
 
 
+def with_rank_logs(cmd: list[str], log_dir: Path) -> list[str]:
+    """A torchrun command with each rank's output also written to its own file under `log_dir` (--log-dir,
+    --tee 3: still on the console too), so a failed rank's log can be named; other commands unchanged."""
+    if "torch.distributed.run" not in cmd or any(a.startswith("--log-dir") for a in cmd):
+        return list(cmd)
+    at = cmd.index("torch.distributed.run") + 1
+    return [*cmd[:at], f"--log-dir={log_dir}", "--tee=3", *cmd[at:]]
+
+
 def failed_ranks(log_text: str) -> dict[int, tuple[int, int]]:
     """{rank: (local rank, exit code)} of every rank torchrun's output reports as failed (negative: a signal)."""
     found = {int(rank): (int(local), int(code)) for rank, local, code in _SUMMARY_ROW.findall(log_text)}

@@ -227,13 +227,12 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
     if not force and (out_dir / "checkpoint.pth").is_file():
         args.append("--resume")
     if nproc_per_node > 1:
-        # --log-dir/--tee: each rank's output also in its own file, named when a rank dies (rank_checks)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc_per_node}", f"--log-dir={out_dir / rank_checks.TORCHRUN_LOG_DIR}",
-               "--tee=3", "-m", "exaonepath_core.training", *args]
+               f"--nproc_per_node={nproc_per_node}", "-m", "exaonepath_core.training", *args]
     else:
         cmd = [sys.executable, "-m", "exaonepath_core.training", *args]
     log_path = out_dir / "train_stdout.log"
+    cmd = rank_checks.with_rank_logs(cmd, out_dir / rank_checks.TORCHRUN_LOG_DIR)  # named when a rank dies
     print("running:", " ".join(cmd), flush=True)
     t0 = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
