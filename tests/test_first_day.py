@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -215,33 +214,32 @@ def test_the_runner_refuses_before_any_stage(monkeypatch, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # a rank killed by SIGKILL (the kernel's OOM killer) is named as such, with its log
 # ----------------------------------------------------------------------------------------------------------------
-def _fake_python(tmp_path: Path, killer: str) -> Path:
-    """An interpreter stand-in for run_pretraining: runs `killer` instead of `-m exaonepath_core.training`, so
-    the real command (plain or torchrun with its log flags) runs and a real process dies by SIGKILL."""
-    script = tmp_path / "killer.py"
-    script.write_text(killer)
-    wrapper = tmp_path / "python"
-    wrapper.write_text(
-        f"#!{sys.executable}\nimport os, sys\nargs = sys.argv[1:]\ni = args.index('exaonepath_core.training')\n"
-        f"args[i - 1:i + 1] = [{str(script)!r}]\nos.execv({sys.executable!r}, [{sys.executable!r}, *args])\n")
-    wrapper.chmod(0o755)
-    return wrapper
-
-
-KILL_RANK_1 = """import os, signal, time
-rank = int(os.environ.get("RANK", "0"))
-print(f"rank {rank} allocating", flush=True)
-if rank == int(os.environ.get("KILL_RANK", "0")):
+# Loaded by every Python the test's children start (PYTHONPATH): the trainer run_pretraining starts is killed
+# by a real SIGKILL, as the kernel's OOM killer does, whatever command run_pretraining builds (plain or torchrun)
+KILLER_SITECUSTOMIZE = """import os, signal, time
+mode, rank = os.environ.get("FIRSTDAY_KILL"), os.environ.get("RANK")
+if mode == "single" or (mode == "rank1" and rank == "1"):
+    print(f"rank {rank or 0} allocating", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
-time.sleep(60)
+if mode == "rank1" and rank is not None:  # the other ranks wait until torchrun stops them
+    time.sleep(120)
 """
 
 
-def test_a_single_process_killed_by_sigkill_is_reported_as_likely_out_of_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "executable", str(_fake_python(tmp_path, KILL_RANK_1)))
-    out = tmp_path / "raw"
+def _kill_children(tmp_path: Path, monkeypatch, mode: str) -> Path:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(KILLER_SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FIRSTDAY_KILL", mode)
+    out = tmp_path / "arm"
     out.mkdir()
     (out / "pretrain.yaml").write_text("{}\n")
+    return out
+
+
+def test_a_single_process_killed_by_sigkill_is_reported_as_likely_out_of_memory(tmp_path, monkeypatch):
+    out = _kill_children(tmp_path, monkeypatch, "single")
     with pytest.raises(RuntimeError) as err:
         workflow.run_pretraining(out / "pretrain.yaml", out, nproc_per_node=1)
     first = str(err.value).splitlines()[0]
@@ -250,11 +248,7 @@ def test_a_single_process_killed_by_sigkill_is_reported_as_likely_out_of_memory(
 
 
 def test_a_torchrun_rank_killed_by_sigkill_is_named_with_its_own_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "executable", str(_fake_python(tmp_path, KILL_RANK_1)))
-    monkeypatch.setenv("KILL_RANK", "1")
-    out = tmp_path / "macenko"
-    out.mkdir()
-    (out / "pretrain.yaml").write_text("{}\n")
+    out = _kill_children(tmp_path, monkeypatch, "rank1")
     (out / "train_stdout.log").write_text("an earlier run's lines: exitcode  : -9 (pid: 1)\n")
     with pytest.raises(RuntimeError) as err:
         workflow.run_pretraining(out / "pretrain.yaml", out, nproc_per_node=2)
@@ -263,6 +257,14 @@ def test_a_torchrun_rank_killed_by_sigkill_is_named_with_its_own_log(tmp_path, m
     rank_log = rank_checks.rank_log(out / rank_checks.TORCHRUN_LOG_DIR, 1)
     assert rank_log is not None and f"rank 1: {rank_log}" in first
     assert "rank 1 allocating" in rank_log.with_name("stdout.log").read_text()
+
+
+def test_with_rank_logs_adds_torchruns_log_flags_only_to_torchrun(tmp_path):
+    plain = ["python", "-m", "exaonepath_core.training", "--config", "c.yaml"]
+    assert rank_checks.with_rank_logs(plain, tmp_path) == plain
+    torchrun = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *plain[1:]]
+    assert rank_checks.with_rank_logs(torchrun, tmp_path)[:5] == [
+        "python", "-m", "torch.distributed.run", f"--log-dir={tmp_path}", "--tee=3"]
 
 
 def test_failed_ranks_parses_torchruns_summary_and_other_exits():
