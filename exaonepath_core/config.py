@@ -554,6 +554,10 @@ def load_config(path_or_profile: str | Path, overrides: dict[str, Any] | None = 
             cursor = cursor.setdefault(part, {})
         cursor[leaf] = value
     data = _expand_env(data)
+    if "nproc_per_node" in data:  # `auto`: one process per visible GPU, 1 without one (typed as an int below)
+        from exaonepath_core.rank_checks import resolve_nproc_per_node
+
+        data["nproc_per_node"] = resolve_nproc_per_node(data["nproc_per_node"])
     cfg = _build(ProjectConfig, data, "")
     validate_pretrain_section(cfg.pretrain)
     validate_values(cfg)

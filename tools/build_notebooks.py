@@ -116,6 +116,7 @@ print("reference stain matrix (columns H, E):\\n", np.round(reference.stain_matr
       "\\nmax concentrations:", np.round(reference.max_concentrations, 4))
 ''')),
     ("code", '''train_sets = cohort.tile_sets(slides[slides.split == "train"], tiles_dir)
+workflow.check_pretraining_tiles(cfg, slides[slides.split == "train"], train_sets, tiles_dir)
 sources = cohort.tile_sources(train_sets, batch_size=cfg.normalize.batch_size)
 ledgers = {}
 for mode in cfg.normalize.stores:
@@ -130,8 +131,11 @@ counts
 '''),
     ("md", "## QC: before / after Macenko for several slides"),
     ("code", '''before, after, titles = workflow.qc_examples(train_sets, reference, n_slides=6)
-stain.plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
-display(Image(filename=str(out / "stain_qc.png")))
+if before:
+    stain.plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
+    display(Image(filename=str(out / "stain_qc.png")))
+else:
+    print("no pretraining tile to show (no train slide gave a tile; see 01_tiles/tiling_summary.csv)")
 '''),
 ]
 
@@ -204,7 +208,7 @@ for bname, spec in backbones.items():
             m = json.loads((target / "manifest.json").read_text())
             rows.append({"backbone": bname, "dataset": dname, "split": split, "n": m.get("n"), "dim": m.get("dim"),
                          "reused": done})
-table = pd.DataFrame(rows)
+table = pd.DataFrame(rows, columns=workflow.FEATURES_INDEX_COLUMNS)  # header kept when nothing was embedded
 workflow.write_csv_atomic(table, out / "features_index.csv")
 workflow.write_csv_atomic(workflow.dataset_status_table(datasets), out / "datasets.csv")
 table
