@@ -13,6 +13,7 @@ expected. The pretraining section is validated against :class:`exaonepath_core.t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -344,7 +345,14 @@ def check_value(dotted: str, hint: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (hint,) = [a for a in args if a is not type(None)]  # the config only uses `X | None`
+        members = [a for a in args if a is not type(None)]
+        if len(members) > 1:  # e.g. `float | str` (schedule lengths): the first member that takes the value
+            for member in members:
+                with contextlib.suppress(ConfigError):
+                    return check_value(dotted, member, value)
+            got = "null" if value is None else f"{type(value).__name__} {value!r}"
+            raise ConfigError(f"config key {dotted}: expected {describe_type(hint)}, got {got}")
+        (hint,) = members
         origin, args = typing.get_origin(hint), typing.get_args(hint)
 
     def wrong(extra: str = "") -> ConfigError:
