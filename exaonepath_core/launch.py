@@ -48,8 +48,11 @@ def torchrun_command(
     rdzv_endpoint: str = "",
     rdzv_id: str = "exaonepath",
     python: str = sys.executable,
+    entry: Sequence[str] = ("-m", TRAINER_MODULE),
 ) -> list[str]:
     """The command that runs the trainer with `train_args` on this node (same for every node of a job).
+
+    `entry` is what the processes run (`-m module` or a script path; the trainer by default).
 
     Without a rendezvous endpoint (one node): the trainer itself, or `torchrun --standalone` for several
     processes (what stage 03 always ran). With one: torchrun's c10d rendezvous, for `nnodes` nodes.
@@ -59,7 +62,7 @@ def torchrun_command(
     if nnodes > 1 and not rdzv_endpoint:
         raise LaunchError(f"nnodes is {nnodes}: set rdzv_endpoint to HOST:PORT of the first node "
                           "(e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -1):29500)")
-    trainer = ["-m", TRAINER_MODULE, *train_args]
+    trainer = [*entry, *train_args]
     if not rdzv_endpoint:
         if nproc_per_node == 1:
             return [python, *trainer]
