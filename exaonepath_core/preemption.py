@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterable
 from types import FrameType
 from typing import Any
@@ -48,8 +49,12 @@ class StopRequest:
 
         Collective when distributed: every rank calls it at the same point.
         """
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        else:
+            print("[pretrain] note: training outside the main thread: stop signals keep their default action",
+                  file=sys.stderr, flush=True)
         if dist.is_initialized():
             # gloo on CPU: an NCCL all-reduce would need a device tensor and a host sync every step
             self._group = (dist.group.WORLD if dist.get_backend() == "gloo"

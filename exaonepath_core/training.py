@@ -4,6 +4,9 @@ Single process: `python -m exaonepath_core.training --config PRETRAIN.yaml [--re
 [--set key=value ...]`. Multi-GPU / multi-node: the same command under `torchrun --nproc_per_node=G ...` runs DDP
 (NCCL on GPU, gloo on CPU); every collective is guarded by `dist.is_initialized()`.
 
+Stop signals (SIGTERM, SIGUSR1) checkpoint after the current step and exit with code 75 (preemption.py); a
+resume may use another world size, continuing from the same sample position of the epoch (elastic.py).
+
 Exact resume: each epoch's data order is a seeded per-rank permutation, each sample's augmentations are seeded
 from (seed, epoch, index), schedules are indexed by the global step, and the RNG state (drop-path) is saved with
 the checkpoint; a resumed run skips the first k batches of the interrupted epoch without loading them.
@@ -768,6 +771,8 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                                      step, steps_per_epoch, n_patches, position.offset_at(step, steps_per_epoch))
                     last_saved_step = step
                 if stop:
+                    if dist.is_initialized():
+                        dist.barrier()  # no rank closes the process group while rank 0 still writes
                     raise Preempted(step, stop_request.received or "a stop signal", str(checkpoint_path))
     finally:
         stop_request.uninstall()
