@@ -348,3 +348,47 @@ def test_two_nodes_on_localhost_resume_a_one_rank_run_with_the_same_sample_seque
     expected = np.concatenate([elastic.epoch_order(40, 3, 0), elastic.epoch_order(40, 3, 1)])
     assert one == expected[:16].tolist() and two == expected[16:56].tolist()
     assert [r["step"] for r in training.read_log(out / "log.jsonl")] == [1, 2, 3, 4, 3, 4, 5, 6, 7]
+
+
+_SHIMS = {  # stand-ins for SLURM's commands: enough for the batch script's own logic to run on this machine
+    "scontrol": 'case "$1" in show) echo 127.0.0.1 ;; *) echo "scontrol $*" >> "$SHIM_DIR/calls" ;; esac\n',
+    "scancel": 'echo "scancel $*" >> "$SHIM_DIR/calls"\nkill -USR1 -- "-$(cat "$SHIM_DIR/srun.pid")"\n',
+    # srun: drop its options, run the task as a process-group leader (as slurmstepd would signal the task)
+    "srun": 'while [ "${1#--}" != "$1" ]; do shift; done\necho $$ > "$SHIM_DIR/srun.pid"\nexec setsid "$@"\n',
+}
+
+
+@pytest.mark.slow
+def test_sbatch_script_on_usr1_checkpoints_through_torchrun_and_requeues(shared_data, tmp_path):
+    """The batch script run with SLURM's commands stubbed: USR1 reaches the trainer via torchrun, which
+    checkpoints after its step, and the script requeues the job."""
+    from test_training import _tiny_config, _write_raw_store  # tests/ is on sys.path (pytest rootdir)
+
+    store = _write_raw_store(shared_data, tmp_path / "store", 20)
+    out = tmp_path / "run"
+    config = tmp_path / "pretrain.yaml"
+    config.write_text(yaml.safe_dump(_tiny_config(store, out, max_steps=60).to_dict()))
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, body in _SHIMS.items():
+        (shims / name).write_text("#!/bin/bash\n" + body)
+        (shims / name).chmod(0o755)
+    env = {**SUBPROCESS_ENV, "PATH": f"{shims}:{os.environ['PATH']}", "SHIM_DIR": str(shims),
+           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost", "GPUS_PER_NODE": "1",
+           "RDZV_PORT": str(_free_port()), "EXAONEPATH_REPO": str(REPO_ROOT), "EXAONEPATH_PYTHON": sys.executable}
+    job = subprocess.Popen(["bash", str(REPO_ROOT / "tools" / "slurm" / "pretrain.sbatch"), str(config)], env=env,
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and job.poll() is None and not (log.is_file() and
+                                                                 len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, output[-3000:]
+    calls = (shims / "calls").read_text()
+    assert "scancel --signal=USR1 4242" in calls and "scontrol requeue 4242" in calls, calls
+    assert "SIGUSR1 received" in output and "requeueing job 4242" in output, output[-3000:]
+    stopped_at = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["step"]
+    assert 2 <= stopped_at < 60 and len(training.read_log(log)) == stopped_at
+    assert not (out / "teacher_backbone.pth").exists()  # stopped, not finished
