@@ -673,7 +673,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                           json.dumps({**cfg.to_dict(), **git, "world_size": runtime.world_size}, indent=2) + "\n")
         _truncate_log(output_dir / LOG_NAME, position.logged_step)  # the old numbering after a world-size change
     # drop-path draws differ per rank; on resume the saved per-rank state was restored above
-    if start_step == 0:
+    if position.logged_step == 0:  # a fresh start (a resize may map a resumed run to step 0: it keeps its state)
         torch.manual_seed(cfg.seed + runtime.rank)
     last_saved_step = start_step if resume and checkpoint_path.exists() else None
 
