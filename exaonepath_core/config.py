@@ -13,6 +13,7 @@ expected. The pretraining section is validated against :class:`exaonepath_core.t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -171,6 +172,9 @@ class ProjectConfig:
     normalize: NormalizeSection = field(default_factory=NormalizeSection)
     pretrain: dict[str, Any] = field(default_factory=dict)
     nproc_per_node: int = 1
+    # stage 03 on several nodes: torchrun's c10d rendezvous at rdzv_endpoint "HOST:PORT" (tools/slurm/pretrain.sbatch)
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
     features: FeaturesSection = field(default_factory=FeaturesSection)
     probes: ProbesSection = field(default_factory=ProbesSection)
     collapse: CollapseSection = field(default_factory=CollapseSection)
@@ -344,7 +348,14 @@ def check_value(dotted: str, hint: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (hint,) = [a for a in args if a is not type(None)]  # the config only uses `X | None`
+        members = [a for a in args if a is not type(None)]
+        if len(members) > 1:  # e.g. `float | str` (schedule lengths): the first member that takes the value
+            for member in members:
+                with contextlib.suppress(ConfigError):
+                    return check_value(dotted, member, value)
+            got = "null" if value is None else f"{type(value).__name__} {value!r}"
+            raise ConfigError(f"config key {dotted}: expected {describe_type(hint)}, got {got}")
+        (hint,) = members
         origin, args = typing.get_origin(hint), typing.get_args(hint)
 
     def wrong(extra: str = "") -> ConfigError:
@@ -388,7 +399,7 @@ def check_value(dotted: str, hint: Any, value: Any) -> Any:
 # Values a type check cannot catch. Sizes a stage divides by or loops over: > 0; counts where 0 means
 # "none"/"all": >= 0. Pretraining sizes are checked by PretrainConfig itself.
 POSITIVE_KEYS = ("tiling.tile_size", "tiling.workers", "tiling.target_mpp", "normalize.batch_size", "normalize.Io",
-                 "features.batch_size", "nproc_per_node", "probes.knn_k", "collapse.k", "collapse.max_points",
+                 "features.batch_size", "nproc_per_node", "nnodes", "probes.knn_k", "collapse.k", "collapse.max_points",
                  "data.mpp_override", "data.synthetic.n_sites", "data.synthetic.slides_per_site",
                  "data.synthetic.slide_size_px", "data.synthetic.mpp")
 NON_NEGATIVE_KEYS = ("tiling.overlap", "tiling.qc_figures", "features.num_workers", "features.max_samples_per_split",
@@ -426,6 +437,16 @@ def validate_values(cfg: ProjectConfig) -> None:
         if _get_dotted(d, dotted) not in allowed:
             raise ConfigError(f"config key {dotted}: must be one of {', '.join(allowed)}, "
                               f"got {_get_dotted(d, dotted)!r}")
+    if cfg.nnodes > 1 or cfg.rdzv_endpoint:
+        from exaonepath_core.launch import LaunchError, check_endpoint
+
+        if not cfg.rdzv_endpoint:
+            raise ConfigError(f"config key rdzv_endpoint: nnodes is {cfg.nnodes}, so set it to HOST:PORT of the "
+                              "first node (e.g. ${MASTER_ADDR}:29500)")
+        try:
+            check_endpoint(cfg.rdzv_endpoint)
+        except LaunchError as err:
+            raise ConfigError(f"config key rdzv_endpoint: {err}") from None
     fraction = cfg.features.center_crop_fraction
     if not 0.5 <= fraction <= 1.0:
         raise ConfigError(f"config key features.center_crop_fraction: must lie in [0.5, 1], got {fraction!r}")

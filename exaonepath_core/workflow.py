@@ -211,8 +211,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1, force: bool = False) -> dict:
+def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1, force: bool = False,
+                    nnodes: int = 1, rdzv_endpoint: str = "") -> dict:
     """Run `exaonepath_core.training` in a subprocess (torchrun when nproc > 1); resume when a checkpoint exists.
+
+    `nnodes` > 1 joins torchrun's c10d rendezvous at `rdzv_endpoint` (this node is one of them; the others run
+    `python -m exaonepath_core.launch` with the same settings, see tools/slurm/pretrain.sbatch).
 
     A finished run (teacher export present and newer than the config) is reused unless `force`.
     The subprocess's output goes to `train_stdout.log`; on failure its tail is raised in the error.
@@ -226,11 +230,9 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
     args = ["--config", str(pretrain_yaml)]
     if not force and (out_dir / "checkpoint.pth").is_file():
         args.append("--resume")
-    if nproc_per_node > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc_per_node}", "-m", "exaonepath_core.training", *args]
-    else:
-        cmd = [sys.executable, "-m", "exaonepath_core.training", *args]
+    from exaonepath_core.launch import torchrun_command
+
+    cmd = torchrun_command(args, nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
     log_path = out_dir / "train_stdout.log"
     cmd = rank_checks.with_rank_logs(cmd, out_dir / rank_checks.TORCHRUN_LOG_DIR)  # named when a rank dies
     print("running:", " ".join(cmd), flush=True)

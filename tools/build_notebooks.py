@@ -157,7 +157,8 @@ save_config(cfg, out / "config.yaml")
 pretrain_yaml = workflow.write_pretrain_config(cfg, arm, paths.stage_dir("02"), out)
 print(pretrain_yaml.read_text())
 ''')),
-    ("code", '''summary = workflow.run_pretraining(pretrain_yaml, out, nproc_per_node=cfg.nproc_per_node, force=force)
+    ("code", '''summary = workflow.run_pretraining(pretrain_yaml, out, nproc_per_node=cfg.nproc_per_node, force=force,
+                                   nnodes=cfg.nnodes, rdzv_endpoint=cfg.rdzv_endpoint)
 summary
 '''),
     ("md", "## Training curves: loss, schedules, teacher entropy and centre (collapse watch)"),
