@@ -444,12 +444,17 @@ def load_peer_weights(name: str, path: Path, depth: int | None = None) -> tuple[
     """Peer `name` built as released with the weights of `path` (strict); returns (model, ignored keys)."""
     peer = get_peer(name)
     state = _unwrap(read_weights(path), peer, str(path))
-    model = peer.new_model(depth=depth)
+    # built on the meta device (random init of up to 1.1B parameters would be wasted CPU time) unless the model
+    # has buffers the file does not carry (Swin's recomputed masks): those must be computed for real
+    with torch.device("meta"):
+        model = peer.new_model(depth=depth)
+    if set(dict(model.named_buffers())) - set(model.state_dict()):
+        model = peer.new_model(depth=depth)
     ignored = check_released_layout(state, peer.released_layout(model), peer.ignored_prefixes, str(path),
                                     peer.title)
     kept = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items() if k not in ignored}
     backbone = model.vit if isinstance(model, ClsMeanEmbedding) else model
-    load_state_dict_strict(backbone, peer.to_model(kept), source=str(path))
+    load_state_dict_strict(backbone, peer.to_model(kept), source=str(path), assign=True)
     return model.eval(), ignored
 
 
