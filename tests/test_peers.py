@@ -246,9 +246,9 @@ def _feature_run(tmp_path, shared_data):
         model, info = load_backbone(specs[-1])
         transform = make_transform(info)
         for split in ("train", "test"):
-            ds = get_dataset("pcam_subset", shared_data / "patches" / "pcam_subset", split).subset(24, seed=0)
+            ds = get_dataset("pcam_subset", shared_data / "patches" / "pcam_subset", split).subset(16, seed=0)
             features.extract_features(model, transform, ds, features_dir / info.name / "pcam" / split,
-                                      batch_size=24, progress=False, backbone_info=info)
+                                      batch_size=16, progress=False, backbone_info=info)
         for task in ("mhist", "crc100k", "til", "msi_crc", "msi_stad"):  # same features: the table's mechanics
             shutil.copytree(features_dir / info.name / "pcam", features_dir / info.name / task)
     specs.append(f"peer:phikon={tmp_path / 'not_downloaded'}")  # configured, weights absent
@@ -259,7 +259,7 @@ def _feature_run(tmp_path, shared_data):
     summary = probes.summary_table(pd.concat(frames, ignore_index=True))
     metric_frames = []
     for bdir in sorted(features_dir.iterdir()):
-        X, y, _ = features.load_features(bdir / "pcam" / "train")
+        X, y, _, _ = features.load_features(bdir / "pcam" / "train")
         slides = np.repeat([f"s{i}" for i in range(4)], len(X) // 4)
         part = collapse.collapse_metrics(np.asarray(X, np.float32), slides, class_labels=np.asarray(y), k=3,
                                          n_boot=20, seed=0)
