@@ -232,6 +232,7 @@ def plot_collapse_by_model(ranked: pd.DataFrame, out_png: str | Path) -> Path:
     """One row of panels per cohort: slide-ID probe accuracy and same-slide neighbour fraction per model (95 %
     intervals), in rank order, coloured by kind; a text panel when no cohort was measured."""
     import matplotlib
+    from matplotlib.lines import Line2D
 
     from exaonepath_core.figures import _new_figure, _save_png, style_rc
 
@@ -269,7 +270,7 @@ def plot_collapse_by_model(ranked: pd.DataFrame, out_png: str | Path) -> Path:
                 ax.set_yticklabels(part["model"], fontsize=8)
                 ax.set_xlim(0, 1.02)
                 ax.set_title(f"{cohort}: {title}", fontsize=9)
-            handles = [matplotlib.lines.Line2D([], [], marker="o", ls="", color=colours[k], label=k)
+            handles = [Line2D([], [], marker="o", ls="", color=colours[k], label=k)
                        for k in kinds if k in set(part["kind"])]
             row_axes[1].legend(handles=handles, loc="lower right", fontsize=7)
         figure.tight_layout()

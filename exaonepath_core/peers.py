@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +324,7 @@ def get_peer(name: str) -> PeerModel:
     return PEERS[name]
 
 
+@cache
 def count_parameters(name: str) -> int:
     """Parameters of a peer's architecture, built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):

@@ -306,3 +306,36 @@ def test_empty_run_gives_header_only_tables_and_figures(tmp_path):
     ranked = comparison.collapse_by_model(pd.DataFrame())
     assert ranked.empty and list(ranked.columns) == comparison.COLLAPSE_RANK_COLUMNS
     assert comparison.plot_collapse_by_model(ranked, tmp_path / "b.png").is_file()
+
+
+def test_stage_07_writes_the_comparison_with_nothing_measured_and_links_it(tmp_path):
+    from exaonepath_core import report, workflow
+    from exaonepath_core.config import load_config
+    from exaonepath_core.paths import ResultsPaths
+
+    cfg = load_config("smoke")
+    paths = ResultsPaths.for_profile("smoke", tmp_path / "results")
+    csv, png = workflow.write_model_comparison(cfg, paths)  # no stage 04/05 output at all
+    table = pd.read_csv(csv)
+    assert set(table["source"]) == {"published"} and png.is_file()
+    assert (paths.stage_dir("07") / "peer_status.csv").is_file()
+    s06 = paths.stage_dir("06")
+    workflow.write_collapse_by_model(pd.DataFrame(), s06)
+    assert pd.read_csv(s06 / "collapse_by_model.csv").empty
+    items, _ = workflow.report_items(cfg, paths)
+    index = report.write_index_html(paths.profile_dir, items, title="t")
+    linked = {p.name for p in report.linked_files(index)}
+    assert {"model_comparison.csv", "model_comparison.png", "collapse_by_model.png", "peer_status.csv"} <= linked
+
+
+def test_config_check_of_peer_specs(tmp_path):
+    from exaonepath_core.config import ConfigError, check_backbone_spec
+
+    check_backbone_spec("features.extra_backbones[0]", "peer:phikon")  # cache lookup: may be absent at run time
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    check_backbone_spec("features.extra_backbones[0]", f"peer:phikon={weights}")
+    with pytest.raises(ConfigError, match="not found"):
+        check_backbone_spec("features.extra_backbones[0]", f"peer:phikon={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="registered: resnet50"):
+        check_backbone_spec("features.extra_backbones[0]", "peer:phikonn")
