@@ -223,9 +223,10 @@ def collapse_by_model(metrics: pd.DataFrame) -> pd.DataFrame:
                      "n_patches": get(probe, "n")})
     table = pd.DataFrame(rows)
     table["_over"] = table["slide_id_probe_accuracy"] - table["slide_probe_chance"].fillna(0.0)
-    table = table.sort_values(["cohort", "_over"], ascending=[True, False], na_position="last", kind="stable")
+    table["_cohort"] = table["cohort"].map({c: i for i, c in enumerate(dict.fromkeys(table["cohort"]))})
+    table = table.sort_values(["_cohort", "_over"], ascending=[True, False], na_position="last", kind="stable")
     table["rank"] = table.groupby("cohort").cumcount() + 1
-    return table.drop(columns="_over")[COLLAPSE_RANK_COLUMNS].reset_index(drop=True)
+    return table[COLLAPSE_RANK_COLUMNS].reset_index(drop=True)
 
 
 def plot_collapse_by_model(ranked: pd.DataFrame, out_png: str | Path) -> Path:
@@ -272,7 +273,7 @@ def plot_collapse_by_model(ranked: pd.DataFrame, out_png: str | Path) -> Path:
                 ax.set_title(f"{cohort}: {title}", fontsize=9)
             handles = [Line2D([], [], marker="o", ls="", color=colours[k], label=k)
                        for k in kinds if k in set(part["kind"])]
-            row_axes[1].legend(handles=handles, loc="lower right", fontsize=7)
+            row_axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # off the points
         figure.tight_layout()
         return _save_png(figure, out_png)
 
