@@ -191,11 +191,13 @@ def _authors_recipe(name: str):
         "hoptimus0": [T.Resize(224, bicubic), T.ToTensor(),
                       T.Normalize((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))],
     }
+    # the same recipe as another entry: Lunit ViT-S/8 as ViT-S/16, Virchow2 as Virchow, UNI / UNI2-h Resize(224)
+    recipes |= {"lunit_vits8": recipes["lunit_vits16"], "virchow2": recipes["virchow"],
+                "uni": recipes["ctranspath"], "uni2h": recipes["ctranspath"]}
     return T.Compose(recipes[name])
 
 
-@pytest.mark.parametrize("name", ["resnet50", "vit_large_imagenet", "lunit_vits16", "ctranspath", "phikon",
-                                  "virchow", "gigapath", "hoptimus0"])
+@pytest.mark.parametrize("name", list(peers.PEERS))
 @pytest.mark.parametrize("patch", ["pcam_subset/train/1", "crc_val_he_7k_subset/TUM"])
 def test_preprocessing_equals_the_authors_recipe_on_a_real_patch(name, patch, shared_data):
     path = min((shared_data / "patches" / patch).glob("*.*"))
