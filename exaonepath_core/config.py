@@ -497,7 +497,8 @@ def validate_values(cfg: ProjectConfig) -> None:
         check_backbone_spec(f"features.extra_backbones[{i}]", spec)
 
 
-BACKBONE_FORMS = ("'exaonepath:/path/EXAONEPath.ckpt'", "'ours:/path/teacher_backbone.pth'", "'timm:<model_name>'")
+BACKBONE_FORMS = ("'exaonepath:/path/EXAONEPath.ckpt'", "'ours:/path/teacher_backbone.pth'", "'timm:<model_name>'",
+                  "'peer:NAME=/path/to/weights' (NAME from exaonepath_core.peers.PEERS)")
 
 
 def resolve_backbone_spec(spec: str) -> dict[str, Any]:
@@ -520,6 +521,14 @@ def check_backbone_spec(dotted: str, spec: str) -> None:
         reason = "no kind: prefix" if ":" not in spec else str(err)
         raise ConfigError(f"config key {dotted}: {spec!r} is not a backbone spec ({reason}); accepted forms: "
                           f"{', '.join(BACKBONE_FORMS)}") from None
+    if options["kind"] == "peer":
+        # an explicit weights path must exist; `peer:NAME` alone (the local Hugging Face cache) may be absent:
+        # stage 04 then lists the peer as absent instead of stopping the run
+        if "path" in options and not Path(options["path"]).exists():
+            raise ConfigError(f"config key {dotted}: weights of {spec!r} not found: {options['path']} "
+                              "(a file, a Hugging Face snapshot or cache folder; relative paths are read from "
+                              "the repository root)")
+        return
     if options["kind"] in ("exaonepath", "ours"):
         # local checkpoints are never downloaded: a missing one can only fail later
         path = Path(options["path"])

@@ -284,7 +284,10 @@ def backbone_specs(cfg: ProjectConfig, pretrain_dir: Path, features_dir: Path | 
                                          Path(pretrain_dir).parent / "02_normalize" / "reference.json"))
     for spec in cfg.features.extra_backbones:
         kind, _, target = spec.partition(":")
-        base = f"{kind}_{Path(target).stem}".replace("/", "_")
+        if kind == "peer" and not _peer_weights_present(spec):
+            continue  # listed as absent (with the reason) by peer_status; never replaced by random weights
+        base = (f"peer_{target.partition('=')[0]}" if kind == "peer" else f"{kind}_{Path(target).stem}").replace(
+            "/", "_")
         name = base
         if name in specs and Path(target).parent.name:  # two EXAONEPath.ckpt in different folders
             name = f"{kind}_{Path(target).parent.name}_{Path(target).stem}".replace("/", "_")
@@ -293,6 +296,20 @@ def backbone_specs(cfg: ProjectConfig, pretrain_dir: Path, features_dir: Path | 
             name, n = f"{base}_{n}", n + 1
         specs[name] = spec
     return specs
+
+
+def _peer_weights_present(spec: str) -> bool:
+    """Whether a `peer:` spec's weights file can be found locally (prints why not)."""
+    from exaonepath_core import peers
+    from exaonepath_core.config import resolve_backbone_spec
+
+    options = resolve_backbone_spec(spec)
+    try:
+        peers.resolve_weights(options["peer"], options.get("path"))
+    except peers.PeerWeightsAbsent as err:
+        print(f"[features] {spec}: absent ({err})", flush=True)
+        return False
+    return True
 
 
 def untrained_backbones(cfg: ProjectConfig, out_dir: Path, reference_json: Path) -> dict[str, str]:
@@ -339,6 +356,8 @@ def load_backbone_with_transform(spec: str, cfg: ProjectConfig):
                   "in its repository): set normalize.reference_image to that image to feed it the colours it "
                   "was trained on", flush=True)
     model, info = backbones.load_backbone(options)
+    if options["kind"] == "peer":  # a peer keeps its authors' recipe (resize, crop, mean/std)
+        return model.to(device(cfg)).eval(), backbones.make_transform(info), info
     # the run's evaluation recipe, the same for every backbone (features.center_crop_fraction), and the run's
     # Macenko estimate (normalize.Io / alpha / beta, as the macenko store was written) for those that normalize
     crop = info.preprocess.crop
@@ -744,6 +763,16 @@ def collapse_by_arm(cfg: ProjectConfig, features_dir: Path) -> tuple[pd.DataFram
     return metrics, embeds
 
 
+def write_collapse_by_model(metrics: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
+    """`collapse_by_model.csv` (every backbone, peers included, ranked by slide identifiability per cohort) and
+    its figure; header-only table and a figure saying so when nothing was measured."""
+    from exaonepath_core import comparison
+
+    ranked = comparison.collapse_by_model(metrics)
+    csv = write_csv_atomic(ranked, Path(out_dir) / "collapse_by_model.csv")
+    return csv, comparison.plot_collapse_by_model(ranked, Path(out_dir) / "collapse_by_model.png")
+
+
 def collapse_figure_paths(out_dir: Path, cohort_name: str) -> tuple[Path, Path]:
     """(metric bars, embeddings) PNG paths of one cohort; the synthetic cohort keeps the historical names."""
     suffix = "" if cohort_name == "synthetic" else f"_{cohort_name}"
@@ -923,6 +952,18 @@ def report_items(cfg: ProjectConfig, paths) -> tuple[list, dict[str, pd.DataFram
         items.append(ReportItem("06 Feature collapse", scatter,
                                 f"embeddings coloured by slide, class and site, one column per arm: {what}"))
     items.append(ReportItem("06 Feature collapse", s["06"] / "collapse_metrics.csv", "all collapse metrics"))
+    items.append(ReportItem("06 Feature collapse", s["06"] / "collapse_by_model.csv",
+                            "every backbone (peers included) ranked by slide identifiability, per cohort"))
+    items.append(ReportItem("06 Feature collapse", s["06"] / "collapse_by_model.png",
+                            "slide-ID probe and same-slide neighbours per model, in rank order"))
+    items.append(ReportItem("Model comparison (paper's table and Figure 1)", s["07"] / "model_comparison.csv",
+                            "published top-1 of every model of the paper beside this run's measured rows "
+                            "(95 % intervals); avg only over all six tasks"))
+    items.append(ReportItem("Model comparison (paper's table and Figure 1)", s["07"] / "model_comparison.png",
+                            "six-task average vs parameters and vs WSIs (log x): published circles, measured "
+                            "diamonds"))
+    items.append(ReportItem("Model comparison (paper's table and Figure 1)", s["07"] / "peer_status.csv",
+                            "each registered peer: measured, absent (why) or not configured"))
     summary_csv = s["05"] / "probe_summary.csv"
     if summary_csv.is_file():
         tables["paper_table"] = pd.read_csv(summary_csv)
@@ -931,6 +972,22 @@ def report_items(cfg: ProjectConfig, paths) -> tuple[list, dict[str, pd.DataFram
     for nb in sorted(paths.notebooks_dir.glob("*.ipynb")):
         items.append(ReportItem("Executed notebooks", nb, "executed copy with outputs"))
     return items, tables
+
+
+def write_model_comparison(cfg: ProjectConfig, paths) -> tuple[Path, Path]:
+    """Stage 07's `model_comparison.csv` (published rows beside this run's measured ones) and `.png` (Figure 1),
+    plus `peer_status.csv` (measured / absent with the reason / not configured per registered model)."""
+    from exaonepath_core import comparison
+
+    features_dir, out = paths.stage_dir("04", create=False), paths.stage_dir("07")
+    backbones = sorted(p.name for p in features_dir.iterdir() if p.is_dir()) if features_dir.is_dir() else []
+    status = comparison.peer_status(cfg.features.extra_backbones, backbones)
+    write_csv_atomic(status, out / "peer_status.csv")
+    summary_csv = paths.stage_dir("05", create=False) / "probe_summary.csv"
+    summary = pd.read_csv(summary_csv) if summary_csv.is_file() and summary_csv.stat().st_size > 1 else pd.DataFrame()
+    table = comparison.model_comparison_table(summary, status)
+    csv = write_csv_atomic(table, out / "model_comparison.csv")
+    return csv, comparison.plot_model_comparison(table, out / "model_comparison.png")
 
 
 def report_preamble(cfg: ProjectConfig, paths) -> str:

@@ -269,6 +269,7 @@ metrics, embeds = workflow.collapse_by_arm(cfg, paths.stage_dir("04"))
 workflow.write_csv_atomic(metrics, out / "collapse_metrics.csv")
 verdict = workflow.collapse_verdict(metrics)
 workflow.write_csv_atomic(verdict, out / "collapse_verdict.csv")
+workflow.write_collapse_by_model(metrics, out)  # every backbone, peers included, ranked by slide identifiability
 if metrics.empty:
     print("nothing to measure: no held-out slide features (see 04_features/datasets.csv)")
 else:
@@ -292,6 +293,7 @@ from exaonepath_core.config import save_config
 from exaonepath_core.pipeline import open_stage
 ''', '''out = paths.stage_dir("07")
 save_config(cfg, out / "config.yaml")
+workflow.write_model_comparison(cfg, paths)  # the paper's table and Figure 1, published beside measured
 items, tables = workflow.report_items(cfg, paths)
 for name, df in tables.items():
     workflow.write_csv_atomic(df, out / f"{name}.csv")
