@@ -262,20 +262,30 @@ def parse_backbone_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
     """`"kind:value"` or a dict with `kind` -> a normalized dict (kind, path/model_name, options)."""
     if isinstance(spec, Mapping):
         out = dict(spec)
-        if out.get("kind") not in ("exaonepath", "timm", "ours"):
-            raise ValueError(f"backbone spec dict needs kind in exaonepath|timm|ours, got {out.get('kind')!r}")
+        if out.get("kind") not in ("exaonepath", "timm", "ours", "peer"):
+            raise ValueError(f"backbone spec dict needs kind in exaonepath|timm|ours|peer, "
+                             f"got {out.get('kind')!r}")
         return out
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(
-            f"backbone spec {spec!r} must look like 'exaonepath:/path/EXAONEPath.ckpt', 'timm:<model_name>' "
-            "or 'ours:/path/teacher_backbone.pth'"
+            f"backbone spec {spec!r} must look like 'exaonepath:/path/EXAONEPath.ckpt', 'timm:<model_name>', "
+            "'ours:/path/teacher_backbone.pth' or 'peer:NAME=/path/to/weights'"
         )
     kind, value = spec.split(":", 1)
     if kind == "timm":
         return {"kind": kind, "model_name": value}
     if kind in ("exaonepath", "ours"):
         return {"kind": kind, "path": value}
-    raise ValueError(f"unknown backbone kind {kind!r} in {spec!r} (expected exaonepath, timm or ours)")
+    if kind == "peer":  # peer:NAME=PATH, or peer:NAME (weights from the local Hugging Face cache)
+        name, _, path = value.partition("=")
+        from exaonepath_core.peers import get_peer
+
+        try:
+            get_peer(name)
+        except KeyError as err:
+            raise ValueError(str(err).strip('"')) from None
+        return {"kind": kind, "peer": name, **({"path": path} if path else {})}
+    raise ValueError(f"unknown backbone kind {kind!r} in {spec!r} (expected exaonepath, timm, ours or peer)")
 
 
 def _reference_dict(options: Mapping[str, Any]) -> dict | None:
@@ -355,9 +365,13 @@ def _load_ours(options: dict[str, Any]) -> tuple[nn.Module, BackboneInfo]:
 
 
 def load_backbone(spec: str | Mapping[str, Any]) -> tuple[nn.Module, BackboneInfo]:
-    """Load any backbone from `exaonepath:PATH`, `timm:NAME` or `ours:PATH` (or the dict form) in eval mode."""
+    """Load any backbone from `exaonepath:PATH`, `timm:NAME`, `ours:PATH` or `peer:NAME[=PATH]` (or the dict
+    form) in eval mode."""
+    from exaonepath_core.peers import load_peer
+
     options = parse_backbone_spec(spec)
-    loader = {"exaonepath": _load_exaonepath, "timm": _load_timm, "ours": _load_ours}[options["kind"]]
+    loader = {"exaonepath": _load_exaonepath, "timm": _load_timm, "ours": _load_ours,
+              "peer": load_peer}[options["kind"]]
     if options["kind"] == "timm" and not options.get("weights"):
         # random-init timm backbones are reproducible only with a fixed seed: 0 unless the spec names one
         options.setdefault("seed", 0)

@@ -61,17 +61,29 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
                              "site": str(site), "split": "heldout" if r["slide_id"] in heldout else "train",
                              "sidecar": str(r["sidecar_path"])})
     real: list[Path] = []
+    empty_dirs: list[str] = []
     for d in cfg.data.slide_dirs:
         root = resolve_path(d)
         if not root.is_dir():
             raise FileNotFoundError(f"data.slide_dirs: {root} is not a folder")
-        real += sorted(p for p in root.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        found = sorted(p for p in root.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        if not found:
+            empty_dirs.append(str(root))
+        real += found
     if cfg.data.slide_list:
         real += [resolve_path(x) for x in list_file_entries(resolve_path(cfg.data.slide_list))]
     for p in real:
         rows.append({"slide_id": slide_id_of(p), "path": str(p), "source": "slides",
                      "site": site_of(p, cfg.data.site_rule), "split": "train", "sidecar": ""})
     table = pd.DataFrame(rows, columns=COLUMNS)
+    suffixes = ", ".join(SLIDE_SUFFIXES)
+    if table.empty:  # every later stage would have nothing to do: say why here, not as an empty store in stage 02
+        raise ValueError(f"no slide in this run: data.cmu_slide is empty, data.synthetic.enabled is false and no "
+                         f"file with a slide suffix ({suffixes}) is in data.slide_dirs {list(cfg.data.slide_dirs)} "
+                         f"or data.slide_list {cfg.data.slide_list!r}")
+    for root in empty_dirs:
+        print(f"[cohort] WARNING: data.slide_dirs: {root} holds no slide file ({suffixes}); it adds no slide",
+              file=sys.stderr)
     dup = table[table.duplicated("slide_id", keep=False)]
     if len(dup):
         raise ValueError("duplicate slide ids (file names must be unique):\n" + dup.to_string(index=False))

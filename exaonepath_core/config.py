@@ -13,6 +13,7 @@ expected. The pretraining section is validated against :class:`exaonepath_core.t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -178,6 +179,9 @@ class ProjectConfig:
     normalize: NormalizeSection = field(default_factory=NormalizeSection)
     pretrain: dict[str, Any] = field(default_factory=dict)
     nproc_per_node: int = 1
+    # stage 03 on several nodes: torchrun's c10d rendezvous at rdzv_endpoint "HOST:PORT" (tools/slurm/pretrain.sbatch)
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
     features: FeaturesSection = field(default_factory=FeaturesSection)
     probes: ProbesSection = field(default_factory=ProbesSection)
     collapse: CollapseSection = field(default_factory=CollapseSection)
@@ -351,7 +355,14 @@ def check_value(dotted: str, hint: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (hint,) = [a for a in args if a is not type(None)]  # the config only uses `X | None`
+        members = [a for a in args if a is not type(None)]
+        if len(members) > 1:  # e.g. `float | str` (schedule lengths): the first member that takes the value
+            for member in members:
+                with contextlib.suppress(ConfigError):
+                    return check_value(dotted, member, value)
+            got = "null" if value is None else f"{type(value).__name__} {value!r}"
+            raise ConfigError(f"config key {dotted}: expected {describe_type(hint)}, got {got}")
+        (hint,) = members
         origin, args = typing.get_origin(hint), typing.get_args(hint)
 
     def wrong(extra: str = "") -> ConfigError:
@@ -395,7 +406,7 @@ def check_value(dotted: str, hint: Any, value: Any) -> Any:
 # Values a type check cannot catch. Sizes a stage divides by or loops over: > 0; counts where 0 means
 # "none"/"all": >= 0. Pretraining sizes are checked by PretrainConfig itself.
 POSITIVE_KEYS = ("tiling.tile_size", "tiling.workers", "tiling.target_mpp", "normalize.batch_size", "normalize.Io",
-                 "features.batch_size", "nproc_per_node", "probes.knn_k", "collapse.k", "collapse.max_points",
+                 "features.batch_size", "nproc_per_node", "nnodes", "probes.knn_k", "collapse.k", "collapse.max_points",
                  "data.mpp_override", "data.synthetic.n_sites", "data.synthetic.slides_per_site",
                  "data.synthetic.slide_size_px", "data.synthetic.mpp")
 NON_NEGATIVE_KEYS = ("tiling.overlap", "tiling.qc_figures", "features.num_workers", "features.max_samples_per_split",
@@ -452,6 +463,16 @@ def validate_values(cfg: ProjectConfig) -> None:
         if _get_dotted(d, dotted) not in allowed:
             raise ConfigError(f"config key {dotted}: must be one of {', '.join(allowed)}, "
                               f"got {_get_dotted(d, dotted)!r}")
+    if cfg.nnodes > 1 or cfg.rdzv_endpoint:
+        from exaonepath_core.launch import LaunchError, check_endpoint
+
+        if not cfg.rdzv_endpoint:
+            raise ConfigError(f"config key rdzv_endpoint: nnodes is {cfg.nnodes}, so set it to HOST:PORT of the "
+                              "first node (e.g. ${MASTER_ADDR}:29500)")
+        try:
+            check_endpoint(cfg.rdzv_endpoint)
+        except LaunchError as err:
+            raise ConfigError(f"config key rdzv_endpoint: {err}") from None
     fraction = cfg.features.center_crop_fraction
     if not 0.5 <= fraction <= 1.0:
         raise ConfigError(f"config key features.center_crop_fraction: must lie in [0.5, 1], got {fraction!r}")
@@ -504,7 +525,8 @@ def validate_values(cfg: ProjectConfig) -> None:
         check_backbone_spec(f"features.extra_backbones[{i}]", spec)
 
 
-BACKBONE_FORMS = ("'exaonepath:/path/EXAONEPath.ckpt'", "'ours:/path/teacher_backbone.pth'", "'timm:<model_name>'")
+BACKBONE_FORMS = ("'exaonepath:/path/EXAONEPath.ckpt'", "'ours:/path/teacher_backbone.pth'", "'timm:<model_name>'",
+                  "'peer:NAME=/path/to/weights' (NAME from exaonepath_core.peers.PEERS)")
 
 
 def resolve_backbone_spec(spec: str) -> dict[str, Any]:
@@ -527,6 +549,14 @@ def check_backbone_spec(dotted: str, spec: str) -> None:
         reason = "no kind: prefix" if ":" not in spec else str(err)
         raise ConfigError(f"config key {dotted}: {spec!r} is not a backbone spec ({reason}); accepted forms: "
                           f"{', '.join(BACKBONE_FORMS)}") from None
+    if options["kind"] == "peer":
+        # an explicit weights path must exist; `peer:NAME` alone (the local Hugging Face cache) may be absent:
+        # stage 04 then lists the peer as absent instead of stopping the run
+        if "path" in options and not Path(options["path"]).exists():
+            raise ConfigError(f"config key {dotted}: weights of {spec!r} not found: {options['path']} "
+                              "(a file, a Hugging Face snapshot or cache folder; relative paths are read from "
+                              "the repository root)")
+        return
     if options["kind"] in ("exaonepath", "ours"):
         # local checkpoints are never downloaded: a missing one can only fail later
         path = Path(options["path"])
@@ -582,6 +612,10 @@ def load_config(path_or_profile: str | Path, overrides: dict[str, Any] | None = 
             cursor = cursor.setdefault(part, {})
         cursor[leaf] = value
     data = _expand_env(data)
+    if "nproc_per_node" in data:  # `auto`: one process per visible GPU, 1 without one (typed as an int below)
+        from exaonepath_core.rank_checks import resolve_nproc_per_node
+
+        data["nproc_per_node"] = resolve_nproc_per_node(data["nproc_per_node"])
     cfg = _build(ProjectConfig, data, "")
     validate_pretrain_section(cfg.pretrain)
     validate_values(cfg)

@@ -243,6 +243,10 @@ def stage_warnings(stage: str, stage_dir: Path, cfg: ProjectConfig) -> list[str]
             out.append(f"store {row['store']}: {int(row['slides_failed'])} slide(s) could not be read and are not "
                        f"in it ({reasons[:300]}{' ...' if len(reasons) > 300 else ''}; see "
                        f"{stage_dir / 'normalize_summary.csv'})")
+        for _, row in summary[(summary["patches"] > 0) & (summary["fallback_passed_through"] == summary["patches"])
+                              & (summary["store"] == "macenko")].iterrows():
+            out.append(f"store macenko: every one of its {int(row['patches'])} patches was passed through unchanged "
+                       "(no stain estimate: background-only tiles?), so the macenko arm sees raw colours")
     if key == "04" and (status := table("datasets.csv")) is not None:
         detail = dict(zip(status["dataset"], status["detail"].astype(str)))
         for name, root in cfg.data.downstream_roots.items():
@@ -322,6 +326,10 @@ def run_pipeline(
         selected = [s for s in selected if s in wanted]
     check_shards(cfg, selected)
     check_paper_inputs(cfg)
+    if "03" in selected and cfg.arms:  # before any stage: not after hours of tiling, as 8 CPU ranks killed for memory
+        from exaonepath_core.rank_checks import check_nproc_per_node
+
+        check_nproc_per_node(cfg.nproc_per_node, cfg.device)
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
     if selected:  # the stages this run does not run must have finished before: say so before any work
         missing = [k for k in missing_upstream(cfg, paths, selected[0]) if k not in selected]

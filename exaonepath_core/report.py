@@ -50,8 +50,14 @@ def write_index_html(profile_dir: str | Path, items: list[ReportItem], title: st
         if path.suffix.lower() == ".png":
             parts.append(f"<a href='{rel}'><img src='{rel}' alt='{html.escape(item.caption)}'></a>")
         elif path.suffix.lower() == ".csv" and tables_inline:
-            df = pd.read_csv(path)
-            if len(df) <= 60:
+            try:
+                df = pd.read_csv(path)
+            except pd.errors.EmptyDataError:  # a 1-byte file from a run before tables kept their header
+                df = pd.DataFrame()
+            if df.empty:  # say so: an empty table rendered as a bare header reads like a rendering fault
+                parts.append("<p class='missing'>(no rows: nothing measured; see <i>Not measured in this run</i> "
+                             "above)</p>")
+            elif len(df) <= 60:
                 parts.append(df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
     parts.append("</body></html>")
     out = profile_dir / "index.html"

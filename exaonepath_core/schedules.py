@@ -1,15 +1,51 @@
 """Per-step schedules (one value per optimisation step), indexed by the global step as in DINO."""
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
+
+# A schedule length is a number of epochs (fractions allowed: 0.045 is 4.5% of one pass over the store) or an
+# explicit count of optimisation steps written "2500 steps" (steps of this run's global batch).
+_LENGTH_TEXT = re.compile(r"\s*(?P<value>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*(?P<unit>steps?|epochs?)\s*")
+
+
+def parse_length(key: str, value: float | str) -> tuple[float, str]:
+    """`value` of a schedule length as `(amount, unit)`, unit "epochs" or "steps"; ValueError names the key.
+
+    A number means epochs; a string is "N steps" (an integer) or "X epochs".
+    """
+    if isinstance(value, bool):
+        raise ValueError(  # noqa: TRY004 (config errors are ValueErrors here, whatever the wrong value)
+            f"{key} must be a number of epochs or a string 'N steps', got {value!r}")
+    if isinstance(value, (int, float)):
+        amount, unit = float(value), "epochs"
+    else:
+        match = _LENGTH_TEXT.fullmatch(str(value))
+        if match is None:
+            raise ValueError(f"{key} must be a number of epochs (e.g. 0.5) or a string like '2500 steps' or "
+                             f"'0.5 epochs', got {value!r}")
+        amount, unit = float(match["value"]), "steps" if match["unit"].startswith("step") else "epochs"
+        if unit == "steps" and not amount.is_integer():
+            raise ValueError(f"{key}: a step count must be a whole number, got {value!r}")
+    if not math.isfinite(amount) or amount < 0:
+        raise ValueError(f"{key} must be >= 0, got {value!r}")
+    return amount, unit
+
+
+def length_in_steps(key: str, value: float | str, steps_per_epoch: int) -> int:
+    """A schedule length (epochs, fractional allowed, or "N steps") as a whole number of steps (epochs rounded)."""
+    amount, unit = parse_length(key, value)
+    return int(amount) if unit == "steps" else round(amount * steps_per_epoch)
 
 
 def cosine_schedule(
     base: float,
     final: float,
-    epochs: int,
+    epochs: float,
     steps_per_epoch: int,
-    warmup_epochs: int = 0,
+    warmup_epochs: float = 0,
     start_warmup: float = 0.0,
 ) -> np.ndarray:
     """Linear warm-up from `start_warmup` to `base`, then a half cosine from `base` to `final`; one value per step.
@@ -23,8 +59,18 @@ def cosine_schedule(
         raise ValueError(f"epochs ({epochs}) and steps_per_epoch ({steps_per_epoch}) must be positive")
     if not 0 <= warmup_epochs <= epochs:
         raise ValueError(f"warmup_epochs ({warmup_epochs}) must lie in [0, epochs={epochs}]")
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = warmup_epochs * steps_per_epoch
+    return cosine_schedule_steps(base, final, length_in_steps("epochs", epochs, steps_per_epoch),
+                                 length_in_steps("warmup_epochs", warmup_epochs, steps_per_epoch), start_warmup)
+
+
+def cosine_schedule_steps(
+    base: float, final: float, total_steps: int, warmup_steps: int = 0, start_warmup: float = 0.0
+) -> np.ndarray:
+    """`cosine_schedule` with both lengths given in steps (what fractional epochs and "N steps" resolve to)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps ({total_steps}) must be positive")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must lie in [0, total_steps={total_steps}]")
     warmup = np.linspace(start_warmup, base, warmup_steps, endpoint=False) if warmup_steps > 0 else np.array([])
     cosine_steps = total_steps - warmup_steps
     if cosine_steps == 1:
@@ -39,7 +85,7 @@ def cosine_schedule(
 
 
 def warmup_then_constant(
-    start: float, value: float, warmup_epochs: int, epochs: int, steps_per_epoch: int
+    start: float, value: float, warmup_epochs: float, epochs: float, steps_per_epoch: int
 ) -> np.ndarray:
     """Linear ramp from `start` to `value` over `warmup_epochs`, then constant; one value per step.
 
@@ -47,8 +93,16 @@ def warmup_then_constant(
     """
     if epochs <= 0 or steps_per_epoch <= 0:
         raise ValueError(f"epochs ({epochs}) and steps_per_epoch ({steps_per_epoch}) must be positive")
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = min(max(warmup_epochs, 0), epochs) * steps_per_epoch
+    return warmup_then_constant_steps(start, value, length_in_steps("warmup_epochs", max(warmup_epochs, 0),
+                                                                    steps_per_epoch),
+                                      length_in_steps("epochs", epochs, steps_per_epoch))
+
+
+def warmup_then_constant_steps(start: float, value: float, warmup_steps: int, total_steps: int) -> np.ndarray:
+    """`warmup_then_constant` with lengths in steps; a warm-up longer than the run is cut at its end (as DINO)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps ({total_steps}) must be positive")
+    warmup_steps = min(max(warmup_steps, 0), total_steps)
     ramp = np.linspace(start, value, warmup_steps) if warmup_steps > 0 else np.array([])
     schedule = np.concatenate([ramp, np.full(total_steps - warmup_steps, value)]).astype(np.float64)
     assert len(schedule) == total_steps, (len(schedule), total_steps)

@@ -4,6 +4,9 @@ Single process: `python -m exaonepath_core.training --config PRETRAIN.yaml [--re
 [--set key=value ...]`. Multi-GPU / multi-node: the same command under `torchrun --nproc_per_node=G ...` runs DDP
 (NCCL on GPU, gloo on CPU); every collective is guarded by `dist.is_initialized()`.
 
+Stop signals (SIGTERM, SIGUSR1) checkpoint after the current step and exit with code 75 (preemption.py); a
+resume may use another world size, continuing from the same sample position of the epoch (elastic.py).
+
 Exact resume: each epoch's data order is a seeded per-rank permutation, each sample's augmentations are seeded
 from (seed, epoch, index), schedules are indexed by the global step, and the RNG state (drop-path) is saved with
 the checkpoint; a resumed run skips the first k batches of the interrupted epoch without loading them.
@@ -33,9 +36,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from exaonepath_core import atomic, config, dino
+from exaonepath_core import atomic, config, dino, elastic, schedules
 from exaonepath_core.backbones import create_backbone
-from exaonepath_core.schedules import cosine_schedule, warmup_then_constant
+from exaonepath_core.preemption import EXIT_PREEMPTED, Preempted, StopRequest
+from exaonepath_core.schedules import cosine_schedule_steps, warmup_then_constant_steps
 
 INPUT_ARMS = ("raw", "macenko", "stain_augmentation")
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -80,21 +84,23 @@ class PretrainConfig:
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     # optimisation (lr is the base rate for a total batch of 256, scaled linearly as DINO)
-    epochs: int = 100
+    # epochs may be fractional (the same images seen on a store of another size); the three schedule lengths
+    # below take epochs (fractions allowed) or a step count written "2500 steps" (schedules.parse_length)
+    epochs: float = 100
     batch_size_per_gpu: int = 64
     lr: float = 0.0005
     min_lr: float = 1e-6
-    warmup_epochs: int = 10
+    warmup_epochs: float | str = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
     clip_grad_mode: str = "per_parameter"  # per_parameter (DINO) | global (DINOv2's clip_grad_norm_)
-    freeze_last_layer: int = 1
+    freeze_last_layer: float | str = 1
     # DINO loss and teacher
     momentum_teacher: float = 0.996
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
+    warmup_teacher_temp_epochs: float | str = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
     centering: str = "center"  # center (DINO) | sinkhorn_knopp (DINOv2/SwAV balanced teacher targets)
@@ -150,8 +156,13 @@ class PretrainConfig:
                      "saveckp_freq", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must lie in [0, epochs={self.epochs}]")
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer"):
+            try:
+                amount, unit = schedules.parse_length(name, getattr(self, name))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if name == "warmup_epochs" and unit == "epochs" and amount > self.epochs:
+                raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must lie in [0, epochs={self.epochs}]")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0 or null, got {self.max_steps}")
         for name in ("global_crop_scale", "local_crop_scale", "blur_sigma"):
@@ -473,6 +484,32 @@ class DINOTrainStep:
         return StepResult(loss_value, True, teacher_out, grad_norm, teacher_p)
 
 
+def _run_schedules(
+    cfg: PretrainConfig, total_steps: int, steps_per_epoch: int, global_batch: int, announce: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The per-step lr, weight decay, teacher momentum and teacher temperature, and the frozen-last-layer steps.
+
+    Schedule lengths in epochs (fractional allowed) are rounded to whole steps of this run's steps per epoch;
+    "N steps" are taken as written.
+    """
+    lengths = {name: schedules.length_in_steps(name, getattr(cfg, name), steps_per_epoch)
+               for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer")}
+    if lengths["warmup_epochs"] > total_steps:
+        raise ConfigError(f"warmup_epochs ({cfg.warmup_epochs!r}) is {lengths['warmup_epochs']} steps, more than "
+                          f"the run's {total_steps} steps (epochs={cfg.epochs}, {steps_per_epoch} steps per epoch)")
+    if announce:
+        print(f"[pretrain] schedules in steps: {total_steps} in all, lr warm-up {lengths['warmup_epochs']}, "
+              f"teacher temperature warm-up {lengths['warmup_teacher_temp_epochs']}, last layer frozen "
+              f"{lengths['freeze_last_layer']} ({steps_per_epoch} steps per epoch, global batch {global_batch})",
+              flush=True)
+    lr = cosine_schedule_steps(cfg.lr * global_batch / 256.0, cfg.min_lr, total_steps, lengths["warmup_epochs"])
+    wd = cosine_schedule_steps(cfg.weight_decay, cfg.weight_decay_end, total_steps)
+    momentum = cosine_schedule_steps(cfg.momentum_teacher, 1.0, total_steps)
+    teacher_temp = warmup_then_constant_steps(cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                              lengths["warmup_teacher_temp_epochs"], total_steps)
+    return lr, wd, momentum, teacher_temp, lengths["freeze_last_layer"]
+
+
 def make_optimizer(student_net: nn.Module, fused: bool) -> torch.optim.AdamW:
     """AdamW over the student with DINO's two groups (no decay on biases and norms); fused kernels when asked."""
     device_type = next(student_net.parameters()).device.type
@@ -575,7 +612,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     steps_per_epoch = per_rank // batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"{n_patches} patches give {per_rank} per rank, fewer than one batch of {batch_size}")
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = schedules.length_in_steps("epochs", cfg.epochs, steps_per_epoch)
     last_step = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
     # the epoch's permutation is cut to whole batches on every rank (DINO's drop_last): the rest of the
     # patches sit out that epoch only (another random set each epoch), counted here rather than unmentioned
@@ -634,19 +671,17 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
 
     # ============ init schedulers ... ============
     global_batch = batch_size * runtime.world_size
-    lr_schedule = cosine_schedule(cfg.lr * global_batch / 256.0, cfg.min_lr, cfg.epochs, steps_per_epoch,
-                                  warmup_epochs=cfg.warmup_epochs)
-    wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch)
-    momentum_schedule = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
-    teacher_temp_schedule = warmup_then_constant(cfg.warmup_teacher_temp, cfg.teacher_temp,
-                                                 cfg.warmup_teacher_temp_epochs, cfg.epochs, steps_per_epoch)
+    lr_schedule, wd_schedule, momentum_schedule, teacher_temp_schedule, freeze_steps = _run_schedules(
+        cfg, total_steps, steps_per_epoch, global_batch, announce=is_main)
 
     # ============ optionally resume training ... ============
     checkpoint_path = output_dir / CHECKPOINT_NAME
     start_step = 0
+    position = elastic.DataPosition(0, 0)  # the epoch offset is non-zero only in an epoch resumed at a new size
     if resume:
-        start_step, center = _resume(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center,
-                                     n_patches=n_patches, steps_per_epoch=steps_per_epoch)
+        position, center = _resume(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center,
+                                   n_patches=n_patches, steps_per_epoch=steps_per_epoch)
+        start_step = position.step
     elif is_main and checkpoint_path.exists():
         print(f"[pretrain] note: {checkpoint_path} exists and will be overwritten (pass --resume to continue it)",
               flush=True)
@@ -654,9 +689,9 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         # written once the resume is accepted: a refused one leaves the record of the run it refused to continue
         atomic.write_text(output_dir / "pretrain_config.json",
                           json.dumps({**cfg.to_dict(), **git, "world_size": runtime.world_size}, indent=2) + "\n")
-        _truncate_log(output_dir / LOG_NAME, start_step)
+        _truncate_log(output_dir / LOG_NAME, position.logged_step)  # the old numbering after a world-size change
     # drop-path draws differ per rank; on resume the saved per-rank state was restored above
-    if start_step == 0:
+    if position.logged_step == 0:  # a fresh start (a resize may map a resumed run to step 0: it keeps its state)
         torch.manual_seed(cfg.seed + runtime.rank)
     last_saved_step = start_step if resume and checkpoint_path.exists() else None
 
@@ -674,15 +709,16 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     losses: list[float] = []
     rates: list[float] = []
     last_record: dict[str, Any] = {}
+    stop_request = StopRequest().install()  # SIGTERM / SIGUSR1: checkpoint at the next step boundary, then exit
     t_start = time.perf_counter()
     try:
-        for epoch in range(start_step // steps_per_epoch, cfg.epochs):
+        for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
             if step >= last_step:
                 break
-            indices = epoch_indices(n_patches, runtime.rank, runtime.world_size, cfg.seed, epoch)
-            indices = indices[: steps_per_epoch * batch_size]
             # resume mid-epoch: skip the batches already trained on, without loading them
-            indices = indices[(step - epoch * steps_per_epoch) * batch_size:]
+            indices = elastic.rank_epoch_indices(
+                n_patches, runtime.rank, runtime.world_size, cfg.seed, epoch, steps_per_epoch=steps_per_epoch,
+                batch_size=batch_size, step=step, offset=position.offset_at(step, steps_per_epoch))
             loader = DataLoader(
                 crop_dataset,
                 batch_size=batch_size,
@@ -715,7 +751,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                 momentum = float(momentum_schedule[step])
                 result = train_step(views, center, lr=float(lr_schedule[step]),
                                     weight_decay=float(wd_schedule[step]), teacher_temp=teacher_temp,
-                                    momentum=momentum, freeze_last_layer=epoch < cfg.freeze_last_layer)
+                                    momentum=momentum, freeze_last_layer=step < freeze_steps)
                 loss_value, grad_norm, teacher_out = result.loss, result.grad_norm, result.teacher_out
                 if not result.finite:
                     where = (f"the last good checkpoint {checkpoint_path} (step {last_saved_step}) is intact"
@@ -747,11 +783,17 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_value:.3f}", H=f"{stats['teacher_entropy']:.2f}",
                                          ips=f"{img_per_s:.1f}", refresh=False)
-                if step % cfg.saveckp_freq == 0 and step < last_step:
+                stop = stop_request.agreed() and step < last_step  # collective: every rank, every step
+                if (step % cfg.saveckp_freq == 0 and step < last_step) or stop:
                     _save_checkpoint(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center,
-                                     step, steps_per_epoch, n_patches)
+                                     step, steps_per_epoch, n_patches, position.offset_at(step, steps_per_epoch))
                     last_saved_step = step
+                if stop:
+                    if dist.is_initialized():
+                        dist.barrier()  # no rank closes the process group while rank 0 still writes
+                    raise Preempted(step, stop_request.received or "a stop signal", str(checkpoint_path))
     finally:
+        stop_request.uninstall()
         if progress is not None:
             progress.close()
         if log_handle is not None:
@@ -759,7 +801,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
 
     # ============ final checkpoint and teacher export ... ============
     _save_checkpoint(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center, step,
-                     steps_per_epoch, n_patches)
+                     steps_per_epoch, n_patches, position.offset_at(step, steps_per_epoch))
     wall_s = time.perf_counter() - t_start
     summary: dict[str, Any] = {
         "steps": step, "start_step": start_step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
@@ -810,10 +852,12 @@ def _save_checkpoint(
     step: int,
     steps_per_epoch: int,
     n_patches: int,
+    epoch_offset: int = 0,
 ) -> None:
     """Tensors and plain dicts only (loads with `weights_only=True`); written atomically by rank 0.
 
-    `n_patches` (the training set's size) and `steps_per_epoch` let a resume refuse a store of another size.
+    `n_patches` (the training set's size) and `steps_per_epoch` let a resume refuse a store of another size;
+    `global_batch` and `epoch_offset` (elastic.DataPosition) let it continue at another world size.
     """
     rng_states = _gather_rng_states(runtime)  # collective: every rank takes part
     if runtime.rank != 0:
@@ -824,6 +868,8 @@ def _save_checkpoint(
         "steps_per_epoch": steps_per_epoch,
         "n_patches": n_patches,
         "world_size": runtime.world_size,
+        "global_batch": cfg.batch_size_per_gpu * runtime.world_size,
+        "epoch_offset": epoch_offset,
         "student": student_net.state_dict(),
         "teacher": teacher_net.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -847,28 +893,31 @@ def _resume(
     *,
     n_patches: int,
     steps_per_epoch: int,
-) -> tuple[int, torch.Tensor]:
-    """Load the checkpoint at `path` into the networks and optimizer; returns (step, centre).
+) -> tuple[elastic.DataPosition, torch.Tensor]:
+    """Load the checkpoint at `path` into the networks and optimizer; returns (data position, centre).
 
-    Refuses (ConfigError) a checkpoint whose recipe, world size or training-set size differs from this run's:
-    `data_root` may move, but a store of another size would shift every schedule and the data order.
+    Refuses (ConfigError) a checkpoint whose recipe or training-set size differs from this run's: `data_root`
+    may move, but a store of another size would shift every schedule and the data order. Another world size is
+    accepted: the run continues from the same sample position of the epoch (`_position_at_world_size`).
     """
     if not path.exists():
         if runtime.rank == 0:
             print(f"[pretrain] --resume: no checkpoint at {path}, starting from step 0", flush=True)
-        return 0, center
+        return elastic.DataPosition(0, 0), center
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     saved = checkpoint["config"]
     changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_MUTABLE_KEYS and saved.get(k) != v)
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ConfigError(f"cannot resume {path}: settings differ from the checkpoint's ({details})")
-    if checkpoint["world_size"] != runtime.world_size:
-        raise ConfigError(f"cannot resume {path}: it was written with world_size {checkpoint['world_size']}, "
-                          f"this run has {runtime.world_size} (the data order and schedules depend on it)")
     # checkpoints written before n_patches was stored carry steps_per_epoch only
     saved_patches = checkpoint.get("n_patches")
-    if checkpoint["steps_per_epoch"] != steps_per_epoch or (saved_patches is not None and saved_patches != n_patches):
+    same_world = checkpoint["world_size"] == runtime.world_size
+    if saved_patches is None and not same_world:
+        raise ConfigError(f"cannot resume {path} at world size {runtime.world_size}: it was written with world_size "
+                          f"{checkpoint['world_size']} by a version that did not record the training-set size")
+    if (same_world and checkpoint["steps_per_epoch"] != steps_per_epoch) or (
+            saved_patches is not None and saved_patches != n_patches):
         saved_size = f"{saved_patches} patches, " if saved_patches is not None else ""
         raise ConfigError(
             f"cannot resume {path}: it was trained on {saved_size}{checkpoint['steps_per_epoch']} steps per epoch; "
@@ -878,13 +927,50 @@ def _resume(
     student_net.load_state_dict(checkpoint["student"], strict=True)
     teacher_net.load_state_dict(checkpoint["teacher"], strict=True)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    rng = checkpoint["rng"][runtime.rank]
+    position = _position_at_world_size(checkpoint, cfg, runtime, n_patches, steps_per_epoch)
+    _restore_rng(checkpoint["rng"], runtime, cfg.seed, position.step)
+    if runtime.rank == 0:
+        print(f"[pretrain] resumed from {path} at step {position.step}", flush=True)
+    return position, checkpoint["center"].to(center.device)
+
+
+def _position_at_world_size(
+    checkpoint: dict[str, Any], cfg: PretrainConfig, runtime: _Runtime, n_patches: int, steps_per_epoch: int
+) -> elastic.DataPosition:
+    """The checkpoint's data position, moved to this run's world size (the same one: as saved)."""
+    old_spe = int(checkpoint["steps_per_epoch"])
+    saved = elastic.DataPosition(int(checkpoint["step"]), int(checkpoint["step"]) // old_spe,
+                                 int(checkpoint.get("epoch_offset", 0)))
+    if checkpoint["world_size"] == runtime.world_size:
+        return saved
+    old_batch = int(checkpoint.get("global_batch", cfg.batch_size_per_gpu * checkpoint["world_size"]))
+    new_batch = cfg.batch_size_per_gpu * runtime.world_size
+    moved = elastic.remap_position(saved, n=n_patches, old_steps_per_epoch=old_spe, old_global_batch=old_batch,
+                                   new_steps_per_epoch=steps_per_epoch, new_global_batch=new_batch)
+    if runtime.rank == 0:
+        in_steps = [k for k in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer")
+                    if schedules.parse_length(k, getattr(cfg, k))[1] == "steps"]
+        print(f"[pretrain] world size changed {checkpoint['world_size']} -> {runtime.world_size} (global batch "
+              f"{old_batch} -> {new_batch}, {old_spe} -> {steps_per_epoch} steps per epoch, base lr scaled by "
+              f"{new_batch / old_batch:g}): epoch {saved.epoch} continues after its first {moved.samples_into_epoch} "
+              f"samples; step {saved.step} -> {moved.position.step} (epoch {moved.position.epoch}); "
+              f"{moved.unseen_in_epoch} samples of epoch {saved.epoch} go unseen in it"
+              + (f"; {', '.join(in_steps)} count steps of the new global batch" if in_steps else ""), flush=True)
+    return moved.position
+
+
+def _restore_rng(saved_states: list[dict[str, Any]], runtime: _Runtime, seed: int, step: int) -> None:
+    """Restore this rank's RNG state (drop-path draws); a rank the checkpoint has no state for (the world grew)
+    seeds from (seed, rank, step) instead, and states of ranks that no longer exist are dropped."""
+    if runtime.rank >= len(saved_states):
+        torch.manual_seed(dino.sample_seed(seed, step, runtime.rank))
+        print(f"[pretrain] rank {runtime.rank}: no RNG state in the checkpoint (written by {len(saved_states)} "
+              "ranks); drop-path draws seeded from (seed, step, rank)", flush=True)
+        return
+    rng = saved_states[runtime.rank]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and runtime.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], runtime.device)
-    if runtime.rank == 0:
-        print(f"[pretrain] resumed from {path} at step {checkpoint['step']}", flush=True)
-    return int(checkpoint["step"]), checkpoint["center"].to(center.device)
 
 
 def _truncate_log(log_path: Path, start_step: int) -> None:
@@ -1041,6 +1127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputDirBusyError as err:
         print(f"[pretrain] ERROR: {err}", file=sys.stderr, flush=True)
         return 4
+    except Preempted as stopped:
+        print(f"[pretrain] {stopped}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     if args.plot and int(os.environ.get("RANK", "0")) == 0:
         plot_training_curves(summary["log"], Path(cfg.output_dir) / "training_curves.png")
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from exaonepath_core import atomic
+from exaonepath_core import atomic, rank_checks, stage_tables
 from exaonepath_core.config import REPO_ROOT, ProjectConfig, pick_device, resolve_path
 
 SYNTHETIC_TASK = "synthetic_heldout"
@@ -27,6 +27,7 @@ REAL_HELDOUT_SPLIT = "all"
 # the historical file names collapse_metrics.png / embeddings_by_arm.png).
 COLLAPSE_COHORTS = {SYNTHETIC_TASK: "synthetic", REAL_HELDOUT_TASK: "real"}
 UNLABELLED_TASKS = (REAL_HELDOUT_TASK,)
+FEATURES_INDEX_COLUMNS = list(stage_tables.FEATURES_INDEX_COLUMNS)  # stage 04's features_index.csv
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def tiling_summary(slides: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
         rows.append({"source": source, "split": split, "slides": len(g), "ok": int(ok.sum()),
                      "failed": int((g["status"] == "failed").sum()), "tiles": int(g.loc[ok, "n_tiles"].sum()),
                      "zero_tile_slides": int((ok & (g["n_tiles"] == 0)).sum())})
-    total = pd.DataFrame(rows)
+    total = pd.DataFrame(rows, columns=list(stage_tables.TILING_SUMMARY_COLUMNS))
     if len(total):
         total.loc[len(total)] = {"source": "all", "split": "all", "slides": int(total.slides.sum()),
                                  "ok": int(total.ok.sum()), "failed": int(total.failed.sum()),
@@ -87,7 +88,20 @@ def normalize_summary(ledgers: dict[str, pd.DataFrame]) -> pd.DataFrame:
         rows.append({"store": mode, "slides_ok": int(ok.sum()), "slides_failed": int((~ok).sum()),
                      "patches": n, "fallback_passed_through": fb, "fallback_fraction": round(fb / n, 4) if n else 0.0,
                      "failed_reasons": "; ".join(sorted(set(led.loc[~ok, "reason"].astype(str))))})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(stage_tables.NORMALIZE_SUMMARY_COLUMNS))
+
+
+def check_pretraining_tiles(cfg: ProjectConfig, train_slides: pd.DataFrame, train_sets: list, tiles_dir: Path) -> None:
+    """Stop stage 02 with the reason when no pretraining slide gave a tile (every slide failed or had no tissue):
+    an empty store would otherwise fail later, inside the trainer or the QC figure, without saying why."""
+    if not cfg.arms or sum(len(ts.coords) for ts in train_sets):
+        return
+    empty_sets = sum(1 for ts in train_sets if len(ts.coords) == 0)
+    raise RuntimeError(
+        f"no tile to pretrain on: {len(train_slides)} pretraining slide(s), {len(train_slides) - len(train_sets)} "
+        f"failed to tile and {empty_sets} had no tissue at tiling.min_tissue_fraction={cfg.tiling.min_tissue_fraction} "
+        f"(reasons per slide in {Path(tiles_dir) / 'ledger.csv'}); check data.slide_dirs / data.slide_list "
+        f"(a site's held-out slides, data.heldout_slides_per_site, are not pretrained on)")
 
 
 def qc_examples(tile_sets: list, reference, n_slides: int = 6) -> tuple[list, list, list]:
@@ -199,8 +213,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1, force: bool = False) -> dict:
+def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1, force: bool = False,
+                    nnodes: int = 1, rdzv_endpoint: str = "") -> dict:
     """Run `exaonepath_core.training` in a subprocess (torchrun when nproc > 1); resume when a checkpoint exists.
+
+    `nnodes` > 1 joins torchrun's c10d rendezvous at `rdzv_endpoint` (this node is one of them; the others run
+    `python -m exaonepath_core.launch` with the same settings, see tools/slurm/pretrain.sbatch).
 
     A finished run (teacher export present and newer than the config) is reused unless `force`.
     The subprocess's output goes to `train_stdout.log`; on failure its tail is raised in the error.
@@ -214,22 +232,26 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
     args = ["--config", str(pretrain_yaml)]
     if not force and (out_dir / "checkpoint.pth").is_file():
         args.append("--resume")
-    if nproc_per_node > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc_per_node}", "-m", "exaonepath_core.training", *args]
-    else:
-        cmd = [sys.executable, "-m", "exaonepath_core.training", *args]
+    from exaonepath_core.launch import torchrun_command
+
+    cmd = torchrun_command(args, nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
     log_path = out_dir / "train_stdout.log"
+    cmd = rank_checks.with_rank_logs(cmd, out_dir / rank_checks.TORCHRUN_LOG_DIR)  # named when a rank dies
     print("running:", " ".join(cmd), flush=True)
     t0 = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_start = log_path.stat().st_size if log_path.is_file() else 0  # the log is appended to across resumes
     with open(log_path, "a") as log:
         # check=False: a failed run is reported below with the tail of its log, which check=True would hide.
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, check=False,
                               preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
     if proc.returncode != 0:
-        raise RuntimeError(f"pretraining exited with code {proc.returncode}; last lines of {log_path}:\n{tail}")
+        with open(log_path, "rb") as log:
+            log.seek(log_start)
+            this_run = log.read().decode(errors="replace")
+        what = rank_checks.describe_failure(proc.returncode, this_run, log_path, out_dir / rank_checks.TORCHRUN_LOG_DIR)
+        raise RuntimeError(f"{what}; last lines of {log_path}:\n{tail}")
     records = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines() if x.strip()]
     first = records[: max(1, len(records) // 10)]
     last = records[-max(1, len(records) // 10):]
@@ -264,7 +286,10 @@ def backbone_specs(cfg: ProjectConfig, pretrain_dir: Path, features_dir: Path | 
                                          Path(pretrain_dir).parent / "02_normalize" / "reference.json"))
     for spec in cfg.features.extra_backbones:
         kind, _, target = spec.partition(":")
-        base = f"{kind}_{Path(target).stem}".replace("/", "_")
+        if kind == "peer" and not _peer_weights_present(spec):
+            continue  # listed as absent (with the reason) by peer_status; never replaced by random weights
+        base = (f"peer_{target.partition('=')[0]}" if kind == "peer" else f"{kind}_{Path(target).stem}").replace(
+            "/", "_")
         name = base
         if name in specs and Path(target).parent.name:  # two EXAONEPath.ckpt in different folders
             name = f"{kind}_{Path(target).parent.name}_{Path(target).stem}".replace("/", "_")
@@ -273,6 +298,20 @@ def backbone_specs(cfg: ProjectConfig, pretrain_dir: Path, features_dir: Path | 
             name, n = f"{base}_{n}", n + 1
         specs[name] = spec
     return specs
+
+
+def _peer_weights_present(spec: str) -> bool:
+    """Whether a `peer:` spec's weights file can be found locally (prints why not)."""
+    from exaonepath_core import peers
+    from exaonepath_core.config import resolve_backbone_spec
+
+    options = resolve_backbone_spec(spec)
+    try:
+        peers.resolve_weights(options["peer"], options.get("path"))
+    except peers.PeerWeightsAbsent as err:
+        print(f"[features] {spec}: absent ({err})", flush=True)
+        return False
+    return True
 
 
 def untrained_backbones(cfg: ProjectConfig, out_dir: Path, reference_json: Path) -> dict[str, str]:
@@ -319,6 +358,8 @@ def load_backbone_with_transform(spec: str, cfg: ProjectConfig):
                   "in its repository): set normalize.reference_image to that image to feed it the colours it "
                   "was trained on", flush=True)
     model, info = backbones.load_backbone(options)
+    if options["kind"] == "peer":  # a peer keeps its authors' recipe (resize, crop, mean/std)
+        return model.to(device(cfg)).eval(), backbones.make_transform(info), info
     # the run's evaluation recipe, the same for every backbone (features.center_crop_fraction), and the run's
     # Macenko estimate (normalize.Io / alpha / beta, as the macenko store was written) for those that normalize
     crop = info.preprocess.crop
@@ -574,7 +615,7 @@ def dataset_status_table(datasets: dict[str, dict[str, Any]]) -> pd.DataFrame:
         rows.append({"dataset": name, "status": entry["status"].split(":")[0].split(" (")[0],
                      "detail": entry["status"], "n": entry["n"],
                      "splits": ",".join(f"{k}={len(v)}" for k, v in entry["splits"].items())})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(stage_tables.DATASET_STATUS_COLUMNS))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -630,7 +671,7 @@ def run_all_probes(cfg: ProjectConfig, features_dir: Path, min_per_class: int = 
                                    n_boot=cfg.probes.n_boot, knn_k=k)
             df["note"] = f"kNN only (k={k}): {len(ytr)} training samples, smallest class {smallest}"
         frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return pd.concat(frames, ignore_index=True) if frames else stage_tables.empty(stage_tables.PROBE_RESULTS_COLUMNS)
 
 
 def _slides_table(cfg: ProjectConfig) -> pd.DataFrame | None:
@@ -731,7 +772,18 @@ def collapse_by_arm(cfg: ProjectConfig, features_dir: Path) -> tuple[pd.DataFram
                 labels = np.array([names[c] if 0 <= c < len(names) else "unlabelled" for c in y[xy_idx]]) \
                     if names else y[xy_idx]
             embeds.setdefault(cohort_name, {})[arm] = (xy, slide_ids[xy_idx], labels, sites[xy_idx])
-    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), embeds
+    metrics = pd.concat(frames, ignore_index=True) if frames else stage_tables.empty(stage_tables.COLLAPSE_METRICS_COLUMNS)
+    return metrics, embeds
+
+
+def write_collapse_by_model(metrics: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
+    """`collapse_by_model.csv` (every backbone, peers included, ranked by slide identifiability per cohort) and
+    its figure; header-only table and a figure saying so when nothing was measured."""
+    from exaonepath_core import comparison
+
+    ranked = comparison.collapse_by_model(metrics)
+    csv = write_csv_atomic(ranked, Path(out_dir) / "collapse_by_model.csv")
+    return csv, comparison.plot_collapse_by_model(ranked, Path(out_dir) / "collapse_by_model.png")
 
 
 def collapse_figure_paths(out_dir: Path, cohort_name: str) -> tuple[Path, Path]:
@@ -777,7 +829,7 @@ def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.Da
     labels (real slides) gets the class row as "skipped: no tissue labels" and a claim_holds outcome that says
     only slide identity was checked."""
     if metrics.empty:
-        return pd.DataFrame()
+        return stage_tables.empty(stage_tables.COLLAPSE_VERDICT_COLUMNS)
     if "cohort" not in metrics.columns:
         return _verdict_of_cohort(metrics, class_margin)
     frames = []
@@ -786,7 +838,7 @@ def collapse_verdict(metrics: pd.DataFrame, class_margin: float = 0.05) -> pd.Da
         if len(verdict):
             verdict.insert(0, "cohort", cohort_name)
             frames.append(verdict)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return pd.concat(frames, ignore_index=True) if frames else stage_tables.empty(stage_tables.COLLAPSE_VERDICT_COLUMNS)
 
 
 def _lower_outcome(value: float, high: float, base: float, base_low: float) -> tuple[bool, str]:
@@ -855,7 +907,7 @@ def _verdict_of_cohort(metrics: pd.DataFrame, class_margin: float) -> pd.DataFra
             outcome = "slide identity lower; class not checked (no tissue labels)" if holds else "does not hold"
         rows.append({"comparison": f"{arm} vs {base}", "metric": "claim_holds", "value": float(holds),
                      "baseline": float("nan"), "delta": float("nan"), "outcome": outcome})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[c for c in stage_tables.COLLAPSE_VERDICT_COLUMNS if c != "cohort"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -872,8 +924,9 @@ def report_items(cfg: ProjectConfig, paths) -> tuple[list, dict[str, pd.DataFram
     items.append(ReportItem("01 Tiling", s["01"] / "tiling_summary.csv", "slides, failures and tiles per source"))
     for qc in sorted(tiles_dir.glob("qc/*.png"), key=lambda p: (not p.stem.startswith("CMU"), p.name))[:4]:
         items.append(ReportItem("01 Tiling", qc, f"tissue mask and tile grid of {qc.stem}"))
-    items.append(ReportItem("01 Tiling", s["01"] / "synthetic_examples.png",
-                            "synthetic cohort: tissue classes (rows) by site (columns)"))
+    if cfg.data.synthetic.enabled:  # else not generated: no "missing" line for a figure the run never makes
+        items.append(ReportItem("01 Tiling", s["01"] / "synthetic_examples.png",
+                                "synthetic cohort: tissue classes (rows) by site (columns)"))
     items.append(ReportItem("02 Stain normalization", s["02"] / "normalize_summary.csv",
                             "patches per store and degenerate patches passed through (counted, not dropped)"))
     items.append(ReportItem("02 Stain normalization", s["02"] / "stain_qc.png", "before / after Macenko"))
@@ -898,11 +951,12 @@ def report_items(cfg: ProjectConfig, paths) -> tuple[list, dict[str, pd.DataFram
     items.append(ReportItem("06 Feature collapse", s["06"] / "collapse_verdict.csv",
                             "the paper's claim per cohort and arm vs raw: slide identifiability lower, tissue "
                             "class kept (not checked on real slides: no tissue labels)"))
-    cohorts = ["synthetic"]
-    metrics_csv = s["06"] / "collapse_metrics.csv"
-    if metrics_csv.is_file() and metrics_csv.stat().st_size > 1:
-        found = pd.read_csv(metrics_csv, usecols=lambda c: c == "cohort")
-        cohorts = list(dict.fromkeys(found["cohort"])) if "cohort" in found.columns else cohorts
+    cohorts = ["synthetic"]  # no table: its figures are listed as missing
+    found = stage_tables.read_table(s["06"] / "collapse_metrics.csv")
+    if found is not None and found.empty:
+        cohorts = []  # nothing measured: no figure to list (the preamble's "not measured" list says why)
+    elif found is not None and "cohort" in found.columns:
+        cohorts = list(dict.fromkeys(found["cohort"]))
     for cohort_name in cohorts:
         bars, scatter = collapse_figure_paths(s["06"], cohort_name)
         what = ("held-out synthetic slides" if cohort_name == "synthetic"
@@ -911,6 +965,18 @@ def report_items(cfg: ProjectConfig, paths) -> tuple[list, dict[str, pd.DataFram
         items.append(ReportItem("06 Feature collapse", scatter,
                                 f"embeddings coloured by slide, class and site, one column per arm: {what}"))
     items.append(ReportItem("06 Feature collapse", s["06"] / "collapse_metrics.csv", "all collapse metrics"))
+    items.append(ReportItem("06 Feature collapse", s["06"] / "collapse_by_model.csv",
+                            "every backbone (peers included) ranked by slide identifiability, per cohort"))
+    items.append(ReportItem("06 Feature collapse", s["06"] / "collapse_by_model.png",
+                            "slide-ID probe and same-slide neighbours per model, in rank order"))
+    items.append(ReportItem("Model comparison (paper's table and Figure 1)", s["07"] / "model_comparison.csv",
+                            "published top-1 of every model of the paper beside this run's measured rows "
+                            "(95 % intervals); avg only over all six tasks"))
+    items.append(ReportItem("Model comparison (paper's table and Figure 1)", s["07"] / "model_comparison.png",
+                            "six-task average vs parameters and vs WSIs (log x): published circles, measured "
+                            "diamonds"))
+    items.append(ReportItem("Model comparison (paper's table and Figure 1)", s["07"] / "peer_status.csv",
+                            "each registered peer: measured, absent (why) or not configured"))
     summary_csv = s["05"] / "probe_summary.csv"
     if summary_csv.is_file():
         tables["paper_table"] = pd.read_csv(summary_csv)
@@ -919,6 +985,22 @@ def report_items(cfg: ProjectConfig, paths) -> tuple[list, dict[str, pd.DataFram
     for nb in sorted(paths.notebooks_dir.glob("*.ipynb")):
         items.append(ReportItem("Executed notebooks", nb, "executed copy with outputs"))
     return items, tables
+
+
+def write_model_comparison(cfg: ProjectConfig, paths) -> tuple[Path, Path]:
+    """Stage 07's `model_comparison.csv` (published rows beside this run's measured ones) and `.png` (Figure 1),
+    plus `peer_status.csv` (measured / absent with the reason / not configured per registered model)."""
+    from exaonepath_core import comparison
+
+    features_dir, out = paths.stage_dir("04", create=False), paths.stage_dir("07")
+    backbones = sorted(p.name for p in features_dir.iterdir() if p.is_dir()) if features_dir.is_dir() else []
+    status = comparison.peer_status(cfg.features.extra_backbones, backbones)
+    write_csv_atomic(status, out / "peer_status.csv")
+    summary_csv = paths.stage_dir("05", create=False) / "probe_summary.csv"
+    summary = pd.read_csv(summary_csv) if summary_csv.is_file() and summary_csv.stat().st_size > 1 else pd.DataFrame()
+    table = comparison.model_comparison_table(summary, status)
+    csv = write_csv_atomic(table, out / "model_comparison.csv")
+    return csv, comparison.plot_model_comparison(table, out / "model_comparison.png")
 
 
 def report_preamble(cfg: ProjectConfig, paths) -> str:
@@ -941,7 +1023,9 @@ def report_preamble(cfg: ProjectConfig, paths) -> str:
     run = "" if cfg.results_name == cfg.profile else f" (run <b>{html.escape(cfg.results_name)}</b>)"
     return (f"<p>Profile <b>{html.escape(cfg.profile)}</b>{run}, git {html.escape(sha)}, device {device(cfg)}. "
             f"Stage times: {html.escape('; '.join(times) or 'n/a')}. Resolved config: "
-            f"<a href='config.yaml'>config.yaml</a>.</p>" + verdict_paragraph(paths.stage_dir("06", create=False)))
+            f"<a href='config.yaml'>config.yaml</a>.</p>" + verdict_paragraph(paths.stage_dir("06", create=False))
+            + stage_tables.not_measured_html(stage_tables.not_measured(
+                {k: paths.stage_dir(k, create=False) for k in ("04", "05", "06")}, list(cfg.arms))))
 
 
 def verdict_paragraph(collapse_dir: Path) -> str:

@@ -115,7 +115,7 @@ def test_paths_map_and_done_markers(tmp_path):
 # --set values exactly as the CLI parses them, the dotted key and a phrase the error must carry
 BAD_OVERRIDES = [
     ("data.slide_dirs=/tmp", "data.slide_dirs", "expected a list of strings, got str '/tmp'"),
-    ("pretrain.epochs=abc", "pretrain.epochs", "expected an integer, got str 'abc'"),
+    ("pretrain.epochs=abc", "pretrain.epochs", "expected a number, got str 'abc'"),
     ("pretrain.epochs=0", "pretrain", "epochs must be positive"),
     ("features.center_crop_fraction=0.2", "features.center_crop_fraction", "must lie in"),
     ("pretrain.warmup_epochs=50", "pretrain", "warmup_epochs"),

@@ -71,7 +71,7 @@ def test_config_yaml_rejects_unknown_and_mistyped_keys(tmp_path):
     with pytest.raises(ConfigError, match="batchsize, learning_rate"):
         PretrainConfig.from_yaml(path)
     path.write_text("epochs: three\n")
-    with pytest.raises(ConfigError, match="epochs must be an integer"):
+    with pytest.raises(ConfigError, match="epochs must be a number"):
         PretrainConfig.from_yaml(path)
     with pytest.raises(ConfigError, match="input_arm"):
         PretrainConfig(input_arm="grey")

@@ -117,6 +117,7 @@ print("reference stain matrix (columns H, E):\\n", np.round(reference.stain_matr
       "\\nmax concentrations:", np.round(reference.max_concentrations, 4))
 ''')),
     ("code", '''train_sets = cohort.tile_sets(slides[slides.split == "train"], tiles_dir)
+workflow.check_pretraining_tiles(cfg, slides[slides.split == "train"], train_sets, tiles_dir)
 sources = cohort.tile_sources(train_sets, batch_size=cfg.normalize.batch_size)
 ledgers = {}
 for mode in cfg.normalize.stores:
@@ -135,8 +136,11 @@ counts
 '''),
     ("md", "## QC: before / after Macenko for several slides"),
     ("code", '''before, after, titles = workflow.qc_examples(train_sets, reference, n_slides=6)
-stain.plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
-display(Image(filename=str(out / "stain_qc.png")))
+if before:
+    stain.plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
+    display(Image(filename=str(out / "stain_qc.png")))
+else:
+    print("no pretraining tile to show (no train slide gave a tile; see 01_tiles/tiling_summary.csv)")
 '''),
 ]
 
@@ -158,7 +162,8 @@ save_config(cfg, out / "config.yaml")
 pretrain_yaml = workflow.write_pretrain_config(cfg, arm, paths.stage_dir("02"), out)
 print(pretrain_yaml.read_text())
 ''')),
-    ("code", '''summary = workflow.run_pretraining(pretrain_yaml, out, nproc_per_node=cfg.nproc_per_node, force=force)
+    ("code", '''summary = workflow.run_pretraining(pretrain_yaml, out, nproc_per_node=cfg.nproc_per_node, force=force,
+                                   nnodes=cfg.nnodes, rdzv_endpoint=cfg.rdzv_endpoint)
 summary
 '''),
     ("md", "## Training curves: loss, schedules, teacher entropy and centre (collapse watch)"),
@@ -209,7 +214,7 @@ for bname, spec in backbones.items():
             m = json.loads((target / "manifest.json").read_text())
             rows.append({"backbone": bname, "dataset": dname, "split": split, "n": m.get("n"), "dim": m.get("dim"),
                          "reused": done})
-table = pd.DataFrame(rows)
+table = pd.DataFrame(rows, columns=workflow.FEATURES_INDEX_COLUMNS)  # header kept when nothing was embedded
 workflow.write_csv_atomic(table, out / "features_index.csv")
 workflow.write_csv_atomic(workflow.dataset_status_table(datasets), out / "datasets.csv")
 table
@@ -269,6 +274,7 @@ metrics, embeds = workflow.collapse_by_arm(cfg, paths.stage_dir("04"))
 workflow.write_csv_atomic(metrics, out / "collapse_metrics.csv")
 verdict = workflow.collapse_verdict(metrics)
 workflow.write_csv_atomic(verdict, out / "collapse_verdict.csv")
+workflow.write_collapse_by_model(metrics, out)  # every backbone, peers included, ranked by slide identifiability
 if metrics.empty:
     print("nothing to measure: no held-out slide features (see 04_features/datasets.csv)")
 else:
@@ -292,6 +298,7 @@ from exaonepath_core.config import save_config
 from exaonepath_core.pipeline import open_stage
 ''', '''out = paths.stage_dir("07")
 save_config(cfg, out / "config.yaml")
+workflow.write_model_comparison(cfg, paths)  # the paper's table and Figure 1, published beside measured
 items, tables = workflow.report_items(cfg, paths)
 for name, df in tables.items():
     workflow.write_csv_atomic(df, out / f"{name}.csv")
