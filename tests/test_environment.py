@@ -21,7 +21,7 @@ LOCKED_TORCH = ("2.14.1", "0.29.1")
 
 
 def _pyproject() -> dict:
-    # tomllib is standard library from Python 3.11; the package also supports 3.10, where these checks skip.
+    # tomllib is standard library from Python 3.11, the oldest the package supports (tifffile needs it).
     tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs tomllib (Python >= 3.11)")
     return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 
@@ -65,7 +65,7 @@ def test_environment_python_version_is_supported():
     py = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
     major, minor = map(int, py.split("=")[1].split(".")[:2])
     requires = _pyproject()["project"]["requires-python"]
-    assert requires == ">=3.10" and (major, minor) >= (3, 10)
+    assert requires == ">=3.11" and (major, minor) >= (3, 11)
 
 
 def test_lock_pins_every_declared_dependency_inside_its_range_with_hashes():
@@ -150,3 +150,19 @@ def test_cuda_build_line_names_the_torch_build():
     assert torch.__version__ in line
     if torch.version.cuda is not None:
         assert f"cuda={torch.version.cuda}" in line and "driver=" in line and "nccl=" in line
+
+
+def _bootstrap(tmp_path, **env) -> subprocess.CompletedProcess:
+    """Source tools/bootstrap_venv.sh as run_tests.sh does, with the given EXAONEPATH_* settings."""
+    full_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", "-c", f"source {REPO_ROOT / 'tools' / 'bootstrap_venv.sh'}"], env=full_env,
+                          check=False, capture_output=True, text=True, timeout=300)
+
+
+def test_bootstrap_refuses_an_unknown_install_mode_and_a_venv_of_the_other_kind(tmp_path):
+    proc = _bootstrap(tmp_path, EXAONEPATH_INSTALL="newest", EXAONEPATH_VENV=str(tmp_path / "v"))
+    assert proc.returncode == 2 and "EXAONEPATH_INSTALL must be 'lock' or 'lowest', got 'newest'" in proc.stderr
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "plain")], check=True, timeout=300)
+    proc = _bootstrap(tmp_path, EXAONEPATH_SYSTEM_SITE_PACKAGES="1", EXAONEPATH_VENV=str(tmp_path / "plain"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{tmp_path / 'plain'} exists without --system-site-packages" in proc.stderr

@@ -20,11 +20,11 @@ if [ "$INSTALL_MODE" != "lock" ] && [ "$INSTALL_MODE" != "lowest" ]; then
     exit 2
 fi
 if ! command -v "$PYTHON_BIN" >/dev/null 2>&1; then
-    echo "[bootstrap] $PYTHON_BIN not found: install Python >= 3.10 (or set PYTHON=/path/to/python3)" >&2
+    echo "[bootstrap] $PYTHON_BIN not found: install Python >= 3.11 (or set PYTHON=/path/to/python3)" >&2
     exit 2
 fi
-if ! "$PYTHON_BIN" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
-    echo "[bootstrap] Python >= 3.10 is required, found $("$PYTHON_BIN" --version 2>&1)" >&2
+if ! "$PYTHON_BIN" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+    echo "[bootstrap] Python >= 3.11 is required, found $("$PYTHON_BIN" --version 2>&1)" >&2
     exit 2
 fi
 if [ ! -x "$VENV/bin/python" ]; then
