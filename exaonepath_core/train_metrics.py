@@ -12,6 +12,7 @@ import importlib
 import math
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,7 +80,8 @@ class _WandbSink:
         self.run.log(scalars, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        # called from training's `finally`: an exception in flight marks the W&B run failed, not finished
+        self.run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
 
 
 class LiveMetrics:

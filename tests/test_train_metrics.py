@@ -98,7 +98,7 @@ class _FakeWandb(types.ModuleType):
         super().__init__("wandb")
         self.inits: list[dict] = []
         self.logged: list[tuple[int, dict]] = []
-        self.finished = 0
+        self.exit_codes: list[int] = []
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
@@ -108,8 +108,8 @@ class _FakeWandb(types.ModuleType):
             def log(self, data, step):
                 fake.logged.append((step, dict(data)))
 
-            def finish(self):
-                fake.finished += 1
+            def finish(self, exit_code):
+                fake.exit_codes.append(exit_code)
 
         return _Run()
 
@@ -123,7 +123,7 @@ def test_wandb_run_mirrors_the_log_and_a_resume_continues_it(tmp_path, real_patc
     training.train(_tiny_config(out, tensorboard=False, wandb_project="exaonepath-test", max_steps=3),
                    resume=True, dataset=real_patches)
 
-    assert len(fake.inits) == 2 and fake.finished == 2
+    assert len(fake.inits) == 2 and fake.exit_codes == [0, 0]
     first, second = fake.inits
     assert first["project"] == second["project"] == "exaonepath-test"
     assert first["id"] == second["id"] == (out / train_metrics.WANDB_RUN_ID_FILE).read_text().strip()
@@ -141,3 +141,16 @@ def test_wandb_project_without_wandb_installed_names_the_fix(tmp_path, monkeypat
     cfg = _tiny_config(tmp_path, tensorboard=False, wandb_project="p")
     with pytest.raises(ImportError, match="pip install wandb"):
         train_metrics.open_live_metrics(cfg, tmp_path, is_main=True, start_step=0)
+
+
+def test_wandb_run_is_marked_failed_when_training_raises(tmp_path, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    metrics = train_metrics.open_live_metrics(_tiny_config(tmp_path, tensorboard=False, wandb_project="p"),
+                                              tmp_path, is_main=True, start_step=0)
+    with pytest.raises(RuntimeError, match="loss is nan"):
+        try:
+            raise RuntimeError("loss is nan")
+        finally:
+            metrics.close()  # as training's finally does
+    assert fake.exit_codes == [1]
