@@ -51,7 +51,7 @@ def test_every_dependency_states_a_tested_lower_bound_and_no_exact_pin():
         assert not any(s.operator in ("==", "===", "~=") for s in req.specifier), \
             f"{dep!r}: exact pins belong in requirements.lock, pyproject states ranges"
     lowest = requirement_sets.lowest_pins(REPO_ROOT / "pyproject.toml")
-    assert "torch==2.13.0" in lowest and "numpy==2.0.0" in lowest and len(lowest) == len(deps)
+    assert "torch==2.14.1" in lowest and "numpy==2.0.0" in lowest and len(lowest) == len(deps)
 
 
 def test_environment_yml_follows_pyproject():
