@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # The test suite: bootstrap .venv, lint with ruff (rules pinned in pyproject.toml), then pytest
 # (arguments pass through to pytest, e.g. ./run_tests.sh -m slow).
+#   ./run_tests.sh --lowest [PYTEST ARGS]   the same in .venv-lowest, with every range's lower bound installed
+#                                           (run it whenever a range in pyproject.toml changes)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+if [ "${1:-}" = "--lowest" ]; then
+    shift
+    export EXAONEPATH_INSTALL=lowest
+    export EXAONEPATH_VENV="${EXAONEPATH_VENV:-$PWD/.venv-lowest}"
+fi
 source tools/bootstrap_venv.sh
 # Lint before the tests: it takes about a second and a finding fails the run like a failing test would.
 if "$VENV_PY" -m ruff check .; then

@@ -72,6 +72,8 @@ HASH_EXCLUDED_KEYS: dict[str, str] = {
     "tiling.qc_figures": "how many QC images the notebook displays",
     "pretrain.num_workers": "data-loader processes; samples are seeded per (epoch, index)",
     "pretrain.progress_bar": "terminal display",
+    "pretrain.tensorboard": "live curves beside log.jsonl",
+    "pretrain.wandb_project": "where live curves are sent",
     "features.num_workers": "data-loader processes; the same features in the same order",
     # every shard of a stage writes into the one stage folder, and the run without a shard that completes it
     # must find their outputs there (a hash per shard would move each shard's work aside as "another config")

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from exaonepath_core import atomic, config, dino, elastic, schedules
+from exaonepath_core import atomic, config, dino, elastic, env_check, schedules, train_metrics
 from exaonepath_core.backbones import create_backbone
 from exaonepath_core.preemption import EXIT_PREEMPTED, Preempted, StopRequest
 from exaonepath_core.schedules import cosine_schedule_steps, warmup_then_constant_steps
@@ -48,7 +48,7 @@ LOG_NAME = "log.jsonl"
 # settings a resumed run may change without breaking "same step, same schedules, same data order"
 RESUME_MUTABLE_KEYS = frozenset(
     {"max_steps", "output_dir", "num_workers", "saveckp_freq", "keep_numbered_checkpoints", "log_every",
-     "compile", "device", "data_root", "progress_bar"}
+     "compile", "device", "data_root", "progress_bar", "tensorboard", "wandb_project"}
 )
 
 
@@ -132,6 +132,8 @@ class PretrainConfig:
     keep_numbered_checkpoints: bool = False
     log_every: int = 1
     progress_bar: bool = True
+    tensorboard: bool = True  # event files in OUTPUT_DIR/tensorboard when the tensorboard package is installed
+    wandb_project: str = ""  # a Weights & Biases project to log to (empty: none)
     max_steps: int | None = None
     output_dir: str = "results/smoke/03_pretrain"
 
@@ -580,6 +582,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     if is_main:
         print(f"[pretrain] git {git['git_sha']} dirty={git['git_dirty']} world_size={runtime.world_size} "
               f"device={device} torch={torch.__version__}", flush=True)
+        print(f"[pretrain] build: {env_check.cuda_build_line()}", flush=True)
         print("[pretrain] settings:\n" + "\n".join(f"  {k}: {v!r}" for k, v in cfg.to_dict().items()), flush=True)
 
     # ============ data ... ============
@@ -704,6 +707,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
 
         progress = tqdm(total=last_step, initial=start_step, desc=f"DINO {cfg.input_arm}", mininterval=2.0,
                         dynamic_ncols=True)
+    live_metrics = train_metrics.open_live_metrics(cfg, output_dir, is_main, start_step)  # closed in finally
     log_handle = open(output_dir / LOG_NAME, "a") if is_main else None  # noqa: SIM115 (closed in finally)
     step = start_step
     losses: list[float] = []
@@ -779,6 +783,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                 if log_handle is not None and (step % cfg.log_every == 0 or step == last_step):
                     log_handle.write(json.dumps(last_record) + "\n")
                     log_handle.flush()
+                    live_metrics.log(last_record)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_value:.3f}", H=f"{stats['teacher_entropy']:.2f}",
@@ -798,6 +803,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
             progress.close()
         if log_handle is not None:
             log_handle.close()
+        live_metrics.close()
 
     # ============ final checkpoint and teacher export ... ============
     _save_checkpoint(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center, step,
