@@ -48,7 +48,7 @@ LOG_NAME = "log.jsonl"
 # settings a resumed run may change without breaking "same step, same schedules, same data order"
 RESUME_MUTABLE_KEYS = frozenset(
     {"max_steps", "output_dir", "num_workers", "saveckp_freq", "keep_numbered_checkpoints", "log_every",
-     "compile", "device", "data_root", "progress_bar", "tensorboard", "wandb_project"}
+     "compile", "device", "data_root", "progress_bar", "tensorboard", "wandb_project", "store_max_open_files"}
 )
 
 
