@@ -40,6 +40,7 @@ def apply_views(aug: dino.MultiCropAugmentation, images: torch.Tensor, params: t
     pixels = images.to(torch.float32).div_(255.0).reshape(batch, height, width * 3)
     mean = _constant(f"mean{aug.mean}", device, lambda: torch.tensor(aug.mean).view(1, 3, 1, 1))
     std = _constant(f"std{aug.std}", device, lambda: torch.tensor(aug.std).view(1, 3, 1, 1))
+    colour = _colour_maps(params.reshape(-1, dino.N_VIEW_PARAMS))  # every view's maps at once (fewer ops)
     views: list[torch.Tensor] = []
     for size, first, count in ((aug.global_size, 0, 2), (aug.local_size, 2, aug.n_local)):
         if count == 0:
@@ -47,7 +48,7 @@ def apply_views(aug: dino.MultiCropAugmentation, images: torch.Tensor, params: t
         crop_rows = params[:, first:first + count]  # (B, C, P): every crop of the group at once
         group = _resized_crops(pixels, crop_rows, height, width, size)  # (C * B, 3, S, S), view-major
         rows = crop_rows.transpose(0, 1).reshape(-1, dino.N_VIEW_PARAMS)
-        group = _colour(group, rows)
+        group = _colour(group, [_group_rows(m, batch, first, count) for m in colour])
         group = _blur(group, rows[:, dino.P_SIGMA], size, aug.blur_sigma[1])
         solarize = (rows[:, dino.P_SOLARIZE] > 0).view(-1, 1, 1, 1)
         group = torch.where(solarize & (group >= 0.5), 1.0 - group, group)
@@ -75,9 +76,16 @@ def _resized_crops(pixels: torch.Tensor, rows: torch.Tensor, height: int, width:
     """Crop, resize and flip (B, H, W*3) float pixels for the C crops of `rows` (B, C, P): two batched matmuls,
     the crops folded into the rows of the first (no copy of the pixels per crop). Returns (C * B, 3, S, S)."""
     batch, n_crops = rows.shape[:2]
-    vertical = _resize_weights(rows[..., dino.P_TOP], rows[..., dino.P_HEIGHT], None, height, size)  # (B,C,S,H)
-    horizontal = _resize_weights(rows[..., dino.P_LEFT], rows[..., dino.P_WIDTH], rows[..., dino.P_FLIP], width,
-                                 size)  # (B, C, S, W)
+    if height == width:  # square patches: both axes' weights in one pass (half the ops to queue)
+        no_flip = torch.zeros_like(rows[..., dino.P_FLIP])
+        vertical, horizontal = _resize_weights(
+            torch.stack([rows[..., dino.P_TOP], rows[..., dino.P_LEFT]]),
+            torch.stack([rows[..., dino.P_HEIGHT], rows[..., dino.P_WIDTH]]),
+            torch.stack([no_flip, rows[..., dino.P_FLIP]]), height, size).unbind(0)  # (B, C, S, H) each
+    else:
+        vertical = _resize_weights(rows[..., dino.P_TOP], rows[..., dino.P_HEIGHT], None, height, size)
+        horizontal = _resize_weights(rows[..., dino.P_LEFT], rows[..., dino.P_WIDTH], rows[..., dino.P_FLIP],
+                                     width, size)
     out = torch.bmm(vertical.reshape(batch, n_crops * size, height), pixels)  # (B, C*S, W*3)
     out = out.view(batch * n_crops, size, width, 3).transpose(1, 2).reshape(batch * n_crops, width, size * 3)
     out = torch.bmm(horizontal.reshape(batch * n_crops, size, width), out)  # (B*C, S_x, S_y*3)
@@ -99,10 +107,16 @@ def _hue_matrices(hue_factor: torch.Tensor) -> torch.Tensor:
     return torch.where((hue_factor == 0).view(-1, 1, 1), identity, matrices)
 
 
-def _colour(views: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Colour jitter (four stages, per-view op order) then grayscale, as per-view 3x3 maps (no host reads)."""
-    n, _, h, w = views.shape
-    device = views.device
+def _group_rows(per_view: torch.Tensor, batch: int, first: int, count: int) -> torch.Tensor:
+    """The rows of crops first..first+count-1 of a (B * n_crops, ...) per-view tensor, view-major."""
+    per_sample = per_view.view(batch, -1, *per_view.shape[1:])[:, first:first + count]
+    return per_sample.transpose(0, 1).reshape(count * batch, *per_view.shape[1:])
+
+
+def _colour_maps(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per view: the four stages' 3x3 maps (N, 4, 3, 3), the contrast blend weight per stage (N, 4) and the
+    final grayscale-or-identity map (N, 3, 3)."""
+    device = rows.device
     gray = _constant("gray", device, lambda: torch.tensor(dino._GRAY_WEIGHTS))
     identity = torch.eye(3, device=device)
     to_gray = gray[None, :].expand(3, 3)
@@ -114,14 +128,22 @@ def _colour(views: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     stage_matrices = torch.take_along_dim(candidates, order[:, :, None, None], dim=1)  # (N, stage, 3, 3)
     # contrast blends with the mean gray level of the image as it is at its stage; other ops add nothing
     blend = ((order == 1) & (contrast.view(-1, 1) != 1.0)) * (1 - contrast.view(-1, 1))  # (N, stage)
+    final = torch.where((rows[:, dino.P_GRAY] > 0).view(-1, 1, 1), to_gray, identity)
+    return stage_matrices, blend, final
+
+
+def _colour(views: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
+    """Colour jitter (four stages, per-view op order) then grayscale, from `_colour_maps` (no host reads)."""
+    n, _, h, w = views.shape
+    stage_matrices, blend, final = maps
+    gray = _constant("gray", views.device, lambda: torch.tensor(dino._GRAY_WEIGHTS))
     flat = views.reshape(n, 3, h * w)
     for stage in range(4):
-        gray_mean = (gray @ flat.mean(-1, keepdim=True).squeeze(-1).T)  # (N,): mean over pixels, then luma
+        gray_mean = gray @ flat.mean(-1).T  # (N,): mean over pixels, then luma
         # the clamp is exact on views already in [0, 1] (the resize clamps, every stage clamps)
         flat = torch.baddbmm((blend[:, stage] * gray_mean).view(n, 1, 1), stage_matrices[:, stage], flat)
         flat = flat.clamp_(0.0, 1.0)
-    matrix = torch.where((rows[:, dino.P_GRAY] > 0).view(-1, 1, 1), to_gray, identity)
-    return torch.bmm(matrix, flat).view(n, 3, h, w)
+    return torch.bmm(final, flat).view(n, 3, h, w)
 
 
 def _reflect_shifts(size: int, radius: int) -> torch.Tensor:
