@@ -210,9 +210,9 @@ class MultiCropAugmentation:
         if tuple(params.shape) != (batch, self.n_crops, N_VIEW_PARAMS):
             raise ValueError(f"params must have shape {(batch, self.n_crops, N_VIEW_PARAMS)}, "
                              f"got {tuple(params.shape)}")
-        params = params.detach().to("cpu", torch.float64)
         if images.device.type != "cpu":
-            return self._apply(images, params)
+            return self.apply_on_device(images, params)
+        params = params.detach().to("cpu", torch.float64)
         # many small ops: a multi-threaded intra-op pool only adds contention (measured 10-30x slower at 2 threads
         # on a loaded 2-core machine); DataLoader workers already run at 1 thread
         threads = torch.get_num_threads()
@@ -221,6 +221,17 @@ class MultiCropAugmentation:
             return self._apply(images, params)
         finally:
             torch.set_num_threads(threads)
+
+    def apply_on_device(self, images: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
+        """`apply` with every weight built on the images' device from `params` (`multicrop_device`): no host
+        matrices, no host reads. The path for accelerators; callable on CPU too (tests, host-time benchmark)."""
+        from exaonepath_core import multicrop_device
+
+        _check_images(images)
+        if tuple(params.shape) != (images.shape[0], self.n_crops, N_VIEW_PARAMS):
+            raise ValueError(f"params must have shape {(images.shape[0], self.n_crops, N_VIEW_PARAMS)}, "
+                             f"got {tuple(params.shape)}")
+        return multicrop_device.apply_views(self, images, params)
 
     def _apply(self, images: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
         batch, height, width, _ = images.shape
@@ -361,8 +372,11 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         nlayers: int = 3,
         norm_last_layer: bool = True,
+        fp32_last_layer: bool = True,
     ) -> None:
         super().__init__()
+        # under autocast the K-way logits are cosines / T: bf16 would round them to 2^-8 (~0.05 nats at T=0.04)
+        self.fp32_last_layer = fp32_last_layer
         if nlayers < 1:
             raise ValueError(f"nlayers must be >= 1, got {nlayers}")
         if nlayers == 1:
@@ -391,6 +405,9 @@ class DINOHead(nn.Module):
         """(B, in_dim) -> (B, out_dim) logits."""
         x = self.mlp(x)
         x = nnf.normalize(x, dim=-1, p=2)
+        if self.fp32_last_layer and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.last_layer(x.float())
         return self.last_layer(x)
 
 
@@ -480,6 +497,11 @@ def dino_loss_from_targets(
 CENTERINGS = ("center", "sinkhorn_knopp")
 
 
+def _distributed() -> bool:
+    """Whether collectives are needed: a process group of more than one rank (a world of one skips them)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @torch.no_grad()
 def teacher_probabilities(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float,
                           centering: str = "center", sinkhorn_iterations: int = 3) -> torch.Tensor:
@@ -496,7 +518,7 @@ def teacher_probabilities(teacher_out: torch.Tensor, center: torch.Tensor, teach
         raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
     if sinkhorn_iterations < 1:
         raise ValueError(f"sinkhorn_iterations must be >= 1, got {sinkhorn_iterations}")
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = _distributed()
     # float64 and one shift by the global maximum (a global scale, removed exactly by the first normalisation):
     # no overflow, and no underflow unless logits / T spread over more than ~700
     logits = teacher_out.double() / teacher_temp
@@ -525,7 +547,7 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
     """New centre `m * center + (1 - m) * mean(teacher_out)`, the mean taken over all ranks' rows."""
     batch_sum = teacher_out.float().sum(dim=0, keepdim=True)
     rows = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(batch_sum)
         dist.all_reduce(rows)
     return center * momentum + (batch_sum / rows) * (1.0 - momentum)
@@ -542,23 +564,34 @@ def clip_gradients_(parameters: list[nn.Parameter], max_norm: float, mode: str =
     min(1, max_norm / (||g|| + 1e-6)) on its own. "global" (DINOv2, `clip_grad_norm_`): all gradients share one
     scale from their joint norm. Both use foreach kernels (one launch per op over all parameters).
     """
+    total = clip_gradients_tensor_(parameters, max_norm, mode)
+    return 0.0 if total is None else float(total)
+
+
+@torch.no_grad()
+def clip_gradients_tensor_(parameters: list[nn.Parameter], max_norm: float,
+                           mode: str = "per_parameter") -> torch.Tensor | None:
+    """`clip_gradients_` returning the total norm as a device tensor (no host sync); None without gradients."""
     if mode not in CLIP_MODES:
         raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
+        return None
     norms = torch.stack(torch._foreach_norm(grads)).float()
     total = torch.linalg.vector_norm(norms)
     if mode == "per_parameter":
         torch._foreach_mul_(grads, list((max_norm / (norms + 1e-6)).clamp(max=1.0).unbind()))
     else:
         torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
-    return float(total)
+    return total
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """In place: teacher_p <- m * teacher_p + (1 - m) * student_p for every parameter (fused foreach ops)."""
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float | torch.Tensor) -> None:
+    """In place: teacher_p <- m * teacher_p + (1 - m) * student_p for every parameter (fused foreach ops).
+
+    `momentum` may be a 0-d device tensor (the training step's, 1 after a non-finite loss): no host sync.
+    """
     teacher_params = dict(teacher.named_parameters())
     student_params = dict(student.named_parameters())
     if teacher_params.keys() != student_params.keys():
@@ -567,6 +600,11 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     names = list(teacher_params)
     t = [teacher_params[n].detach() for n in names]
     s = [student_params[n].detach() for n in names]
+    if isinstance(momentum, torch.Tensor):
+        weight = momentum.to(t[0].dtype)
+        torch._foreach_mul_(t, weight)
+        torch._foreach_add_(t, torch._foreach_mul(s, 1.0 - weight))
+        return
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
 

@@ -36,12 +36,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from exaonepath_core import atomic, config, dino, elastic, env_check, schedules, train_metrics
+from exaonepath_core import atomic, config, dino, elastic, env_check, prefetch, schedules, train_metrics
 from exaonepath_core.backbones import create_backbone
 from exaonepath_core.preemption import EXIT_PREEMPTED, Preempted, StopRequest
 from exaonepath_core.schedules import cosine_schedule_steps, warmup_then_constant_steps
 
 INPUT_ARMS = ("raw", "macenko", "stain_augmentation")
+PRECISIONS = ("bf16", "fp16", "fp32")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_NAME = "checkpoint.pth"
 TEACHER_EXPORT_NAME = "teacher_backbone.pth"
 LOG_NAME = "log.jsonl"
@@ -106,7 +108,11 @@ class PretrainConfig:
     centering: str = "center"  # center (DINO) | sinkhorn_knopp (DINOv2/SwAV balanced teacher targets)
     sinkhorn_iterations: int = 3
     # speed
-    use_amp: bool = True  # bf16 autocast, applied on CUDA only (CPUs without AMX run bf16 slower than fp32)
+    # auto: bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16 / AMX), fp32 elsewhere; fp16 uses a
+    # GradScaler as DINO. The head's last layer and the loss stay fp32 under autocast unless fp32_last_layer=false
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    fp32_last_layer: bool = True
+    use_amp: bool = True  # older configs: false means fp32 (with precision auto); true lets `precision` decide
     fused_adamw: bool = True
     compile: bool = False
     channels_last: bool = False
@@ -152,6 +158,11 @@ class PretrainConfig:
             raise ConfigError(f"clip_grad_mode must be one of {dino.CLIP_MODES}, got {self.clip_grad_mode!r}")
         if self.centering not in dino.CENTERINGS:
             raise ConfigError(f"centering must be one of {dino.CENTERINGS}, got {self.centering!r}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if not self.use_amp and self.precision not in ("auto", "fp32"):
+            raise ConfigError(f"use_amp is false but precision is {self.precision!r}: drop use_amp (superseded by "
+                              "precision) or set precision: fp32")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("epochs", "batch_size_per_gpu", "out_dim", "global_crop_size", "local_crop_size",
@@ -407,13 +418,56 @@ def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
 
 @dataclass
 class StepResult:
-    """What one DINO step returns to the loop (`finite` False: the step stopped before touching any weight)."""
+    """What one DINO step returns to the loop, as device tensors; the properties read them on the host (a sync).
 
-    loss: float
-    finite: bool
+    `finite` False: this step's loss (averaged over ranks) was not finite and no weight, optimizer moment, teacher
+    parameter or centre changed from this step on (see `DINOTrainStep`).
+    """
+
+    loss_tensor: torch.Tensor
+    finite_tensor: torch.Tensor
     teacher_out: torch.Tensor
-    grad_norm: float | None
+    grad_norm_tensor: torch.Tensor | None
     teacher_p: torch.Tensor  # the loss's target distributions, reused for the collapse diagnostics
+
+    @property
+    def loss(self) -> float:
+        """The loss averaged over ranks (host read)."""
+        return float(self.loss_tensor)
+
+    @property
+    def finite(self) -> bool:
+        """Whether the step's loss was finite (host read)."""
+        return bool(self.finite_tensor)
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Total gradient norm before clipping (host read); None without clipping or after a non-finite loss."""
+        if self.grad_norm_tensor is None or not self.finite:
+            return None
+        return float(self.grad_norm_tensor)
+
+
+def resolve_precision(precision: str, device: torch.device, use_amp: bool = True) -> str:
+    """`precision: auto` made concrete: bf16 on CUDA (fp16 where bf16 is missing) and on CPUs with native bf16
+    (avx512_bf16 or AMX: bf16 matmuls there ran the step 1.3-1.4x faster than fp32), else fp32."""
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+        return precision
+    if not use_amp:
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+            torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return "bf16" if native else "fp32"
+    return "fp32"
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class DINOTrainStep:
@@ -421,8 +475,16 @@ class DINOTrainStep:
 
     The training loop and `benchmarks/dino_step.py` both call this, so the benchmark times the production step.
     `student` is what runs the forward (the DDP wrapper under torchrun); `student_net` the unwrapped module the
-    EMA reads. A non-finite loss (averaged over ranks, so every rank decides alike) returns before backward, so
-    no weight, optimizer moment or teacher parameter changes.
+    EMA reads. `precision`: bf16 / fp16 autocast (fp16 with a GradScaler, as DINO) or fp32; `use_amp` (older
+    callers) means bf16.
+
+    Non-finite losses, without a host sync in the steady state: the loss (summed over ranks, so every rank decides
+    alike) gives a device flag `healthy` that stays False from the first non-finite step on. With a fused AdamW
+    the flag is the optimizer's `found_inf` (its kernel then leaves weights, moments and step count untouched),
+    the EMA momentum becomes 1 and the centre keeps its value (`next_center`), so a bad step never reaches the
+    weights or the teacher; the loop raises when it next reads the flag (every `log_every` steps and before every
+    checkpoint). Other optimizers and fp16 (whose GradScaler owns `found_inf`) read the flag every step and
+    return before backward, as before.
     """
 
     def __init__(
@@ -436,16 +498,25 @@ class DINOTrainStep:
         centering: str,
         sinkhorn_iterations: int,
         clip_grad: float,
-        use_amp: bool,
+        use_amp: bool = False,
         clip_grad_mode: str = "per_parameter",
+        precision: str | None = None,
     ) -> None:
         self.student, self.student_net, self.teacher_net = student, student_net, teacher_net
         self.optimizer = optimizer
         self.student_temp, self.centering, self.sinkhorn_iterations = student_temp, centering, sinkhorn_iterations
         self.clip_grad, self.clip_grad_mode = clip_grad, clip_grad_mode
-        self.use_amp = use_amp
-        self.device_type = next(student_net.parameters()).device.type
+        self.precision = precision if precision is not None else ("bf16" if use_amp else "fp32")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        parameter = next(student_net.parameters())
+        self.device_type = parameter.device.type
         self.last_layer_params = dino.last_layer_parameters(student_net.head)
+        self.student_params = list(self.student_net.parameters())
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.precision == "fp16" else None
+        fused = bool(optimizer.defaults.get("fused"))
+        self.sync_free = fused and self.scaler is None
+        self.healthy = torch.ones((), dtype=torch.bool, device=parameter.device)
 
     def __call__(
         self,
@@ -462,28 +533,50 @@ class DINOTrainStep:
             group["lr"] = lr
             if group["apply_wd"]:
                 group["weight_decay"] = weight_decay
-        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=self.use_amp):
+        dtype = _AUTOCAST_DTYPES.get(self.precision, torch.bfloat16)
+        with torch.autocast(device_type=self.device_type, dtype=dtype, enabled=self.precision in _AUTOCAST_DTYPES):
             with torch.no_grad():
                 teacher_out = self.teacher_net(views[:2])
             student_out = self.student(views)
         teacher_p = dino.teacher_probabilities(teacher_out, center, teacher_temp, self.centering,
                                                self.sinkhorn_iterations)
         loss = dino.dino_loss_from_targets(student_out, teacher_p, self.student_temp)
-        loss_value = _global_mean(loss.detach())
-        if not math.isfinite(loss_value):
-            return StepResult(loss_value, False, teacher_out, None, teacher_p)
+        mean_loss = loss.detach().float().reshape(1)
+        if _world_size() > 1:  # one collective; NaN / inf on any rank makes the sum non-finite on all
+            mean_loss = mean_loss.clone()
+            dist.all_reduce(mean_loss)
+            mean_loss /= _world_size()
+        mean_loss = mean_loss[0]
+        finite = torch.isfinite(mean_loss)
+        self.healthy = self.healthy & finite
+        if not self.sync_free and not bool(self.healthy):
+            return StepResult(mean_loss, finite, teacher_out, None, teacher_p)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = None
         if self.clip_grad > 0:
-            grad_norm = dino.clip_gradients_(list(self.student_net.parameters()), self.clip_grad,
-                                             self.clip_grad_mode)
+            grad_norm = dino.clip_gradients_tensor_(self.student_params, self.clip_grad, self.clip_grad_mode)
         if freeze_last_layer:
             for param in self.last_layer_params:
                 param.grad = None  # AdamW then skips them entirely (no moment updates either)
-        self.optimizer.step()
-        dino.ema_update_(self.teacher_net, self.student_net, momentum)
-        return StepResult(loss_value, True, teacher_out, grad_norm, teacher_p)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if self.sync_free:
+                self.optimizer.found_inf = (~self.healthy).float()  # the fused kernel skips the whole update
+            self.optimizer.step()
+        # momentum 1 keeps the teacher as it is once a loss was non-finite
+        ema_momentum = torch.where(self.healthy, momentum, 1.0) if self.sync_free else momentum
+        dino.ema_update_(self.teacher_net, self.student_net, ema_momentum)
+        return StepResult(mean_loss, finite, teacher_out, grad_norm, teacher_p)
+
+    def next_center(self, center: torch.Tensor, teacher_out: torch.Tensor, momentum: float) -> torch.Tensor:
+        """DINO's centre update, held at its old value once a loss was non-finite (no host sync)."""
+        updated = dino.update_center(center, teacher_out, momentum)
+        return torch.where(self.healthy, updated, center)
 
 
 def _run_schedules(
@@ -520,8 +613,13 @@ def make_optimizer(student_net: nn.Module, fused: bool) -> torch.optim.AdamW:
 
 
 def _amp_enabled(cfg: PretrainConfig, device: torch.device) -> bool:
-    """bf16 autocast on CUDA only: CPUs without AMX run bf16 slower than fp32."""
-    return cfg.use_amp and device.type == "cuda"
+    """Whether the step runs under autocast (bf16 or fp16) as configured for this device."""
+    return _precision(cfg, device) != "fp32"
+
+
+def _precision(cfg: PretrainConfig, device: torch.device) -> str:
+    """The step's precision for this run (`precision`, with `auto` resolved for the device)."""
+    return resolve_precision(cfg.precision, device, cfg.use_amp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -633,11 +731,12 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     head_kwargs = {"in_dim": embed_dim, "out_dim": cfg.out_dim, "hidden_dim": cfg.head_hidden_dim,
                        "bottleneck_dim": cfg.head_bottleneck_dim, "nlayers": cfg.head_nlayers}
     student_net = dino.MultiCropWrapper(
-        student_backbone, dino.DINOHead(**head_kwargs, norm_last_layer=cfg.norm_last_layer)
+        student_backbone, dino.DINOHead(**head_kwargs, norm_last_layer=cfg.norm_last_layer,
+                                        fp32_last_layer=cfg.fp32_last_layer)
     )
     teacher_net = dino.MultiCropWrapper(
         create_backbone(cfg.arch, cfg.global_crop_size, cfg.patch_size, drop_path_rate=0.0),
-        dino.DINOHead(**head_kwargs),
+        dino.DINOHead(**head_kwargs, fp32_last_layer=cfg.fp32_last_layer),
     )
     student_net.to(device)
     teacher_net.to(device)
@@ -670,7 +769,11 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     train_step = DINOTrainStep(student, student_net, teacher_net, optimizer, student_temp=cfg.student_temp,
                                centering=cfg.centering, sinkhorn_iterations=cfg.sinkhorn_iterations,
                                clip_grad=cfg.clip_grad, clip_grad_mode=cfg.clip_grad_mode,
-                               use_amp=_amp_enabled(cfg, device))
+                               precision=_precision(cfg, device))
+    if is_main:
+        print(f"[pretrain] precision: {train_step.precision} (head's last layer and loss "
+              f"{'fp32' if cfg.fp32_last_layer else 'autocast'}); non-finite check "
+              f"{'on the device, read every log_every steps' if train_step.sync_free else 'every step'}", flush=True)
 
     # ============ init schedulers ... ============
     global_batch = batch_size * runtime.world_size
@@ -714,7 +817,9 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     rates: list[float] = []
     last_record: dict[str, Any] = {}
     stop_request = StopRequest().install()  # SIGTERM / SIGUSR1: checkpoint at the next step boundary, then exit
+    pending: list[torch.Tensor] = []  # device losses of the steps since the last host read (<= log_every)
     t_start = time.perf_counter()
+    t_read = t_start  # throughput is measured between host reads (data loading included)
     try:
         for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
             if step >= last_step:
@@ -735,19 +840,19 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                 generator=torch.Generator().manual_seed(cfg.seed + epoch),
                 persistent_workers=False,
             )
-            for batch_in_epoch, batch in enumerate(loader):
+            # on CUDA the next batch is copied (pinned, on a side stream) while this step runs
+            for batch_in_epoch, batch in enumerate(prefetch.to_device(loader, device)):
                 if step >= last_step:
                     break
-                t_step = time.perf_counter()
                 n_fallback = None
                 if views_in_loader:
                     views = batch
                 else:
                     patches_batch, params = batch
-                    patches_batch = patches_batch.to(device, non_blocking=True)
                     if normalize_batch is not None:
+                        # background patches: counted (read with the log record), never dropped
                         patches_batch, fallback = normalize_batch(patches_batch, macenko_reference)
-                        n_fallback = int(fallback.sum())  # background patches: counted, never dropped
+                        n_fallback = fallback.sum()
                     views = augmentation.apply(patches_batch, params)
                 if cfg.channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
@@ -756,40 +861,54 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
                 result = train_step(views, center, lr=float(lr_schedule[step]),
                                     weight_decay=float(wd_schedule[step]), teacher_temp=teacher_temp,
                                     momentum=momentum, freeze_last_layer=step < freeze_steps)
-                loss_value, grad_norm, teacher_out = result.loss, result.grad_norm, result.teacher_out
-                if not result.finite:
+                center = train_step.next_center(center, result.teacher_out, cfg.center_momentum)
+                step += 1
+                pending.append(result.loss_tensor)
+                log_now = step % cfg.log_every == 0 or step == last_step
+                checkpoint_now = step % cfg.saveckp_freq == 0 and step < last_step
+                stop = stop_request.agreed() and step < last_step  # collective: every rank, every step
+                # host reads (syncs) only here: every log_every steps, before a checkpoint (a stop's too), or every
+                # step when the step cannot skip a bad update on the device
+                if not (log_now or checkpoint_now or stop or not train_step.sync_free):
+                    continue
+                step_losses = torch.stack(pending).float().cpu().tolist()
+                first_step = step - len(pending) + 1
+                pending.clear()
+                bad = [(first_step + i, v) for i, v in enumerate(step_losses) if not math.isfinite(v)]
+                if bad:
                     where = (f"the last good checkpoint {checkpoint_path} (step {last_saved_step}) is intact"
                              if last_saved_step is not None else "no checkpoint was written yet")
                     raise NonFiniteLossError(
-                        f"loss is {loss_value} at step {step} (epoch {epoch}); training stopped, {where}"
+                        f"loss is {bad[0][1]} at step {bad[0][0] - 1} (epoch {(bad[0][0] - 1) // steps_per_epoch}); "
+                        f"training stopped before that update reached the weights or the teacher, {where}"
                     )
-                stats = dino.target_stats(result.teacher_p, center)
-                center = dino.update_center(center, teacher_out, cfg.center_momentum)
-                step += 1
-
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                img_per_s = global_batch / max(time.perf_counter() - t_step, 1e-9)
-                losses.append(loss_value)
+                now = time.perf_counter()
+                img_per_s = global_batch * len(step_losses) / max(now - t_read, 1e-9)
+                t_read = now
+                losses.extend(step_losses)
                 rates.append(img_per_s)
+                loss_value = step_losses[-1]
+                stats = dino.target_stats(result.teacher_p, center)
                 last_record = {
                     "step": step, "epoch": epoch, "loss": loss_value, "lr": float(lr_schedule[step - 1]),
                     "wd": float(wd_schedule[step - 1]), "momentum": momentum, "teacher_temp": teacher_temp,
-                    **stats, "grad_norm": grad_norm, "img_per_s": img_per_s,
-                    "macenko_fallback": n_fallback, "centering": cfg.centering,
+                    **stats, "grad_norm": result.grad_norm, "img_per_s": img_per_s,
+                    "macenko_fallback": None if n_fallback is None else int(n_fallback),
+                    "centering": cfg.centering,
                     "gpu_mem_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                    if device.type == "cuda" else None),
                 }
-                if log_handle is not None and (step % cfg.log_every == 0 or step == last_step):
+                if log_handle is not None and log_now:
                     log_handle.write(json.dumps(last_record) + "\n")
                     log_handle.flush()
                     live_metrics.log(last_record)
                 if progress is not None:
-                    progress.update(1)
+                    progress.update(step - progress.n)
                     progress.set_postfix(loss=f"{loss_value:.3f}", H=f"{stats['teacher_entropy']:.2f}",
                                          ips=f"{img_per_s:.1f}", refresh=False)
-                stop = stop_request.agreed() and step < last_step  # collective: every rank, every step
-                if (step % cfg.saveckp_freq == 0 and step < last_step) or stop:
+                if checkpoint_now or stop:
                     _save_checkpoint(checkpoint_path, cfg, runtime, student_net, teacher_net, optimizer, center,
                                      step, steps_per_epoch, n_patches, position.offset_at(step, steps_per_epoch))
                     last_saved_step = step
@@ -836,15 +955,6 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
         # no rank tears the process group down while rank 0 still exports (gloo aborts on an early close)
         dist.barrier()
     return summary
-
-
-def _global_mean(value: torch.Tensor) -> float:
-    """The loss averaged over ranks (so every rank takes the same non-finite decision)."""
-    value = value.float().reshape(1).clone()
-    if dist.is_initialized():
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
 
 
 def _save_checkpoint(

@@ -261,3 +261,22 @@ def test_train_on_cuda_exports_a_teacher_loadable_on_cpu(cmu_tiles, tmp_path):
     assert teacher.keys() == state.keys() and all(torch.equal(teacher[k], state[k]) for k in state)
     features = backbone(torch.randn(2, 3, 32, 32))
     assert features.shape == (2, 192) and torch.isfinite(features).all()
+
+
+def test_device_multicrop_on_cuda_equals_the_host_path_and_prefetch_keeps_batches(cmu_tiles):
+    """The CUDA multi-crop (weights built on the GPU from the parameter tensor) gives the host path's views, and
+    the one-batch-ahead prefetcher delivers every batch intact on the device."""
+    from exaonepath_core import prefetch
+
+    aug = dino.MultiCropAugmentation(global_size=64, local_size=32, n_local=4)
+    tiles = torch.from_numpy(np.ascontiguousarray(cmu_tiles[:8]))
+    params = torch.stack([aug.sample_params(tiles.shape[1], tiles.shape[2], torch.Generator().manual_seed(i))
+                          for i in range(len(tiles))])
+    host = aug.apply(tiles, params)
+    batches = [(tiles.pin_memory(), params), (tiles.flip(0).pin_memory(), params.flip(0))]
+    moved = list(prefetch.to_device(batches, torch.device("cuda")))
+    assert len(moved) == 2 and all(t.is_cuda and p.is_cuda for t, p in moved)
+    assert torch.equal(moved[1][0].cpu(), tiles.flip(0))
+    device = aug.apply(*moved[0])
+    for view_host, view_device in zip(host, device):
+        torch.testing.assert_close(view_device.cpu(), view_host, rtol=0, atol=1e-4)

@@ -693,3 +693,85 @@ def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path):
         _assert_close_by_name(ddp["student"], one["student"], f"{centering}: DDP student", atol=DDP_STEP["lr"] / 10)
         _assert_close_by_name(ddp["teacher"], one["teacher"], f"{centering}: DDP teacher",
                               atol=(1 - momentum) * DDP_STEP["lr"] / 10)
+
+
+def _recipe_params(aug: dino.MultiCropAugmentation, n: int, size: int) -> torch.Tensor:
+    params = torch.stack([aug.sample_params(size, size, torch.Generator().manual_seed(dino.sample_seed(1, 0, i)))
+                          for i in range(n)])
+    params[0, :, dino.P_FLIP] = 1.0  # every op in play in at least one view
+    params[1, :, dino.P_SOLARIZE] = 1.0
+    params[2, :, dino.P_GRAY] = 1.0
+    params[3, :, dino.P_SIGMA] = 0.0
+    return params
+
+
+def test_device_multicrop_path_equals_the_host_path():
+    """`apply_on_device` (weights built from the parameter tensor, no host matrices) reproduces `apply`'s views:
+    same crops, resampling kernel, colour maps, blur and solarize, float32 rounding apart."""
+    aug = dino.MultiCropAugmentation(global_size=40, local_size=20, n_local=3)
+    images = torch.from_numpy(np.stack([_he_like_patch(64, seed) for seed in range(6)]))
+    params = _recipe_params(aug, 6, 64)
+    host = aug.apply(images, params)
+    device = aug.apply_on_device(images, params.float())
+    assert [v.shape for v in device] == [v.shape for v in host]
+    for view_host, view_device in zip(host, device):
+        assert view_device.dtype == torch.float32
+        torch.testing.assert_close(view_device, view_host, rtol=0, atol=5e-5)
+    # still a pure function of each sample's own parameters: a sub-batch gives the same views
+    order = torch.tensor([4, 1, 3])
+    for view_whole, view_subset in zip(device, aug.apply_on_device(images[order], params[order])):
+        torch.testing.assert_close(view_whole[order], view_subset, rtol=0, atol=1e-6)
+
+
+def test_device_multicrop_path_never_reads_a_device_value_on_the_host():
+    """On meta tensors any host read (.item(), bool(), nonzero) raises: the path runs with none, so on a GPU it
+    queues its kernels without a synchronisation."""
+    aug = dino.MultiCropAugmentation(global_size=16, local_size=8, n_local=2)
+    images = torch.zeros(4, 24, 24, 3, dtype=torch.uint8, device="meta")
+    params = _recipe_params(aug, 4, 24).to("meta")
+    views = aug.apply_on_device(images, params)
+    assert [tuple(v.shape) for v in views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        bool(views[0].sum() > 0)  # the check above is real: a host read on meta fails
+
+
+def test_sync_free_step_skips_a_non_finite_update_and_stays_stopped():
+    """Fused AdamW: a non-finite loss leaves weights, moments, step count, teacher and centre as they were, with
+    no host read in the step; later finite steps stay skipped until the loop reads the flag and stops."""
+    torch.manual_seed(0)
+    nets = []
+    for _ in range(2):
+        backbone = create_backbone("vit_tiny_patch16_224", 16, 8)
+        nets.append(dino.MultiCropWrapper(backbone, dino.DINOHead(backbone.num_features, 32, 16, 8)))
+    student, teacher = nets
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    step = training.DINOTrainStep(student, student, teacher, training.make_optimizer(student, fused=True),
+                                  student_temp=0.1, centering="center", sinkhorn_iterations=3, clip_grad=3.0,
+                                  precision="fp32")
+    assert step.sync_free
+    views = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8)]
+    kwargs = {"lr": 1e-3, "weight_decay": 0.04, "teacher_temp": 0.04, "momentum": 0.9, "freeze_last_layer": False}
+    center = torch.zeros(1, 32)
+    result = step(views, center, **kwargs)
+    center = step.next_center(center, result.teacher_out, 0.9)
+    assert result.finite and bool(step.healthy)
+
+    def snapshot() -> dict:
+        state = {f"s.{k}": v.clone() for k, v in student.state_dict().items()}
+        state.update({f"t.{k}": v.clone() for k, v in teacher.state_dict().items()})
+        for i, moments in enumerate(step.optimizer.state.values()):
+            state.update({f"o{i}.{k}": v.clone() for k, v in moments.items()})
+        return state
+
+    before, center_before = snapshot(), center.clone()
+    bad = [v.clone() for v in views]
+    bad[0][0, 0, 0, 0] = float("nan")
+    for batch in (bad, views):  # the bad batch, then a good one: both leave everything untouched
+        result = step(batch, center, **kwargs)
+        center = step.next_center(center, result.teacher_out, 0.9)
+        after = snapshot()
+        assert all(torch.equal(after[k], before[k]) for k in before), [k for k in before
+                                                                        if not torch.equal(after[k], before[k])]
+        assert torch.equal(center, center_before)
+    assert not bool(step.healthy)
