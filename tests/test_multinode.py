@@ -186,6 +186,7 @@ def _tiny(out: Path, **overrides) -> PretrainConfig:
     return PretrainConfig(**settings)
 
 
+@pytest.mark.slow
 def test_a_stop_signal_checkpoints_after_the_step_and_the_resume_matches_an_uninterrupted_run(tmp_path):
     full = training.train(_tiny(tmp_path / "full", max_steps=4), dataset=_SignalAt(24, None))
     assert full["total_steps"] == 9  # 1.5 epochs of 6 steps
