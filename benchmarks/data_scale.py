@@ -205,6 +205,19 @@ def loader_rate(dataset, n: int, seed: int, with_params: bool = True) -> tuple[f
     return n / (time.perf_counter() - start), n / (time.process_time() - cpu_start)
 
 
+def params_ms_per_sample(n: int) -> float:
+    """CPU ms per sample of the ViT-B/16 multi-crop parameters alone (seed, generator, `sample_params`), no read."""
+    import torch
+
+    from exaonepath_core import dino
+
+    augmentation = dino.MultiCropAugmentation(global_size=224, local_size=96, n_local=8)
+    start = time.process_time()
+    for index in range(n):
+        augmentation.sample_params(224, 224, torch.Generator().manual_seed(dino.sample_seed(9, 0, index)))
+    return (time.process_time() - start) / n * 1e3
+
+
 def storeless_vs_read_region(work: Path, tile_set, n_slides: int, reads: int, rounds: int) -> dict:
     """Tile reads/s of the storeless dataset vs bare OpenSlide read_region over the same coordinates."""
     import openslide
@@ -350,6 +363,8 @@ def _run(args, work: Path, q: bool, n_slides: int, n_patches: int, n_shards: int
     (shard_wall, shard_rate), (npy_wall, npy_rate) = (np.median(np.array(rates[k]), axis=0) for k in ("shards", "npy"))
     _, decode_rate = loader_rate(shards, samples // 3, seed=9, with_params=False)
     _, params_rate = loader_rate(npy, samples // 3, seed=9)  # .npy reads of sparse pages cost ~nothing: params alone
+    params_ms = params_ms_per_sample(samples)  # the parameters with no read at all (.npy page faults are not free)
+    print(f"multi-crop params alone: {params_ms:.3f} CPU ms per sample")
     print(f"loader, 1 worker, decode + ViT-B/16 multi-crop params: shards {shard_rate:,.0f} samples per CPU second "
           f"({shard_wall:,.0f}/s wall on this shared machine) | .npy {npy_rate:,.0f} per CPU second ({npy_wall:,.0f}/s "
           f"wall; sparse files: no disk read); shard read + decode alone {decode_rate:,.0f} per CPU second")
@@ -370,6 +385,7 @@ def _run(args, work: Path, q: bool, n_slides: int, n_patches: int, n_shards: int
         "loader_samples_per_wall_s": round(float(shard_wall), 1),
         "decode_samples_per_cpu_s": round(float(decode_rate), 1),
         "multicrop_params_samples_per_cpu_s": round(float(params_rate), 1),
+        "multicrop_params_ms_per_sample": round(params_ms, 4),
         "storeless_ratio_vs_read_region": storeless["ratio"], "storeless": storeless,
         "npy_store": {"n_slides": npy_slides, "n_patches": npy_patches,
                       "store_bytes_per_patch": encodings["npy"]["bytes_per_patch"],
