@@ -168,6 +168,20 @@ def strip_key_prefixes(state_dict: Mapping[str, torch.Tensor],
     return out
 
 
+def raise_on_key_mismatch(header: str, missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> None:
+    """Raise `CheckpointMismatchError` under `header` listing every missing, unexpected and mis-shaped key, if any."""
+    if not (missing or unexpected or wrong_shape):
+        return
+    lines = [header]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if wrong_shape:
+        lines.append(f"  shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape)}")
+    raise CheckpointMismatchError("\n".join(lines))
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
                            assign: bool = False) -> None:
     """Load with exact key and shape equality; raise `CheckpointMismatchError` listing every difference."""
@@ -179,15 +193,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         for key in set(expected) & set(state_dict)
         if tuple(state_dict[key].shape) != tuple(expected[key].shape)
     )
-    if missing or unexpected or wrong_shape:
-        lines = [f"checkpoint {source} does not match {type(model).__name__}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if wrong_shape:
-            lines.append(f"  shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape)}")
-        raise CheckpointMismatchError("\n".join(lines))
+    raise_on_key_mismatch(f"checkpoint {source} does not match {type(model).__name__}:", missing, unexpected,
+                          wrong_shape)
     model.load_state_dict(state_dict, strict=True, assign=assign)
 
 

@@ -29,6 +29,7 @@ from exaonepath_core.backbones import (
     PreprocessSpec,
     _torch_load,
     load_state_dict_strict,
+    raise_on_key_mismatch,
     strip_key_prefixes,
 )
 
@@ -429,15 +430,7 @@ def check_released_layout(state: Mapping[str, torch.Tensor], layout: Mapping[str
     unexpected = sorted(set(state) - set(layout) - set(ignored))
     wrong = sorted(f"{k}: file {tuple(state[k].shape)} vs {title} {layout[k]}" for k in set(layout) & set(state)
                    if layout[k] is not None and tuple(state[k].shape) != layout[k])
-    if missing or unexpected or wrong:
-        lines = [f"{source} is not the released {title} layout:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if wrong:
-            lines.append(f"  shape mismatches ({len(wrong)}): {'; '.join(wrong)}")
-        raise CheckpointMismatchError("\n".join(lines))
+    raise_on_key_mismatch(f"{source} is not the released {title} layout:", missing, unexpected, wrong)
     return ignored
 
 
