@@ -15,4 +15,4 @@ if [ "${1:-}" = "lab" ]; then
     if [ "$(id -u)" = "0" ]; then ROOT_FLAG=(--allow-root); fi
     exec "$VENV/bin/jupyter" lab --notebook-dir="$PWD" ${ROOT_FLAG[@]+"${ROOT_FLAG[@]}"} "$@"
 fi
-exec "$VENV_PY" -m exaonepath_core.pipeline "$@"
+exec "$VENV_PY" -m exaonepath_core.run.pipeline "$@"

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exaonepath_core import collapse
+from exaonepath_core.evaluation import collapse
 
 
 def synthetic_features(

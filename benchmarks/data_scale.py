@@ -48,7 +48,7 @@ def _data_dir() -> Path:
 
 def real_tiles(work: Path):
     """The CMU slide's stage-01 tile set (0.5 um/px, 224 px) and its tiles, uint8 (N, 224, 224, 3)."""
-    from exaonepath_core import tiling
+    from exaonepath_core.data import tiling
 
     slide = _data_dir() / "wsi" / "CMU-1-Small-Region.svs"
     if not slide.is_file():
@@ -60,8 +60,8 @@ def real_tiles(work: Path):
 
 def bytes_per_patch(work: Path, tiles: np.ndarray) -> dict:
     """On-disk bytes per patch of each encoding (shard files incl. tar headers) and of the .npy store."""
-    from exaonepath_core.patch_store import PatchStoreWriter
-    from exaonepath_core.shard_store import ShardStoreWriter
+    from exaonepath_core.data.patch_store import PatchStoreWriter
+    from exaonepath_core.data.shard_store import ShardStoreWriter
 
     coords = np.stack([np.arange(len(tiles)) * 224, np.zeros(len(tiles))], axis=1).astype(np.int64)
     out = {}
@@ -88,8 +88,8 @@ def _tcga_id(i: int) -> str:
 
 def build_shard_index(root: Path, template: Path, n_slides: int, n_patches: int, n_shards: int) -> None:
     """A finalized shard store of n_patches over n_slides whose records point at real JPEG tiles of `template`."""
-    from exaonepath_core import atomic
-    from exaonepath_core.shard_store import INDEX_DTYPE
+    from exaonepath_core.data.shard_store import INDEX_DTYPE
+    from exaonepath_core.io import atomic
 
     template_rows = np.load(template / "records" / "cmu.npy")
     (root / "shards").mkdir(parents=True)
@@ -124,7 +124,7 @@ def build_npy_store(root: Path, n_slides: int, patches_per_slide: int) -> None:
     """Today's .npy store: one sparse uint8 .npy per slide (pixels do not matter here), ledger and index.csv."""
     import pandas as pd
 
-    from exaonepath_core.patch_store import PatchStoreWriter, finalize_store
+    from exaonepath_core.data.patch_store import PatchStoreWriter, finalize_store
 
     PatchStoreWriter(root, 224, "raw")  # the manifest and the ledger header
     lines = []
@@ -155,7 +155,7 @@ _FD_CHILD = textwrap.dedent("""
     import json, os, resource, sys
     import numpy as np
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-    from exaonepath_core.shard_dataset import open_patch_dataset
+    from exaonepath_core.data.shard_dataset import open_patch_dataset
     root, kind, bound = sys.argv[1], sys.argv[2], int(sys.argv[3])
     dataset = open_patch_dataset(root, max_open_files=bound)
     starts = np.asarray(json.load(open(os.path.join(root, "slides.json")))["first_row"]) if kind == "shards" else None
@@ -193,7 +193,7 @@ def loader_rate(dataset, n: int, seed: int, with_params: bool = True) -> tuple[f
     parameters, uniform indices. The CPU-second rate is what one worker core gives on a machine not shared."""
     import torch
 
-    from exaonepath_core import dino, training
+    from exaonepath_core.pretrain import dino, training
 
     augmentation = dino.MultiCropAugmentation(global_size=224, local_size=96, n_local=8)
     crops = training.MultiCropDataset(dataset, augmentation if with_params else None, seed=seed)
@@ -209,7 +209,7 @@ def params_ms_per_sample(n: int) -> float:
     """CPU ms per sample of the ViT-B/16 multi-crop parameters alone (seed, generator, `sample_params`), no read."""
     import torch
 
-    from exaonepath_core import dino
+    from exaonepath_core.pretrain import dino
 
     augmentation = dino.MultiCropAugmentation(global_size=224, local_size=96, n_local=8)
     start = time.process_time()
@@ -222,7 +222,7 @@ def storeless_vs_read_region(work: Path, tile_set, n_slides: int, reads: int, ro
     """Tile reads/s of the storeless dataset vs bare OpenSlide read_region over the same coordinates."""
     import openslide
 
-    from exaonepath_core import storeless, tiling
+    from exaonepath_core.data import storeless, tiling
 
     sets = []
     for i in range(n_slides):  # one slide under several names: distinct handles, as distinct slides would be
@@ -322,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, work: Path, q: bool, n_slides: int, n_patches: int, n_shards: int, npy_slides: int,
          npy_per_slide: int, samples: int, bound: int) -> int:
-    from exaonepath_core.patch_store import PatchStoreDataset
-    from exaonepath_core.shard_dataset import ShardStoreDataset
+    from exaonepath_core.data.patch_store import PatchStoreDataset
+    from exaonepath_core.data.shard_dataset import ShardStoreDataset
 
     t0 = time.perf_counter()
     tile_set, tiles = real_tiles(work)

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exaonepath_core import dino, training
-from exaonepath_core.backbones import create_backbone
+from exaonepath_core.models.backbones import create_backbone
+from exaonepath_core.pretrain import dino, training
 
 CONFIGS = {
     # the smoke profile's tiny ViT at small crops (patch 8 so the crops hold 64 / 16 tokens)

@@ -5,7 +5,7 @@ ratio; `--json PATH` writes ours_img_per_s, baseline_img_per_s, ratio, peak_rss_
 
     .venv/bin/python benchmarks/features.py --quick
 
-`--peers` instead reports, per registered peer architecture (`exaonepath_core.peers.PEERS`, random weights of
+`--peers` instead reports, per registered peer architecture (`exaonepath_core.models.peers.PEERS`, random weights of
 the real architecture, its authors' preprocessing), images/s at batch 64 on real PCam patches and the memory it
 needs (fp32 weights, and the process's peak RSS after it ran: models run smallest first, so each step up is that
 model's cost), so a user knows what a six-task evaluation of each costs before starting it. `--quick` picks the
@@ -30,9 +30,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from exaonepath_core.backbones import load_backbone, make_transform
-from exaonepath_core.downstream import get_dataset
-from exaonepath_core.features import extract_features, load_features
+from exaonepath_core.data.downstream import get_dataset
+from exaonepath_core.evaluation.features import extract_features, load_features
+from exaonepath_core.models.backbones import load_backbone, make_transform
 
 
 def one_at_a_time(model: torch.nn.Module, transform, dataset) -> np.ndarray:
@@ -55,7 +55,7 @@ def rss_mb() -> float:
 
 def peer_throughput(args: argparse.Namespace) -> int:
     """Images/s at `--batch-size` and memory per registered peer architecture (random weights, CPU)."""
-    from exaonepath_core import peers
+    from exaonepath_core.models import peers
 
     names = list(args.models or (QUICK_PEERS if args.quick else peers.PEERS))
     names.sort(key=peers.count_parameters)  # smallest first: the peak RSS then steps up model by model

@@ -24,7 +24,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from exaonepath_core.stain import NUMBA_AVAILABLE, MacenkoReference, macenko_normalize_batch
+from exaonepath_core.data.stain import NUMBA_AVAILABLE, MacenkoReference, macenko_normalize_batch
 
 TILE = 224
 

@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exaonepath_core import dino, training
-from exaonepath_core.backbones import create_backbone
+from exaonepath_core.models.backbones import create_backbone
+from exaonepath_core.pretrain import dino, training
 
 TILE = 96
 SMOKE = {  # the smoke profile's pretraining settings (configs/smoke.yaml), fewer steps
@@ -49,7 +49,7 @@ def build_store(root: Path, data: Path) -> Path:
     """A raw patch store of 96 px tiles of the CMU-1 small region at half resolution, as two 'slides'."""
     import openslide
 
-    from exaonepath_core.patch_store import PatchStoreWriter
+    from exaonepath_core.data.patch_store import PatchStoreWriter
 
     path = data / "wsi" / "CMU-1-Small-Region.svs"
     if not path.is_file():

@@ -4,7 +4,7 @@ Two slide groups, reported separately because a slide's fixed cost (open, mask, 
 small slides:
   * `cmu`: the real CMU SVS and its pyramidal TIFF (42 tiles each at 0.5 um/px, 224 px), linked several
     times under new names to make a cohort;
-  * `synthetic_<N>px`: two synthetic pyramidal slides of N x N px at 0.5 um/px (`exaonepath_core.synthetic`,
+  * `synthetic_<N>px`: two synthetic pyramidal slides of N x N px at 0.5 um/px (`exaonepath_core.data.synthetic`,
     about 1,700 tiles each at N = 12288), generated once into a cache folder (`--cache`, about 2 minutes on
     2 loaded cores) and reused.
 
@@ -43,15 +43,15 @@ if str(REPO) not in sys.path:
 def _warm(_: int) -> int:
     import openslide  # noqa: F401
 
-    import exaonepath_core.tiling  # noqa: F401  (import cost paid before timing, like the baseline's openslide)
+    import exaonepath_core.data.tiling  # noqa: F401  (import cost paid before timing, like the baseline's openslide)
 
     time.sleep(0.3)  # keep this worker busy so the other warm-up tasks reach the other workers
     return os.getpid()
 
 
 def _ours(args: tuple[str, str, dict]) -> int:
-    from exaonepath_core.slides import open_slide
-    from exaonepath_core.tiling import TilingParams, load_tile_set, read_tiles, tile_slide
+    from exaonepath_core.data.tiling import TilingParams, load_tile_set, read_tiles, tile_slide
+    from exaonepath_core.io.slides import open_slide
 
     slide_path, out_dir, params = args
     n = 0
@@ -93,7 +93,7 @@ def _loadavg() -> str:
 
 
 def _synthetic_slides(cache: Path, size_px: int) -> list[Path]:
-    from exaonepath_core.synthetic import CohortSpec, generate_cohort
+    from exaonepath_core.data.synthetic import CohortSpec, generate_cohort
 
     folder = cache / f"synthetic_{size_px}px"
     start = time.perf_counter()
@@ -106,7 +106,7 @@ def _synthetic_slides(cache: Path, size_px: int) -> list[Path]:
 
 
 def _measure_group(name: str, cohort: list[Path], work: Path, params, workers_list: list[int], reps: int) -> dict:
-    from exaonepath_core.tiling import load_tile_set, tile_slide
+    from exaonepath_core.data.tiling import load_tile_set, tile_slide
 
     reference = {}
     for p in cohort:
@@ -190,7 +190,7 @@ def main() -> int:
     parser.add_argument("--qc", action="store_true", help="include the QC figure in our timed tiler")
     args = parser.parse_args()
 
-    from exaonepath_core.tiling import TilingParams
+    from exaonepath_core.data.tiling import TilingParams
 
     sources = [args.data / "wsi" / "CMU-1-Small-Region.svs", args.data / "wsi" / "CMU-1-Small-Region_pyramid_generic.tiff"]
     missing = [str(p) for p in sources if not p.is_file()]
@@ -213,7 +213,7 @@ def main() -> int:
 def _run(args: argparse.Namespace, sources: list[Path], work: Path, copies: int, reps: int, params,
          loadavg_start: str) -> int:
     """Measure every group in the scratch folder `work` (removed by the caller) and print / save the results."""
-    from exaonepath_core.tiling import TilingParams, tile_slide
+    from exaonepath_core.data.tiling import TilingParams, tile_slide
 
     cmu = []
     for c in range(copies):

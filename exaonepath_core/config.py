@@ -9,7 +9,7 @@ environment variables, and relative paths are resolved against the repository ro
 Every value is type-checked against its field's annotation (configs/paper.yaml holds the complete defaults and
 is tested to match): list vs scalar, int/float/bool/str, null only where the field is optional, plus the arms,
 choices, shard strings and positive sizes listed below; an error names the dotted key, the value and what was
-expected. The pretraining section is validated against :class:`exaonepath_core.training.PretrainConfig`.
+expected. The pretraining section is validated against :class:`exaonepath_core.pretrain.training.PretrainConfig`.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticSection:
-    """The synthetic multi-site cohort (see `exaonepath_core.synthetic.CohortSpec`)."""
+    """The synthetic multi-site cohort (see `exaonepath_core.data.synthetic.CohortSpec`)."""
 
     enabled: bool = True
     n_sites: int = 4
@@ -53,7 +53,7 @@ class SyntheticSection:
 class DataSection:
     """Where slides and downstream datasets come from.
 
-    `downstream_roots` maps dataset names registered in `exaonepath_core.downstream.DATASETS`, or
+    `downstream_roots` maps dataset names registered in `exaonepath_core.data.downstream.DATASETS`, or
     `folder_<task>` for your own `{train,test}/<class>/` image folders (checked at load
     time) to their folders. In a profile that inherits another, a `downstream_roots` mapping REPLACES the
     inherited one instead of being merged into it: the child lists every dataset it wants (repeat the parent's
@@ -80,7 +80,7 @@ class DataSection:
 
 @dataclass
 class TilingSection:
-    """Tile grid parameters (see `exaonepath_core.tiling.TilingParams`)."""
+    """Tile grid parameters (see `exaonepath_core.data.tiling.TilingParams`)."""
 
     target_mpp: float = 0.5
     tile_size: int = 224
@@ -419,7 +419,7 @@ SHARD_KEYS = ("tiling.shard", "normalize.shard")
 
 def shard_count(text: str) -> int:
     """N of a shard string `i/N` (0 <= i < N, parsed by `cohort.parse_shard`); ConfigError otherwise."""
-    from exaonepath_core.cohort import parse_shard  # cohort imports this module
+    from exaonepath_core.data.cohort import parse_shard  # cohort imports this module
 
     try:
         return parse_shard(text)[1]
@@ -429,8 +429,8 @@ def shard_count(text: str) -> int:
 
 def _check_store_keys(cfg: ProjectConfig) -> None:
     """normalize.store_format / encoding / jpeg_quality / shard_max_mb and pretrain.data_source."""
-    from exaonepath_core.patch_store import STORE_FORMATS
-    from exaonepath_core.shard_store import ENCODINGS, JPEG_SUBSAMPLINGS
+    from exaonepath_core.data.patch_store import STORE_FORMATS
+    from exaonepath_core.data.shard_store import ENCODINGS, JPEG_SUBSAMPLINGS
 
     section = cfg.normalize
     for key, value, allowed in (("normalize.store_format", section.store_format, STORE_FORMATS),
@@ -448,8 +448,8 @@ def _check_store_keys(cfg: ProjectConfig) -> None:
 
 def validate_values(cfg: ProjectConfig) -> None:
     """Range, choice and cross-key checks on a typed config; ConfigError names the dotted key and value."""
-    from exaonepath_core.patch_store import STORE_MODES
-    from exaonepath_core.training import INPUT_ARMS
+    from exaonepath_core.data.patch_store import STORE_MODES
+    from exaonepath_core.pretrain.training import INPUT_ARMS
 
     d = cfg.to_dict()
     for dotted in POSITIVE_KEYS:
@@ -464,7 +464,7 @@ def validate_values(cfg: ProjectConfig) -> None:
             raise ConfigError(f"config key {dotted}: must be one of {', '.join(allowed)}, "
                               f"got {_get_dotted(d, dotted)!r}")
     if cfg.nnodes > 1 or cfg.rdzv_endpoint:
-        from exaonepath_core.launch import LaunchError, check_endpoint
+        from exaonepath_core.pretrain.launch import LaunchError, check_endpoint
 
         if not cfg.rdzv_endpoint:
             raise ConfigError(f"config key rdzv_endpoint: nnodes is {cfg.nnodes}, so set it to HOST:PORT of the "
@@ -489,7 +489,7 @@ def validate_values(cfg: ProjectConfig) -> None:
                               f"{', '.join(allowed)}, got {values!r}")
     _check_store_keys(cfg)
     on_the_fly = bool(cfg.pretrain.get("normalize_on_the_fly", False))
-    from exaonepath_core.stain import DEFAULT_MACENKO_PARAMS
+    from exaonepath_core.data.stain import DEFAULT_MACENKO_PARAMS
 
     if on_the_fly and "macenko" in cfg.arms and cfg.normalize.macenko_params() != DEFAULT_MACENKO_PARAMS:
         asked = "/".join(f"{v:g}" for v in cfg.normalize.macenko_params().values())
@@ -514,7 +514,7 @@ def validate_values(cfg: ProjectConfig) -> None:
         raise ConfigError(f"config key run_name: a folder name without {os.sep!r}, got {cfg.run_name!r}")
     # a misspelt dataset name would only show up as "absent: KeyError" at stage 04/05, after pretraining
     if cfg.data.downstream_roots:
-        from exaonepath_core.downstream import dataset_class
+        from exaonepath_core.data.downstream import dataset_class
 
         for name in cfg.data.downstream_roots:
             try:  # a registered name, or folder_<task>; the error suggests the nearest name
@@ -526,13 +526,13 @@ def validate_values(cfg: ProjectConfig) -> None:
 
 
 BACKBONE_FORMS = ("'exaonepath:/path/EXAONEPath.ckpt'", "'ours:/path/teacher_backbone.pth'", "'timm:<model_name>'",
-                  "'peer:NAME=/path/to/weights' (NAME from exaonepath_core.peers.PEERS)")
+                  "'peer:NAME=/path/to/weights' (NAME from exaonepath_core.models.peers.PEERS)")
 
 
 def resolve_backbone_spec(spec: str) -> dict[str, Any]:
     """`backbones.parse_backbone_spec(spec)` with a checkpoint path made absolute as every config path is
     (`resolve_path`: `~` expanded, relative to the repository root); ValueError for a malformed spec."""
-    from exaonepath_core.backbones import parse_backbone_spec
+    from exaonepath_core.models.backbones import parse_backbone_spec
 
     options = parse_backbone_spec(spec)
     if "path" in options:
@@ -580,7 +580,7 @@ def check_backbone_spec(dotted: str, spec: str) -> None:
 
 def validate_pretrain_section(section: dict[str, Any]) -> None:
     """Check the pretraining keys against `PretrainConfig`: unknown keys, types, and its own range checks."""
-    from exaonepath_core.training import PretrainConfig
+    from exaonepath_core.pretrain.training import PretrainConfig
 
     known = {f.name for f in dataclasses.fields(PretrainConfig)}
     unknown = sorted(set(section) - known)
@@ -613,7 +613,7 @@ def load_config(path_or_profile: str | Path, overrides: dict[str, Any] | None = 
         cursor[leaf] = value
     data = _expand_env(data)
     if "nproc_per_node" in data:  # `auto`: one process per visible GPU, 1 without one (typed as an int below)
-        from exaonepath_core.rank_checks import resolve_nproc_per_node
+        from exaonepath_core.pretrain.rank_checks import resolve_nproc_per_node
 
         data["nproc_per_node"] = resolve_nproc_per_node(data["nproc_per_node"])
     cfg = _build(ProjectConfig, data, "")
@@ -637,7 +637,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def save_config(cfg: ProjectConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML atomically (next to a stage's outputs)."""
-    from exaonepath_core import atomic
+    from exaonepath_core.io import atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

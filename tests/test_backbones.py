@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from exaonepath_core.backbones import (
+from exaonepath_core.models.backbones import (
     CheckpointMismatchError,
     PreprocessSpec,
     create_backbone,
@@ -143,7 +143,7 @@ def test_transform_matches_torchvision_pil_pipeline(shared_data):
 
 
 def test_macenko_step_uses_the_stain_reference(shared_data):
-    from exaonepath_core.stain import MacenkoReference, macenko_normalize_batch
+    from exaonepath_core.data.stain import MacenkoReference, macenko_normalize_batch
 
     tile = np.asarray(Image.open(shared_data / "stain" / "tiatoolbox_source_image.png").convert("RGB"))[:224, :224]
     batch = torch.from_numpy(np.ascontiguousarray(tile))[None]
@@ -190,7 +190,7 @@ def test_timm_specs():
 def test_extra_backbones_with_the_same_file_name_are_all_kept(tmp_path):
     from types import SimpleNamespace
 
-    from exaonepath_core.workflow import backbone_specs
+    from exaonepath_core.stages.workflow import backbone_specs
 
     extra = [f"exaonepath:{tmp_path}/lab_a/EXAONEPath.ckpt", f"exaonepath:{tmp_path}/lab_b/EXAONEPath.ckpt",
              "timm:resnet18", "timm:resnet18"]
@@ -208,8 +208,9 @@ def test_random_init_timm_backbone_is_reproducible_without_a_seed_in_the_spec():
 
 
 def test_official_checkpoint_gets_the_runs_macenko_reference(exaonepath_ckpt, shared_data, capsys):
-    from exaonepath_core import stain, workflow
     from exaonepath_core.config import load_config
+    from exaonepath_core.data import stain
+    from exaonepath_core.stages import workflow
 
     path, _ = exaonepath_ckpt
     cfg = load_config("smoke", {"device": "cpu"})
@@ -230,8 +231,8 @@ def test_official_checkpoint_gets_the_runs_macenko_reference(exaonepath_ckpt, sh
 
 
 def test_one_evaluation_crop_recipe_for_every_backbone():
-    from exaonepath_core import workflow
     from exaonepath_core.config import load_config
+    from exaonepath_core.stages import workflow
 
     cfg = load_config("paper", {"device": "cpu"})
     assert cfg.features.center_crop_fraction == 0.875
@@ -246,8 +247,8 @@ def test_one_evaluation_crop_recipe_for_every_backbone():
 
 
 def test_feature_time_macenko_uses_the_runs_estimate_parameters(exaonepath_ckpt, shared_data):
-    from exaonepath_core import workflow
     from exaonepath_core.config import load_config
+    from exaonepath_core.stages import workflow
 
     path, _ = exaonepath_ckpt
     spec = f"exaonepath:{path}"

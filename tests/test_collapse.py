@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from exaonepath_core import collapse
+from exaonepath_core.evaluation import collapse
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,7 +216,8 @@ def _metric_rows(arm: str, rows: dict[str, tuple[float, float, float]]) -> list[
 
 
 def test_verdict_counts_a_drop_only_when_the_intervals_are_apart():
-    from exaonepath_core import collapse, workflow
+    from exaonepath_core.evaluation import collapse
+    from exaonepath_core.stages import workflow
 
     knn = collapse.KNN_LEAVE_ONE_SLIDE_OUT
     raw = {collapse.SLIDE_PROBE: (0.69, 0.60, 0.78), collapse.SAME_SLIDE_NEIGHBOURS: (0.53, 0.48, 0.58),
@@ -243,7 +244,8 @@ def test_verdict_counts_a_drop_only_when_the_intervals_are_apart():
 
 
 def test_verdict_judges_pretraining_arms_only_not_extra_backbones():
-    from exaonepath_core import collapse, workflow
+    from exaonepath_core.evaluation import collapse
+    from exaonepath_core.stages import workflow
 
     rows = {collapse.SLIDE_PROBE: (0.69, 0.60, 0.78), collapse.SAME_SLIDE_NEIGHBOURS: (0.53, 0.48, 0.58)}
     low = {collapse.SLIDE_PROBE: (0.10, 0.05, 0.15), collapse.SAME_SLIDE_NEIGHBOURS: (0.10, 0.05, 0.15)}
@@ -254,7 +256,7 @@ def test_verdict_judges_pretraining_arms_only_not_extra_backbones():
 
 
 def test_report_states_the_verdict_in_words(tmp_path):
-    from exaonepath_core import workflow
+    from exaonepath_core.stages import workflow
 
     assert workflow.verdict_paragraph(tmp_path) == ""  # no stage 06 yet: nothing claimed
     rows = {collapse.SLIDE_PROBE: (0.69, 0.60, 0.78), collapse.SAME_SLIDE_NEIGHBOURS: (0.53, 0.48, 0.58),

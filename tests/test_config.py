@@ -18,8 +18,8 @@ from exaonepath_core.config import (
     parse_override,
     save_config,
 )
-from exaonepath_core.paths import STAGES, ResultsPaths, stage_key
-from exaonepath_core.pipeline import HASH_EXCLUDED_KEYS, stage_config_hash
+from exaonepath_core.io.paths import STAGES, ResultsPaths, stage_key
+from exaonepath_core.run.pipeline import HASH_EXCLUDED_KEYS, stage_config_hash
 
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml")))
@@ -287,7 +287,7 @@ def test_a_broken_set_value_names_the_override_and_column():
 
 
 def test_cli_turns_broken_yaml_into_exit_2_without_a_traceback(tmp_path, capsys):
-    from exaonepath_core import pipeline
+    from exaonepath_core.run import pipeline
 
     bad = tmp_path / "lab.yaml"
     bad.write_text(MISINDENTED)
@@ -340,7 +340,7 @@ def test_loading_a_profile_without_timm_backbones_does_not_import_timm():
 
 
 def test_unknown_downstream_dataset_names_are_rejected_with_the_known_ones():
-    from exaonepath_core.downstream import DATASETS
+    from exaonepath_core.data.downstream import DATASETS
 
     with pytest.raises(ConfigError) as info:
         load_config("smoke", {"data.downstream_roots": {"pcam_subset": "/x", "crc_100k": "/y"}})

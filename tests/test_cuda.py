@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from exaonepath_core import dino, training
-from exaonepath_core.backbones import create_backbone
-from exaonepath_core.stain import (
+from exaonepath_core.data.stain import (
     NUMBA_AVAILABLE,
     MacenkoNormalizer,
     MacenkoReference,
@@ -26,6 +24,8 @@ from exaonepath_core.stain import (
     macenko_normalize_batch,
     stain_augment_batch,
 )
+from exaonepath_core.models.backbones import create_backbone
+from exaonepath_core.pretrain import dino, training
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (tools/device_check.sh runs these on one)")
@@ -227,7 +227,7 @@ def test_compiled_backbone_matches_eager_and_keeps_state_dict_keys(cmu_tiles):
 
 
 def test_train_on_cuda_exports_a_teacher_loadable_on_cpu(cmu_tiles, tmp_path):
-    from exaonepath_core.patch_store import PatchStoreWriter
+    from exaonepath_core.data.patch_store import PatchStoreWriter
 
     patch = 64
     tissue = _tissue_tiles(cmu_tiles, 16)
@@ -266,7 +266,7 @@ def test_train_on_cuda_exports_a_teacher_loadable_on_cpu(cmu_tiles, tmp_path):
 def test_device_multicrop_on_cuda_equals_the_host_path_and_prefetch_keeps_batches(cmu_tiles):
     """The CUDA multi-crop (weights built on the GPU from the parameter tensor) gives the host path's views, and
     the one-batch-ahead prefetcher delivers every batch intact on the device."""
-    from exaonepath_core import prefetch
+    from exaonepath_core.pretrain import prefetch
 
     aug = dino.MultiCropAugmentation(global_size=64, local_size=32, n_local=4)
     tiles = torch.from_numpy(np.ascontiguousarray(cmu_tiles[:8]))

@@ -10,9 +10,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from exaonepath_core import dino, training
-from exaonepath_core.backbones import create_backbone
-from exaonepath_core.schedules import cosine_schedule, warmup_then_constant
+from exaonepath_core.models.backbones import create_backbone
+from exaonepath_core.pretrain import dino, training
+from exaonepath_core.pretrain.schedules import cosine_schedule, warmup_then_constant
 
 
 # ---------------------------------------------------------------------------------------------------------------

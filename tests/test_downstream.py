@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from exaonepath_core import downstream
-from exaonepath_core.downstream import (
+from exaonepath_core.data import downstream
+from exaonepath_core.data.downstream import (
     CRC_CLASSES,
     PAPER_ACCURACY,
     DatasetLayoutError,

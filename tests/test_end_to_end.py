@@ -12,8 +12,8 @@ import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
-from exaonepath_core.paths import STAGES, ResultsPaths
-from exaonepath_core.report import linked_files
+from exaonepath_core.io.paths import STAGES, ResultsPaths
+from exaonepath_core.report.html_index import linked_files
 
 
 def _run_all(results_root, *args, timeout=1500):

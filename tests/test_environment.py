@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO_ROOT
 from packaging.requirements import Requirement
 
-from exaonepath_core import env_check
+from exaonepath_core.io import env_check
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import requirement_sets  # tools/ is not a package
@@ -120,7 +120,7 @@ def test_env_check_passes_inside_the_ranges_and_exits_2_naming_what_is_outside(t
     outside = tmp_path / "outside.toml"
     outside.write_text('[project]\nname = "x"\n'
                        'dependencies = ["numpy>=99", "pyyaml>=5.1", "surely-not-installed-pkg>=1"]\n')
-    proc = subprocess.run([sys.executable, "-m", "exaonepath_core.env_check", "--pyproject", str(outside)],
+    proc = subprocess.run([sys.executable, "-m", "exaonepath_core.io.env_check", "--pyproject", str(outside)],
                           check=False, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == env_check.EXIT_OUTSIDE_RANGE, proc.stdout + proc.stderr
     assert f"numpy {numpy.__version__} (tested >=99)" in proc.stderr

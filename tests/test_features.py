@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from exaonepath_core.backbones import load_backbone, make_transform
-from exaonepath_core.downstream import get_dataset
-from exaonepath_core.features import (
+from exaonepath_core.data.downstream import get_dataset
+from exaonepath_core.evaluation.features import (
     FEATURE_FILES,
     extract_feature_shard,
     extract_features,
@@ -18,6 +17,7 @@ from exaonepath_core.features import (
     merge_feature_shards,
     shard_indices,
 )
+from exaonepath_core.models.backbones import load_backbone, make_transform
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_an_odd_sized_patch_is_an_error_naming_its_sample_id(small_setup, shared
 
     from PIL import Image
 
-    from exaonepath_core.features import _collate_uint8
+    from exaonepath_core.evaluation.features import _collate_uint8
 
     _dataset, model, _info, transform = small_setup
     root = tmp_path / "crc"

@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from exaonepath_core import collapse, figures, tiling
+from exaonepath_core.data import tiling
+from exaonepath_core.evaluation import collapse
+from exaonepath_core.report import figures
 
 
 @pytest.fixture

@@ -18,8 +18,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from exaonepath_core import rank_checks, report, stage_tables, workflow
 from exaonepath_core.config import ConfigError, load_config
+from exaonepath_core.pretrain import rank_checks
+from exaonepath_core.report import html_index, stage_tables
+from exaonepath_core.stages import workflow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,7 @@ def test_every_stage_table_keeps_its_header_with_no_rows(tmp_path):
 
 def test_the_column_lists_match_the_tables_the_stages_write_with_rows():
     """The header of an empty table is the header the same table has with rows (no drift between the two)."""
-    from exaonepath_core import collapse, probes
+    from exaonepath_core.evaluation import collapse, probes
 
     assert stage_tables.COLLAPSE_METRICS_COLUMNS == ("cohort", "arm", *collapse.TABLE_COLUMNS)
     assert stage_tables.PROBE_RESULTS_COLUMNS[:len(probes.RESULT_COLUMNS)] == probes.RESULT_COLUMNS
@@ -108,13 +110,13 @@ def test_the_report_renders_empty_and_headerless_tables_and_says_so(tmp_path):
     workflow.write_csv_atomic(stage_tables.empty(stage_tables.PROBE_RESULTS_COLUMNS), with_header)
     legacy = tmp_path / "features_index.csv"
     legacy.write_text("\n")  # what stage 04/05 wrote before: pd.read_csv raised EmptyDataError on it
-    items = [report.ReportItem("05", with_header, "every probe"), report.ReportItem("04", legacy, "feature sets")]
-    index = report.write_index_html(tmp_path, items, title="t")
+    items = [html_index.ReportItem("05", with_header, "every probe"), html_index.ReportItem("04", legacy, "feature sets")]
+    index = html_index.write_index_html(tmp_path, items, title="t")
     assert index.read_text().count("no rows: nothing measured") == 2
 
 
 def test_report_items_list_no_collapse_figure_when_no_cohort_was_measured(tmp_path):
-    from exaonepath_core.paths import ResultsPaths
+    from exaonepath_core.io.paths import ResultsPaths
 
     cfg = load_config("first_day", {"results_root": str(tmp_path)})
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
@@ -129,7 +131,7 @@ def test_report_items_list_no_collapse_figure_when_no_cohort_was_measured(tmp_pa
 
 
 def test_stage_warnings_read_header_only_tables_and_name_a_store_of_fallbacks_only(tmp_path):
-    from exaonepath_core import pipeline
+    from exaonepath_core.run import pipeline
 
     cfg = load_config("first_day", {"results_root": str(tmp_path)})
     for name, columns in (("tiling_summary.csv", stage_tables.TILING_SUMMARY_COLUMNS),
@@ -155,7 +157,7 @@ def test_stage_02_stops_with_the_reason_when_no_pretraining_slide_gave_a_tile(tm
 
 
 def test_a_run_without_any_slide_is_refused_in_stage_01_naming_the_folders(tmp_path):
-    from exaonepath_core import cohort
+    from exaonepath_core.data import cohort
 
     (tmp_path / "empty_site").mkdir()
     cfg = load_config("first_day", {"results_root": str(tmp_path), "data.slide_dirs": [str(tmp_path / "empty_site")]})
@@ -202,7 +204,7 @@ def test_more_ranks_than_gpus_is_refused_in_one_line_naming_both(monkeypatch):
 
 
 def test_the_runner_refuses_before_any_stage(monkeypatch, tmp_path, capsys):
-    from exaonepath_core import pipeline
+    from exaonepath_core.run import pipeline
 
     _gpus(monkeypatch, 0)
     rc = pipeline.main(["--profile", "smoke", "--set", f"results_root={tmp_path}", "--set", "nproc_per_node=8"])
@@ -260,7 +262,7 @@ def test_a_torchrun_rank_killed_by_sigkill_is_named_with_its_own_log(tmp_path, m
 
 
 def test_with_rank_logs_adds_torchruns_log_flags_only_to_torchrun(tmp_path):
-    plain = ["python", "-m", "exaonepath_core.training", "--config", "c.yaml"]
+    plain = ["python", "-m", "exaonepath_core.pretrain.training", "--config", "c.yaml"]
     assert rank_checks.with_rank_logs(plain, tmp_path) == plain
     torchrun = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *plain[1:]]
     assert rank_checks.with_rank_logs(torchrun, tmp_path)[:5] == [
@@ -325,7 +327,7 @@ def test_run_all_lab_serves_the_notebooks_as_root_or_not(tmp_path):
 def test_first_day_profile_end_to_end_on_real_slides(tmp_path, shared_data):
     """The issue's scenario: copies of the CMU slides under other names in two site folders, the paper recipe
     shortened (configs/first_day.yaml), no downstream dataset, stages 01-07 complete."""
-    from exaonepath_core import pipeline
+    from exaonepath_core.run import pipeline
 
     wsi = shared_data / "wsi"
     sources = [wsi / "CMU-1-Small-Region.svs", wsi / "CMU-1-Small-Region.svs",
@@ -341,7 +343,7 @@ def test_first_day_profile_end_to_end_on_real_slides(tmp_path, shared_data):
     rc = pipeline.main(["--profile", "first_day", "--set", f"data.slide_dirs=[{','.join(sites)}]",
                         "--set", f"results_root={tmp_path / 'results'}"])
     assert rc == 0
-    from exaonepath_core.paths import STAGES, ResultsPaths
+    from exaonepath_core.io.paths import STAGES, ResultsPaths
 
     paths = ResultsPaths.for_profile("first_day", str(tmp_path / "results"))
     assert [k for k in STAGES if not paths.done_marker(k).is_file()] == []  # stages 01-07 complete
@@ -357,4 +359,4 @@ def test_first_day_profile_end_to_end_on_real_slides(tmp_path, shared_data):
     index = (run / "index.html").read_text()
     assert "Not measured in this run" in index
     assert "no root configured in data.downstream_roots): crc100k, mhist, msi_crc, msi_stad, pcam, til" in index
-    assert not [p for p in report.linked_files(run / "index.html") if not p.exists()]
+    assert not [p for p in html_index.linked_files(run / "index.html") if not p.exists()]

@@ -16,10 +16,11 @@ import pytest
 import torch
 import yaml
 
-from exaonepath_core import elastic, launch, patch_store, preemption, schedules, training
 from exaonepath_core.config import ConfigError as ProjectConfigError
 from exaonepath_core.config import load_config
-from exaonepath_core.training import ConfigError, PretrainConfig
+from exaonepath_core.data import patch_store
+from exaonepath_core.pretrain import elastic, launch, preemption, schedules, training
+from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -215,7 +216,7 @@ def test_sigterm_to_a_real_trainer_process_writes_a_checkpoint_and_exits_75(shar
     def start(out: Path, *extra: str) -> subprocess.Popen:
         config = tmp_path / f"{out.name}.yaml"
         config.write_text(yaml.safe_dump(_tiny_config(store, out, max_steps=60).to_dict()))
-        return subprocess.Popen([sys.executable, "-m", "exaonepath_core.training", "--config", str(config), *extra],
+        return subprocess.Popen([sys.executable, "-m", "exaonepath_core.pretrain.training", "--config", str(config), *extra],
                                 cwd=REPO_ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
 
@@ -249,16 +250,16 @@ def test_sigterm_to_a_real_trainer_process_writes_a_checkpoint_and_exits_75(shar
 # ---------------------------------------------------------------------------------------------------------------
 def test_torchrun_command_single_node_unchanged_multi_node_rendezvous():
     args = ["--config", "p.yaml"]
-    assert launch.torchrun_command(args, python="py") == ["py", "-m", "exaonepath_core.training", *args]
+    assert launch.torchrun_command(args, python="py") == ["py", "-m", "exaonepath_core.pretrain.training", *args]
     assert launch.torchrun_command(args, nproc_per_node=8, python="py") == [
         "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8",
-        "-m", "exaonepath_core.training", *args]
+        "-m", "exaonepath_core.pretrain.training", *args]
     multi = launch.torchrun_command(args, nproc_per_node=8, nnodes=4, rdzv_endpoint="node001:29500",
                                     rdzv_id="1234", python="py")
     assert multi[:8] == ["py", "-m", "torch.distributed.run", "--nnodes=4", "--nproc_per_node=8",
                          "--rdzv_backend=c10d", "--rdzv_endpoint=node001:29500", "--rdzv_id=1234"]
     assert "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in multi
-    assert multi[-4:] == ["-m", "exaonepath_core.training", *args]
+    assert multi[-4:] == ["-m", "exaonepath_core.pretrain.training", *args]
     with pytest.raises(launch.LaunchError, match="rdzv_endpoint"):
         launch.torchrun_command(args, nnodes=2)
     with pytest.raises(launch.LaunchError, match="HOST:PORT"):
@@ -275,7 +276,7 @@ def test_slurm_template_requeues_on_usr1_and_launches_one_torchrun_per_node(tmp_
     text = template.read_text()
     for line in ("#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=1",
                  "trap forward_stop USR1", 'scancel --signal=USR1 "$SLURM_JOB_ID"', 'scontrol requeue "$SLURM_JOB_ID"',
-                 "-m exaonepath_core.launch", '--rdzv-endpoint "$MASTER:$RDZV_PORT"', '--nnodes "$SLURM_NNODES"'):
+                 "-m exaonepath_core.pretrain.launch", '--rdzv-endpoint "$MASTER:$RDZV_PORT"', '--nnodes "$SLURM_NNODES"'):
         assert line in text, line
     assert subprocess.run(["bash", "-n", str(template)], check=False).returncode == 0
     config = tmp_path / "pretrain.yaml"
@@ -297,7 +298,7 @@ def _free_port() -> int:
 _RECORDING_TRAINER = '''
 import json, os, sys
 import numpy as np, torch
-from exaonepath_core import training
+from exaonepath_core.pretrain import training
 
 class Recording(torch.utils.data.Dataset):
     def __init__(self):

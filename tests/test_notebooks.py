@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import REPO_ROOT
 
-from exaonepath_core.paths import STAGES
+from exaonepath_core.io.paths import STAGES
 
 NOTEBOOKS = [REPO_ROOT / "notebooks" / f"{name}.ipynb" for name, _ in STAGES.values()]
 
@@ -24,7 +24,7 @@ def test_notebook_is_a_clean_parameterised_stage(path):
     assert {"config_path", "profile"} <= names
     # papermill must parse the same names (it gives up on some comments, e.g. with a quote), else the runner
     # would pass it nothing
-    from exaonepath_core.pipeline import notebook_parameters
+    from exaonepath_core.run.pipeline import notebook_parameters
 
     assert notebook_parameters(path) == names
     # every parameter does something: read by a later cell (a parameter nothing reads misleads the user)

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from exaonepath_core import patch_store
-from exaonepath_core.patch_store import (
+from exaonepath_core.data import patch_store
+from exaonepath_core.data.patch_store import (
     PatchStoreDataset,
     PatchStoreWriter,
     normalize_slides,
@@ -18,7 +18,7 @@ from exaonepath_core.patch_store import (
     read_ledger,
     shard_slide_ids,
 )
-from exaonepath_core.stain import MacenkoReference, macenko_normalize_batch
+from exaonepath_core.data.stain import MacenkoReference, macenko_normalize_batch
 
 PATCH = 8
 
@@ -149,7 +149,7 @@ def read_manifest_counts(root):
 
 def test_macenko_warm_up_runs_once_before_the_first_slide(tmp_path, monkeypatch):
     """The JIT compile runs in one warm-up call, not inside the first slide's timing; none in raw mode."""
-    from exaonepath_core import patch_store
+    from exaonepath_core.data import patch_store
 
     calls = []
     real = patch_store.warm_up_normalizer
@@ -175,7 +175,7 @@ def test_store_files_follow_the_umask(tmp_path):
     import os
     import stat
 
-    from exaonepath_core import atomic
+    from exaonepath_core.io import atomic
 
     def mode(path):
         return stat.S_IMODE(path.stat().st_mode)

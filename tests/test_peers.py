@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from exaonepath_core import comparison, peers
-from exaonepath_core.backbones import (
+from exaonepath_core.models import peers
+from exaonepath_core.models.backbones import (
     CheckpointMismatchError,
     load_backbone,
     make_transform,
     parse_backbone_spec,
 )
+from exaonepath_core.report import comparison
 
 # Models small enough to build at their released size here; the others get 2 blocks with the same per-block keys
 FULL_SIZE = ("resnet50", "lunit_vits16", "lunit_vits8", "ctranspath", "phikon")
@@ -236,8 +237,8 @@ def test_embedding_dimension(name, dim):
 def _feature_run(tmp_path, shared_data):
     """Stage-04-like folders: two small peers' real features of real PCam patches under the six task names,
     plus their probes (stage 05) and collapse metrics per model (stage 06)."""
-    from exaonepath_core import collapse, features, probes
-    from exaonepath_core.downstream import get_dataset
+    from exaonepath_core.data.downstream import get_dataset
+    from exaonepath_core.evaluation import collapse, features, probes
 
     specs = []
     features_dir = tmp_path / "04_features"
@@ -311,9 +312,10 @@ def test_empty_run_gives_header_only_tables_and_figures(tmp_path):
 
 
 def test_stage_07_writes_the_comparison_with_nothing_measured_and_links_it(tmp_path):
-    from exaonepath_core import report, workflow
     from exaonepath_core.config import load_config
-    from exaonepath_core.paths import ResultsPaths
+    from exaonepath_core.io.paths import ResultsPaths
+    from exaonepath_core.report import html_index
+    from exaonepath_core.stages import workflow
 
     cfg = load_config("smoke")
     paths = ResultsPaths.for_profile("smoke", tmp_path / "results")
@@ -325,8 +327,8 @@ def test_stage_07_writes_the_comparison_with_nothing_measured_and_links_it(tmp_p
     workflow.write_collapse_by_model(pd.DataFrame(), s06)
     assert pd.read_csv(s06 / "collapse_by_model.csv").empty
     items, _ = workflow.report_items(cfg, paths)
-    index = report.write_index_html(paths.profile_dir, items, title="t")
-    linked = {p.name for p in report.linked_files(index)}
+    index = html_index.write_index_html(paths.profile_dir, items, title="t")
+    linked = {p.name for p in html_index.linked_files(index)}
     assert {"model_comparison.csv", "model_comparison.png", "collapse_by_model.png", "peer_status.csv"} <= linked
 
 

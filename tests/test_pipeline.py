@@ -10,9 +10,9 @@ import nbformat
 import pytest
 import yaml
 
-from exaonepath_core import pipeline
 from exaonepath_core.config import ConfigError, save_config
-from exaonepath_core.paths import STAGES, ResultsPaths
+from exaonepath_core.io.paths import STAGES, ResultsPaths
+from exaonepath_core.run import pipeline
 
 PARAMS = 'config_path = ""\nprofile = ""\nforce = False\narm = None\n'
 BODY = """

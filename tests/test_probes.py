@@ -9,11 +9,10 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from exaonepath_core import probes
-from exaonepath_core.backbones import load_backbone, make_transform
-from exaonepath_core.downstream import PAPER_ACCURACY, get_dataset
-from exaonepath_core.features import extract_features
-from exaonepath_core.probes import (
+from exaonepath_core.data.downstream import PAPER_ACCURACY, get_dataset
+from exaonepath_core.evaluation import probes
+from exaonepath_core.evaluation.features import extract_features
+from exaonepath_core.evaluation.probes import (
     knn_probe,
     linear_head_probe,
     logistic_probe,
@@ -23,6 +22,7 @@ from exaonepath_core.probes import (
     summary_table,
     write_table,
 )
+from exaonepath_core.models.backbones import load_backbone, make_transform
 
 
 def _blobs(n: int, n_classes: int, dim: int, separation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,7 +218,7 @@ def test_intervals_resample_whole_patients_when_ids_name_them():
 
 
 def test_a_feature_folder_without_its_test_split_is_listed_not_dropped(tmp_path):
-    from exaonepath_core import workflow
+    from exaonepath_core.stages import workflow
 
     for backbone, splits in (("raw", ("train", "test")), ("macenko", ("train",)), ("untrained_raw", ("test",))):
         for split in splits:
@@ -239,7 +239,7 @@ def test_a_feature_folder_without_its_test_split_is_listed_not_dropped(tmp_path)
 
 
 def test_chance_per_task_is_the_test_majority_rate_and_is_drawn(tmp_path):
-    from exaonepath_core import workflow
+    from exaonepath_core.stages import workflow
 
     for split, labels in (("train", [0, 1, 1, 2]), ("test", [0, 0, 0, 1, 2, 2, 1, 0])):
         d = tmp_path / "feats" / "raw" / "crc" / split

@@ -15,9 +15,11 @@ import yaml
 from conftest import REPO_ROOT, shared_data_dir
 from PIL import Image
 
-from exaonepath_core import cohort, collapse, workflow
 from exaonepath_core.config import load_config
-from exaonepath_core.paths import ResultsPaths
+from exaonepath_core.data import cohort
+from exaonepath_core.evaluation import collapse
+from exaonepath_core.io.paths import ResultsPaths
+from exaonepath_core.stages import workflow
 
 CAP = 20  # features.max_tiles_per_heldout_slide in the real-run fixture
 
@@ -126,7 +128,8 @@ def real_run(tmp_path_factory):
     cohort; the real CMU slide (when the shared data is present) joins through data.slide_list as a one-slide
     site. Stage 01 tiles them, stage 02's selection writes a raw store, stage 04 embeds the held-out slides
     with the untrained tiny ViT (raw and Macenko input)."""
-    from exaonepath_core import features, patch_store, synthetic, tiling
+    from exaonepath_core.data import patch_store, synthetic, tiling
+    from exaonepath_core.evaluation import features
 
     tmp = tmp_path_factory.mktemp("real_cohort")
     spec = synthetic.CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
@@ -184,7 +187,7 @@ def test_real_slides_held_out_per_lab_and_absent_from_the_pretraining_store(real
     held = real[real.split == "heldout"]
     assert held.groupby("site").size().to_dict() == {"lab0": 2, "lab1": 2}
     assert (real_run["ledger"].status == "ok").all()
-    from exaonepath_core import patch_store
+    from exaonepath_core.data import patch_store
 
     stored = set(patch_store.read_ledger(store).query("status == 'ok'").slide_id)
     assert stored == set(real.slide_id[real.split == "train"]) and not stored & set(held.slide_id)
@@ -225,7 +228,7 @@ def test_stage_04_caps_tiles_per_slide_and_counts_what_it_left_out(real_run):
     assert status.loc[workflow.REAL_HELDOUT_TASK, "status"] == "present"
     assert status.loc[workflow.REAL_HELDOUT_TASK, "n"] == len(ds)
     # the features on disk honour the cap too
-    from exaonepath_core import features
+    from exaonepath_core.evaluation import features
 
     X, y, ids, manifest = features.load_features(real_run["paths"].stage_dir("04") / "untrained_raw" /
                                                  workflow.REAL_HELDOUT_TASK / workflow.REAL_HELDOUT_SPLIT)
@@ -299,7 +302,7 @@ def test_report_lists_the_real_cohort_figures(real_run):
 
 def test_a_store_holding_a_heldout_slide_stops_stage_04(real_run, tmp_path):
     # a store reused from a run with another held-out choice keeps that run's slides: stage 04 refuses
-    from exaonepath_core import patch_store
+    from exaonepath_core.data import patch_store
 
     results = tmp_path / "results" / "paper"
     s01 = results / "01_tiles"
@@ -326,7 +329,8 @@ def test_run_all_on_a_paper_like_real_cohort(tmp_path, shared_data):
     cohort, no pretraining arm: the untrained initialisation is the backbone, pcam_subset the probe task."""
     import yaml
 
-    from exaonepath_core import pipeline, synthetic
+    from exaonepath_core.data import synthetic
+    from exaonepath_core.run import pipeline
 
     spec = synthetic.CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
     manifest = synthetic.generate_cohort(tmp_path / "generated", spec, progress=False)

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from exaonepath_core import shard_store, storeless, tiling, training
-from exaonepath_core.patch_store import PatchStoreWriter, normalize_slides
-from exaonepath_core.shard_dataset import ShardStoreDataset, open_patch_dataset
-from exaonepath_core.shard_store import CorruptRecordError, ShardStoreWriter
+from exaonepath_core.data import shard_store, storeless, tiling
+from exaonepath_core.data.patch_store import PatchStoreWriter, normalize_slides
+from exaonepath_core.data.shard_dataset import ShardStoreDataset, open_patch_dataset
+from exaonepath_core.data.shard_store import CorruptRecordError, ShardStoreWriter
+from exaonepath_core.pretrain import training
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = 8
@@ -203,7 +204,7 @@ _FD_CHILD = textwrap.dedent("""
     import os, resource, sys
     import numpy as np
     resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[3]), int(sys.argv[3])))
-    from exaonepath_core.shard_dataset import open_patch_dataset
+    from exaonepath_core.data.shard_dataset import open_patch_dataset
     dataset = open_patch_dataset(sys.argv[1], max_open_files=int(sys.argv[2]))
     base = len(os.listdir("/proc/self/fd"))
     peak = 0
@@ -305,7 +306,7 @@ def test_data_scale_benchmark_quick(tmp_path, shared_data):
 def test_heldout_slides_in_a_shard_store_or_storeless_index_are_found(tmp_path):
     import pandas as pd
 
-    from exaonepath_core import workflow
+    from exaonepath_core.stages import workflow
 
     normalize_dir = tmp_path / "02_normalize"
     _write(normalize_dir / "raw", {"train1": _random_tiles(0, 3), "held1": _random_tiles(1, 3)}, encoding="png")
@@ -322,8 +323,8 @@ def test_heldout_slides_in_a_shard_store_or_storeless_index_are_found(tmp_path):
 def test_storeless_data_source_points_every_arm_at_the_coordinate_index(tmp_path):
     import yaml
 
-    from exaonepath_core import workflow
     from exaonepath_core.config import load_config
+    from exaonepath_core.stages import workflow
 
     cfg = load_config("ci", {"results_root": str(tmp_path), "pretrain.data_source": "storeless"})
     for arm in ("raw", "macenko"):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from exaonepath_core import slides
-from exaonepath_core.slides import MissingMppError, SlideOpenError, open_slide
+from exaonepath_core.io import slides
+from exaonepath_core.io.slides import MissingMppError, SlideOpenError, open_slide
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_anisotropic_pixels_warned_or_refused(tmp_path):
     """mpp-x 0.5 with mpp-y 0.25 is refused (was read as 0.5); 2 % apart warns and uses the mean; 0.5 % is quiet."""
     import warnings
 
-    from exaonepath_core.slides import AnisotropicMppError
+    from exaonepath_core.io.slides import AnisotropicMppError
 
     rgb = np.full((128, 128, 3), 200, np.uint8)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from exaonepath_core.stain import (
+from exaonepath_core.data.stain import (
     NUMBA_AVAILABLE,
     MacenkoNormalizer,
     MacenkoReference,
@@ -289,7 +289,7 @@ def test_backend_choice_is_checked():
 
 @pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba is not installed")
 def test_numba_histogram_select_is_exact_with_ties():
-    from exaonepath_core.stain import _nb_select_two
+    from exaonepath_core.data.stain import _nb_select_two
 
     rng = np.random.default_rng(2)
     cases = [rng.normal(size=5000), np.round(rng.normal(size=5000), 1), np.full(3000, 0.25),
@@ -305,7 +305,7 @@ def test_numba_histogram_select_is_exact_with_ties():
 
 @pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba is not installed")
 def test_numba_pseudo_angle_orders_like_atan2():
-    from exaonepath_core.stain import _nb_pseudo_angle
+    from exaonepath_core.data.stain import _nb_pseudo_angle
 
     rng = np.random.default_rng(3)
     points = np.concatenate([rng.normal(size=(4000, 2)), [[1, 0], [0, 1], [-1, 0.0], [-1, -0.0], [0, -1], [1e-30, -1]]])

@@ -15,8 +15,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from exaonepath_core import synthetic
-from exaonepath_core.synthetic import CLASS_NAMES, CohortSpec
+from exaonepath_core.data import synthetic
+from exaonepath_core.data.synthetic import CLASS_NAMES, CohortSpec
 
 # 4 sites x 3 slides of 1536 px: small enough for CI, large enough for every class in every slide.
 SMALL = CohortSpec(n_sites=4, slides_per_site=3, slide_size_px=1536, region_px=384, seed=0)
@@ -174,7 +174,7 @@ def _macenko(tiles: np.ndarray) -> tuple[np.ndarray, int]:
     import torch
 
     try:
-        from exaonepath_core.stain import MacenkoReference, macenko_normalize_batch
+        from exaonepath_core.data.stain import MacenkoReference, macenko_normalize_batch
     except ImportError:  # pragma: no cover - stain.py not there yet: torchstain per tile, failures counted
         from torchstain.normalizers import MacenkoNormalizer
 

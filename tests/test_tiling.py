@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from exaonepath_core.tiling import (
+from exaonepath_core.data.tiling import (
     TileDataset,
     TilingParams,
     grid_coordinates,
@@ -163,7 +163,7 @@ def test_cmu_slide_tiles_sit_on_tissue(wsi, tmp_path):
     assert tiles.shape == (len(ts), 224, 224, 3) and tiles.dtype == np.uint8
     # Background: whole grid tiles the mask calls empty.
     grid = grid_coordinates((2220, 2967), 0.499, 0.5, 224)
-    from exaonepath_core.slides import open_slide
+    from exaonepath_core.io.slides import open_slide
 
     with open_slide(wsi / "CMU-1-Small-Region.svs") as s:
         thumb = s.thumbnail(400)
@@ -412,7 +412,7 @@ def test_tile_dataset_pickles_and_works_in_dataloader(wsi, tmp_path):
 def test_median_filter_uint8_equals_scipy():
     from scipy import ndimage
 
-    from exaonepath_core.tiling import median_filter_uint8
+    from exaonepath_core.data.tiling import median_filter_uint8
 
     rng = np.random.default_rng(3)
     for size in (1, 2, 3, 4, 5, 7):
@@ -424,7 +424,7 @@ def test_median_filter_uint8_equals_scipy():
 
 def test_open_slide_passed_through_tiling_and_reading(wsi, tmp_path):
     """One handle for mask and reads gives the same coords and pixels as the path-based calls."""
-    from exaonepath_core.slides import open_slide
+    from exaonepath_core.io.slides import open_slide
 
     path = wsi / "CMU-1-Small-Region_pyramid_generic.tiff"
     by_path = load_tile_set(tile_slide(path, tmp_path / "a", PARAMS_FAST)["coords_path"])
@@ -443,7 +443,7 @@ def test_open_slide_passed_through_tiling_and_reading(wsi, tmp_path):
 
 _RSS_SCRIPT = """
 import resource, sys
-from exaonepath_core.tiling import TilingParams, load_tile_set, read_tiles, tile_slide
+from exaonepath_core.data.tiling import TilingParams, load_tile_set, read_tiles, tile_slide
 rec = tile_slide(sys.argv[1], sys.argv[2], TilingParams(qc_figure=False))
 n = sum(len(b) for b in read_tiles(load_tile_set(rec["coords_path"]), batch_size=64))
 print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -13,17 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from exaonepath_core import dino, training
-from exaonepath_core.backbones import create_backbone
-from exaonepath_core.stain import MacenkoReference
-from exaonepath_core.training import ConfigError, PretrainConfig
+from exaonepath_core.data.stain import MacenkoReference
+from exaonepath_core.models.backbones import create_backbone
+from exaonepath_core.pretrain import dino, training
+from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 
 PATCH = 48
 
 
 def _write_raw_store(shared_data: Path, root: Path, patches_per_slide: int) -> Path:
     """A raw patch store of real H&E patches (48 px) cut from a TCGA region, as two 'slides'."""
-    from exaonepath_core.patch_store import PatchStoreWriter
+    from exaonepath_core.data.patch_store import PatchStoreWriter
 
     image = np.asarray(Image.open(shared_data / "stain" / "tiatoolbox_TCGA-HE-7130-01Z-00-DX1.png").convert("RGB"))
     writer = PatchStoreWriter(root, PATCH, "raw")
@@ -237,7 +237,7 @@ def test_normalize_on_the_fly_counts_fallback_patches(raw_store, tmp_path):
 
 def test_loader_views_depend_only_on_seed_epoch_index(raw_store):
     """The batched multi-crop in the collate: a sample's views do not depend on its batch mates or position."""
-    from exaonepath_core.patch_store import PatchStoreDataset
+    from exaonepath_core.data.patch_store import PatchStoreDataset
 
     aug = dino.MultiCropAugmentation(32, 16, 2)
     dataset = training.MultiCropDataset(PatchStoreDataset(raw_store), aug, seed=3)
@@ -252,7 +252,7 @@ def test_loader_views_depend_only_on_seed_epoch_index(raw_store):
 
 
 def test_stain_augmentation_arm_changes_colours_deterministically(raw_store, tmp_path):
-    from exaonepath_core.patch_store import PatchStoreDataset
+    from exaonepath_core.data.patch_store import PatchStoreDataset
 
     patches = PatchStoreDataset(raw_store)
     aug = dino.MultiCropAugmentation(32, 16, 1)
@@ -278,7 +278,7 @@ def test_torchrun_two_gloo_processes_train_and_resume(raw_store, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "exaonepath_core.training",
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "exaonepath_core.pretrain.training",
          "--config", str(config), "--plot"],
         capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1], check=False,
     )
@@ -287,7 +287,7 @@ def test_torchrun_two_gloo_processes_train_and_resume(raw_store, tmp_path):
     assert checkpoint["world_size"] == 2 and checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
     assert (out / "training_curves.png").is_file()
     resumed = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "exaonepath_core.training",
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "exaonepath_core.pretrain.training",
          "--config", str(config), "--resume", "--set", "max_steps=5"],
         capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1], check=False,
     )
@@ -298,7 +298,7 @@ def test_torchrun_two_gloo_processes_train_and_resume(raw_store, tmp_path):
 
 def test_excluded_slides_are_left_out_of_the_pretraining_data(raw_store, tmp_path, capsys):
     """A store that holds a held-out slide (reused across held-out choices) does not feed it to pretraining."""
-    from exaonepath_core.training import _load_patch_dataset
+    from exaonepath_core.pretrain.training import _load_patch_dataset
 
     everything = _load_patch_dataset(_tiny_config(raw_store, tmp_path))
     assert sorted(set(everything.slide_ids)) == ["slide0", "slide1"] and len(everything) == 40
@@ -379,7 +379,7 @@ def test_the_trainer_process_dies_with_the_process_that_started_it(tmp_path):
         f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
     (tmp_path / "starter.py").write_text(
         "import subprocess, sys, time\n"
-        "from exaonepath_core.workflow import _die_with_parent\n"
+        "from exaonepath_core.stages.workflow import _die_with_parent\n"
         f"subprocess.Popen([sys.executable, {str(tmp_path / 'child.py')!r}], preexec_fn=_die_with_parent)\n"
         "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, str(tmp_path / "starter.py")],
@@ -406,8 +406,8 @@ def test_the_trainer_process_dies_with_the_process_that_started_it(tmp_path):
 
 
 def test_changed_settings_move_an_arms_earlier_run_aside(tmp_path, capsys):
-    from exaonepath_core import workflow
     from exaonepath_core.config import load_config
+    from exaonepath_core.stages import workflow
 
     out = tmp_path / "03_pretrain" / "raw"
     cfg = load_config("ci", {"results_root": str(tmp_path)})

@@ -76,7 +76,7 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
         echo "[bootstrap] pip install failed (full log: $VENV/pip-install.log)" >&2
         exit 1
     fi
-    if [ "$SYSTEM_SITE" = "1" ] && ! "$VENV/bin/python" -m exaonepath_core.env_check \
+    if [ "$SYSTEM_SITE" = "1" ] && ! "$VENV/bin/python" -m exaonepath_core.io.env_check \
         && [ "${EXAONEPATH_ALLOW_UNTESTED:-0}" != "1" ]; then
         echo "[bootstrap] the environment's packages above fall outside the tested ranges; fix them, or set" \
              "EXAONEPATH_ALLOW_UNTESTED=1 to run anyway" >&2

@@ -11,7 +11,7 @@
 #   pytest               tests/test_cuda.py                               -> pytest_<dev>.xml
 #   dino_step_nocompile  benchmarks/dino_step.py --no-compile             -> dino_step_<dev>_nocompile.json
 #   dino_step_compile    benchmarks/dino_step.py (torch.compile)          -> dino_step_<dev>.json
-#   train_store, train   python -m exaonepath_core.training, ~50 steps    -> train_<dev>_summary.json, _log.jsonl
+#   train_store, train   python -m exaonepath_core.pretrain.training, ~50 steps    -> train_<dev>_summary.json, _log.jsonl
 # Everything printed is also in $OUT/device_check.log; device_check_summary.json gathers the status of every
 # part and the key numbers. At most 8 files land in $OUT (the tool returns 8). Exit status 0 even when a part
 # failed (the table says FAILED); 2 when the kit cannot start (no staged data, no GPU).
@@ -133,11 +133,11 @@ env_json.write_text(json.dumps(env, indent=2) + "\n")
 if bad:
     sys.exit(f"ERROR: staged files missing or changed in transit: {bad} (rerun tools/prepare_device_check.sh)")
 PY
-    if ! "$PYTHON" -c "from exaonepath_core.backbones import create_backbone; create_backbone('vit_tiny_patch16_224', 32, 8)"; then
+    if ! "$PYTHON" -c "from exaonepath_core.models.backbones import create_backbone; create_backbone('vit_tiny_patch16_224', 32, 8)"; then
         if compgen -G "$SITE/timm" >/dev/null; then
             echo "WARNING: the carried timm does not work here; falling back to this machine's timm"
             rm -rf "$SITE"/timm "$SITE"/timm-*.dist-info
-            "$PYTHON" -c "from exaonepath_core.backbones import create_backbone; create_backbone('vit_tiny_patch16_224', 32, 8)" \
+            "$PYTHON" -c "from exaonepath_core.models.backbones import create_backbone; create_backbone('vit_tiny_patch16_224', 32, 8)" \
                 || { echo "ERROR: no working timm"; return 2; }
         else
             echo "ERROR: timm does not build the backbone here"
@@ -174,7 +174,7 @@ import time
 import numpy as np
 import torch
 
-from exaonepath_core.stain import macenko_normalize_batch
+from exaonepath_core.data.stain import macenko_normalize_batch
 
 device, tiles_path, out_path = sys.argv[1], sys.argv[2], sys.argv[3]
 tiles = np.load(tiles_path)
@@ -237,7 +237,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from exaonepath_core.patch_store import PatchStoreWriter
+from exaonepath_core.data.patch_store import PatchStoreWriter
 
 device, stage, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 size = 224
@@ -268,7 +268,7 @@ else:
 print(f"store: {len(index)} real patches of {size} px in 3 slides; config {work / 'train.yaml'}: {cfg}")
 PY
     if [ -f "$WORK/train.yaml" ]; then
-        run_part train 200 "$PYTHON" -m exaonepath_core.training --config "$WORK/train.yaml"
+        run_part train 200 "$PYTHON" -m exaonepath_core.pretrain.training --config "$WORK/train.yaml"
     else
         run_part train 1 false  # recorded as FAILED: the store part did not write a config
     fi

@@ -106,7 +106,7 @@ if all(up_to_date(n, "CMU-1-Small-Region.svs") for n in (tiles_name, coords_name
 else:
     import openslide
 
-    from exaonepath_core.stain import NUMBA_AVAILABLE, macenko_normalize_batch
+    from exaonepath_core.data.stain import NUMBA_AVAILABLE, macenko_normalize_batch
 
     with openslide.OpenSlide(str(svs)) as slide:  # the same 224 px grid as tests/test_stain.py and the benchmark
         width, height = slide.dimensions

@@ -1,0 +1,1 @@
+"""Data: tiling, stain normalisation, patch stores, synthetic cohorts, downstream datasets."""

@@ -1,0 +1,1 @@
+"""Evaluation: features, linear probes, collapse metrics, published numbers."""

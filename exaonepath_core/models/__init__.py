@@ -1,0 +1,1 @@
+"""Backbones: timm ViT builders, checkpoint loading, peers' released layouts."""

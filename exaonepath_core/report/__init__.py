@@ -1,0 +1,1 @@
+"""Reporting: figures (seaborn house style), tables, the HTML index."""

@@ -1,0 +1,360 @@
+"""Plot style and the figure functions the notebooks call (Agg canvases; nothing global at import).
+
+Figures are drawn on `matplotlib.figure.Figure` objects with an Agg canvas inside `matplotlib.rc_context`,
+so they do not depend on (or change) pyplot's global state or the interactive backend.
+"""
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from exaonepath_core.io import atomic
+
+DPI = 120
+_MAX_LEGEND_ENTRIES = 12
+
+
+def style_rc() -> dict:
+    """The house matplotlib rc settings: readable font sizes, light grid, no top/right spines."""
+    return {
+        "figure.dpi": DPI,
+        "savefig.dpi": DPI,
+        "savefig.bbox": "tight",
+        "font.size": 10,
+        "axes.titlesize": 11,
+        "axes.labelsize": 10,
+        "xtick.labelsize": 9,
+        "ytick.labelsize": 9,
+        "legend.fontsize": 8,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "image.cmap": "viridis",
+    }
+
+
+def set_style() -> None:
+    """Apply the house style to matplotlib's global rc (for notebooks; figure functions do not need it)."""
+    import matplotlib
+
+    matplotlib.rcParams.update(style_rc())
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save_png(figure, out_png: str | Path) -> Path:
+    """Write the figure atomically (temporary file in the same folder, then rename; `atomic.atomic_path`)."""
+    out = Path(out_png)
+    with atomic.atomic_path(out) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    return out
+
+
+EMBEDDING_METHOD_NAMES = {
+    "tsne": "t-SNE (after PCA to at most 50 dims) of L2-normalised features",
+    "pca": "PCA (first 2 components) of L2-normalised features",
+}
+
+
+class Embedding2D(np.ndarray):
+    """(N, 2) coordinates that remember the method that made them (`method`, a key of EMBEDDING_METHOD_NAMES).
+
+    Slices and copies keep `method`; arithmetic and reductions return plain arrays (they are no longer the
+    method's output). The figure reads `method` so callers need not pass it separately.
+    """
+
+    method: str
+
+    def __new__(cls, coordinates: np.ndarray, method: str = ""):
+        array = np.asarray(coordinates).view(cls)
+        array.method = method
+        return array
+
+    def __array_finalize__(self, obj) -> None:
+        self.method = getattr(obj, "method", "")
+
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        array = np.asarray(array)
+        return array[()] if return_scalar else array
+
+
+def embedding_2d(features: np.ndarray, method: str = "tsne", max_points: int = 3000, seed: int = 0) -> Embedding2D:
+    """2-D embedding (N, 2) of features; when N > max_points a seeded random subset is embedded, other rows NaN.
+
+    t-SNE runs on the top 50 principal components (the usual denoising step) of L2-normalised features;
+    "pca" projects onto the first two components. The result records `method` (see `Embedding2D`).
+    """
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] < 3:
+        raise ValueError(f"features must be (N >= 3, D), got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("features contain NaN/inf")
+    if method not in EMBEDDING_METHOD_NAMES:
+        raise ValueError(f"method must be one of {sorted(EMBEDDING_METHOD_NAMES)}, got {method!r}")
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(n, size=max_points, replace=False)) if n > max_points else np.arange(n)
+    subset = x[chosen]
+    norms = np.linalg.norm(subset, axis=1, keepdims=True)
+    subset = subset / np.where(norms > 0, norms, 1.0)  # cosine geometry, like the collapse metrics
+    out = np.full((n, 2), np.nan)
+    if method == "pca":
+        out[chosen] = PCA(2, random_state=seed).fit_transform(subset)
+        return Embedding2D(out, method)
+    from sklearn.manifold import TSNE
+
+    n_components = min(50, subset.shape[1], subset.shape[0] - 1)
+    reduced = PCA(n_components, random_state=seed).fit_transform(subset) if subset.shape[1] > 50 else subset
+    perplexity = float(min(30.0, (subset.shape[0] - 1) / 3.0))
+    out[chosen] = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced)
+    return Embedding2D(out, method)
+
+
+def _colours(n: int) -> np.ndarray:
+    """n distinguishable RGBA colours: tab10/tab20 when they suffice, else evenly spaced hues."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return colormaps["tab10"](np.arange(n))
+    if n <= 20:
+        return colormaps["tab20"](np.arange(n))
+    return colormaps["hsv"](np.linspace(0, 1, n, endpoint=False))
+
+
+def _scatter_by(ax, xy: np.ndarray, labels: np.ndarray | None, arm: str, what: str) -> None:
+    title = f"{arm}: by {what}"
+    plural = "es" if what.endswith("s") else "s"
+    if labels is None:
+        ax.text(0.5, 0.5, f"no {what} labels", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    labels = np.asarray(labels)
+    shown = np.all(np.isfinite(xy), axis=1)
+    values = labels[shown]
+    uniques = np.unique(values.astype(str) if values.dtype == object else values)
+    colours = _colours(len(uniques))
+    size = float(np.clip(8000.0 / max(int(shown.sum()), 1), 4.0, 24.0))  # visible for hundreds, not a blob for 10^4
+    for i, value in enumerate(uniques):
+        mask = values == value
+        ax.scatter(xy[shown][mask, 0], xy[shown][mask, 1], s=size, color=colours[i], label=str(value),
+                   alpha=0.75, linewidths=0, rasterized=True)
+    # the point count is in the figure's suptitle; the panel says how many groups the colours stand for
+    ax.set_title(f"{title} ({len(uniques)} {what}{'' if len(uniques) == 1 else plural})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(uniques) <= _MAX_LEGEND_ENTRIES:
+        # beside the panel, so it never hides points
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), markerscale=max(1.0, 36.0 / size) ** 0.5,
+                  frameon=False, fontsize=7, borderaxespad=0.2)
+
+
+def _embedding_suptitle(embeds: Mapping, method: str | None) -> str:
+    """'<method>, <n> points per arm' (each arm's count when they differ; 'of N' when rows were not embedded)."""
+    if method is None:
+        recorded = {getattr(entry[0], "method", "") for entry in embeds.values()}
+        recorded.discard("")
+        if len(recorded) > 1:
+            raise ValueError(f"arms were embedded with different methods {sorted(recorded)}; "
+                             "side-by-side panels must share one")
+        method = recorded.pop() if recorded else None
+    label = EMBEDDING_METHOD_NAMES.get(method, method) if method else "2-D embedding (method not recorded)"
+    counts = {}
+    for arm, entry in embeds.items():
+        xy = np.asarray(entry[0], dtype=float)
+        drawn = int(np.all(np.isfinite(xy), axis=1).sum())
+        counts[arm] = f"{drawn}" if drawn == len(xy) else f"{drawn} of {len(xy)}"
+    if len(set(counts.values())) == 1:
+        points = f"{next(iter(counts.values()))} points per arm"
+    else:
+        points = "points: " + ", ".join(f"{arm} {n}" for arm, n in counts.items())
+    return f"{label}; {points}"
+
+
+def plot_embeddings_by_arm(
+    embeds: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]],
+    out_png: str | Path,
+    method: str | None = None,
+) -> Path:
+    """Embeddings side by side, one column per arm; rows coloured by slide, by class and by site (when known).
+
+    `embeds` maps arm -> (xy (N, 2), slide_ids, class_labels or None, site_ids or None); NaN rows of xy
+    (points not embedded) are not drawn and are counted in the suptitle, which also names the 2-D method:
+    `method` when given, else the one `embedding_2d` recorded on xy (`Embedding2D.method`).
+    """
+    import matplotlib
+
+    if not embeds:
+        raise ValueError("embeds is empty")
+    for arm, entry in embeds.items():
+        if len(entry) != 4:
+            raise ValueError(f"arm {arm!r}: expected (xy, slide_ids, class_labels, site_ids), got {len(entry)} items")
+        xy = np.asarray(entry[0])
+        if xy.ndim != 2 or xy.shape[1] != 2:
+            raise ValueError(f"arm {arm!r}: xy must be (N, 2), got {xy.shape}")
+        for name, labels in zip(("slide_ids", "class_labels", "site_ids"), entry[1:]):
+            if labels is not None and len(labels) != len(xy):
+                raise ValueError(f"arm {arm!r}: {name} has {len(labels)} entries for {len(xy)} points")
+    suptitle = _embedding_suptitle(embeds, method)
+    rows = [("slide", 1)]
+    if any(entry[2] is not None for entry in embeds.values()):
+        rows.append(("class", 2))
+    if any(entry[3] is not None for entry in embeds.values()):
+        rows.append(("site", 3))
+    with matplotlib.rc_context(style_rc()):
+        figure = _new_figure(4.0 * len(embeds), 3.8 * len(rows) + 0.4)
+        axes = figure.subplots(len(rows), len(embeds), squeeze=False)
+        for col, (arm, entry) in enumerate(embeds.items()):
+            xy = np.asarray(entry[0], dtype=float)
+            for row, (what, index) in enumerate(rows):
+                labels = entry[index]
+                if what == "class" and labels is not None:
+                    labels = np.asarray(labels)
+                _scatter_by(axes[row, col], xy, labels, arm, what)
+        # wrapped to the figure width, so a one-arm figure does not clip it
+        figure.suptitle(textwrap.fill(suptitle, width=45 * len(embeds)), fontsize=11)
+        figure.tight_layout()
+        return _save_png(figure, out_png)
+
+
+# Short readable panel titles for the collapse metrics (keys: exaonepath_core.evaluation.collapse metric names, which the
+# CSV keeps); an unknown metric is shown by its name with spaces.
+METRIC_DISPLAY_NAMES = {
+    "slide_id_probe_accuracy": "slide-ID probe accuracy",
+    "slide_id_probe_accuracy_over_chance": "slide-ID probe accuracy / chance",
+    "same_slide_neighbour_fraction": "same-slide neighbours (k-NN fraction)",
+    "silhouette_slide": "silhouette by slide",
+    "silhouette_class": "silhouette by class",
+    "knn_class_accuracy_within_slide": "k-NN class accuracy, same slide",
+    "knn_class_accuracy_leave_one_slide_out": "k-NN class accuracy, other slides",
+    "knn_class_accuracy_gap": "k-NN class gap (same - other slides)",
+    "site_id_probe_accuracy": "site-ID probe accuracy",
+    "site_id_probe_accuracy_over_chance": "site-ID probe accuracy / chance",
+    "same_site_neighbour_fraction": "same-site neighbours (k-NN fraction)",
+    "silhouette_site": "silhouette by site",
+}
+_TITLE_CHARS_PER_INCH = 11  # at the 9 pt title size, measured so neighbouring titles keep apart
+_TICK_WRAP_CHARS = 11
+
+
+def metric_display_name(metric: str) -> str:
+    """The readable panel title of a collapse metric (its identifier with spaces when not in the table)."""
+    return METRIC_DISPLAY_NAMES.get(metric, metric.replace("_", " "))
+
+
+def _wrap_identifier(name: str, width: int) -> str:
+    """Break an identifier like `stain_augmentation` into lines of about `width` chars at '_', '-', '/', ':' or spaces."""
+    import re
+
+    parts = [p for p in re.split(r"(?<=[_\-/: ])", name) if p]
+    lines, line = [], ""
+    for part in parts:
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def _labels_overlap(labels) -> bool:
+    """Whether any two visible text labels' drawn boxes intersect (after a canvas draw)."""
+    boxes = [t.get_window_extent() for t in labels if t.get_visible() and t.get_text()]
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def plot_collapse_bars(metrics_df: pd.DataFrame, out_png: str | Path, metrics: Sequence[str] | None = None) -> Path:
+    """A panel per metric with one bar per arm, 95% interval error bars and a dashed chance line.
+
+    Panel titles are readable names (`METRIC_DISPLAY_NAMES`); arm names on the x axis are wrapped at '_' and
+    the panels widen with the number of arms, so tick labels and titles do not overlap (rotated as a last resort).
+    """
+    import matplotlib
+
+    required = {"arm", "metric", "value", "ci_low", "ci_high", "chance"}
+    missing = required - set(metrics_df.columns)
+    if missing:
+        raise ValueError(f"metrics_df lacks columns {sorted(missing)}")
+    if metrics is None:
+        metrics = list(dict.fromkeys(metrics_df["metric"]))
+    arms = list(dict.fromkeys(metrics_df["arm"]))
+    if not metrics or not arms:
+        raise ValueError("metrics_df has no metrics or no arms")
+    n_cols = min(4, len(metrics))
+    n_rows = math.ceil(len(metrics) / n_cols)
+    colours = _colours(len(arms))
+    tick_labels = [_wrap_identifier(str(arm), _TICK_WRAP_CHARS) for arm in arms]
+    tick_lines = max(label.count("\n") + 1 for label in tick_labels)
+    panel_width = max(3.4, 0.85 * len(arms) + 0.8)  # about 0.85 inch per wrapped arm name
+    with matplotlib.rc_context(style_rc()):
+        figure = _new_figure(panel_width * n_cols, (2.8 + 0.15 * tick_lines) * n_rows)
+        axes = figure.subplots(n_rows, n_cols, squeeze=False).ravel()
+        for ax, metric in zip(axes, metrics):
+            rows = metrics_df[metrics_df["metric"] == metric].set_index("arm")
+            positions = np.arange(len(arms))
+            for i, arm in enumerate(arms):
+                if arm not in rows.index or not np.isfinite(rows.at[arm, "value"]):
+                    ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
+                    continue
+                value, low, high = (float(rows.at[arm, c]) for c in ("value", "ci_low", "ci_high"))
+                yerr = None
+                if np.isfinite(low) and np.isfinite(high):
+                    yerr = [[max(value - low, 0.0)], [max(high - value, 0.0)]]
+                ax.bar(i, value, color=colours[i], yerr=yerr, capsize=4, edgecolor="black", linewidth=0.5)
+            chances = rows["chance"].astype(float)
+            chances = chances[np.isfinite(chances)]
+            if len(chances):
+                chance = float(chances.mean())
+                ax.axhline(chance, color="black", linestyle="--", linewidth=1)
+                # labelled on the line itself: a legend box would sit on the bars
+                ax.annotate("chance", xy=(1.0, chance), xycoords=("axes fraction", "data"), xytext=(2, 0),
+                            textcoords="offset points", va="center", ha="left", fontsize=7)
+            ax.set_xticks(positions)
+            ax.set_xticklabels(tick_labels, fontsize=8)
+            ax.set_title(textwrap.fill(metric_display_name(metric), int(_TITLE_CHARS_PER_INCH * panel_width)), fontsize=9)
+        for ax in axes[len(metrics):]:
+            ax.set_visible(False)
+        figure.tight_layout()
+        figure.canvas.draw()
+        if any(_labels_overlap(ax.get_xticklabels()) for ax in axes[: len(metrics)]):
+            for ax in axes[: len(metrics)]:  # a word longer than the wrap width: rotate rather than overlap
+                ax.set_xticklabels(tick_labels, fontsize=8, rotation=30, ha="right", rotation_mode="anchor")
+            figure.tight_layout()
+        return _save_png(figure, out_png)
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.4g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    header = "| " + " | ".join(cell(c) for c in df.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in df.columns) + " |"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def save_table(df: pd.DataFrame, out_csv: str | Path, out_md: str | Path | None = None) -> Path:
+    """Write df as CSV (and optionally as a Markdown table), each atomically; returns the CSV path."""
+    out_csv = Path(out_csv)
+    atomic.write_text(out_csv, df.to_csv(index=False))
+    if out_md is not None:
+        atomic.write_text(Path(out_md), _markdown_table(df))
+    return out_csv

@@ -1,0 +1,1 @@
+"""The papermill runner, locks, sweeps and CLI; nothing in the package imports it."""
