@@ -10,7 +10,7 @@ In one process, side by side (the machine's load hits both):
   * peak open files while reading one patch of every slide in random order under `ulimit -n 256` (subprocess,
     RLIMIT_NOFILE, counting /proc/self/fd): bounded by the LRU for shards, one per slide for .npy;
   * samples/s per loader worker (one process): read + crc check + decode + DINO ViT-B/16 multi-crop parameters
-    (`dino.MultiCropAugmentation.sample_params`, 2 x 224 + 8 x 96), uniform over the 10^7 patches; .npy alike;
+    (`multicrop.MultiCropAugmentation.sample_params`, 2 x 224 + 8 x 96), uniform over the 10^7 patches; .npy alike;
   * storeless tile reads/s (`StorelessDataset`, LRU of open slides) vs bare `openslide.OpenSlide.read_region`
     over the same coordinates (rounds alternate which goes first);
   * each figure extrapolated to 285,153,903 patches / 34,795 slides (the paper's cohort).
@@ -193,10 +193,11 @@ def loader_rate(dataset, n: int, seed: int, with_params: bool = True) -> tuple[f
     parameters, uniform indices. The CPU-second rate is what one worker core gives on a machine not shared."""
     import torch
 
-    from exaonepath_core.pretrain import dino, training
+    from exaonepath_core.pretrain import datasets as pretrain_datasets
+    from exaonepath_core.pretrain import multicrop
 
-    augmentation = dino.MultiCropAugmentation(global_size=224, local_size=96, n_local=8)
-    crops = training.MultiCropDataset(dataset, augmentation if with_params else None, seed=seed)
+    augmentation = multicrop.MultiCropAugmentation(global_size=224, local_size=96, n_local=8)
+    crops = pretrain_datasets.MultiCropDataset(dataset, augmentation if with_params else None, seed=seed)
     indices = np.random.default_rng(seed).integers(0, len(dataset), size=n)
     torch.set_num_threads(1)  # one loader worker = one core
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -209,12 +210,12 @@ def params_ms_per_sample(n: int) -> float:
     """CPU ms per sample of the ViT-B/16 multi-crop parameters alone (seed, generator, `sample_params`), no read."""
     import torch
 
-    from exaonepath_core.pretrain import dino
+    from exaonepath_core.pretrain import multicrop, view_params
 
-    augmentation = dino.MultiCropAugmentation(global_size=224, local_size=96, n_local=8)
+    augmentation = multicrop.MultiCropAugmentation(global_size=224, local_size=96, n_local=8)
     start = time.process_time()
     for index in range(n):
-        augmentation.sample_params(224, 224, torch.Generator().manual_seed(dino.sample_seed(9, 0, index)))
+        augmentation.sample_params(224, 224, torch.Generator().manual_seed(view_params.sample_seed(9, 0, index)))
     return (time.process_time() - start) / n * 1e3
 
 

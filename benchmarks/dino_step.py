@@ -5,8 +5,8 @@ The baseline is DINO's code, imported unchanged from `../shared/baselines/facebo
 and the body of `train_one_epoch`: schedules into the param groups, autocast + GradScaler when fp16 (CUDA only, as
 upstream), `teacher(images[:2])`, `student(images)`, the loss, `.item()` check, clipping, the optimizer step and
 the EMA loop). A world-size-1 gloo group exists because `DINOLoss.update_center` all-reduces unconditionally.
-Ours is the training loop's own step, `training.DINOTrainStep`, at the precision the loop picks for the device
-(`training.resolve_precision("auto")`: bf16 autocast where the CPU has native bf16, with the head's last layer
+Ours is the training loop's own step, `step.DINOTrainStep`, at the precision the loop picks for the device
+(`step.resolve_precision("auto")`: bf16 autocast where the CPU has native bf16, with the head's last layer
 and the loss in fp32). Both train models of the same sizes (DINO's ViT vs our timm ViT, same patch size, width,
 depth and head) on the same pre-made crops, timed in alternating rounds in one process; medians are compared.
 
@@ -30,7 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exaonepath_core.models.backbones import create_backbone
-from exaonepath_core.pretrain import dino, training
+from exaonepath_core.pretrain import head as dino_head
+from exaonepath_core.pretrain import step as pretrain_step
+from exaonepath_core.pretrain import training
 
 CONFIGS = {
     # the smoke profile's tiny ViT at small crops (patch 8 so the crops hold 64 / 16 tokens)
@@ -141,23 +143,23 @@ class DinoStep:
 
 
 class OurStep:
-    """The production step, `training.DINOTrainStep`, as the training loop builds it for this device."""
+    """The production step, `step.DINOTrainStep`, as the training loop builds it for this device."""
 
     def __init__(self, p: dict, device: torch.device, precision: str, compile_model: bool) -> None:
         torch.manual_seed(0)
         nets = []
         for _ in range(2):
             backbone = create_backbone(p["arch"], p["global_size"], p["patch_size"])
-            head = dino.DINOHead(backbone.num_features, p["out_dim"], p["hidden_dim"], p["bottleneck_dim"])
-            nets.append(dino.MultiCropWrapper(backbone, head).to(device))
+            head = dino_head.DINOHead(backbone.num_features, p["out_dim"], p["hidden_dim"], p["bottleneck_dim"])
+            nets.append(dino_head.MultiCropWrapper(backbone, head).to(device))
         self.student, self.teacher = nets
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         if compile_model:
             self.student.backbone.compile()
             self.teacher.backbone.compile()
-        optimizer = training.make_optimizer(self.student, fused=True)
-        self.step = training.DINOTrainStep(self.student, self.student, self.teacher, optimizer,
+        optimizer = pretrain_step.make_optimizer(self.student, fused=True)
+        self.step = pretrain_step.DINOTrainStep(self.student, self.student, self.teacher, optimizer,
                                            student_temp=HYPER["student_temp"], centering="center",
                                            sinkhorn_iterations=3, clip_grad=HYPER["clip"], precision=precision)
         self.center = torch.zeros(1, p["out_dim"], device=device)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.steps or (2 if slow else 3 if args.quick else 10)
     warmup = 1 if device.type == "cpu" else 5  # compile/autotuning happen in warm-up
     compile_model = device.type == "cuda" and not args.no_compile
-    precision = training.resolve_precision(args.precision, device)
+    precision = pretrain_step.resolve_precision(args.precision, device)
     try:
         modules = import_dino(args.baseline_dir or default_baseline_dir())
     except FileNotFoundError as err:
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dino_step_cpu_s": [r[1] for r in dino_runs],
         "ours_precision": precision,
         "dino_precision": "fp16 + GradScaler" if device.type == "cuda" else "fp32 (its autocast is CUDA-only)",
-        "ours_features": "training.DINOTrainStep: grouped crops, fused AdamW, foreach clipping and EMA, "
+        "ours_features": "pretrain_step.DINOTrainStep: grouped crops, fused AdamW, foreach clipping and EMA, "
                          f"{precision} autocast (last layer and loss fp32), no collectives in a world of one"
                          + (", torch.compile" if compile_model else ""),
         "torch": torch.__version__,

@@ -1,8 +1,8 @@
 """The whole pretraining loop against its step alone, and the host time of the device-side multi-crop.
 
-1. Loop vs step, same configuration, same process, alternating rounds: `training.train` on a small real patch
+1. Loop vs step, same configuration, same process, alternating rounds: `train.train` on a small real patch
    store (96 px tiles cut at ~1 um/px from the CMU-1 small-region slide in EXAONEPATH_TEST_DATA/wsi; the loader,
-   decode, the stain step where the arm has one, the multi-crop and the step), against `training.DINOTrainStep`
+   decode, the stain step where the arm has one, the multi-crop and the step), against `step.DINOTrainStep`
    fed pre-made crops of the same shapes. Both rates are medians over steps with the first (warm-up) left out;
    the loop's rate is measured between its host reads, so it includes waiting for data.
 2. `host_ms_per_step` for the device path at the ViT-B/16 recipe's shapes (batch 64, 2 x 224 + 10 x 96 crops):
@@ -33,7 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exaonepath_core.models.backbones import create_backbone
-from exaonepath_core.pretrain import dino, training
+from exaonepath_core.pretrain import head as dino_head
+from exaonepath_core.pretrain import multicrop, training, view_params
+from exaonepath_core.pretrain import step as pretrain_step
+from exaonepath_core.pretrain import train as trainer
 
 TILE = 96
 SMOKE = {  # the smoke profile's pretraining settings (configs/smoke.yaml), fewer steps
@@ -71,7 +74,7 @@ def build_store(root: Path, data: Path) -> Path:
 
 def loop_rate(cfg: training.PretrainConfig) -> tuple[float, int]:
     """The training loop's median img/s (first read interval left out) and its number of steps."""
-    summary = training.train(cfg)
+    summary = trainer.train(cfg)
     return float(summary["median_img_per_s"]), int(summary["steps"])
 
 
@@ -81,17 +84,17 @@ def step_rates(cfg: training.PretrainConfig, steps: int) -> list[float]:
     nets = []
     for drop_path in (cfg.drop_path_rate, 0.0):
         backbone = create_backbone(cfg.arch, cfg.global_crop_size, cfg.patch_size, drop_path_rate=drop_path)
-        head = dino.DINOHead(backbone.num_features, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+        head = dino_head.DINOHead(backbone.num_features, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
                              norm_last_layer=cfg.norm_last_layer, fp32_last_layer=cfg.fp32_last_layer)
-        nets.append(dino.MultiCropWrapper(backbone, head))
+        nets.append(dino_head.MultiCropWrapper(backbone, head))
     student, teacher = nets
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     device = torch.device("cpu")
-    step = training.DINOTrainStep(student, student, teacher, training.make_optimizer(student, cfg.fused_adamw),
+    step = pretrain_step.DINOTrainStep(student, student, teacher, pretrain_step.make_optimizer(student, cfg.fused_adamw),
                                   student_temp=cfg.student_temp, centering=cfg.centering,
                                   sinkhorn_iterations=cfg.sinkhorn_iterations, clip_grad=cfg.clip_grad,
-                                  precision=training._precision(cfg, device))
+                                  precision=pretrain_step.run_precision(cfg, device))
     gen = torch.Generator().manual_seed(0)
     sizes = [cfg.global_crop_size] * 2 + [cfg.local_crop_size] * cfg.n_local_crops
     crops = [torch.randn(cfg.batch_size_per_gpu, 3, s, s, generator=gen) for s in sizes]
@@ -109,17 +112,17 @@ def step_rates(cfg: training.PretrainConfig, steps: int) -> list[float]:
 
 def host_ms_per_step(repeats: int) -> dict:
     """Host time of the device multi-crop at the recipe's batch and crop counts (see the module docstring)."""
-    recipe = dino.MultiCropAugmentation(global_size=224, local_size=96, n_local=10)
+    recipe = multicrop.MultiCropAugmentation(global_size=224, local_size=96, n_local=10)
     batch = 64
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     params = torch.stack([recipe.sample_params(256, 256, gen) for _ in range(batch)])
     sampling_ms = (time.perf_counter() - start) * 1e3
     # same op sequence, tiny pixels: the kernels cost ~nothing, the host work per op remains
-    tiny = dino.MultiCropAugmentation(global_size=4, local_size=2, n_local=10)
+    tiny = multicrop.MultiCropAugmentation(global_size=4, local_size=2, n_local=10)
     images = torch.zeros(batch, 8, 8, 3, dtype=torch.uint8)
     tiny_params = params.clone()
-    tiny_params[..., dino.P_TOP:dino.P_WIDTH + 1] = torch.tensor([0.0, 0.0, 8.0, 8.0])
+    tiny_params[..., view_params.P_TOP:view_params.P_WIDTH + 1] = torch.tensor([0.0, 0.0, 8.0, 8.0])
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountOps(TorchDispatchMode):
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         "host_ms_how": "main-thread time of apply_on_device at batch 64, 2x224+10x96 crop counts, tiny pixels "
                        "(kernels ~free): per-op host cost of the fixed op sequence; sample_params apart (workers)",
         "config": f"smoke pretrain settings, arm {args.arm}, {steps} steps x {rounds} rounds",
-        "precision": training.resolve_precision("auto", torch.device("cpu")),
+        "precision": pretrain_step.resolve_precision("auto", torch.device("cpu")),
         "loop_img_per_s_rounds": loop_rates,
         "torch": torch.__version__,
         "load_avg": list(os.getloadavg()),

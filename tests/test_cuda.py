@@ -25,7 +25,11 @@ from exaonepath_core.data.stain import (
     stain_augment_batch,
 )
 from exaonepath_core.models.backbones import create_backbone
-from exaonepath_core.pretrain import dino, training
+from exaonepath_core.pretrain import checkpoint as checkpoints
+from exaonepath_core.pretrain import head as dino_head
+from exaonepath_core.pretrain import loss as dino_losses
+from exaonepath_core.pretrain import multicrop, training
+from exaonepath_core.pretrain import train as trainer
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (tools/device_check.sh runs these on one)")
@@ -156,16 +160,16 @@ def test_stain_augmentation_cuda_is_deterministic_per_seed(cmu_tiles):
 # ---------------------------------------------------------------------------------------------------------------
 # DINO on the GPU
 # ---------------------------------------------------------------------------------------------------------------
-def _tiny_student(seed: int, out_dim: int = 64) -> dino.MultiCropWrapper:
+def _tiny_student(seed: int, out_dim: int = 64) -> dino_head.MultiCropWrapper:
     torch.manual_seed(seed)
     backbone = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8)
-    head = dino.DINOHead(backbone.num_features, out_dim=out_dim, hidden_dim=64, bottleneck_dim=16)
-    return dino.MultiCropWrapper(backbone, head)
+    head = dino_head.DINOHead(backbone.num_features, out_dim=out_dim, hidden_dim=64, bottleneck_dim=16)
+    return dino_head.MultiCropWrapper(backbone, head)
 
 
 def _real_views(tiles: np.ndarray, batch: int) -> list[torch.Tensor]:
     """Multi-crop views (2 x 32 px global, 2 x 16 px local) of real tissue tiles, fixed by seed, on the GPU."""
-    aug = dino.MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
+    aug = multicrop.MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
     chosen = _tissue_tiles(tiles, batch)
     per_sample = [aug(chosen[i], torch.Generator().manual_seed(i)) for i in range(batch)]
     return [torch.stack([s[c] for s in per_sample]).cuda() for c in range(aug.n_crops)]
@@ -185,12 +189,12 @@ def test_bf16_fused_adamw_steps_decrease_loss_on_cuda(cmu_tiles):
                 teacher_out = teacher(views[:2])
             student_out = student(views)
         assert student_out.dtype == torch.bfloat16  # autocast really ran the network in bf16
-        loss = dino.dino_loss(student_out, teacher_out, center, 0.1, 0.04)
+        loss = dino_losses.dino_loss(student_out, teacher_out, center, 0.1, 0.04)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        dino.ema_update_(teacher, student, 0.99)
-        center = dino.update_center(center, teacher_out, 0.9)
+        dino_losses.ema_update_(teacher, student, 0.99)
+        center = dino_losses.update_center(center, teacher_out, 0.9)
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < 0.9 * losses[0], losses
@@ -203,7 +207,7 @@ def test_compiled_backbone_matches_eager_and_keeps_state_dict_keys(cmu_tiles):
     compiled = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8).cuda().eval()
     compiled.load_state_dict(eager.state_dict())
     keys = list(compiled.state_dict().keys())
-    compiled.compile()  # in place, as training.py does, so checkpoints keep the timm layout
+    compiled.compile()  # in place, as train.py does, so checkpoints keep the timm layout
     assert list(compiled.state_dict().keys()) == keys
     views = _real_views(cmu_tiles, 8)
     for crops in (views[0], views[2]):  # both resolutions (dynamic_img_size)
@@ -247,7 +251,7 @@ def test_train_on_cuda_exports_a_teacher_loadable_on_cpu(cmu_tiles, tmp_path):
         normalize_on_the_fly=True, output_dir=str(out), progress_bar=False, device="cuda", use_amp=True,
         fused_adamw=True, compile=False, max_steps=4,
     )
-    summary = training.train(cfg)
+    summary = trainer.train(cfg)
     assert summary["steps"] == 4 and summary["device"].startswith("cuda")
     assert math.isfinite(summary["first_step_loss"]) and math.isfinite(summary["last_step_loss"])
     meta = json.loads((out / "teacher_backbone.json").read_text())
@@ -255,7 +259,7 @@ def test_train_on_cuda_exports_a_teacher_loadable_on_cpu(cmu_tiles, tmp_path):
     assert MacenkoReference.from_dict(meta["macenko_reference"]).allclose(MacenkoReference.default())
     state = torch.load(out / "teacher_backbone.pth", map_location="cpu", weights_only=True)
     assert all(t.device.type == "cpu" for t in state.values())
-    backbone = training.load_teacher_backbone(out)  # CPU
+    backbone = checkpoints.load_teacher_backbone(out)  # CPU
     checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     teacher = {k[len("backbone."):]: v for k, v in checkpoint["teacher"].items() if k.startswith("backbone.")}
     assert teacher.keys() == state.keys() and all(torch.equal(teacher[k], state[k]) for k in state)
@@ -268,7 +272,7 @@ def test_device_multicrop_on_cuda_equals_the_host_path_and_prefetch_keeps_batche
     the one-batch-ahead prefetcher delivers every batch intact on the device."""
     from exaonepath_core.pretrain import prefetch
 
-    aug = dino.MultiCropAugmentation(global_size=64, local_size=32, n_local=4)
+    aug = multicrop.MultiCropAugmentation(global_size=64, local_size=32, n_local=4)
     tiles = torch.from_numpy(np.ascontiguousarray(cmu_tiles[:8]))
     params = torch.stack([aug.sample_params(tiles.shape[1], tiles.shape[2], torch.Generator().manual_seed(i))
                           for i in range(len(tiles))])

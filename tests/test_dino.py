@@ -11,7 +11,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from exaonepath_core.models.backbones import create_backbone
-from exaonepath_core.pretrain import dino, training
+from exaonepath_core.pretrain import head as dino_head
+from exaonepath_core.pretrain import loss as dino_losses
+from exaonepath_core.pretrain import multicrop, view_params
+from exaonepath_core.pretrain import step as pretrain_step
 from exaonepath_core.pretrain.schedules import cosine_schedule, warmup_then_constant
 
 
@@ -49,7 +52,7 @@ def test_dino_loss_equals_definition(n_local):
     student = torch.randn(n_crops * batch, k, generator=gen) * 3
     teacher = torch.randn(2 * batch, k, generator=gen) * 3
     center = torch.randn(1, k, generator=gen)
-    got = dino.dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=0.04)
+    got = dino_losses.dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=0.04)
     want, n_pairs = _loss_by_definition(student, teacher, center, 0.1, 0.04, 2)
     assert n_pairs == 2 * n_crops - 2  # same-view pairs skipped
     assert got.ndim == 0
@@ -60,23 +63,23 @@ def test_dino_loss_gradient_only_reaches_student():
     gen = torch.Generator().manual_seed(1)
     student = torch.randn(8, 6, generator=gen, requires_grad=True)
     teacher = torch.randn(4, 6, generator=gen, requires_grad=True)
-    dino.dino_loss(student, teacher, torch.zeros(1, 6), 0.1, 0.04).backward()
+    dino_losses.dino_loss(student, teacher, torch.zeros(1, 6), 0.1, 0.04).backward()
     assert student.grad is not None and float(student.grad.abs().sum()) > 0
     assert teacher.grad is None
 
 
 def test_dino_loss_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="not divisible"):
-        dino.dino_loss(torch.zeros(6, 4), torch.zeros(3, 4), torch.zeros(1, 4), 0.1, 0.04)
+        dino_losses.dino_loss(torch.zeros(6, 4), torch.zeros(3, 4), torch.zeros(1, 4), 0.1, 0.04)
     with pytest.raises(ValueError, match="multiple of the batch"):
-        dino.dino_loss(torch.zeros(7, 4), torch.zeros(4, 4), torch.zeros(1, 4), 0.1, 0.04)
+        dino_losses.dino_loss(torch.zeros(7, 4), torch.zeros(4, 4), torch.zeros(1, 4), 0.1, 0.04)
 
 
 def test_update_center_matches_formula():
     gen = torch.Generator().manual_seed(2)
     center = torch.randn(1, 9, generator=gen)
     teacher = torch.randn(12, 9, generator=gen)
-    new = dino.update_center(center, teacher, momentum=0.9)
+    new = dino_losses.update_center(center, teacher, momentum=0.9)
     expected = 0.9 * center.double() + 0.1 * teacher.double().mean(0, keepdim=True)
     torch.testing.assert_close(new.double(), expected, rtol=0, atol=1e-6)
     assert new.shape == (1, 9)
@@ -92,7 +95,7 @@ def test_clip_gradients_matches_definition(mode):
     for p, g in zip(params, grads):
         p.grad = None if g is None else g.clone()
     max_norm = 1.5
-    total = dino.clip_gradients_(params, max_norm, mode)
+    total = dino_losses.clip_gradients_(params, max_norm, mode)
     present = [g for g in grads if g is not None]
     expected_total = math.sqrt(sum(float(g.pow(2).sum()) for g in present))
     assert total == pytest.approx(expected_total, rel=1e-5)
@@ -108,23 +111,23 @@ def test_clip_gradients_matches_definition(mode):
         assert float(params[0].grad.norm()) == pytest.approx(max_norm, rel=1e-4)
         assert float(params[2].grad.norm()) == pytest.approx(max_norm, rel=1e-4)
     with pytest.raises(ValueError, match="clip mode"):
-        dino.clip_gradients_(params, max_norm, "norm")
+        dino_losses.clip_gradients_(params, max_norm, "norm")
 
 
 def test_ema_update_matches_formula():
     torch.manual_seed(3)
-    student = dino.DINOHead(8, out_dim=10, hidden_dim=12, bottleneck_dim=4)
-    teacher = dino.DINOHead(8, out_dim=10, hidden_dim=12, bottleneck_dim=4)
+    student = dino_head.DINOHead(8, out_dim=10, hidden_dim=12, bottleneck_dim=4)
+    teacher = dino_head.DINOHead(8, out_dim=10, hidden_dim=12, bottleneck_dim=4)
     before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
     before_s = {k: v.clone() for k, v in student.state_dict().items()}
-    dino.ema_update_(teacher, student, momentum=0.7)
+    dino_losses.ema_update_(teacher, student, momentum=0.7)
     after = teacher.state_dict()
     for key, old in before_t.items():
         torch.testing.assert_close(after[key], 0.7 * old + 0.3 * before_s[key], rtol=0, atol=1e-6)
     for key, value in student.state_dict().items():
         assert torch.equal(value, before_s[key])  # the student is read, never written
     with pytest.raises(ValueError, match="parameters differ"):
-        dino.ema_update_(teacher, nn.Linear(2, 2), 0.5)
+        dino_losses.ema_update_(teacher, nn.Linear(2, 2), 0.5)
 
 
 def _sinkhorn_reference(logits: np.ndarray, temp: float, iterations: int) -> np.ndarray:
@@ -144,7 +147,7 @@ def _sinkhorn_reference(logits: np.ndarray, temp: float, iterations: int) -> np.
 @pytest.mark.parametrize("iterations", [1, 3, 10])
 def test_sinkhorn_knopp_targets_equal_plain_definition(iterations):
     logits = torch.randn(24, 16, generator=torch.Generator().manual_seed(iterations)) * 0.3
-    ours = dino.teacher_probabilities(logits, torch.zeros(1, 16), 0.07, "sinkhorn_knopp", iterations)
+    ours = dino_losses.teacher_probabilities(logits, torch.zeros(1, 16), 0.07, "sinkhorn_knopp", iterations)
     np.testing.assert_allclose(ours.numpy(), _sinkhorn_reference(logits.numpy(), 0.07, iterations),
                                rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(ours.sum(1), torch.ones(24))
@@ -153,28 +156,28 @@ def test_sinkhorn_knopp_targets_equal_plain_definition(iterations):
 def test_sinkhorn_knopp_balances_dimensions_and_survives_huge_logits():
     logits = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     logits[:, 5] += 3.0  # one dimension dominates every sample: a running centre needs many steps to undo it
-    q = dino.teacher_probabilities(logits, torch.zeros(1, 32), 0.04, "sinkhorn_knopp", 200)
+    q = dino_losses.teacher_probabilities(logits, torch.zeros(1, 32), 0.04, "sinkhorn_knopp", 200)
     torch.testing.assert_close(q.sum(0), torch.full((32,), 64 / 32), rtol=0.02, atol=0.0)  # each dim: B/K
-    plain = dino.teacher_probabilities(logits, torch.zeros(1, 32), 0.04, "center")
+    plain = dino_losses.teacher_probabilities(logits, torch.zeros(1, 32), 0.04, "center")
     assert plain[:, 5].mean() > 0.7 and q[:, 5].mean() < 0.05
     # logits / T near 1e4 neither overflow nor give NaN: a common shift is removed exactly
-    shifted = dino.teacher_probabilities(logits + 400.0, torch.zeros(1, 32), 0.04, "sinkhorn_knopp", 200)
+    shifted = dino_losses.teacher_probabilities(logits + 400.0, torch.zeros(1, 32), 0.04, "sinkhorn_knopp", 200)
     torch.testing.assert_close(shifted, q, rtol=0.01, atol=1e-3)  # float32 input: 400 + x keeps ~5 digits of x
     with pytest.raises(ValueError, match="centering"):
-        dino.teacher_probabilities(logits, torch.zeros(1, 32), 0.04, "softmax")
+        dino_losses.teacher_probabilities(logits, torch.zeros(1, 32), 0.04, "softmax")
 
 
 def test_teacher_stats_detect_collapse():
     k = 32
-    uniform = dino.teacher_stats(torch.zeros(6, k), torch.zeros(1, k), 0.04)
+    uniform = dino_losses.teacher_stats(torch.zeros(6, k), torch.zeros(1, k), 0.04)
     assert uniform["teacher_entropy"] == pytest.approx(math.log(k), rel=1e-5)
     assert uniform["teacher_kl"] == pytest.approx(0.0, abs=1e-5)
     one_hot = torch.zeros(6, k)
     one_hot[:, 3] = 10.0
-    dominant = dino.teacher_stats(one_hot, torch.zeros(1, k), 0.04)
+    dominant = dino_losses.teacher_stats(one_hot, torch.zeros(1, k), 0.04)
     assert dominant["teacher_entropy_of_mean"] < 1e-3 and dominant["teacher_kl"] == pytest.approx(0.0, abs=1e-3)
     diverse = torch.eye(k)[:6] * 10.0
-    healthy = dino.teacher_stats(diverse, torch.zeros(1, k), 0.04)
+    healthy = dino_losses.teacher_stats(diverse, torch.zeros(1, k), 0.04)
     assert healthy["teacher_kl"] == pytest.approx(math.log(6), rel=1e-3)
 
 
@@ -183,19 +186,19 @@ def test_loss_and_stats_from_shared_targets_equal_the_direct_ones(centering):
     # the training step computes the targets once for both the loss and the diagnostics
     g = torch.Generator().manual_seed(3)
     student, teacher, center = torch.randn(20, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(1, 16)
-    direct = dino.dino_loss(student, teacher, center, 0.1, 0.05, centering=centering)
-    p = dino.teacher_probabilities(teacher, center, 0.05, centering)
-    assert float(dino.dino_loss_from_targets(student, p, 0.1)) == pytest.approx(float(direct), rel=1e-6)
-    assert dino.target_stats(p, center) == dino.teacher_stats(teacher, center, 0.05, centering)
+    direct = dino_losses.dino_loss(student, teacher, center, 0.1, 0.05, centering=centering)
+    p = dino_losses.teacher_probabilities(teacher, center, 0.05, centering)
+    assert float(dino_losses.dino_loss_from_targets(student, p, 0.1)) == pytest.approx(float(direct), rel=1e-6)
+    assert dino_losses.target_stats(p, center) == dino_losses.teacher_stats(teacher, center, 0.05, centering)
     with pytest.raises(ValueError, match="not divisible"):
-        dino.dino_loss_from_targets(student, p[:7], 0.1)
+        dino_losses.dino_loss_from_targets(student, p[:7], 0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # head and wrapper
 # ---------------------------------------------------------------------------------------------------------------
 def test_dino_head_weight_norm_layout_and_frozen_norm():
-    head = dino.DINOHead(16, out_dim=40, hidden_dim=24, bottleneck_dim=8, nlayers=3)
+    head = dino_head.DINOHead(16, out_dim=40, hidden_dim=24, bottleneck_dim=8, nlayers=3)
     keys = set(head.state_dict())
     assert {"last_layer.parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"} <= keys
     assert not any(k.endswith(("weight_g", "weight_v")) for k in keys)
@@ -206,18 +209,18 @@ def test_dino_head_weight_norm_layout_and_frozen_norm():
     out = head(torch.randn(3, 16))
     assert out.shape == (3, 40)
     # state dict round trip into a fresh head (strict) reproduces outputs
-    other = dino.DINOHead(16, out_dim=40, hidden_dim=24, bottleneck_dim=8, nlayers=3)
+    other = dino_head.DINOHead(16, out_dim=40, hidden_dim=24, bottleneck_dim=8, nlayers=3)
     other.load_state_dict(head.state_dict(), strict=True)
     x = torch.randn(2, 16)
     torch.testing.assert_close(other(x), head(x))
-    assert dino.DINOHead(16, out_dim=40, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
+    assert dino_head.DINOHead(16, out_dim=40, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
 
 
 def test_multicrop_wrapper_runs_backbone_once_per_resolution():
     torch.manual_seed(0)
     backbone = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8)
-    head = dino.DINOHead(backbone.num_features, out_dim=20, hidden_dim=16, bottleneck_dim=8)
-    wrapper = dino.MultiCropWrapper(backbone, head).eval()
+    head = dino_head.DINOHead(backbone.num_features, out_dim=20, hidden_dim=16, bottleneck_dim=8)
+    wrapper = dino_head.MultiCropWrapper(backbone, head).eval()
     calls = []
     backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
     crops = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16) for _ in range(3)]
@@ -240,7 +243,7 @@ def _he_like_patch(size: int = 64, seed: int = 0) -> np.ndarray:
 
 
 def test_multicrop_shapes_and_determinism():
-    aug = dino.MultiCropAugmentation(global_size=48, local_size=24, n_local=3)
+    aug = multicrop.MultiCropAugmentation(global_size=48, local_size=24, n_local=3)
     image = _he_like_patch()
     views = aug(image, torch.Generator().manual_seed(5))
     assert aug.n_crops == 5 and len(views) == 5
@@ -251,16 +254,16 @@ def test_multicrop_shapes_and_determinism():
     other = aug(image, torch.Generator().manual_seed(6))
     assert not torch.equal(views[0], other[0])
     # normalised with ImageNet statistics: the pixel range maps into [-mean/std, (1-mean)/std]
-    low = -max(m / s for m, s in zip(dino.IMAGENET_MEAN, dino.IMAGENET_STD))
-    high = max((1 - m) / s for m, s in zip(dino.IMAGENET_MEAN, dino.IMAGENET_STD))
+    low = -max(m / s for m, s in zip(view_params.IMAGENET_MEAN, view_params.IMAGENET_STD))
+    high = max((1 - m) / s for m, s in zip(view_params.IMAGENET_MEAN, view_params.IMAGENET_STD))
     assert all(float(v.min()) >= low - 1e-4 and float(v.max()) <= high + 1e-4 for v in views)
 
 
 def test_multicrop_crops_follow_scale_and_params_are_well_formed():
-    aug = dino.MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
+    aug = multicrop.MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
     params = torch.stack([aug.sample_params(96, 96, torch.Generator().manual_seed(s)) for s in range(200)])
-    assert params.shape == (200, 4, dino.N_VIEW_PARAMS) and params.dtype == torch.float64
-    top, left, h, w = (params[..., k] for k in (dino.P_TOP, dino.P_LEFT, dino.P_HEIGHT, dino.P_WIDTH))
+    assert params.shape == (200, 4, view_params.N_VIEW_PARAMS) and params.dtype == torch.float64
+    top, left, h, w = (params[..., k] for k in (view_params.P_TOP, view_params.P_LEFT, view_params.P_HEIGHT, view_params.P_WIDTH))
     assert bool((top >= 0).all() and (top + h <= 96).all() and (left >= 0).all() and (left + w <= 96).all())
     area = (h * w / 96**2).numpy()
     assert 0.35 <= area[:, :2].min() and area[:, :2].max() <= 1.0
@@ -269,28 +272,28 @@ def test_multicrop_crops_follow_scale_and_params_are_well_formed():
     aspect = (w / h).numpy()
     assert aspect.min() >= 0.7 and aspect.max() <= 1.45  # 3/4..4/3 up to pixel rounding
     # probabilities: flip 0.5, jitter 0.8, grayscale 0.2, blur 1.0 / 0.1 / 0.5, solarize 0.2 on global 2 only
-    flips, grays = params[..., dino.P_FLIP].numpy(), params[..., dino.P_GRAY].numpy()
-    jitter = (params[..., dino.P_BRIGHTNESS:dino.P_HUE + 1] != torch.tensor([1.0, 1.0, 1.0, 0.0])).any(-1).numpy()
-    sigma, solarize = params[..., dino.P_SIGMA].numpy(), params[..., dino.P_SOLARIZE].numpy()
+    flips, grays = params[..., view_params.P_FLIP].numpy(), params[..., view_params.P_GRAY].numpy()
+    jitter = (params[..., view_params.P_BRIGHTNESS:view_params.P_HUE + 1] != torch.tensor([1.0, 1.0, 1.0, 0.0])).any(-1).numpy()
+    sigma, solarize = params[..., view_params.P_SIGMA].numpy(), params[..., view_params.P_SOLARIZE].numpy()
     assert 0.4 < flips.mean() < 0.6 and 0.7 < jitter.mean() < 0.9 and 0.12 < grays.mean() < 0.28
     assert (sigma[:, 0] > 0).all() and (sigma[:, 1] > 0).mean() < 0.2 and 0.4 < (sigma[:, 2:] > 0).mean() < 0.6
     assert sigma.max() <= 2.0 and sigma[sigma > 0].min() >= 0.1
     assert solarize[:, [0, 2, 3]].sum() == 0 and 0.12 < solarize[:, 1].mean() < 0.3
-    factors = params[..., dino.P_BRIGHTNESS:dino.P_HUE + 1].numpy()
+    factors = params[..., view_params.P_BRIGHTNESS:view_params.P_HUE + 1].numpy()
     assert factors[..., :2].min() >= 0.6 and factors[..., :2].max() <= 1.4 and np.abs(factors[..., 3]).max() <= 0.1
-    orders = params[..., dino.P_ORDER].numpy()
+    orders = params[..., view_params.P_ORDER].numpy()
     assert (np.sort(orders, -1) == np.arange(4)).all()  # a permutation of the four colour ops
     assert len({tuple(o) for o in orders[jitter]}) == 24  # every order occurs
 
 
 def test_batched_multicrop_is_per_sample_deterministic_regardless_of_batch():
     """Same (seed, epoch, index) -> same views, whether alone, in a batch, or in another batch order."""
-    aug = dino.MultiCropAugmentation(global_size=40, local_size=20, n_local=3)
+    aug = multicrop.MultiCropAugmentation(global_size=40, local_size=20, n_local=3)
     images = torch.from_numpy(np.stack([_he_like_patch(64, seed) for seed in range(9)]))
     params = torch.stack([
-        aug.sample_params(64, 64, torch.Generator().manual_seed(dino.sample_seed(7, 2, i))) for i in range(9)
+        aug.sample_params(64, 64, torch.Generator().manual_seed(view_params.sample_seed(7, 2, i))) for i in range(9)
     ])
-    again = aug.sample_params(64, 64, torch.Generator().manual_seed(dino.sample_seed(7, 2, 4)))
+    again = aug.sample_params(64, 64, torch.Generator().manual_seed(view_params.sample_seed(7, 2, 4)))
     assert torch.equal(again, params[4])
     whole = aug.apply(images, params)
     order = torch.tensor([5, 2, 8, 0, 7])
@@ -298,26 +301,26 @@ def test_batched_multicrop_is_per_sample_deterministic_regardless_of_batch():
     for view_whole, view_subset in zip(whole, subset):
         assert torch.equal(view_whole[order], view_subset)
     for index in (0, 4):
-        alone = aug(images[index].numpy(), torch.Generator().manual_seed(dino.sample_seed(7, 2, index)))
+        alone = aug(images[index].numpy(), torch.Generator().manual_seed(view_params.sample_seed(7, 2, index)))
         assert all(torch.equal(v[index], a) for v, a in zip(whole, alone))
     # a different epoch draws different views of the same image
-    other = aug.sample_params(64, 64, torch.Generator().manual_seed(dino.sample_seed(7, 3, 4)))
+    other = aug.sample_params(64, 64, torch.Generator().manual_seed(view_params.sample_seed(7, 3, 4)))
     assert not torch.equal(other, params[4])
 
 
 def test_batched_multicrop_statistics_are_sane():
-    aug = dino.MultiCropAugmentation(global_size=48, local_size=24, n_local=4)
+    aug = multicrop.MultiCropAugmentation(global_size=48, local_size=24, n_local=4)
     images = torch.from_numpy(np.stack([_he_like_patch(96, seed) for seed in range(32)]))
     params = torch.stack([aug.sample_params(96, 96, torch.Generator().manual_seed(s)) for s in range(32)])
     views = aug.apply(images, params)
     assert [tuple(v.shape) for v in views] == [(32, 3, 48, 48)] * 2 + [(32, 3, 24, 24)] * 4
-    low = -max(m / s for m, s in zip(dino.IMAGENET_MEAN, dino.IMAGENET_STD))
-    high = max((1 - m) / s for m, s in zip(dino.IMAGENET_MEAN, dino.IMAGENET_STD))
+    low = -max(m / s for m, s in zip(view_params.IMAGENET_MEAN, view_params.IMAGENET_STD))
+    high = max((1 - m) / s for m, s in zip(view_params.IMAGENET_MEAN, view_params.IMAGENET_STD))
     for view in views:
         assert view.dtype == torch.float32 and bool(torch.isfinite(view).all())
         assert low - 1e-4 <= float(view.min()) and float(view.max()) <= high + 1e-4
         # pink H&E-like inputs: channel means of the un-normalised views stay near the input's, spread is kept
-        pixels = view * torch.tensor(dino.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(dino.IMAGENET_MEAN).view(
+        pixels = view * torch.tensor(view_params.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(view_params.IMAGENET_MEAN).view(
             1, 3, 1, 1)
         mean = pixels.mean((0, 2, 3))
         input_mean = images.float().mean((0, 1, 2)) / 255
@@ -332,31 +335,31 @@ def test_batched_pixel_ops_match_torchvision():
     import torchvision.transforms.v2.functional as tvf
     from torchvision.transforms import InterpolationMode
 
-    aug = dino.MultiCropAugmentation(global_size=48, local_size=24, n_local=2)
+    aug = multicrop.MultiCropAugmentation(global_size=48, local_size=24, n_local=2)
     image = torch.from_numpy(_he_like_patch(96, 3))
     params = aug.sample_params(96, 96, torch.Generator().manual_seed(0))[None].clone()
-    params[..., dino.P_FLIP] = 1.0
-    params[..., dino.P_BRIGHTNESS:dino.P_HUE + 1] = torch.tensor([1.2, 0.8, 1.3, 0.0])
-    params[..., dino.P_ORDER] = torch.tensor([1.0, 0.0, 2.0, 3.0])  # contrast, brightness, saturation
-    params[..., dino.P_GRAY] = 0.0
-    params[..., dino.P_SIGMA] = torch.tensor([1.5, 0.0, 0.7, 0.0])
-    params[..., dino.P_SOLARIZE] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    params[..., view_params.P_FLIP] = 1.0
+    params[..., view_params.P_BRIGHTNESS:view_params.P_HUE + 1] = torch.tensor([1.2, 0.8, 1.3, 0.0])
+    params[..., view_params.P_ORDER] = torch.tensor([1.0, 0.0, 2.0, 3.0])  # contrast, brightness, saturation
+    params[..., view_params.P_GRAY] = 0.0
+    params[..., view_params.P_SIGMA] = torch.tensor([1.5, 0.0, 0.7, 0.0])
+    params[..., view_params.P_SOLARIZE] = torch.tensor([0.0, 1.0, 0.0, 0.0])
     views = aug.apply(image[None], params)
     img = image.permute(2, 0, 1).float() / 255
     for c, view in enumerate(views):
-        top, left, h, w = (int(params[0, c, k]) for k in (dino.P_TOP, dino.P_LEFT, dino.P_HEIGHT, dino.P_WIDTH))
+        top, left, h, w = (int(params[0, c, k]) for k in (view_params.P_TOP, view_params.P_LEFT, view_params.P_HEIGHT, view_params.P_WIDTH))
         size = view.shape[-1]
         ref = tvf.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC,
                                antialias=True).clamp(0, 1)
         ref = tvf.horizontal_flip(ref)
         ref = tvf.adjust_saturation(tvf.adjust_brightness(tvf.adjust_contrast(ref, 0.8), 1.2), 1.3)
-        sigma = float(params[0, c, dino.P_SIGMA])
+        sigma = float(params[0, c, view_params.P_SIGMA])
         if sigma > 0:
             kernel = min(2 * math.ceil(3 * sigma) + 1, size - 1)
             ref = tvf.gaussian_blur(ref, [kernel, kernel], [sigma, sigma])
         if c == 1:
             ref = tvf.solarize(ref, 0.5)
-        ref = tvf.normalize(ref, dino.IMAGENET_MEAN, dino.IMAGENET_STD)
+        ref = tvf.normalize(ref, view_params.IMAGENET_MEAN, view_params.IMAGENET_STD)
         torch.testing.assert_close(view[0], ref, rtol=0, atol=2e-5)
 
 
@@ -366,13 +369,13 @@ def test_hue_jitter_is_a_luma_preserving_rotation_close_to_torchvision():
     # H&E-like colours (the approximation is looser on saturated arbitrary colours: not asserted)
     pixels = torch.from_numpy(_he_like_patch(32, 1)).permute(2, 0, 1)[None].float() / 255
     factors = torch.tensor([0.0, 0.05, -0.08], dtype=torch.float64)
-    matrices = dino._hue_matrices(factors)
+    matrices = multicrop._hue_matrices(factors)
     assert torch.equal(matrices[0], torch.eye(3, dtype=torch.float64))  # exactly the identity at 0
-    luma = torch.tensor(dino._RGB_TO_YIQ[0])
+    luma = torch.tensor(view_params.RGB_TO_YIQ[0])
     for matrix, factor in zip(matrices[1:], factors[1:]):
         torch.testing.assert_close(luma @ matrix, luma)  # Y unchanged
         shifted = torch.einsum("ij,njhw->nihw", matrix.float(), pixels)[0]
-        opposite = torch.einsum("ij,jhw->ihw", dino._hue_matrices(-factor.view(1))[0].float(), pixels[0])
+        opposite = torch.einsum("ij,jhw->ihw", multicrop._hue_matrices(-factor.view(1))[0].float(), pixels[0])
         reference = tvf.adjust_hue(pixels[0], float(factor))
         error = float((shifted - reference).abs().mean())
         # same direction as torchvision's HSV shift: closer to it than no change or the opposite rotation
@@ -381,18 +384,18 @@ def test_hue_jitter_is_a_luma_preserving_rotation_close_to_torchvision():
 
 
 def test_multicrop_rejects_bad_input():
-    aug = dino.MultiCropAugmentation(32, 16, 1)
+    aug = multicrop.MultiCropAugmentation(32, 16, 1)
     with pytest.raises(ValueError, match="uint8"):
         aug(np.zeros((32, 32, 3), dtype=np.float32), torch.Generator())
     with pytest.raises(ValueError, match="uint8"):
         aug(np.zeros((3, 32, 32), dtype=np.uint8), torch.Generator())
     with pytest.raises(ValueError, match="global_scale"):
-        dino.MultiCropAugmentation(32, 16, 1, global_scale=(0.5, 0.2))
+        multicrop.MultiCropAugmentation(32, 16, 1, global_scale=(0.5, 0.2))
 
 
 def test_sample_seed_is_pure_and_distinct():
-    assert dino.sample_seed(0, 1, 2) == dino.sample_seed(0, 1, 2)
-    seeds = {dino.sample_seed(0, e, i) for e in range(3) for i in range(100)}
+    assert view_params.sample_seed(0, 1, 2) == view_params.sample_seed(0, 1, 2)
+    seeds = {view_params.sample_seed(0, e, i) for e in range(3) for i in range(100)}
     assert len(seeds) == 300
 
 
@@ -424,16 +427,16 @@ def test_teacher_temperature_schedule():
 # ---------------------------------------------------------------------------------------------------------------
 # optimisation
 # ---------------------------------------------------------------------------------------------------------------
-def _tiny_student(seed: int = 0, out_dim: int = 64, norm_last_layer: bool = True) -> dino.MultiCropWrapper:
+def _tiny_student(seed: int = 0, out_dim: int = 64, norm_last_layer: bool = True) -> dino_head.MultiCropWrapper:
     torch.manual_seed(seed)
     backbone = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8)
-    head = dino.DINOHead(backbone.num_features, out_dim=out_dim, hidden_dim=64, bottleneck_dim=16,
+    head = dino_head.DINOHead(backbone.num_features, out_dim=out_dim, hidden_dim=64, bottleneck_dim=16,
                          norm_last_layer=norm_last_layer)
-    return dino.MultiCropWrapper(backbone, head)
+    return dino_head.MultiCropWrapper(backbone, head)
 
 
 def _fixed_views(batch: int, seed: int = 0) -> list[torch.Tensor]:
-    aug = dino.MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
+    aug = multicrop.MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
     per_sample = [aug(_he_like_patch(64, seed + i), torch.Generator().manual_seed(seed + i)) for i in range(batch)]
     return [torch.stack([s[c] for s in per_sample]) for c in range(aug.n_crops)]
 
@@ -450,19 +453,19 @@ def test_few_steps_decrease_loss_on_fixed_batch():
     for _ in range(8):
         with torch.no_grad():
             teacher_out = teacher(views[:2])
-        loss = dino.dino_loss(student(views), teacher_out, center, 0.1, 0.04)
+        loss = dino_losses.dino_loss(student(views), teacher_out, center, 0.1, 0.04)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        dino.ema_update_(teacher, student, 0.99)
-        center = dino.update_center(center, teacher_out, 0.9)
+        dino_losses.ema_update_(teacher, student, 0.99)
+        center = dino_losses.update_center(center, teacher_out, 0.9)
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.9 * losses[0], losses
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the real step, training.DINOTrainStep, against a hand computation from DINO's Algorithm 1
+# the real step, pretrain_step.DINOTrainStep, against a hand computation from DINO's Algorithm 1
 # ---------------------------------------------------------------------------------------------------------------
 LAST_LAYER = "head.last_layer."
 
@@ -550,7 +553,7 @@ def test_train_step_equals_dino_algorithm_by_hand(centering, clip_mode, freeze_l
     student = _tiny_student(0, norm_last_layer=False)
     teacher = _tiny_student(1)  # unlike the student: wrong targets or a wrong EMA cannot hide behind equality
     teacher.requires_grad_(False)
-    step = training.DINOTrainStep(student, student, teacher, training.make_optimizer(student, fused=False),
+    step = pretrain_step.DINOTrainStep(student, student, teacher, pretrain_step.make_optimizer(student, fused=False),
                                   student_temp=0.1, centering=centering, sinkhorn_iterations=3, clip_grad=0.3,
                                   use_amp=False, clip_grad_mode=clip_mode)
     adamw = _AdamWByDefinition()
@@ -613,12 +616,12 @@ CENTERINGS = ("center", "sinkhorn_knopp")
 DDP_STEP = {"lr": 2e-3, "weight_decay": 0.04, "teacher_temp": 0.04, "momentum": 0.9, "freeze_last_layer": False}
 
 
-def _one_production_step(student: nn.Module, student_net: dino.MultiCropWrapper, views: list[torch.Tensor],
+def _one_production_step(student: nn.Module, student_net: dino_head.MultiCropWrapper, views: list[torch.Tensor],
                          centering: str) -> dict:
-    """One call of `training.DINOTrainStep` (the loop's step) from fixed networks; what it produced."""
+    """One call of `step.DINOTrainStep` (the loop's step) from fixed networks; what it produced."""
     teacher = _tiny_student(1)
     teacher.requires_grad_(False)
-    step = training.DINOTrainStep(student, student_net, teacher, training.make_optimizer(student_net, fused=False),
+    step = pretrain_step.DINOTrainStep(student, student_net, teacher, pretrain_step.make_optimizer(student_net, fused=False),
                                   student_temp=0.1, centering=centering, sinkhorn_iterations=3, clip_grad=0.3,
                                   use_amp=False)
     before, teacher_before = _parameters(student_net), _parameters(teacher)
@@ -630,7 +633,7 @@ def _one_production_step(student: nn.Module, student_net: dino.MultiCropWrapper,
         "before": before, "student": _parameters(student_net),
         "teacher_before": teacher_before, "teacher": _parameters(teacher),
         # the loop's centre update from this step's teacher output (all-reduced over ranks)
-        "center": dino.update_center(center, result.teacher_out, 0.9),
+        "center": dino_losses.update_center(center, result.teacher_out, 0.9),
     }
 
 
@@ -695,20 +698,20 @@ def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path):
                               atol=(1 - momentum) * DDP_STEP["lr"] / 10)
 
 
-def _recipe_params(aug: dino.MultiCropAugmentation, n: int, size: int) -> torch.Tensor:
-    params = torch.stack([aug.sample_params(size, size, torch.Generator().manual_seed(dino.sample_seed(1, 0, i)))
+def _recipe_params(aug: multicrop.MultiCropAugmentation, n: int, size: int) -> torch.Tensor:
+    params = torch.stack([aug.sample_params(size, size, torch.Generator().manual_seed(view_params.sample_seed(1, 0, i)))
                           for i in range(n)])
-    params[0, :, dino.P_FLIP] = 1.0  # every op in play in at least one view
-    params[1, :, dino.P_SOLARIZE] = 1.0
-    params[2, :, dino.P_GRAY] = 1.0
-    params[3, :, dino.P_SIGMA] = 0.0
+    params[0, :, view_params.P_FLIP] = 1.0  # every op in play in at least one view
+    params[1, :, view_params.P_SOLARIZE] = 1.0
+    params[2, :, view_params.P_GRAY] = 1.0
+    params[3, :, view_params.P_SIGMA] = 0.0
     return params
 
 
 def test_device_multicrop_path_equals_the_host_path():
     """`apply_on_device` (weights built from the parameter tensor, no host matrices) reproduces `apply`'s views:
     same crops, resampling kernel, colour maps, blur and solarize, float32 rounding apart."""
-    aug = dino.MultiCropAugmentation(global_size=40, local_size=20, n_local=3)
+    aug = multicrop.MultiCropAugmentation(global_size=40, local_size=20, n_local=3)
     images = torch.from_numpy(np.stack([_he_like_patch(64, seed) for seed in range(6)]))
     params = _recipe_params(aug, 6, 64)
     host = aug.apply(images, params)
@@ -726,7 +729,7 @@ def test_device_multicrop_path_equals_the_host_path():
 def test_device_multicrop_path_never_reads_a_device_value_on_the_host():
     """On meta tensors any host read (.item(), bool(), nonzero) raises: the path runs with none, so on a GPU it
     queues its kernels without a synchronisation."""
-    aug = dino.MultiCropAugmentation(global_size=16, local_size=8, n_local=2)
+    aug = multicrop.MultiCropAugmentation(global_size=16, local_size=8, n_local=2)
     images = torch.zeros(4, 24, 24, 3, dtype=torch.uint8, device="meta")
     params = _recipe_params(aug, 4, 24).to("meta")
     views = aug.apply_on_device(images, params)
@@ -742,11 +745,11 @@ def test_sync_free_step_skips_a_non_finite_update_and_stays_stopped():
     nets = []
     for _ in range(2):
         backbone = create_backbone("vit_tiny_patch16_224", 16, 8)
-        nets.append(dino.MultiCropWrapper(backbone, dino.DINOHead(backbone.num_features, 32, 16, 8)))
+        nets.append(dino_head.MultiCropWrapper(backbone, dino_head.DINOHead(backbone.num_features, 32, 16, 8)))
     student, teacher = nets
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    step = training.DINOTrainStep(student, student, teacher, training.make_optimizer(student, fused=True),
+    step = pretrain_step.DINOTrainStep(student, student, teacher, pretrain_step.make_optimizer(student, fused=True),
                                   student_temp=0.1, centering="center", sinkhorn_iterations=3, clip_grad=3.0,
                                   precision="fp32")
     assert step.sync_free

@@ -262,7 +262,7 @@ def test_a_torchrun_rank_killed_by_sigkill_is_named_with_its_own_log(tmp_path, m
 
 
 def test_with_rank_logs_adds_torchruns_log_flags_only_to_torchrun(tmp_path):
-    plain = ["python", "-m", "exaonepath_core.pretrain.training", "--config", "c.yaml"]
+    plain = ["python", "-m", "exaonepath_core.pretrain.cli", "--config", "c.yaml"]
     assert rank_checks.with_rank_logs(plain, tmp_path) == plain
     torchrun = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *plain[1:]]
     assert rank_checks.with_rank_logs(torchrun, tmp_path)[:5] == [

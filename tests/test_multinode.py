@@ -19,7 +19,8 @@ import yaml
 from exaonepath_core.config import ConfigError as ProjectConfigError
 from exaonepath_core.config import load_config
 from exaonepath_core.data import patch_store
-from exaonepath_core.pretrain import elastic, launch, preemption, schedules, training
+from exaonepath_core.pretrain import curves, elastic, launch, preemption, schedules
+from exaonepath_core.pretrain import train as trainer
 from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -189,21 +190,21 @@ def _tiny(out: Path, **overrides) -> PretrainConfig:
 
 @pytest.mark.slow
 def test_a_stop_signal_checkpoints_after_the_step_and_the_resume_matches_an_uninterrupted_run(tmp_path):
-    full = training.train(_tiny(tmp_path / "full", max_steps=4), dataset=_SignalAt(24, None))
+    full = trainer.train(_tiny(tmp_path / "full", max_steps=4), dataset=_SignalAt(24, None))
     assert full["total_steps"] == 9  # 1.5 epochs of 6 steps
-    records = training.read_log(tmp_path / "full" / "log.jsonl")
+    records = curves.read_log(tmp_path / "full" / "log.jsonl")
     base = 0.002 * 4 / 256
     assert [r["lr"] for r in records[:3]] == pytest.approx([0.0, base / 2, base])  # "2 steps" of warm-up
 
     out = tmp_path / "stopped"
     with pytest.raises(preemption.Preempted, match="SIGUSR1 after step 2"):
-        training.train(_tiny(out, max_steps=4), dataset=_SignalAt(24, 6))  # read 6 is in step 2
+        trainer.train(_tiny(out, max_steps=4), dataset=_SignalAt(24, 6))  # read 6 is in step 2
     checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert checkpoint["step"] == 2 and checkpoint["global_batch"] == 4 and checkpoint["epoch_offset"] == 0
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after the run
-    resumed = training.train(_tiny(out, max_steps=4), resume=True, dataset=_SignalAt(24, None))
+    resumed = trainer.train(_tiny(out, max_steps=4), resume=True, dataset=_SignalAt(24, None))
     assert (resumed["start_step"], resumed["steps"]) == (2, 4)
-    assert [r["loss"] for r in training.read_log(out / "log.jsonl")] == [r["loss"] for r in records]
+    assert [r["loss"] for r in curves.read_log(out / "log.jsonl")] == [r["loss"] for r in records]
 
 
 @pytest.mark.slow
@@ -216,7 +217,7 @@ def test_sigterm_to_a_real_trainer_process_writes_a_checkpoint_and_exits_75(shar
     def start(out: Path, *extra: str) -> subprocess.Popen:
         config = tmp_path / f"{out.name}.yaml"
         config.write_text(yaml.safe_dump(_tiny_config(store, out, max_steps=60).to_dict()))
-        return subprocess.Popen([sys.executable, "-m", "exaonepath_core.pretrain.training", "--config", str(config), *extra],
+        return subprocess.Popen([sys.executable, "-m", "exaonepath_core.pretrain.cli", "--config", str(config), *extra],
                                 cwd=REPO_ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
 
@@ -232,7 +233,7 @@ def test_sigterm_to_a_real_trainer_process_writes_a_checkpoint_and_exits_75(shar
     assert proc.returncode == preemption.EXIT_PREEMPTED, stderr[-2000:]
     assert "SIGTERM received" in stderr and "rerun with --resume" in stderr
     stopped_at = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["step"]
-    assert 2 <= stopped_at < 60 and len(training.read_log(log)) == stopped_at
+    assert 2 <= stopped_at < 60 and len(curves.read_log(log)) == stopped_at
     resumed = start(out, "--resume", "--set", f"max_steps={stopped_at + 2}")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
     reference = start(tmp_path / "reference", "--set", f"max_steps={stopped_at + 2}")
@@ -240,8 +241,8 @@ def test_sigterm_to_a_real_trainer_process_writes_a_checkpoint_and_exits_75(shar
     for proc_ in (resumed, reference):
         proc_.stdout.close()
         proc_.stderr.close()
-    losses = [r["loss"] for r in training.read_log(log)]
-    assert losses == [r["loss"] for r in training.read_log(tmp_path / "reference" / "log.jsonl")]
+    losses = [r["loss"] for r in curves.read_log(log)]
+    assert losses == [r["loss"] for r in curves.read_log(tmp_path / "reference" / "log.jsonl")]
     assert len(losses) == stopped_at + 2
 
 
@@ -250,16 +251,16 @@ def test_sigterm_to_a_real_trainer_process_writes_a_checkpoint_and_exits_75(shar
 # ---------------------------------------------------------------------------------------------------------------
 def test_torchrun_command_single_node_unchanged_multi_node_rendezvous():
     args = ["--config", "p.yaml"]
-    assert launch.torchrun_command(args, python="py") == ["py", "-m", "exaonepath_core.pretrain.training", *args]
+    assert launch.torchrun_command(args, python="py") == ["py", "-m", "exaonepath_core.pretrain.cli", *args]
     assert launch.torchrun_command(args, nproc_per_node=8, python="py") == [
         "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8",
-        "-m", "exaonepath_core.pretrain.training", *args]
+        "-m", "exaonepath_core.pretrain.cli", *args]
     multi = launch.torchrun_command(args, nproc_per_node=8, nnodes=4, rdzv_endpoint="node001:29500",
                                     rdzv_id="1234", python="py")
     assert multi[:8] == ["py", "-m", "torch.distributed.run", "--nnodes=4", "--nproc_per_node=8",
                          "--rdzv_backend=c10d", "--rdzv_endpoint=node001:29500", "--rdzv_id=1234"]
     assert "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in multi
-    assert multi[-4:] == ["-m", "exaonepath_core.pretrain.training", *args]
+    assert multi[-4:] == ["-m", "exaonepath_core.pretrain.cli", *args]
     with pytest.raises(launch.LaunchError, match="rdzv_endpoint"):
         launch.torchrun_command(args, nnodes=2)
     with pytest.raises(launch.LaunchError, match="HOST:PORT"):
@@ -298,7 +299,7 @@ def _free_port() -> int:
 _RECORDING_TRAINER = '''
 import json, os, sys
 import numpy as np, torch
-from exaonepath_core.pretrain import training
+from exaonepath_core.pretrain import curves, train as trainer, training
 
 class Recording(torch.utils.data.Dataset):
     def __init__(self):
@@ -313,7 +314,7 @@ class Recording(torch.utils.data.Dataset):
 config, label, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
 dataset = Recording()
 cfg = training.PretrainConfig.from_yaml(config).with_overrides(sys.argv[4:])
-training.train(cfg, resume=resume, dataset=dataset)
+trainer.train(cfg, resume=resume, dataset=dataset)
 with open(os.path.join(cfg.output_dir, f"seen_{label}_rank{os.environ.get('RANK', '0')}.json"), "w") as handle:
     json.dump(dataset.seen, handle)
 '''
@@ -349,7 +350,7 @@ def test_two_nodes_on_localhost_resume_a_one_rank_run_with_the_same_sample_seque
     two = np.stack(ranks, axis=2).reshape(-1).tolist()  # rank r read positions r, r + 2, ...: interleave
     expected = np.concatenate([elastic.epoch_order(40, 3, 0), elastic.epoch_order(40, 3, 1)])
     assert one == expected[:16].tolist() and two == expected[16:56].tolist()
-    assert [r["step"] for r in training.read_log(out / "log.jsonl")] == [1, 2, 3, 4, 3, 4, 5, 6, 7]
+    assert [r["step"] for r in curves.read_log(out / "log.jsonl")] == [1, 2, 3, 4, 3, 4, 5, 6, 7]
 
 
 _SHIMS = {  # stand-ins for SLURM's commands: enough for the batch script's own logic to run on this machine
@@ -392,5 +393,5 @@ def test_sbatch_script_on_usr1_checkpoints_through_torchrun_and_requeues(shared_
     assert "scancel --signal=USR1 4242" in calls and "scontrol requeue 4242" in calls, calls
     assert "SIGUSR1 received" in output and "requeueing job 4242" in output, output[-3000:]
     stopped_at = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["step"]
-    assert 2 <= stopped_at < 60 and len(training.read_log(log)) == stopped_at
+    assert 2 <= stopped_at < 60 and len(curves.read_log(log)) == stopped_at
     assert not (out / "teacher_backbone.pth").exists()  # stopped, not finished

@@ -19,7 +19,8 @@ from exaonepath_core.data import shard_store, storeless, tiling
 from exaonepath_core.data.patch_store import PatchStoreWriter, normalize_slides
 from exaonepath_core.data.shard_dataset import ShardStoreDataset, open_patch_dataset
 from exaonepath_core.data.shard_store import CorruptRecordError, ShardStoreWriter
-from exaonepath_core.pretrain import training
+from exaonepath_core.pretrain import datasets as pretrain_datasets
+from exaonepath_core.pretrain import multicrop, training
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = 8
@@ -190,11 +191,11 @@ def test_shard_writers_resume_count_failures_and_finalize_once_all_are_done(tmp_
 def test_sampling_is_disjoint_across_ranks_and_deterministic_with_the_shard_dataset(tmp_path):
     _write(tmp_path, {f"s{i}": _random_tiles(i, 13, 32) for i in range(4)}, encoding="png")
     dataset = ShardStoreDataset(tmp_path)
-    ranks = [training.epoch_indices(len(dataset), r, 2, seed=5, epoch=1) for r in range(2)]
+    ranks = [pretrain_datasets.epoch_indices(len(dataset), r, 2, seed=5, epoch=1) for r in range(2)]
     assert not set(ranks[0]) & set(ranks[1]) and set(ranks[0]) | set(ranks[1]) == set(range(len(dataset)))
-    aug = training.dino.MultiCropAugmentation(global_size=16, local_size=8, n_local=2)
-    crops = training.MultiCropDataset(dataset, aug, seed=3)
-    reopened = training.MultiCropDataset(pickle.loads(pickle.dumps(dataset)), aug, seed=3)
+    aug = multicrop.MultiCropAugmentation(global_size=16, local_size=8, n_local=2)
+    crops = pretrain_datasets.MultiCropDataset(dataset, aug, seed=3)
+    reopened = pretrain_datasets.MultiCropDataset(pickle.loads(pickle.dumps(dataset)), aug, seed=3)
     for index in ranks[1][:5]:
         (patch_a, params_a), (patch_b, params_b) = crops[(1, int(index))], reopened[(1, int(index))]
         assert torch.equal(patch_a, patch_b) and torch.equal(params_a, params_b)
@@ -266,11 +267,11 @@ def test_training_opens_whichever_store_the_folder_holds(tmp_path):
     _write(tmp_path / "shards", {"a": _random_tiles(0, 6), "held": _random_tiles(1, 4)}, encoding="png")
     cfg = training.PretrainConfig(data_root=str(tmp_path / "shards"), exclude_slide_ids=["held"], input_arm="raw",
                                   store_max_open_files=3, store_on_corrupt="skip")
-    dataset = training._load_patch_dataset(cfg)
+    dataset = pretrain_datasets.load_patch_dataset(cfg)
     assert isinstance(dataset, ShardStoreDataset) and len(dataset) == 6 and dataset.slide_ids == ["a"]
     assert dataset.max_open_files == 3 and dataset.on_corrupt == "skip"
     with pytest.raises(training.ConfigError, match="holds raw patches .*normalize_on_the_fly"):
-        training._load_patch_dataset(training.PretrainConfig(data_root=str(tmp_path / "shards"), input_arm="macenko"))
+        pretrain_datasets.load_patch_dataset(training.PretrainConfig(data_root=str(tmp_path / "shards"), input_arm="macenko"))
     with pytest.raises(FileNotFoundError, match="not finalized"):
         ShardStoreWriter(tmp_path / "open", PATCH, "raw").write_slide("x", np.zeros((1, 2), int),
                                                                       [_random_tiles(0, 1)])

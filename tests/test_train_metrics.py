@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from exaonepath_core.pretrain import train_metrics, training
+from exaonepath_core.pretrain import checkpoint as checkpoints
+from exaonepath_core.pretrain import train as trainer
+from exaonepath_core.pretrain import train_metrics
 from exaonepath_core.pretrain.training import PretrainConfig
 
 PATCH = 48
@@ -39,7 +41,7 @@ def _tiny_config(out: Path, **overrides) -> PretrainConfig:
 
 
 def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / training.LOG_NAME).read_text().splitlines()]
+    return [json.loads(line) for line in (out / checkpoints.LOG_NAME).read_text().splitlines()]
 
 
 def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path, real_patches, monkeypatch):
@@ -48,7 +50,7 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path, real_patches,
 
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
     out = tmp_path / "run"
-    training.train(_tiny_config(out), dataset=real_patches)
+    trainer.train(_tiny_config(out), dataset=real_patches)
     assert "wandb" not in sys.modules, "wandb must be imported only when pretrain.wandb_project is set"
     records = _log(out)
     assert [r["step"] for r in records] == [1, 2, 3]  # 24 patches / batch 8 = 3 steps, 1 epoch
@@ -119,8 +121,8 @@ def test_wandb_run_mirrors_the_log_and_a_resume_continues_it(tmp_path, real_patc
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = tmp_path / "run"
     cfg = _tiny_config(out, tensorboard=False, wandb_project="exaonepath-test", max_steps=2)
-    training.train(cfg, dataset=real_patches)
-    training.train(_tiny_config(out, tensorboard=False, wandb_project="exaonepath-test", max_steps=3),
+    trainer.train(cfg, dataset=real_patches)
+    trainer.train(_tiny_config(out, tensorboard=False, wandb_project="exaonepath-test", max_steps=3),
                    resume=True, dataset=real_patches)
 
     assert len(fake.inits) == 2 and fake.exit_codes == [0, 0]

@@ -15,7 +15,12 @@ from PIL import Image
 
 from exaonepath_core.data.stain import MacenkoReference
 from exaonepath_core.models.backbones import create_backbone
-from exaonepath_core.pretrain import dino, training
+from exaonepath_core.pretrain import checkpoint as checkpoints
+from exaonepath_core.pretrain import cli, curves, multicrop, training
+from exaonepath_core.pretrain import datasets as pretrain_datasets
+from exaonepath_core.pretrain import loss as dino_losses
+from exaonepath_core.pretrain import step as pretrain_step
+from exaonepath_core.pretrain import train as trainer
 from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 
 PATCH = 48
@@ -87,23 +92,23 @@ def test_config_yaml_rejects_unknown_and_mistyped_keys(tmp_path):
 # the loop
 # ---------------------------------------------------------------------------------------------------------------
 def test_cli_reports_a_missing_or_malformed_config_without_a_traceback(tmp_path, capsys):
-    assert training.main(["--config", str(tmp_path / "absent.yaml")]) == 2
+    assert cli.main(["--config", str(tmp_path / "absent.yaml")]) == 2
     assert "pretraining config not found" in capsys.readouterr().err
     listed = tmp_path / "list.yaml"
     listed.write_text("- 1\n- 2\n")
-    assert training.main(["--config", str(listed)]) == 2
+    assert cli.main(["--config", str(listed)]) == 2
     assert "expected a mapping" in capsys.readouterr().err
 
 
 def test_train_writes_checkpoint_log_and_loadable_teacher(raw_store, tmp_path):
     out = tmp_path / "run"
-    summary = training.train(_tiny_config(raw_store, out, max_steps=3))
+    summary = trainer.train(_tiny_config(raw_store, out, max_steps=3))
     assert summary["steps"] == 3 and summary["steps_per_epoch"] == 5 and summary["total_steps"] == 10
     assert all(np.isfinite([summary["first_step_loss"], summary["last_step_loss"]]))
     assert summary["n_patches"] == 40 and summary["patches_unused_per_epoch"] == 0
     assert summary["center_norm"] > 0
     # 40 patches in batches of 6: 6 steps, 4 patches sit out each epoch (counted); Sinkhorn-Knopp has no centre
-    odd = training.train(_tiny_config(raw_store, tmp_path / "odd", max_steps=1, batch_size_per_gpu=6,
+    odd = trainer.train(_tiny_config(raw_store, tmp_path / "odd", max_steps=1, batch_size_per_gpu=6,
                                       centering="sinkhorn_knopp"))
     assert odd["steps_per_epoch"] == 6 and odd["patches_unused_per_epoch"] == 4 and odd["center_norm"] is None
 
@@ -111,7 +116,7 @@ def test_train_writes_checkpoint_log_and_loadable_teacher(raw_store, tmp_path):
     assert checkpoint["step"] == 3 and checkpoint["config"]["arch"] == "vit_tiny_patch16_224"
     assert checkpoint["center"].shape == (1, 128) and float(checkpoint["center"].abs().sum()) > 0
 
-    records = training.read_log(out / "log.jsonl")
+    records = curves.read_log(out / "log.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "center_norm", "img_per_s"):
         assert all(np.isfinite(r[key]) for r in records), key
@@ -128,21 +133,21 @@ def test_train_writes_checkpoint_log_and_loadable_teacher(raw_store, tmp_path):
                              if k.startswith("backbone.")}
     assert teacher_backbone_keys.keys() == state.keys()
     assert all(torch.equal(teacher_backbone_keys[k], state[k]) for k in state)
-    features = training.load_teacher_backbone(out)(torch.randn(2, 3, 32, 32))
+    features = checkpoints.load_teacher_backbone(out)(torch.randn(2, 3, 32, 32))
     assert features.shape == (2, 192)
 
-    png = training.plot_training_curves(out / "log.jsonl", tmp_path / "curves.png")
+    png = curves.plot_training_curves(out / "log.jsonl", tmp_path / "curves.png")
     assert png.stat().st_size > 10_000
 
 
 def test_kill_and_resume_equals_uninterrupted(raw_store, tmp_path):
     full = tmp_path / "full"
-    training.train(_tiny_config(raw_store, full, max_steps=7))
+    trainer.train(_tiny_config(raw_store, full, max_steps=7))
     split = tmp_path / "split"
-    training.train(_tiny_config(raw_store, split, max_steps=3))  # "killed" mid-epoch 0 after step 3
+    trainer.train(_tiny_config(raw_store, split, max_steps=3))  # "killed" mid-epoch 0 after step 3
     with open(split / "log.jsonl", "a") as handle:  # a killed run may have logged past its checkpoint
         handle.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
-    summary = training.train(_tiny_config(raw_store, split, max_steps=7), resume=True)
+    summary = trainer.train(_tiny_config(raw_store, split, max_steps=7), resume=True)
     assert summary["start_step"] == 3 and summary["steps"] == 7  # crossed into epoch 1 (5 steps/epoch)
 
     a, b = _load_checkpoint(full), _load_checkpoint(split)
@@ -152,16 +157,16 @@ def test_kill_and_resume_equals_uninterrupted(raw_store, tmp_path):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
     assert torch.equal(a["center"], b["center"])
-    losses_full = [r["loss"] for r in training.read_log(full / "log.jsonl")]
-    losses_split = [r["loss"] for r in training.read_log(split / "log.jsonl")]
+    losses_full = [r["loss"] for r in curves.read_log(full / "log.jsonl")]
+    losses_split = [r["loss"] for r in curves.read_log(split / "log.jsonl")]
     assert len(losses_full) == 7 and losses_split == losses_full
 
 
 def test_resuming_a_finished_run_trains_nothing_and_reports_cleanly(raw_store, tmp_path):
     out = tmp_path / "done"
-    training.train(_tiny_config(raw_store, out, max_steps=2))
+    trainer.train(_tiny_config(raw_store, out, max_steps=2))
     before = _load_checkpoint(out)
-    summary = training.train(_tiny_config(raw_store, out, max_steps=2), resume=True)
+    summary = trainer.train(_tiny_config(raw_store, out, max_steps=2), resume=True)
     assert (summary["start_step"], summary["steps"], summary["median_img_per_s"]) == (2, 2, None)
     after = _load_checkpoint(out)
     assert all(torch.equal(after["student"][k], before["student"][k]) for k in before["student"])
@@ -169,18 +174,18 @@ def test_resuming_a_finished_run_trains_nothing_and_reports_cleanly(raw_store, t
 
 def test_resume_refuses_changed_recipe_or_a_store_of_another_size(shared_data, raw_store, tmp_path):
     out = tmp_path / "run"
-    training.train(_tiny_config(raw_store, out, max_steps=1))
+    trainer.train(_tiny_config(raw_store, out, max_steps=1))
     assert _load_checkpoint(out)["n_patches"] == 40 and _load_checkpoint(out)["steps_per_epoch"] == 5
     with pytest.raises(ConfigError, match="lr"):
-        training.train(_tiny_config(raw_store, out, max_steps=2, lr=0.1), resume=True)
+        trainer.train(_tiny_config(raw_store, out, max_steps=2, lr=0.1), resume=True)
     # data_root may move (resume-mutable), but not to a store of another size: 24 patches give 3 steps/epoch,
     # 42 patches the same 5 steps/epoch yet another permutation of the data
     smaller = _write_raw_store(shared_data, tmp_path / "smaller", 12)
     larger = _write_raw_store(shared_data, tmp_path / "larger", 21)
     with pytest.raises(ConfigError, match=r"trained on 40 patches, 5 steps per epoch; .* has 24 patches, 3 steps"):
-        training.train(_tiny_config(smaller, out, max_steps=2), resume=True)
+        trainer.train(_tiny_config(smaller, out, max_steps=2), resume=True)
     with pytest.raises(ConfigError, match=r"trained on 40 patches, 5 steps per epoch; .* has 42 patches, 5 steps"):
-        training.train(_tiny_config(larger, out, max_steps=2), resume=True)
+        trainer.train(_tiny_config(larger, out, max_steps=2), resume=True)
     assert _load_checkpoint(out)["step"] == 1  # refused before any step
     assert json.loads((out / "pretrain_config.json").read_text())["data_root"] == str(raw_store)
     # a checkpoint written before n_patches was stored still resumes, and is still checked by steps per epoch
@@ -188,14 +193,14 @@ def test_resume_refuses_changed_recipe_or_a_store_of_another_size(shared_data, r
     del old_style["n_patches"]
     torch.save(old_style, out / "checkpoint.pth")
     with pytest.raises(ConfigError, match=r"trained on 5 steps per epoch; .* has 24 patches, 3 steps"):
-        training.train(_tiny_config(smaller, out, max_steps=2), resume=True)
-    summary = training.train(_tiny_config(raw_store, out, max_steps=2), resume=True)
+        trainer.train(_tiny_config(smaller, out, max_steps=2), resume=True)
+    summary = trainer.train(_tiny_config(raw_store, out, max_steps=2), resume=True)
     assert (summary["start_step"], summary["steps"]) == (1, 2) and _load_checkpoint(out)["n_patches"] == 40
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(raw_store, tmp_path, monkeypatch, capsys):
     reference = tmp_path / "reference"
-    training.train(_tiny_config(raw_store, reference, max_steps=2))
+    trainer.train(_tiny_config(raw_store, reference, max_steps=2))
 
     out = tmp_path / "nan"
     config = out / "pretrain.yaml"
@@ -203,7 +208,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(raw_store, t
     import yaml
 
     config.write_text(yaml.safe_dump(_tiny_config(raw_store, out, saveckp_freq=2).to_dict()))
-    real_loss = dino.dino_loss_from_targets
+    real_loss = dino_losses.dino_loss_from_targets
     calls = {"n": 0}
 
     def loss_with_nan_at_step_3(*args, **kwargs):
@@ -211,24 +216,24 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(raw_store, t
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(dino, "dino_loss_from_targets", loss_with_nan_at_step_3)
-    code = training.main(["--config", str(config)])
+    monkeypatch.setattr(dino_losses, "dino_loss_from_targets", loss_with_nan_at_step_3)
+    code = cli.main(["--config", str(config)])
     err = capsys.readouterr().err
     assert code == 3
     assert "loss is nan at step 3" in err and "checkpoint" in err and "(step 2)" in err
     good, ref = _load_checkpoint(out), _load_checkpoint(reference)
     assert good["step"] == 2
     assert all(torch.equal(good["student"][k], ref["student"][k]) for k in ref["student"])
-    assert [r["step"] for r in training.read_log(out / "log.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in curves.read_log(out / "log.jsonl")] == [1, 2, 3]
     assert not list(out.glob(".*.tmp"))
 
 
 def test_normalize_on_the_fly_counts_fallback_patches(raw_store, tmp_path):
     out = tmp_path / "otf"
     cfg = _tiny_config(raw_store, out, max_steps=2, input_arm="macenko", normalize_on_the_fly=True)
-    summary = training.train(cfg)
+    summary = trainer.train(cfg)
     assert summary["steps"] == 2 and np.isfinite(summary["last_step_loss"])
-    records = training.read_log(out / "log.jsonl")
+    records = curves.read_log(out / "log.jsonl")
     assert all(isinstance(r["macenko_fallback"], int) and 0 <= r["macenko_fallback"] <= 8 for r in records)
     meta = json.loads((out / "teacher_backbone.json").read_text())
     assert meta["macenko"] is True and meta["arm"] == "macenko"
@@ -239,14 +244,14 @@ def test_loader_views_depend_only_on_seed_epoch_index(raw_store):
     """The batched multi-crop in the collate: a sample's views do not depend on its batch mates or position."""
     from exaonepath_core.data.patch_store import PatchStoreDataset
 
-    aug = dino.MultiCropAugmentation(32, 16, 2)
-    dataset = training.MultiCropDataset(PatchStoreDataset(raw_store), aug, seed=3)
-    collate = training.MultiCropCollate(aug, apply_views=True)
+    aug = multicrop.MultiCropAugmentation(32, 16, 2)
+    dataset = pretrain_datasets.MultiCropDataset(PatchStoreDataset(raw_store), aug, seed=3)
+    collate = pretrain_datasets.MultiCropCollate(aug, apply_views=True)
     batch_a = collate([dataset[(1, i)] for i in (4, 9, 17, 30)])
     batch_b = collate([dataset[(1, i)] for i in (30, 2, 9)])
     for view_a, view_b in zip(batch_a, batch_b):
         assert torch.equal(view_a[1], view_b[2]) and torch.equal(view_a[3], view_b[0])
-    patches, params = training.MultiCropCollate(aug, apply_views=False)([dataset[(1, i)] for i in (4, 9)])
+    patches, params = pretrain_datasets.MultiCropCollate(aug, apply_views=False)([dataset[(1, i)] for i in (4, 9)])
     assert patches.dtype == torch.uint8 and patches.shape == (2, PATCH, PATCH, 3) and params.shape == (2, 4, 16)
     assert not torch.equal(dataset[(2, 9)][1], params[1])  # another epoch, other draws
 
@@ -255,14 +260,14 @@ def test_stain_augmentation_arm_changes_colours_deterministically(raw_store, tmp
     from exaonepath_core.data.patch_store import PatchStoreDataset
 
     patches = PatchStoreDataset(raw_store)
-    aug = dino.MultiCropAugmentation(32, 16, 1)
-    plain = training.MultiCropDataset(patches, aug, seed=3)
-    stained = training.MultiCropDataset(patches, aug, seed=3, stain_augmentation=True)
-    collate = training.MultiCropCollate(aug, apply_views=True)
+    aug = multicrop.MultiCropAugmentation(32, 16, 1)
+    plain = pretrain_datasets.MultiCropDataset(patches, aug, seed=3)
+    stained = pretrain_datasets.MultiCropDataset(patches, aug, seed=3, stain_augmentation=True)
+    collate = pretrain_datasets.MultiCropCollate(aug, apply_views=True)
     views_plain, views_a, views_b = (collate([dataset[(0, 5)]]) for dataset in (plain, stained, stained))
     assert all(torch.equal(a, b) for a, b in zip(views_a, views_b))  # same (seed, epoch, index): same views
     assert float((views_a[0] - views_plain[0]).abs().mean()) > 1e-3  # the stain perturbation is applied
-    summary = training.train(_tiny_config(raw_store, tmp_path / "sa", max_steps=2, input_arm="stain_augmentation"))
+    summary = trainer.train(_tiny_config(raw_store, tmp_path / "sa", max_steps=2, input_arm="stain_augmentation"))
     assert summary["steps"] == 2 and np.isfinite(summary["last_step_loss"])
 
 
@@ -278,7 +283,7 @@ def test_torchrun_two_gloo_processes_train_and_resume(raw_store, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "exaonepath_core.pretrain.training",
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "exaonepath_core.pretrain.cli",
          "--config", str(config), "--plot"],
         capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1], check=False,
     )
@@ -287,18 +292,18 @@ def test_torchrun_two_gloo_processes_train_and_resume(raw_store, tmp_path):
     assert checkpoint["world_size"] == 2 and checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
     assert (out / "training_curves.png").is_file()
     resumed = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "exaonepath_core.pretrain.training",
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "exaonepath_core.pretrain.cli",
          "--config", str(config), "--resume", "--set", "max_steps=5"],
         capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1], check=False,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _load_checkpoint(out)["step"] == 5
-    assert [r["step"] for r in training.read_log(out / "log.jsonl")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in curves.read_log(out / "log.jsonl")] == [1, 2, 3, 4, 5]
 
 
 def test_excluded_slides_are_left_out_of_the_pretraining_data(raw_store, tmp_path, capsys):
     """A store that holds a held-out slide (reused across held-out choices) does not feed it to pretraining."""
-    from exaonepath_core.pretrain.training import _load_patch_dataset
+    from exaonepath_core.pretrain.datasets import load_patch_dataset as _load_patch_dataset
 
     everything = _load_patch_dataset(_tiny_config(raw_store, tmp_path))
     assert sorted(set(everything.slide_ids)) == ["slide0", "slide1"] and len(everything) == 40
@@ -313,12 +318,12 @@ def test_excluded_slides_are_left_out_of_the_pretraining_data(raw_store, tmp_pat
 def test_compiled_channels_last_run_matches_eager_run(raw_store, tmp_path):
     # fp32 on both sides: the 2e-4 bound is about compile + channels-last, not bf16 rounding (precision auto
     # picks bf16 on CPUs with native bf16)
-    eager = training.train(_tiny_config(raw_store, tmp_path / "eager", max_steps=3, deterministic=False,
+    eager = trainer.train(_tiny_config(raw_store, tmp_path / "eager", max_steps=3, deterministic=False,
                                         precision="fp32"))
-    fast = training.train(_tiny_config(raw_store, tmp_path / "fast", max_steps=3, deterministic=False,
+    fast = trainer.train(_tiny_config(raw_store, tmp_path / "fast", max_steps=3, deterministic=False,
                                        compile=True, channels_last=True, precision="fp32"))
-    eager_losses = [r["loss"] for r in training.read_log(tmp_path / "eager" / "log.jsonl")]
-    fast_losses = [r["loss"] for r in training.read_log(tmp_path / "fast" / "log.jsonl")]
+    eager_losses = [r["loss"] for r in curves.read_log(tmp_path / "eager" / "log.jsonl")]
+    fast_losses = [r["loss"] for r in curves.read_log(tmp_path / "fast" / "log.jsonl")]
     assert len(fast_losses) == 3 and fast["steps"] == eager["steps"] == 3
     np.testing.assert_allclose(fast_losses, eager_losses, rtol=2e-4)
     # compiling in place keeps timm's state_dict layout: the checkpoint and the export load into plain modules
@@ -326,16 +331,16 @@ def test_compiled_channels_last_run_matches_eager_run(raw_store, tmp_path):
     assert list(ckpt_fast["teacher"]) == list(ckpt_eager["teacher"])
     assert not any("_orig_mod" in k for k in ckpt_fast["student"])
     x = torch.randn(2, 3, 32, 32)
-    out_eager = training.load_teacher_backbone(tmp_path / "eager")(x)
-    out_fast = training.load_teacher_backbone(tmp_path / "fast")(x)
+    out_eager = checkpoints.load_teacher_backbone(tmp_path / "eager")(x)
+    out_fast = checkpoints.load_teacher_backbone(tmp_path / "fast")(x)
     torch.testing.assert_close(out_fast, out_eager, rtol=1e-3, atol=1e-3)
 
 
 def test_bf16_autocast_steps_track_fp32(raw_store, tmp_path):
-    training.train(_tiny_config(raw_store, tmp_path / "fp32", max_steps=3, precision="fp32"))
-    training.train(_tiny_config(raw_store, tmp_path / "bf16", max_steps=3, precision="bf16"))
-    fp32 = training.read_log(tmp_path / "fp32" / "log.jsonl")
-    bf16 = training.read_log(tmp_path / "bf16" / "log.jsonl")
+    trainer.train(_tiny_config(raw_store, tmp_path / "fp32", max_steps=3, precision="fp32"))
+    trainer.train(_tiny_config(raw_store, tmp_path / "bf16", max_steps=3, precision="bf16"))
+    fp32 = curves.read_log(tmp_path / "fp32" / "log.jsonl")
+    bf16 = curves.read_log(tmp_path / "bf16" / "log.jsonl")
     assert all(np.isfinite([r["loss"], r["teacher_entropy"], r["grad_norm"]]).all() for r in bf16)
     np.testing.assert_allclose([r["loss"] for r in bf16], [r["loss"] for r in fp32], rtol=0.02)
     ckpt = _load_checkpoint(tmp_path / "bf16")
@@ -363,11 +368,11 @@ def test_a_second_trainer_on_the_same_folder_is_refused(raw_store, tmp_path, cap
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         holder.write("pid 12345 on elsewhere\n")
         holder.flush()
-        assert training.main(["--config", str(config)]) == 4
+        assert cli.main(["--config", str(config)]) == 4
     err = capsys.readouterr().err
     assert "another training process (pid 12345 on elsewhere) is writing" in err
     assert not (out / "checkpoint.pth").exists()
-    assert training.main(["--config", str(config)]) == 0  # released: the run goes ahead
+    assert cli.main(["--config", str(config)]) == 0  # released: the run goes ahead
     assert (out / "checkpoint.pth").is_file()
 
 
@@ -432,11 +437,11 @@ def test_changed_settings_move_an_arms_earlier_run_aside(tmp_path, capsys):
 
 def test_precision_setting_resolves_per_device_and_old_use_amp_configs_still_load():
     cpu = torch.device("cpu")
-    assert training.resolve_precision("fp16", cpu) == "fp16"
-    assert training.resolve_precision("auto", cpu, use_amp=False) == "fp32"
-    assert training.resolve_precision("auto", cpu) in ("bf16", "fp32")  # bf16 only where the CPU has it natively
+    assert pretrain_step.resolve_precision("fp16", cpu) == "fp16"
+    assert pretrain_step.resolve_precision("auto", cpu, use_amp=False) == "fp32"
+    assert pretrain_step.resolve_precision("auto", cpu) in ("bf16", "fp32")  # bf16 only where the CPU has it natively
     assert PretrainConfig(use_amp=False).precision == "auto"  # an old config: fp32, as before
-    assert training._precision(PretrainConfig(use_amp=False), cpu) == "fp32"
+    assert pretrain_step.run_precision(PretrainConfig(use_amp=False), cpu) == "fp32"
     with pytest.raises(training.ConfigError, match="precision must be one of auto, bf16, fp16, fp32; got 'half'"):
         PretrainConfig(precision="half")
     with pytest.raises(training.ConfigError, match="use_amp is false but precision is 'bf16'"):
@@ -452,7 +457,7 @@ def test_nan_loss_without_per_step_reads_stops_before_the_bad_update(raw_store, 
     config = out / "pretrain.yaml"
     config.write_text(yaml.safe_dump(_tiny_config(raw_store, out, saveckp_freq=2, log_every=5, fused_adamw=True,
                                                   max_steps=6).to_dict()))
-    real_loss = dino.dino_loss_from_targets
+    real_loss = dino_losses.dino_loss_from_targets
     calls = {"n": 0}
 
     def loss_with_inf_at_step_2(*args, **kwargs):
@@ -460,8 +465,8 @@ def test_nan_loss_without_per_step_reads_stops_before_the_bad_update(raw_store, 
         loss = real_loss(*args, **kwargs)
         return loss * float("inf") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(dino, "dino_loss_from_targets", loss_with_inf_at_step_2)
-    code = training.main(["--config", str(config)])
+    monkeypatch.setattr(dino_losses, "dino_loss_from_targets", loss_with_inf_at_step_2)
+    code = cli.main(["--config", str(config)])
     err = capsys.readouterr().err
     assert code == 3
     # read at the step-4 checkpoint boundary: the first bad step is named, the step-2 checkpoint is kept

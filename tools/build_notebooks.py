@@ -155,10 +155,10 @@ NOTEBOOKS["03_pretrain_dino"] = [
     ("code", setup_cell("03", '''import matplotlib
 from IPython.display import Image, display
 
-from exaonepath_core.pretrain import training
-from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
+from exaonepath_core.pretrain import curves
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("03") / arm
 out.mkdir(parents=True, exist_ok=True)
 save_config(cfg, out / "config.yaml")
@@ -170,7 +170,7 @@ print(pretrain_yaml.read_text())
 summary
 '''),
     ("md", "## Training curves: loss, schedules, teacher entropy and centre (collapse watch)"),
-    ("code", '''training.plot_training_curves(out / "log.jsonl", out / "training_curves.png")
+    ("code", '''curves.plot_training_curves(out / "log.jsonl", out / "training_curves.png")
 display(Image(filename=str(out / "training_curves.png")))
 '''),
 ]

@@ -11,7 +11,7 @@
 #   pytest               tests/test_cuda.py                               -> pytest_<dev>.xml
 #   dino_step_nocompile  benchmarks/dino_step.py --no-compile             -> dino_step_<dev>_nocompile.json
 #   dino_step_compile    benchmarks/dino_step.py (torch.compile)          -> dino_step_<dev>.json
-#   train_store, train   python -m exaonepath_core.pretrain.training, ~50 steps    -> train_<dev>_summary.json, _log.jsonl
+#   train_store, train   python -m exaonepath_core.pretrain.cli, ~50 steps    -> train_<dev>_summary.json, _log.jsonl
 # Everything printed is also in $OUT/device_check.log; device_check_summary.json gathers the status of every
 # part and the key numbers. At most 8 files land in $OUT (the tool returns 8). Exit status 0 even when a part
 # failed (the table says FAILED); 2 when the kit cannot start (no staged data, no GPU).
@@ -268,7 +268,7 @@ else:
 print(f"store: {len(index)} real patches of {size} px in 3 slides; config {work / 'train.yaml'}: {cfg}")
 PY
     if [ -f "$WORK/train.yaml" ]; then
-        run_part train 200 "$PYTHON" -m exaonepath_core.pretrain.training --config "$WORK/train.yaml"
+        run_part train 200 "$PYTHON" -m exaonepath_core.pretrain.cli --config "$WORK/train.yaml"
     else
         run_part train 1 false  # recorded as FAILED: the store part did not write a config
     fi

@@ -1,6 +1,6 @@
 """Launch stage 03's trainer on one node or several: the torchrun command line, and a per-node entry for SLURM.
 
-One node: `python -m exaonepath_core.pretrain.training` (one process) or `torchrun --standalone --nproc_per_node=G`.
+One node: `python -m exaonepath_core.pretrain.cli` (one process) or `torchrun --standalone --nproc_per_node=G`.
 Several nodes: every node runs the same command,
 
     python -m exaonepath_core.pretrain.launch --config PRETRAIN.yaml --nnodes N --nproc-per-node G \\
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-TRAINER_MODULE = "exaonepath_core.pretrain.training"
+TRAINER_MODULE = "exaonepath_core.pretrain.cli"
 # torchrun's own default list plus SIGUSR1, the early warning `#SBATCH --signal=B:USR1@120` arranges
 SIGNALS_TO_FORWARD = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # seconds torchrun waits for its trainers after forwarding a stop signal before SIGKILL: a step plus a checkpoint

@@ -217,7 +217,7 @@ def _die_with_parent() -> None:
 
 def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1, force: bool = False,
                     nnodes: int = 1, rdzv_endpoint: str = "") -> dict:
-    """Run `exaonepath_core.pretrain.training` in a subprocess (torchrun when nproc > 1); resume when a checkpoint exists.
+    """Run `exaonepath_core.pretrain.cli` in a subprocess (torchrun when nproc > 1); resume when a checkpoint exists.
 
     `nnodes` > 1 joins torchrun's c10d rendezvous at `rdzv_endpoint` (this node is one of them; the others run
     `python -m exaonepath_core.pretrain.launch` with the same settings, see tools/slurm/pretrain.sbatch).
@@ -257,7 +257,7 @@ def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1,
     records = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines() if x.strip()]
     first = records[: max(1, len(records) // 10)]
     last = records[-max(1, len(records) // 10):]
-    # training.train wrote summary.json (git state, world size, entropies, paths): keep all of it and add the
+    # pretrain.train.train wrote summary.json (git state, world size, entropies, paths): keep all of it and add the
     # stage's view, smoothed over the first/last tenth of the log (one step's loss is noisy)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update({
@@ -317,7 +317,7 @@ def _peer_weights_present(spec: str) -> bool:
 
 
 def untrained_backbones(cfg: ProjectConfig, out_dir: Path, reference_json: Path) -> dict[str, str]:
-    """The pretraining arms' common starting point (same seed, same timm initialisation as `training.train`),
+    """The pretraining arms' common starting point (same seed, same timm initialisation as `pretrain.train.train`),
     exported twice: fed raw inputs and fed Macenko-normalized inputs. Comparing a trained arm with these
     separates what DINO learned from what the input transformation alone does to slide identifiability."""
     import torch
@@ -326,7 +326,7 @@ def untrained_backbones(cfg: ProjectConfig, out_dir: Path, reference_json: Path)
     from exaonepath_core.pretrain.training import PretrainConfig
 
     pcfg = PretrainConfig.from_mapping(dict(cfg.pretrain))
-    torch.manual_seed(cfg.seed)  # training.train seeds the same way before building the student
+    torch.manual_seed(cfg.seed)  # pretrain.train.train seeds the same way before building the student
     model = create_backbone(pcfg.arch, pcfg.global_crop_size, pcfg.patch_size, drop_path_rate=pcfg.drop_path_rate)
     reference = json.loads(Path(reference_json).read_text()) if Path(reference_json).is_file() else None
     specs = {}
