@@ -171,12 +171,18 @@ def _blur(views: torch.Tensor, sigma: torch.Tensor, size: int, sigma_max: float)
     cap = (max_kernel - 1) // 2
     max_radius = min(math.ceil(3 * sigma_max), cap)  # known on the host: no read of the sampled sigmas
     radius = torch.clamp(torch.ceil(3 * sigma), max=cap)
-    offsets = torch.arange(-max_radius, max_radius + 1, device=device, dtype=torch.float32)
-    safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-    taps = torch.exp(-0.5 * (offsets[None, :] / safe_sigma[:, None]) ** 2) * (offsets.abs()[None, :] <= radius[:, None])
+    # the tap offsets, their centre indicator and the reflect shifts flattened to (taps, S * S): built once per
+    # (size, radius, device), so each call queues only the per-view arithmetic
+    offsets = _constant(f"offsets{max_radius}", device,
+                        lambda: torch.arange(-max_radius, max_radius + 1, dtype=torch.float32)[None, :])
+    centre_tap = _constant(f"centre_tap{max_radius}", device, lambda: (
+        torch.arange(-max_radius, max_radius + 1) == 0).float()[None, :])
+    blurred = (sigma > 0)[:, None]
+    safe_sigma = torch.where(blurred, sigma[:, None], 1.0)
+    taps = torch.exp(-0.5 * (offsets / safe_sigma) ** 2) * (offsets.abs() <= radius[:, None])
     taps = taps / taps.sum(-1, keepdim=True)
-    centre_tap = (offsets == 0).to(taps.dtype).expand_as(taps)
-    taps = torch.where((sigma > 0)[:, None], taps, centre_tap)  # identity for views without blur: exact
-    shifts = _constant(f"shifts{size}x{max_radius}", device, lambda: _reflect_shifts(size, max_radius))
-    matrices = torch.einsum("nd,dij->nij", taps, shifts)[:, None]  # (N, 1, S, S)
+    taps = torch.where(blurred, taps, centre_tap)  # identity for views without blur: exact
+    shifts = _constant(f"shifts{size}x{max_radius}", device,
+                       lambda: _reflect_shifts(size, max_radius).reshape(2 * max_radius + 1, size * size))
+    matrices = torch.mm(taps, shifts).view(-1, 1, size, size)  # (N, 1, S, S): one GEMM for every view's matrix
     return torch.matmul(torch.matmul(matrices, views), matrices.transpose(-1, -2))
