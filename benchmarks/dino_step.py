@@ -160,8 +160,9 @@ class OurStep:
             self.teacher.backbone.compile()
         optimizer = pretrain_step.make_optimizer(self.student, fused=True)
         self.step = pretrain_step.DINOTrainStep(self.student, self.student, self.teacher, optimizer,
-                                           student_temp=HYPER["student_temp"], centering="center",
-                                           sinkhorn_iterations=3, clip_grad=HYPER["clip"], precision=precision)
+                                                student_temp=HYPER["student_temp"], centering="center",
+                                                sinkhorn_iterations=3, clip_grad=HYPER["clip"],
+                                                precision=precision)
         self.center = torch.zeros(1, p["out_dim"], device=device)
 
     def __call__(self, images: list[torch.Tensor]) -> float:

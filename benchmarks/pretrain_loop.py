@@ -85,16 +85,17 @@ def step_rates(cfg: training.PretrainConfig, steps: int) -> list[float]:
     for drop_path in (cfg.drop_path_rate, 0.0):
         backbone = create_backbone(cfg.arch, cfg.global_crop_size, cfg.patch_size, drop_path_rate=drop_path)
         head = dino_head.DINOHead(backbone.num_features, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
-                             norm_last_layer=cfg.norm_last_layer, fp32_last_layer=cfg.fp32_last_layer)
+                                  norm_last_layer=cfg.norm_last_layer, fp32_last_layer=cfg.fp32_last_layer)
         nets.append(dino_head.MultiCropWrapper(backbone, head))
     student, teacher = nets
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     device = torch.device("cpu")
-    step = pretrain_step.DINOTrainStep(student, student, teacher, pretrain_step.make_optimizer(student, cfg.fused_adamw),
-                                  student_temp=cfg.student_temp, centering=cfg.centering,
-                                  sinkhorn_iterations=cfg.sinkhorn_iterations, clip_grad=cfg.clip_grad,
-                                  precision=pretrain_step.run_precision(cfg, device))
+    optimizer = pretrain_step.make_optimizer(student, cfg.fused_adamw)
+    step = pretrain_step.DINOTrainStep(student, student, teacher, optimizer,
+                                       student_temp=cfg.student_temp, centering=cfg.centering,
+                                       sinkhorn_iterations=cfg.sinkhorn_iterations, clip_grad=cfg.clip_grad,
+                                       precision=pretrain_step.run_precision(cfg, device))
     gen = torch.Generator().manual_seed(0)
     sizes = [cfg.global_crop_size] * 2 + [cfg.local_crop_size] * cfg.n_local_crops
     crops = [torch.randn(cfg.batch_size_per_gpu, 3, s, s, generator=gen) for s in sizes]
