@@ -8,6 +8,7 @@ from PIL import Image
 
 from exaonepath_core.data import tiling
 from exaonepath_core.evaluation import collapse
+from exaonepath_core.io import plotting
 from exaonepath_core.report import figures
 
 
@@ -197,6 +198,6 @@ def test_set_style_applies_house_rc():
     import matplotlib
 
     with matplotlib.rc_context():
-        figures.set_style()
-        assert matplotlib.rcParams["savefig.dpi"] == figures.DPI
+        plotting.set_style()
+        assert matplotlib.rcParams["savefig.dpi"] == plotting.DPI
         assert matplotlib.rcParams["axes.spines.top"] is False

@@ -269,13 +269,13 @@ NOTEBOOKS["06_feature_collapse"] = [
     ("code", setup_cell("06", '''import matplotlib
 from IPython.display import Image, display
 
-from exaonepath_core.report import figures
+from exaonepath_core.io import plotting
 from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
 from exaonepath_core.run.pipeline import open_stage
 ''', '''out = paths.stage_dir("06")
 save_config(cfg, out / "config.yaml")
-figures.set_style()
+plotting.set_style()
 metrics, embeds = workflow.collapse_by_arm(cfg, paths.stage_dir("04"))
 workflow.write_csv_atomic(metrics, out / "collapse_metrics.csv")
 verdict = workflow.collapse_verdict(metrics)
