@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from exaonepath_core.data.cohort import TCGA_BARCODE
 from exaonepath_core.data.downstream import PAPER_ACCURACY
+from exaonepath_core.evaluation.features import load_features
 from exaonepath_core.io import plotting
 
 DEFAULT_CS = tuple(np.logspace(-4, 2, 7))
@@ -122,8 +124,6 @@ def patient_groups(sample_ids: Sequence[str]) -> np.ndarray | None:
     Kather's MSI tiles (`blk-...-TCGA-A6-2674-01Z-00-DX1.png`) carry their patient's barcode; ids without one
     become their own group. Used to keep one patient's patches on one side of a hyper-parameter split.
     """
-    from exaonepath_core.data.cohort import TCGA_BARCODE
-
     found = [TCGA_BARCODE.search(str(i)) for i in sample_ids]
     if not any(found):
         return None
@@ -303,8 +303,6 @@ def knn_probe(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray
 # Running probes over feature folders, tables, figure
 # ----------------------------------------------------------------------------------------------------------
 def _load_split(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[str]]:
-    from exaonepath_core.evaluation.features import load_features
-
     X, y, ids, manifest = load_features(directory)
     return np.asarray(X, dtype=np.float32), y, manifest, ids
 

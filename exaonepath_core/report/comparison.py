@@ -13,8 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from exaonepath_core.config import resolve_backbone_spec
+from exaonepath_core.evaluation import collapse
 from exaonepath_core.evaluation.published import EXTRA_WSIS, PUBLISHED, SIX_TASKS
 from exaonepath_core.io import plotting
+from exaonepath_core.models import peers
+from exaonepath_core.pretrain.training import INPUT_ARMS
 
 STATUS_COLUMNS = ["model", "title", "backbone", "status", "detail"]
 COMPARISON_COLUMNS = (["model", "title", "source", "backbone", "status"] + list(SIX_TASKS)
@@ -37,9 +41,6 @@ def model_of_backbone(backbone: str) -> str | None:
 def peer_status(extra_backbones: Sequence[str], backbone_names: Sequence[str]) -> pd.DataFrame:
     """One row per registered peer and EXAONEPath: measured (its feature folder exists), absent (configured but
     no weights found, with the reason) or not configured; RudolfV: published numbers only."""
-    from exaonepath_core.config import resolve_backbone_spec
-    from exaonepath_core.models import peers
-
     found = {model_of_backbone(b): b for b in backbone_names if model_of_backbone(b)}
     configured: dict[str, str] = {}
     for spec in extra_backbones:
@@ -73,8 +74,6 @@ def peer_status(extra_backbones: Sequence[str], backbone_names: Sequence[str]) -
 
 
 def _parameters(key: str) -> tuple[int | None, str]:
-    from exaonepath_core.models import peers
-
     if key in peers.PEERS:
         return peers.count_parameters(key), "architecture as loaded (strict key/shape match)"
     if key == "exaonepath":
@@ -186,8 +185,6 @@ def _metric_row(part: pd.DataFrame, metric: str) -> pd.Series | None:
 
 def backbone_kind(arm: str) -> str:
     """What a stage-06 arm is: our pretraining arm, the untrained initialisation, a peer or another backbone."""
-    from exaonepath_core.pretrain.training import INPUT_ARMS
-
     if arm in INPUT_ARMS:
         return "pretraining arm"
     if arm.startswith("untrained_"):
@@ -200,8 +197,6 @@ def backbone_kind(arm: str) -> str:
 def collapse_by_model(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per cohort, every backbone ranked by slide identifiability (slide-ID probe accuracy over chance, most
     slide-identifiable first), beside its same-slide neighbour fraction and leave-one-slide-out class kNN."""
-    from exaonepath_core.evaluation import collapse
-
     if metrics.empty or not {"cohort", "arm", "metric", "value"} <= set(metrics.columns):
         return pd.DataFrame(columns=COLLAPSE_RANK_COLUMNS)
     rows = []

@@ -6,6 +6,7 @@ Every figure is drawn with seaborn on a `plotting.new_figure` inside `plotting.h
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -205,8 +206,6 @@ def metric_display_name(metric: str) -> str:
 
 def _wrap_identifier(name: str, width: int) -> str:
     """Break an identifier like `stain_augmentation` into lines of about `width` chars at '_', '-', '/', ':' or spaces."""
-    import re
-
     parts = [p for p in re.split(r"(?<=[_\-/: ])", name) if p]
     lines, line = [], ""
     for part in parts:
