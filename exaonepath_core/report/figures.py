@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from exaonepath_core.evaluation import collapse
 from exaonepath_core.io import atomic, plotting
 
 _MAX_LEGEND_ENTRIES = 12
@@ -179,21 +180,21 @@ def plot_embeddings_by_arm(
         return plotting.save_png(figure, out_png)
 
 
-# Short readable panel titles for the collapse metrics (keys: exaonepath_core.evaluation.collapse metric names, which the
-# CSV keeps); an unknown metric is shown by its name with spaces.
+# Short readable panel titles of the collapse metrics (keyed by collapse's metric names, which the CSV keeps); an
+# unknown metric is shown by its name with spaces.
 METRIC_DISPLAY_NAMES = {
-    "slide_id_probe_accuracy": "slide-ID probe accuracy",
-    "slide_id_probe_accuracy_over_chance": "slide-ID probe accuracy / chance",
-    "same_slide_neighbour_fraction": "same-slide neighbours (k-NN fraction)",
-    "silhouette_slide": "silhouette by slide",
-    "silhouette_class": "silhouette by class",
-    "knn_class_accuracy_within_slide": "k-NN class accuracy, same slide",
-    "knn_class_accuracy_leave_one_slide_out": "k-NN class accuracy, other slides",
-    "knn_class_accuracy_gap": "k-NN class gap (same - other slides)",
-    "site_id_probe_accuracy": "site-ID probe accuracy",
-    "site_id_probe_accuracy_over_chance": "site-ID probe accuracy / chance",
-    "same_site_neighbour_fraction": "same-site neighbours (k-NN fraction)",
-    "silhouette_site": "silhouette by site",
+    collapse.SLIDE_PROBE: "slide-ID probe accuracy",
+    collapse.SLIDE_PROBE_OVER_CHANCE: "slide-ID probe accuracy / chance",
+    collapse.SAME_SLIDE_NEIGHBOURS: "same-slide neighbours (k-NN fraction)",
+    collapse.SILHOUETTE_SLIDE: "silhouette by slide",
+    collapse.SILHOUETTE_CLASS: "silhouette by class",
+    collapse.KNN_WITHIN_SLIDE: "k-NN class accuracy, same slide",
+    collapse.KNN_LEAVE_ONE_SLIDE_OUT: "k-NN class accuracy, other slides",
+    collapse.KNN_GAP: "k-NN class gap (same - other slides)",
+    collapse.SITE_PROBE: "site-ID probe accuracy",
+    collapse.SITE_PROBE_OVER_CHANCE: "site-ID probe accuracy / chance",
+    collapse.SAME_SITE_NEIGHBOURS: "same-site neighbours (k-NN fraction)",
+    collapse.SILHOUETTE_SITE: "silhouette by site",
 }
 _TITLE_CHARS_PER_INCH = 11  # at the 9 pt title size, measured so neighbouring titles keep apart
 _TICK_WRAP_CHARS = 11
