@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from exaonepath_core.data.cohort import TCGA_BARCODE
 from exaonepath_core.data.downstream import PAPER_ACCURACY
@@ -211,8 +212,6 @@ def linear_head_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None,
     The weight decay is chosen by validation accuracy (or on a 20% split of train, grouped by `groups` when
     given), then the head is retrained with it on all of train.
     """
-    import torch
-
     Xtr, ytr, Xte, yte = np.asarray(Xtr), np.asarray(ytr, dtype=np.int64), np.asarray(Xte), np.asarray(yte)
     _check_inputs(Xtr, ytr, Xte, yte)
     n_classes = int(max(ytr.max(), yte.max()) + 1)
