@@ -269,10 +269,10 @@ NOTEBOOKS["06_feature_collapse"] = [
     ("code", setup_cell("06", '''import matplotlib
 from IPython.display import Image, display
 
-from exaonepath_core.io import plotting
-from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
+from exaonepath_core.io import plotting
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("06")
 save_config(cfg, out / "config.yaml")
 plotting.set_style()
