@@ -43,14 +43,19 @@ if str(REPO) not in sys.path:
 def _warm(_: int) -> int:
     import openslide  # noqa: F401
 
-    import exaonepath_core.data.tiling  # noqa: F401  (import cost paid before timing, like the baseline's openslide)
+    # import cost paid before timing, like the baseline's openslide
+    import exaonepath_core.data.tiling.dataset
+    import exaonepath_core.data.tiling.slide  # noqa: F401
 
     time.sleep(0.3)  # keep this worker busy so the other warm-up tasks reach the other workers
     return os.getpid()
 
 
 def _ours(args: tuple[str, str, dict]) -> int:
-    from exaonepath_core.data.tiling import TilingParams, load_tile_set, read_tiles, tile_slide
+    from exaonepath_core.data.tiling.coords import load_tile_set
+    from exaonepath_core.data.tiling.dataset import read_tiles
+    from exaonepath_core.data.tiling.params import TilingParams
+    from exaonepath_core.data.tiling.slide import tile_slide
     from exaonepath_core.io.slides import open_slide
 
     slide_path, out_dir, params = args
@@ -106,7 +111,8 @@ def _synthetic_slides(cache: Path, size_px: int) -> list[Path]:
 
 
 def _measure_group(name: str, cohort: list[Path], work: Path, params, workers_list: list[int], reps: int) -> dict:
-    from exaonepath_core.data.tiling import load_tile_set, tile_slide
+    from exaonepath_core.data.tiling.coords import load_tile_set
+    from exaonepath_core.data.tiling.slide import tile_slide
 
     reference = {}
     for p in cohort:
@@ -190,7 +196,7 @@ def main() -> int:
     parser.add_argument("--qc", action="store_true", help="include the QC figure in our timed tiler")
     args = parser.parse_args()
 
-    from exaonepath_core.data.tiling import TilingParams
+    from exaonepath_core.data.tiling.params import TilingParams
 
     sources = [args.data / "wsi" / "CMU-1-Small-Region.svs", args.data / "wsi" / "CMU-1-Small-Region_pyramid_generic.tiff"]
     missing = [str(p) for p in sources if not p.is_file()]
@@ -213,7 +219,8 @@ def main() -> int:
 def _run(args: argparse.Namespace, sources: list[Path], work: Path, copies: int, reps: int, params,
          loadavg_start: str) -> int:
     """Measure every group in the scratch folder `work` (removed by the caller) and print / save the results."""
-    from exaonepath_core.data.tiling import TilingParams, tile_slide
+    from exaonepath_core.data.tiling.params import TilingParams
+    from exaonepath_core.data.tiling.slide import tile_slide
 
     cmu = []
     for c in range(copies):

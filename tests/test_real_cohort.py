@@ -17,6 +17,7 @@ from PIL import Image
 
 from exaonepath_core.config import load_config
 from exaonepath_core.data import cohort
+from exaonepath_core.data.tiling.dataset import tile_sets, tile_sources
 from exaonepath_core.evaluation import collapse
 from exaonepath_core.io.paths import ResultsPaths
 from exaonepath_core.stages import workflow
@@ -116,7 +117,7 @@ def test_stage_02_selects_only_train_slides():
     # the pretraining stores are written from exactly this selection (notebook 02); held-out slides never enter
     source = json.loads((REPO_ROOT / "notebooks" / "02_normalize_stains.ipynb").read_text())
     code = "".join("".join(c["source"]) for c in source["cells"] if c["cell_type"] == "code")
-    assert 'cohort.tile_sets(slides[slides.split == "train"], tiles_dir)' in code
+    assert 'tile_sets(slides[slides.split == "train"], tiles_dir)' in code
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,7 +129,9 @@ def real_run(tmp_path_factory):
     cohort; the real CMU slide (when the shared data is present) joins through data.slide_list as a one-slide
     site. Stage 01 tiles them, stage 02's selection writes a raw store, stage 04 embeds the held-out slides
     with the untrained tiny ViT (raw and Macenko input)."""
-    from exaonepath_core.data import patch_store, synthetic, tiling
+    from exaonepath_core.data import patch_store, synthetic
+    from exaonepath_core.data.tiling.params import TilingParams
+    from exaonepath_core.data.tiling.run import tile_cohort
     from exaonepath_core.evaluation import features
 
     tmp = tmp_path_factory.mktemp("real_cohort")
@@ -155,16 +158,16 @@ def real_run(tmp_path_factory):
     s01 = paths.stage_dir("01")
     slides = cohort.build_slide_table(cfg, progress=False)
     workflow.write_csv_atomic(slides, s01 / "slides.csv")
-    params = tiling.TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
-                                 overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction)
+    params = TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
+                          overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction)
     tiles_dir = s01 / params.folder_name()
-    ledger = tiling.tile_cohort(list(slides.path), tiles_dir, params, workers=1, progress=False)
+    ledger = tile_cohort(list(slides.path), tiles_dir, params, workers=1, progress=False)
     (s01 / "tiles.json").write_text(json.dumps({"tiles_dir": str(tiles_dir), "params": params.folder_name()}))
 
     # ---- stage 02's selection: only split == train slides go into the pretraining store ----
-    train_sets = cohort.tile_sets(slides[slides.split == "train"], tiles_dir)
+    train_sets = tile_sets(slides[slides.split == "train"], tiles_dir)
     store = paths.stage_dir("02") / "raw"
-    patch_store.normalize_slides(cohort.tile_sources(train_sets), store, mode="raw", progress=False)
+    patch_store.normalize_slides(tile_sources(train_sets), store, mode="raw", progress=False)
 
     # ---- stage 04 ----
     s04 = paths.stage_dir("04")
@@ -217,8 +220,8 @@ def test_stage_04_caps_tiles_per_slide_and_counts_what_it_left_out(real_run):
     image, label, sample_id = ds[0]
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and label == -1
     slide_id, x, y = sample_id.split("|")
-    coords = cohort.tile_sets(real_run["slides"][real_run["slides"].slide_id == slide_id],
-                              real_run["tiles_dir"])[0].coords
+    coords = tile_sets(real_run["slides"][real_run["slides"].slide_id == slide_id],
+                       real_run["tiles_dir"])[0].coords
     assert [int(x), int(y)] in coords.tolist()
     # the subsample is a function of (seed, slide): rebuilding gives the same tiles
     again = workflow.feature_datasets(real_run["cfg"], real_run["paths"].stage_dir("01"))
@@ -309,8 +312,8 @@ def test_a_store_holding_a_heldout_slide_stops_stage_04(real_run, tmp_path):
     shutil.copytree(real_run["paths"].stage_dir("01"), s01)
     slides = real_run["slides"]
     held = slides[slides.split == "heldout"].iloc[:1]
-    sets = cohort.tile_sets(held, real_run["tiles_dir"])
-    patch_store.normalize_slides(cohort.tile_sources(sets), results / "02_normalize" / "raw", mode="raw",
+    sets = tile_sets(held, real_run["tiles_dir"])
+    patch_store.normalize_slides(tile_sources(sets), results / "02_normalize" / "raw", mode="raw",
                                  progress=False)
     with pytest.raises(RuntimeError, match=held.slide_id.iloc[0]):
         workflow.feature_datasets(real_run["cfg"], s01)

@@ -11,24 +11,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from exaonepath_core.data.tiling import (
-    TileDataset,
-    TilingParams,
-    grid_coordinates,
-    load_tile_set,
-    load_tile_sets,
-    main,
-    otsu_threshold,
-    pen_mark_mask,
-    read_tiles,
-    rgb_to_hsv,
-    shard_slides,
-    tile_cohort,
-    tile_geometry,
-    tile_slide,
-    tissue_fractions,
-    tissue_mask,
-)
+from exaonepath_core.data.tiling.cli import main
+from exaonepath_core.data.tiling.coords import load_tile_set
+from exaonepath_core.data.tiling.dataset import TileDataset, load_tile_sets, read_tiles
+from exaonepath_core.data.tiling.grid import grid_coordinates, tissue_fractions
+from exaonepath_core.data.tiling.params import TilingParams, tile_geometry
+from exaonepath_core.data.tiling.run import shard_slides, tile_cohort
+from exaonepath_core.data.tiling.slide import tile_slide
+from exaonepath_core.data.tiling.tissue import otsu_threshold, pen_mark_mask, rgb_to_hsv, tissue_mask
 
 PARAMS_FAST = TilingParams(qc_figure=False)
 
@@ -364,6 +354,21 @@ def test_anisotropic_slide_fails_with_reason_or_warns(tmp_path):
     assert ts.source_mpp == pytest.approx(0.505) and ts.level0_patch_size == round(96 * 1.0 / 0.505)
 
 
+def test_ledger_records_round_trip_and_unreadable_ones_are_skipped(tmp_path):
+    from exaonepath_core.io import ledger
+
+    record = {"slide_id": "a", "slide_path": "/x/a.svs", "status": "ok", "reason": "", "n_tiles": 3, "seconds": 0.5}
+    ledger.write_record(tmp_path, "a", record)
+    assert ledger.read_record(ledger.record_path(tmp_path, "a")) == record
+    (tmp_path / "b.json").write_text('{"slide_id": "b", "sta')  # torn by a writer of an older version
+    (tmp_path / "c.json").write_text("{}")
+    assert ledger.read_records(tmp_path) == [record]
+    assert ledger.read_record(tmp_path / "missing.json") is None
+    with pytest.raises(ValueError, match="'ok' or 'failed'"):
+        ledger.write_record(tmp_path, "d", {**record, "slide_id": "d", "status": "done"})
+    assert not (tmp_path / "d.json").exists()
+
+
 def test_tiling_outputs_follow_the_umask(bad_dir, tmp_path):
     """Coords, QC figure, ledger records and tables get 0666 & ~umask (0644 under 022), folders 0755."""
     import os
@@ -412,7 +417,7 @@ def test_tile_dataset_pickles_and_works_in_dataloader(wsi, tmp_path):
 def test_median_filter_uint8_equals_scipy():
     from scipy import ndimage
 
-    from exaonepath_core.data.tiling import median_filter_uint8
+    from exaonepath_core.data.tiling.tissue import median_filter_uint8
 
     rng = np.random.default_rng(3)
     for size in (1, 2, 3, 4, 5, 7):
@@ -443,7 +448,10 @@ def test_open_slide_passed_through_tiling_and_reading(wsi, tmp_path):
 
 _RSS_SCRIPT = """
 import resource, sys
-from exaonepath_core.data.tiling import TilingParams, load_tile_set, read_tiles, tile_slide
+from exaonepath_core.data.tiling.coords import load_tile_set
+from exaonepath_core.data.tiling.dataset import read_tiles
+from exaonepath_core.data.tiling.params import TilingParams
+from exaonepath_core.data.tiling.slide import tile_slide
 rec = tile_slide(sys.argv[1], sys.argv[2], TilingParams(qc_figure=False))
 n = sum(len(b) for b in read_tiles(load_tile_set(rec["coords_path"]), batch_size=64))
 print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -45,11 +45,13 @@ NOTEBOOKS["01_tile_slides"] = [
 import pandas as pd
 from IPython.display import Image, display
 
-from exaonepath_core.data import cohort, tiling
-from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
+from exaonepath_core.data import cohort
+from exaonepath_core.data.tiling.params import TilingParams
+from exaonepath_core.data.tiling.run import tile_cohort
 from exaonepath_core.io.paths import write_json_atomic
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("01")
 save_config(cfg, out / "config.yaml")
 slides = cohort.build_slide_table(cfg)
@@ -57,13 +59,13 @@ workflow.write_csv_atomic(slides, out / "slides.csv")
 print(slides.groupby(["source", "split"]).size().rename("slides").to_string())
 ''')),
     ("md", "## Tiling with a per-slide ledger (rerun skips finished slides; failed ones retried with `force`)"),
-    ("code", '''params = tiling.TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
-                             overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction,
-                             verify_tiles=cfg.tiling.verify_tiles)
+    ("code", '''params = TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
+                      overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction,
+                      verify_tiles=cfg.tiling.verify_tiles)
 tiles_dir = out / params.folder_name()
 overrides = {p: cfg.data.mpp_override for p in slides.path} if cfg.data.mpp_override else None
-ledger = tiling.tile_cohort(list(slides.path), tiles_dir, params, workers=cfg.tiling.workers,
-                            shard=cohort.parse_shard(cfg.tiling.shard), force=force, mpp_overrides=overrides)
+ledger = tile_cohort(list(slides.path), tiles_dir, params, workers=cfg.tiling.workers,
+                     shard=cohort.parse_shard(cfg.tiling.shard), force=force, mpp_overrides=overrides)
 write_json_atomic(out / "tiles.json", {"tiles_dir": str(tiles_dir), "params": params.folder_name()})
 summary = workflow.tiling_summary(slides, ledger)
 workflow.write_csv_atomic(summary, out / "tiling_summary.csv")
@@ -105,10 +107,11 @@ import matplotlib
 import numpy as np
 from IPython.display import Image, display
 
-from exaonepath_core.data import cohort, patch_store, stain, storeless
-from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
+from exaonepath_core.data import cohort, patch_store, stain, storeless
+from exaonepath_core.data.tiling.dataset import tile_sets, tile_sources
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("02")
 save_config(cfg, out / "config.yaml")
 slides = cohort.read_slide_table(paths.stage_dir("01") / "slides.csv")
@@ -118,9 +121,9 @@ reference.to_json(out / "reference.json")
 print("reference stain matrix (columns H, E):\\n", np.round(reference.stain_matrix, 4),
       "\\nmax concentrations:", np.round(reference.max_concentrations, 4))
 ''')),
-    ("code", '''train_sets = cohort.tile_sets(slides[slides.split == "train"], tiles_dir)
+    ("code", '''train_sets = tile_sets(slides[slides.split == "train"], tiles_dir)
 workflow.check_pretraining_tiles(cfg, slides[slides.split == "train"], train_sets, tiles_dir)
-sources = cohort.tile_sources(train_sets, batch_size=cfg.normalize.batch_size)
+sources = tile_sources(train_sets, batch_size=cfg.normalize.batch_size)
 ledgers = {}
 for mode in cfg.normalize.stores:
     ledgers[mode] = patch_store.normalize_slides(

@@ -110,7 +110,8 @@ def qc_examples(tile_sets: list, reference, n_slides: int = 6) -> tuple[list, li
     """One tissue-rich tile per slide (sites spread out) before and after Macenko, for the QC grid."""
     import torch
 
-    from exaonepath_core.data import stain, tiling
+    from exaonepath_core.data import stain
+    from exaonepath_core.data.tiling.dataset import read_tiles
 
     chosen = _spread(tile_sets, n_slides)
     before, titles = [], []
@@ -118,7 +119,7 @@ def qc_examples(tile_sets: list, reference, n_slides: int = 6) -> tuple[list, li
         if len(ts.coords) == 0:
             continue
         best = int(np.argmax(ts.tissue_fraction)) if len(ts.tissue_fraction) else 0
-        batch = next(iter(tiling.read_tiles(ts, indices=[best], batch_size=1)))
+        batch = next(iter(read_tiles(ts, indices=[best], batch_size=1)))
         before.append(batch[0])
         titles.append(ts.slide_id)
     if not before:
@@ -379,9 +380,10 @@ class SyntheticTileDataset:
     """
 
     def __init__(self, tile_sets: list, sidecars: dict[str, str]):
-        from exaonepath_core.data import synthetic, tiling
+        from exaonepath_core.data import synthetic
+        from exaonepath_core.data.tiling.dataset import TileDataset
 
-        self._tiles = tiling.TileDataset(tile_sets)
+        self._tiles = TileDataset(tile_sets)
         labels = [synthetic.tile_class_labels(sidecars[ts.slide_id], ts.coords, ts.level0_patch_size)
                   for ts in tile_sets if len(ts.coords)]
         labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
@@ -419,7 +421,7 @@ class HeldoutSlideTileDataset:
 
     At most `max_tiles_per_slide` tiles per slide (0 = all), a seeded subsample drawn per slide (the same tiles
     whatever other slides are present); `per_slide` counts available and kept tiles, `n_left_out` the rest.
-    Tiles are read lazily through `tiling.TileDataset`, one at a time: no slide is held in memory.
+    Tiles are read lazily through `tiling.dataset.TileDataset`, one at a time: no slide is held in memory.
     """
 
     name = REAL_HELDOUT_TASK
@@ -430,7 +432,7 @@ class HeldoutSlideTileDataset:
         import dataclasses
         import zlib
 
-        from exaonepath_core.data import tiling
+        from exaonepath_core.data.tiling.dataset import TileDataset
 
         if max_tiles_per_slide < 0:
             raise ValueError(f"max_tiles_per_slide must be >= 0 (0 = all), got {max_tiles_per_slide}")
@@ -447,7 +449,7 @@ class HeldoutSlideTileDataset:
         self.per_slide = pd.DataFrame(rows, columns=["slide_id", "available", "kept"])
         self.n_available = int(self.per_slide["available"].sum())
         self.n_left_out = self.n_available - int(self.per_slide["kept"].sum())
-        self._tiles = tiling.TileDataset(kept)
+        self._tiles = TileDataset(kept)
 
     def __len__(self) -> int:
         return len(self._tiles)
@@ -510,6 +512,7 @@ def real_heldout_dataset(cfg: ProjectConfig, slides: pd.DataFrame, tiles_dir: Pa
     slides' tiles with the per-slide cap, and a status that counts slides, sites, tiles, tiles left out by
     the cap, slides without coordinates and sites that could not hold out any slide."""
     from exaonepath_core.data import cohort
+    from exaonepath_core.data.tiling.dataset import tile_sets
 
     real = slides[slides.source == "slides"]
     if real.empty:
@@ -524,7 +527,7 @@ def real_heldout_dataset(cfg: ProjectConfig, slides: pd.DataFrame, tiles_dir: Pa
         how = ("data.heldout_slides_per_site is 0 and data.heldout_list is empty"
                if not (cfg.data.heldout_slides_per_site or cfg.data.heldout_list) else "no site had enough slides")
         return {"status": f"absent: no real slide held out ({how}){sites_note}", "splits": {}, "n": 0}
-    sets = cohort.tile_sets(held, tiles_dir)
+    sets = tile_sets(held, tiles_dir)
     n_missing = len(held) - len(sets)
     ds = HeldoutSlideTileDataset(sets, int(cfg.features.max_tiles_per_heldout_slide), cfg.seed)
     cap = cfg.features.max_tiles_per_heldout_slide
@@ -544,6 +547,7 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
     Raises when a held-out slide sits in a pretraining store of this run (see `heldout_in_pretraining_stores`).
     """
     from exaonepath_core.data import cohort, downstream
+    from exaonepath_core.data.tiling.dataset import tile_sets
 
     out: dict[str, dict[str, Any]] = {}
     slides = cohort.read_slide_table(Path(tiles_stage_dir) / "slides.csv")
@@ -567,7 +571,7 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
         splits, n_missing = {}, 0
         for name, ids in synthetic_probe_slides(held).items():
             chosen = held[held.slide_id.isin(ids)]
-            sets = cohort.tile_sets(chosen, tiles_dir)
+            sets = tile_sets(chosen, tiles_dir)
             n_missing += len(chosen) - len(sets)  # failed in stage 01 (its ledger says why): counted, not hidden
             splits[name] = SyntheticTileDataset(sets, sidecars)
         unlabelled = sum(ds.n_unlabelled for ds in splits.values())
