@@ -354,6 +354,24 @@ def test_anisotropic_slide_fails_with_reason_or_warns(tmp_path):
     assert ts.source_mpp == pytest.approx(0.505) and ts.level0_patch_size == round(96 * 1.0 / 0.505)
 
 
+def test_no_tile_reaching_the_threshold_names_the_best_fraction(tmp_path):
+    """A tissue island that covers part of every tile: 0 tiles, and the reason gives the largest fraction."""
+    import re
+
+    rgb = np.full((512, 512, 3), 245, np.uint8)
+    rgb[240:400, 240:400] = _tissue_like(160)  # an 80 um square holding no whole 96 um (192 px) tile
+    path = tmp_path / "island.tiff"
+    tifffile.imwrite(path, rgb, tile=(64, 64), photometric="rgb", resolutionunit="CENTIMETER",
+                     resolution=(2e4, 2e4))
+    params = TilingParams(target_mpp=1.0, tile_size=96, min_tissue_fraction=0.99, min_object_um2=1000.0,
+                          qc_figure=False)
+    rec = tile_slide(path, tmp_path / "out", params)
+    assert rec["n_tiles"] == 0
+    best = re.search(r"no tile reaches min_tissue_fraction=0.99 \(max (\d\.\d\d) over 4 grid tiles\)", rec["reason"])
+    assert best is not None, rec["reason"]
+    assert 0.3 < float(best.group(1)) < 0.9  # the tile at (192, 192) holds 144 x 144 of its 192 x 192 px: 0.56
+
+
 def test_ledger_records_round_trip_and_unreadable_ones_are_skipped(tmp_path):
     from exaonepath_core.io import ledger
 

@@ -33,7 +33,7 @@ class _SlideTiles:
     n_grid: int
     coords: np.ndarray
     fractions: np.ndarray
-    max_fraction: float  # over the tiles kept
+    max_fraction: float  # over all grid tiles, kept or not
 
 
 def tile_slide(
@@ -92,7 +92,7 @@ def _find_tiles(slide: Slide, params: TilingParams) -> _SlideTiles:
         keep &= fractions > 0.0  # a zero threshold still means "touches tissue"
     return _SlideTiles(patch=patch, step=step, read_level=read_level, read_scale=read_scale, read_size=read_size,
                        thumbnail=thumb, mask=mask, mask_mpp=mask_mpp, n_grid=len(grid), coords=grid[keep],
-                       fractions=fractions[keep], max_fraction=float(fractions[keep].max(initial=0.0)))
+                       fractions=fractions[keep], max_fraction=float(fractions.max(initial=0.0)))
 
 
 def _reason(slide: Slide, params: TilingParams, found: _SlideTiles) -> str:
