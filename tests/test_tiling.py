@@ -511,7 +511,7 @@ def _independent_tile(osr, x: int, y: int, level0_mpp: float, target_mpp: float,
     """The tile at level-0 (x, y) by plain OpenSlide + torch: (tile uint8, level, read size, level-0 patch).
 
     The level (coarsest with mpp <= target x 1.01), the read size and the filter (anti-aliased bilinear, what
-    Pillow's BILINEAR does when shrinking, as `_read_one_tile` documents) are worked out here, not by the code.
+    Pillow's BILINEAR does when shrinking, as `read_one_tile` documents) are worked out here, not by the code.
     """
     import torch
 
