@@ -78,10 +78,23 @@ def _baseline(args: tuple[str, list, int, int]) -> int:
     return len(coords)
 
 
+def _own_peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (Linux), else ru_maxrss. A spawned child's ru_maxrss starts at its
+    parent's RSS at fork time, so after the parent drew a QC figure it measured the parent, not the tiler."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _peak_rss_of_tiling(args: tuple[str, str, dict]) -> dict:
     """Run in a fresh process: tile one slide and read every tile; that process's peak RSS."""
     n = _ours(args)
-    return {"n_tiles": n, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {"n_tiles": n, "peak_rss_mb": round(_own_peak_rss_mb(), 1)}
 
 
 def _timed_map(pool: ProcessPoolExecutor, fn, tasks: list) -> tuple[int, float]:
