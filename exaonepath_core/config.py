@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticSection:
-    """The synthetic multi-site cohort (see `exaonepath_core.data.synthetic.CohortSpec`)."""
+    """The synthetic multi-site cohort (see `exaonepath_core.data.synthetic.spec.CohortSpec`)."""
 
     enabled: bool = True
     n_sites: int = 4

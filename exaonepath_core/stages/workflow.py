@@ -379,10 +379,12 @@ class SyntheticTileDataset:
     """
 
     def __init__(self, tile_sets: list, sidecars: dict[str, str]):
-        from exaonepath_core.data import synthetic, tiling
+        from exaonepath_core.data import tiling
+        from exaonepath_core.data.synthetic.answer_key import tile_class_labels
+        from exaonepath_core.data.synthetic.spec import CLASS_NAMES
 
         self._tiles = tiling.TileDataset(tile_sets)
-        labels = [synthetic.tile_class_labels(sidecars[ts.slide_id], ts.coords, ts.level0_patch_size)
+        labels = [tile_class_labels(sidecars[ts.slide_id], ts.coords, ts.level0_patch_size)
                   for ts in tile_sets if len(ts.coords)]
         labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
         if len(labels) != len(self._tiles):
@@ -390,7 +392,7 @@ class SyntheticTileDataset:
         self.index = np.flatnonzero(labels >= 0)
         self.labels = labels[self.index]
         self.n_unlabelled = int((labels < 0).sum())
-        self.class_names = list(synthetic.CLASS_NAMES)
+        self.class_names = list(CLASS_NAMES)
 
     def __len__(self) -> int:
         return len(self.index)
