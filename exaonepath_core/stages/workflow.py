@@ -545,7 +545,8 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
 
     Raises when a held-out slide sits in a pretraining store of this run (see `heldout_in_pretraining_stores`).
     """
-    from exaonepath_core.data import cohort, downstream
+    from exaonepath_core.data import cohort
+    from exaonepath_core.data.downstream.datasets import PAPER_ACCURACY, dataset_class, get_dataset
 
     out: dict[str, dict[str, Any]] = {}
     slides = cohort.read_slide_table(Path(tiles_stage_dir) / "slides.csv")
@@ -582,9 +583,9 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
     for name, root in cfg.data.downstream_roots.items():
         root_path = resolve_path(root)
         try:
-            cls = downstream.dataset_class(name)
+            cls = dataset_class(name)
             wanted = [s for s in cls.probe_splits if s is not None]
-            splits = {split: downstream.get_dataset(name, root_path, split, strict=cfg.strict_inputs)
+            splits = {split: get_dataset(name, root_path, split, strict=cfg.strict_inputs)
                       for split in wanted}
             if cfg.features.max_samples_per_split:
                 splits = {k: _subset(v, cfg.features.max_samples_per_split, cfg.seed) for k, v in splits.items()}
@@ -595,7 +596,7 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
             kind = "unreadable" if root_path.exists() else "absent"  # there, but not laid out as expected
             out[name] = {"status": f"{kind}: {type(err).__name__}: {str(err).splitlines()[0]}", "splits": {},
                          "n": 0}
-    for name in downstream.PAPER_ACCURACY:
+    for name in PAPER_ACCURACY:
         out.setdefault(name, {"status": "absent: no root configured", "splits": {}, "n": 0})
     return out
 
