@@ -350,6 +350,20 @@ def test_download_is_atomic_and_checks_md5(tmp_path):
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["archive.bin"]  # no partial file left
 
 
+def test_gunzip_is_atomic(tmp_path):
+    import gzip
+
+    payload = bytes(range(256)) * 5000
+    (tmp_path / "x.h5.gz").write_bytes(gzip.compress(payload))
+    sources._extract(tmp_path / "x.h5.gz", tmp_path)
+    assert (tmp_path / "x.h5").read_bytes() == payload
+    (tmp_path / "bad.h5.gz").write_bytes(b"not a gzip stream")
+    with pytest.raises(gzip.BadGzipFile):
+        sources._extract(tmp_path / "bad.h5.gz", tmp_path)
+    # no truncated bad.h5 (that a later layout check would report as a broken HDF5 file) and no temp file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5.gz", "x.h5", "x.h5.gz"]
+
+
 def test_your_own_image_folders_load_as_a_folder_dataset(shared_data, tmp_path, capsys):
     """`folder_<task>`: classes from train/'s sub-folders (sorted), test/ must match, config and check accept it."""
     from exaonepath_core.config import ConfigError, load_config

@@ -130,7 +130,8 @@ def _extract(archive: Path, destination: Path) -> None:
     elif archive.suffix == ".gz":
         import gzip
 
-        with gzip.open(archive, "rb") as src, open(destination / archive.stem, "wb") as dst:
+        # atomic: an interrupted gunzip must not leave a truncated .h5 that the next run takes as the dataset
+        with gzip.open(archive, "rb") as src, atomic.atomic_open(destination / archive.stem, "wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 20)
 
 
