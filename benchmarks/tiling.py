@@ -111,7 +111,8 @@ def _loadavg() -> str:
 
 
 def _synthetic_slides(cache: Path, size_px: int) -> list[Path]:
-    from exaonepath_core.data.synthetic import CohortSpec, generate_cohort
+    from exaonepath_core.data.synthetic.spec import CohortSpec
+    from exaonepath_core.data.synthetic.writer import generate_cohort
 
     folder = cache / f"synthetic_{size_px}px"
     start = time.perf_counter()

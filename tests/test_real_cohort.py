@@ -157,14 +157,16 @@ def real_run(tmp_path_factory):
     cohort; the real CMU slide (when the shared data is present) joins through data.slide_list as a one-slide
     site. Stage 01 tiles them, stage 02's selection writes a raw store, stage 04 embeds the held-out slides
     with the untrained tiny ViT (raw and Macenko input)."""
-    from exaonepath_core.data import patch_store, synthetic
+    from exaonepath_core.data import patch_store
+    from exaonepath_core.data.synthetic.spec import CohortSpec
+    from exaonepath_core.data.synthetic.writer import generate_cohort
     from exaonepath_core.data.tiling.params import TilingParams
     from exaonepath_core.data.tiling.run import tile_cohort
     from exaonepath_core.evaluation import features
 
     tmp = tmp_path_factory.mktemp("real_cohort")
-    spec = synthetic.CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
-    manifest = synthetic.generate_cohort(tmp / "generated", spec, progress=False)
+    spec = CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
+    manifest = generate_cohort(tmp / "generated", spec, progress=False)
     for row in manifest.itertuples():
         lab = tmp / "slides" / f"lab{row.site_index}"
         lab.mkdir(parents=True, exist_ok=True)
@@ -360,11 +362,12 @@ def test_run_all_on_a_paper_like_real_cohort(tmp_path, shared_data):
     cohort, no pretraining arm: the untrained initialisation is the backbone, pcam_subset the probe task."""
     import yaml
 
-    from exaonepath_core.data import synthetic
+    from exaonepath_core.data.synthetic.spec import CohortSpec
+    from exaonepath_core.data.synthetic.writer import generate_cohort
     from exaonepath_core.run import pipeline
 
-    spec = synthetic.CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
-    manifest = synthetic.generate_cohort(tmp_path / "generated", spec, progress=False)
+    spec = CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
+    manifest = generate_cohort(tmp_path / "generated", spec, progress=False)
     for row in manifest.itertuples():
         lab = tmp_path / "slides" / f"lab{row.site_index}"
         lab.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,6 @@ NOTEBOOKS["01_tile_slides"] = [
             "mpp and store level-0 coordinates per slide with a per-slide ledger. Outputs: `results/<profile>/01_tiles/`.")),
     ("code", params_cell(force=True)),
     ("code", setup_cell("01", '''import matplotlib
-import pandas as pd
 from IPython.display import Image, display
 
 from exaonepath_core.config import save_config
@@ -85,10 +84,11 @@ for p in cmu_first:
 '''),
     ("md", "## The synthetic cohort: example tiles per tissue class (rows) and per site (columns)"),
     ("code", '''if cfg.data.synthetic.enabled:
-    from exaonepath_core.data import synthetic
+    from exaonepath_core.data.synthetic.plots import plot_cohort_examples
+    from exaonepath_core.data.synthetic.writer import read_manifest
 
-    manifest = pd.read_csv(cohort.synthetic_cohort_dir(cfg) / "manifest.csv")
-    synthetic.plot_cohort_examples(manifest, out / "synthetic_examples.png")
+    manifest = read_manifest(cohort.synthetic_cohort_dir(cfg))
+    plot_cohort_examples(manifest, out / "synthetic_examples.png")
     display(Image(filename=str(out / "synthetic_examples.png")))
 '''),
 ]
@@ -158,10 +158,10 @@ NOTEBOOKS["03_pretrain_dino"] = [
     ("code", setup_cell("03", '''import matplotlib
 from IPython.display import Image, display
 
-from exaonepath_core.pretrain import training
-from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
+from exaonepath_core.pretrain import training
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("03") / arm
 out.mkdir(parents=True, exist_ok=True)
 save_config(cfg, out / "config.yaml")
@@ -193,10 +193,10 @@ NOTEBOOKS["04_extract_features"] = [
 import matplotlib
 import pandas as pd
 
-from exaonepath_core.evaluation import features
-from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
+from exaonepath_core.evaluation import features
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("04")
 save_config(cfg, out / "config.yaml")
 backbones = workflow.backbone_specs(cfg, paths.stage_dir("03"), out)
@@ -239,10 +239,10 @@ NOTEBOOKS["05_linear_probes"] = [
     ("code", setup_cell("05", '''import matplotlib
 from IPython.display import Image, display
 
-from exaonepath_core.evaluation import probes
-from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
+from exaonepath_core.evaluation import probes
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("05")
 save_config(cfg, out / "config.yaml")
 results = workflow.run_all_probes(cfg, paths.stage_dir("04"))
@@ -272,10 +272,10 @@ NOTEBOOKS["06_feature_collapse"] = [
     ("code", setup_cell("06", '''import matplotlib
 from IPython.display import Image, display
 
-from exaonepath_core.report import figures
-from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
+from exaonepath_core.report import figures
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("06")
 save_config(cfg, out / "config.yaml")
 figures.set_style()
@@ -302,10 +302,10 @@ NOTEBOOKS["07_figures_and_tables"] = [
     ("code", params_cell(force=False)),
     ("code", setup_cell("07", '''import matplotlib
 
-from exaonepath_core.report import html_index
-from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
+from exaonepath_core.report import html_index
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("07")
 save_config(cfg, out / "config.yaml")
 workflow.write_model_comparison(cfg, paths)  # the paper's table and Figure 1, published beside measured

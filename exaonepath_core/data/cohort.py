@@ -49,12 +49,13 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
     if cfg.data.synthetic.enabled:
         # imported here for its cost, not for a cycle: scipy.spatial and friends add about 1 s to every
         # process that imports this module (spawned tiling workers do, for the shard rule)
-        from exaonepath_core.data import synthetic
+        from exaonepath_core.data.synthetic.spec import CohortSpec
+        from exaonepath_core.data.synthetic.writer import generate_cohort
 
         s = cfg.data.synthetic
-        spec = synthetic.CohortSpec(n_sites=s.n_sites, slides_per_site=s.slides_per_site,
-                                    slide_size_px=s.slide_size_px, mpp=s.mpp, seed=s.seed)
-        manifest = synthetic.generate_cohort(synthetic_cohort_dir(cfg), spec, progress=progress)
+        spec = CohortSpec(n_sites=s.n_sites, slides_per_site=s.slides_per_site, slide_size_px=s.slide_size_px,
+                          mpp=s.mpp, seed=s.seed)
+        manifest = generate_cohort(synthetic_cohort_dir(cfg), spec, progress=progress)
         for site, group in manifest.groupby("site", sort=True):
             ids = sorted(group["slide_id"])
             heldout = set(ids[-s.heldout_slides_per_site:]) if s.heldout_slides_per_site > 0 else set()

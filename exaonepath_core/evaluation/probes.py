@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from exaonepath_core.data.downstream import PAPER_ACCURACY
+from exaonepath_core.data.downstream.datasets import PAPER_ACCURACY
 from exaonepath_core.io import atomic
 
 DEFAULT_CS = tuple(np.logspace(-4, 2, 7))

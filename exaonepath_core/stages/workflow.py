@@ -380,11 +380,12 @@ class SyntheticTileDataset:
     """
 
     def __init__(self, tile_sets: list, sidecars: dict[str, str]):
-        from exaonepath_core.data import synthetic
+        from exaonepath_core.data.synthetic.answer_key import tile_class_labels
+        from exaonepath_core.data.synthetic.spec import CLASS_NAMES
         from exaonepath_core.data.tiling.dataset import TileDataset
 
         self._tiles = TileDataset(tile_sets)
-        labels = [synthetic.tile_class_labels(sidecars[ts.slide_id], ts.coords, ts.level0_patch_size)
+        labels = [tile_class_labels(sidecars[ts.slide_id], ts.coords, ts.level0_patch_size)
                   for ts in tile_sets if len(ts.coords)]
         labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
         if len(labels) != len(self._tiles):
@@ -392,7 +393,7 @@ class SyntheticTileDataset:
         self.index = np.flatnonzero(labels >= 0)
         self.labels = labels[self.index]
         self.n_unlabelled = int((labels < 0).sum())
-        self.class_names = list(synthetic.CLASS_NAMES)
+        self.class_names = list(CLASS_NAMES)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -546,7 +547,8 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
 
     Raises when a held-out slide sits in a pretraining store of this run (see `heldout_in_pretraining_stores`).
     """
-    from exaonepath_core.data import cohort, downstream
+    from exaonepath_core.data import cohort
+    from exaonepath_core.data.downstream.datasets import PAPER_ACCURACY, dataset_class, get_dataset
     from exaonepath_core.data.tiling.dataset import tile_sets
 
     out: dict[str, dict[str, Any]] = {}
@@ -584,9 +586,9 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
     for name, root in cfg.data.downstream_roots.items():
         root_path = resolve_path(root)
         try:
-            cls = downstream.dataset_class(name)
+            cls = dataset_class(name)
             wanted = [s for s in cls.probe_splits if s is not None]
-            splits = {split: downstream.get_dataset(name, root_path, split, strict=cfg.strict_inputs)
+            splits = {split: get_dataset(name, root_path, split, strict=cfg.strict_inputs)
                       for split in wanted}
             if cfg.features.max_samples_per_split:
                 splits = {k: _subset(v, cfg.features.max_samples_per_split, cfg.seed) for k, v in splits.items()}
@@ -597,7 +599,7 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
             kind = "unreadable" if root_path.exists() else "absent"  # there, but not laid out as expected
             out[name] = {"status": f"{kind}: {type(err).__name__}: {str(err).splitlines()[0]}", "splits": {},
                          "n": 0}
-    for name in downstream.PAPER_ACCURACY:
+    for name in PAPER_ACCURACY:
         out.setdefault(name, {"status": "absent: no root configured", "splits": {}, "n": 0})
     return out
 
