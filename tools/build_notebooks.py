@@ -105,10 +105,11 @@ import matplotlib
 import numpy as np
 from IPython.display import Image, display
 
-from exaonepath_core.data import cohort, patch_store, stain, storeless
-from exaonepath_core.stages import workflow
 from exaonepath_core.config import save_config
+from exaonepath_core.data import cohort, patch_store, storeless
+from exaonepath_core.data.stain.qc import plot_stain_qc
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("02")
 save_config(cfg, out / "config.yaml")
 slides = cohort.read_slide_table(paths.stage_dir("01") / "slides.csv")
@@ -139,7 +140,7 @@ counts
     ("md", "## QC: before / after Macenko for several slides"),
     ("code", '''before, after, titles = workflow.qc_examples(train_sets, reference, n_slides=6)
 if before:
-    stain.plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
+    plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
     display(Image(filename=str(out / "stain_qc.png")))
 else:
     print("no pretraining tile to show (no train slide gave a tile; see 01_tiles/tiling_summary.csv)")
