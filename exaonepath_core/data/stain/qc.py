@@ -60,7 +60,8 @@ def plot_stain_qc(before: list[np.ndarray], after: list[np.ndarray], titles: lis
         for axis in axes.ravel():
             axis.set_xticks([])
             axis.set_yticks([])
-            axis.grid(False)  # images, not plots: no grid lines over them
+            axis.grid(False)  # images, not plots: no grid lines over them, and a full frame around each
+            axis.spines[:].set_visible(True)
         _draw_reference_row(axes[rows], reference)
         figure.tight_layout()
         return plotting.save_png(figure, out_png)
