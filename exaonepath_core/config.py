@@ -489,7 +489,7 @@ def validate_values(cfg: ProjectConfig) -> None:
                               f"{', '.join(allowed)}, got {values!r}")
     _check_store_keys(cfg)
     on_the_fly = bool(cfg.pretrain.get("normalize_on_the_fly", False))
-    from exaonepath_core.data.stain import DEFAULT_MACENKO_PARAMS
+    from exaonepath_core.data.stain.reference import DEFAULT_MACENKO_PARAMS
 
     if on_the_fly and "macenko" in cfg.arms and cfg.normalize.macenko_params() != DEFAULT_MACENKO_PARAMS:
         asked = "/".join(f"{v:g}" for v in cfg.normalize.macenko_params().values())

@@ -174,7 +174,8 @@ def _macenko(tiles: np.ndarray) -> tuple[np.ndarray, int]:
     import torch
 
     try:
-        from exaonepath_core.data.stain import MacenkoReference, macenko_normalize_batch
+        from exaonepath_core.data.stain.macenko import macenko_normalize_batch
+        from exaonepath_core.data.stain.reference import MacenkoReference
     except ImportError:  # pragma: no cover - stain.py not there yet: torchstain per tile, failures counted
         from torchstain.normalizers import MacenkoNormalizer
 

@@ -108,7 +108,8 @@ import numpy as np
 from IPython.display import Image, display
 
 from exaonepath_core.config import save_config
-from exaonepath_core.data import cohort, patch_store, stain, storeless
+from exaonepath_core.data import cohort, patch_store, storeless
+from exaonepath_core.data.stain.qc import plot_stain_qc
 from exaonepath_core.data.tiling.dataset import tile_sets, tile_sources
 from exaonepath_core.run.pipeline import open_stage
 from exaonepath_core.stages import workflow
@@ -142,7 +143,7 @@ counts
     ("md", "## QC: before / after Macenko for several slides"),
     ("code", '''before, after, titles = workflow.qc_examples(train_sets, reference, n_slides=6)
 if before:
-    stain.plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
+    plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
     display(Image(filename=str(out / "stain_qc.png")))
 else:
     print("no pretraining tile to show (no train slide gave a tile; see 01_tiles/tiling_summary.csv)")

@@ -70,14 +70,15 @@ def tiling_summary(slides: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
 
 def stain_reference(cfg: ProjectConfig):
     """The Macenko reference: the standard H&E one, or fitted once to `normalize.reference_image`."""
-    from exaonepath_core.data import stain
+    from exaonepath_core.data.stain.macenko import fit_reference
+    from exaonepath_core.data.stain.reference import MacenkoReference
 
     if not cfg.normalize.reference_image:
-        return stain.MacenkoReference.default()
+        return MacenkoReference.default()
     from PIL import Image
 
     image = np.asarray(Image.open(resolve_path(cfg.normalize.reference_image)).convert("RGB"))
-    return stain.fit_reference(image, **cfg.normalize.macenko_params())
+    return fit_reference(image, **cfg.normalize.macenko_params())
 
 
 def normalize_summary(ledgers: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -110,7 +111,7 @@ def qc_examples(tile_sets: list, reference, n_slides: int = 6) -> tuple[list, li
     """One tissue-rich tile per slide (sites spread out) before and after Macenko, for the QC grid."""
     import torch
 
-    from exaonepath_core.data import stain
+    from exaonepath_core.data.stain.macenko import macenko_normalize_batch
     from exaonepath_core.data.tiling.dataset import read_tiles
 
     chosen = _spread(tile_sets, n_slides)
@@ -124,7 +125,7 @@ def qc_examples(tile_sets: list, reference, n_slides: int = 6) -> tuple[list, li
         titles.append(ts.slide_id)
     if not before:
         return [], [], []
-    out, _ = stain.macenko_normalize_batch(torch.from_numpy(np.stack(before)), reference)
+    out, _ = macenko_normalize_batch(torch.from_numpy(np.stack(before)), reference)
     return before, list(out.numpy()), titles
 
 
