@@ -30,7 +30,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from exaonepath_core.data.downstream import get_dataset
+from exaonepath_core.data.downstream.datasets import get_dataset
 from exaonepath_core.evaluation.features import extract_features, load_features
 from exaonepath_core.io import atomic
 from exaonepath_core.models.backbones import load_backbone, make_transform

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from exaonepath_core.data.downstream import PAPER_ACCURACY, get_dataset
+from exaonepath_core.data.downstream.datasets import PAPER_ACCURACY, get_dataset
 from exaonepath_core.evaluation import probes
 from exaonepath_core.evaluation.features import extract_features
 from exaonepath_core.evaluation.probes import (

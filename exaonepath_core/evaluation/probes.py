@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from exaonepath_core.data.cohort import TCGA_BARCODE
-from exaonepath_core.data.downstream import PAPER_ACCURACY
+from exaonepath_core.data.downstream.datasets import PAPER_ACCURACY
 from exaonepath_core.evaluation.features import load_features
 from exaonepath_core.io import plotting
 
