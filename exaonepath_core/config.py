@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticSection:
-    """The synthetic multi-site cohort (see `exaonepath_core.data.synthetic.CohortSpec`)."""
+    """The synthetic multi-site cohort (see `exaonepath_core.data.synthetic.spec.CohortSpec`)."""
 
     enabled: bool = True
     n_sites: int = 4
@@ -53,7 +53,7 @@ class SyntheticSection:
 class DataSection:
     """Where slides and downstream datasets come from.
 
-    `downstream_roots` maps dataset names registered in `exaonepath_core.data.downstream.DATASETS`, or
+    `downstream_roots` maps dataset names registered in `exaonepath_core.data.downstream.datasets.DATASETS`, or
     `folder_<task>` for your own `{train,test}/<class>/` image folders (checked at load
     time) to their folders. In a profile that inherits another, a `downstream_roots` mapping REPLACES the
     inherited one instead of being merged into it: the child lists every dataset it wants (repeat the parent's
@@ -489,7 +489,7 @@ def validate_values(cfg: ProjectConfig) -> None:
                               f"{', '.join(allowed)}, got {values!r}")
     _check_store_keys(cfg)
     on_the_fly = bool(cfg.pretrain.get("normalize_on_the_fly", False))
-    from exaonepath_core.data.stain import DEFAULT_MACENKO_PARAMS
+    from exaonepath_core.data.stain.reference import DEFAULT_MACENKO_PARAMS
 
     if on_the_fly and "macenko" in cfg.arms and cfg.normalize.macenko_params() != DEFAULT_MACENKO_PARAMS:
         asked = "/".join(f"{v:g}" for v in cfg.normalize.macenko_params().values())
@@ -514,7 +514,7 @@ def validate_values(cfg: ProjectConfig) -> None:
         raise ConfigError(f"config key run_name: a folder name without {os.sep!r}, got {cfg.run_name!r}")
     # a misspelt dataset name would only show up as "absent: KeyError" at stage 04/05, after pretraining
     if cfg.data.downstream_roots:
-        from exaonepath_core.data.downstream import dataset_class
+        from exaonepath_core.data.downstream.datasets import dataset_class
 
         for name in cfg.data.downstream_roots:
             try:  # a registered name, or folder_<task>; the error suggests the nearest name

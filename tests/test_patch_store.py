@@ -18,7 +18,8 @@ from exaonepath_core.data.patch_store import (
     read_ledger,
     shard_slide_ids,
 )
-from exaonepath_core.data.stain import MacenkoReference, macenko_normalize_batch
+from exaonepath_core.data.stain.macenko import macenko_normalize_batch
+from exaonepath_core.data.stain.reference import MacenkoReference
 
 PATCH = 8
 

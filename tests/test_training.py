@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from exaonepath_core.data.stain import MacenkoReference
+from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.models.backbones import create_backbone
 from exaonepath_core.pretrain import checkpoint as checkpoints
 from exaonepath_core.pretrain import cli, curves, multicrop, training

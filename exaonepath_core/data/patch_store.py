@@ -33,7 +33,8 @@ import pandas as pd
 import torch
 
 from exaonepath_core.data.cohort import check_shard, parse_shard  # noqa: F401 - parse_shard re-exported
-from exaonepath_core.data.stain import DEFAULT_MACENKO_PARAMS, MacenkoReference, macenko_normalize_batch
+from exaonepath_core.data.stain.macenko import macenko_normalize_batch
+from exaonepath_core.data.stain.reference import DEFAULT_MACENKO_PARAMS, MacenkoReference
 from exaonepath_core.io import atomic
 
 STORE_FORMAT_VERSION = 1

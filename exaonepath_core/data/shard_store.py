@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from exaonepath_core.data.patch_store import LEDGER_COLUMNS, read_manifest, validate_slide_id
-from exaonepath_core.data.stain import DEFAULT_MACENKO_PARAMS, MacenkoReference
+from exaonepath_core.data.stain.reference import DEFAULT_MACENKO_PARAMS, MacenkoReference
 from exaonepath_core.io import atomic
 
 SHARD_FORMAT = "shards"

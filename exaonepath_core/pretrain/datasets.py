@@ -15,6 +15,8 @@ from torch.utils.data import Dataset
 
 from exaonepath_core.data import patch_store
 from exaonepath_core.data.shard_dataset import open_patch_dataset
+from exaonepath_core.data.stain.augment import stain_augment_batch
+from exaonepath_core.data.stain.macenko import macenko_normalize_batch
 from exaonepath_core.pretrain.multicrop import MultiCropAugmentation
 from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 from exaonepath_core.pretrain.view_params import sample_seed
@@ -94,15 +96,11 @@ class MultiCropCollate:
 
 
 def stain_function(name: str) -> Any:
-    """A function of `exaonepath_core.data.stain`, with a clear error when it is not available."""
-    try:
-        from exaonepath_core.data import stain
-
-        return getattr(stain, name)
-    except (ImportError, AttributeError) as err:
-        raise RuntimeError(
-            f"exaonepath_core.data.stain.{name} is required for this input arm but is not available ({err})"
-        ) from err
+    """`stain_augment_batch` or `macenko_normalize_batch` (exaonepath_core.data.stain), by name."""
+    functions = {"stain_augment_batch": stain_augment_batch, "macenko_normalize_batch": macenko_normalize_batch}
+    if name not in functions:
+        raise ValueError(f"no stain function {name!r}; expected one of {sorted(functions)}")
+    return functions[name]
 
 
 def load_patch_dataset(cfg: PretrainConfig) -> Dataset:

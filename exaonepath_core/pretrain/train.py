@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from exaonepath_core.data.stain import MacenkoReference
+from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.io import atomic
 from exaonepath_core.models.backbones import create_backbone
 from exaonepath_core.pretrain import checkpoint, elastic, loss, prefetch, schedules, train_metrics
