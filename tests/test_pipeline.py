@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from exaonepath_core.config import ConfigError, save_config
-from exaonepath_core.io.paths import STAGES, ResultsPaths
 from exaonepath_core.run import pipeline
+from exaonepath_core.stages import registry
+from exaonepath_core.stages.registry import STAGES
+from exaonepath_core.stages.results import ResultsPaths, open_stage
 
 PARAMS = 'config_path = ""\nprofile = ""\nforce = False\narm = None\n'
 BODY = """
@@ -196,19 +198,19 @@ def test_strict_inputs_hold_under_a_sweep_and_an_inheriting_profile(tmp_path, ca
 def test_notebook_setup_requires_finished_upstream_stages(setup):
     _nbs, results, cfg = setup
     with pytest.raises(ConfigError, match=r"run_all\.sh --profile .*tiny\.yaml --only 01"):
-        pipeline.open_stage("04", "", str(cfg))
+        open_stage("04", "", str(cfg))
     loaded = pipeline.load_config(str(cfg))
     paths = ResultsPaths.for_profile(loaded.results_name, loaded.results_root)
     save_config(loaded, paths.config_path)
     paths.mark_done("01", "h")
     with pytest.raises(RuntimeError, match=r"02_normalize_stains, 03_pretrain_dino of run 'tiny'.*--from 02"):
-        pipeline.open_stage("04", "", str(cfg))
-    got, got_paths = pipeline.open_stage("02", str(paths.config_path))
+        open_stage("04", "", str(cfg))
+    got, got_paths = open_stage("02", str(paths.config_path))
     assert got.to_dict() == loaded.to_dict() and got_paths.profile_dir == results / "tiny"
     # without pretraining arms (untrained / extra backbones only) stages 02-03 have nothing to do
     no_arms = pipeline.load_config(str(cfg), {"arms": []})
     save_config(no_arms, paths.config_path)
-    got, _ = pipeline.open_stage("04", str(paths.config_path))
+    got, _ = open_stage("04", str(paths.config_path))
     assert got.arms == []
 
 
@@ -440,7 +442,7 @@ def test_outputs_under_a_corrupt_marker_are_moved_aside_and_unmarked_ones_kept(s
     nbs, results, cfg = setup
     paths = ResultsPaths(results, "tiny")
     pipeline.run_pipeline(str(cfg), only=["01"], notebook_dir=nbs, progress=False)
-    chash = pipeline.stage_config_hash(pipeline.load_config(str(cfg)), "01")
+    chash = registry.stage_config_hash(pipeline.load_config(str(cfg)), "01")
     assert paths.built_from("01") == chash
     (paths.stage_dir("01") / "made_before.txt").write_text("unknown config")
     paths.inputs_marker("01").write_text('{"config_hash": ')  # cut off mid-write by a full disk, say
