@@ -116,9 +116,8 @@ def test_heldout_list_names_the_slides_and_rejects_unknown_ids(tmp_path):
 
 
 def test_stage_02_selects_only_train_slides():
-    # the pretraining stores are written from exactly this selection (notebook 02); held-out slides never enter
-    source = json.loads((REPO_ROOT / "notebooks" / "02_normalize_stains.ipynb").read_text())
-    code = "".join("".join(c["source"]) for c in source["cells"] if c["cell_type"] == "code")
+    # the pretraining stores are written from exactly this selection (stage 02); held-out slides never enter
+    code = (REPO_ROOT / "exaonepath_core" / "stages" / "s02_normalize.py").read_text()
     assert 'cohort.tile_sets(slides[slides.split == "train"], tiles_dir)' in code
 
 

@@ -113,9 +113,8 @@ def run(cfg: ProjectConfig, paths, force: bool = False) -> NormalizeResult:
     tiles_dir = s01_tile.tiles_dir_of(tiles_stage)
     reference = stain_reference(cfg)
     reference.to_json(out / "reference.json")
-    train = slides[slides.split == "train"]
-    train_sets = cohort.tile_sets(train, tiles_dir)
-    check_pretraining_tiles(cfg, train, train_sets, tiles_dir)
+    train_sets = cohort.tile_sets(slides[slides.split == "train"], tiles_dir)
+    check_pretraining_tiles(cfg, slides[slides.split == "train"], train_sets, tiles_dir)
     sources = cohort.tile_sources(train_sets, batch_size=cfg.normalize.batch_size)
     ledgers = write_stores(cfg, sources, out, reference, force)
     n_storeless = storeless.write_storeless_index(train_sets, out / "storeless")
