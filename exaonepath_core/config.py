@@ -497,7 +497,7 @@ def validate_values(cfg: ProjectConfig) -> None:
                           f"normalize.Io/alpha/beta are {asked}: store the patches (normalize_on_the_fly: false) to "
                           "train with other values")
     for arm in cfg.arms if cfg.pretrain.get("data_source", "store") == "store" else []:
-        # the store each arm pretrains from (as workflow.write_pretrain_config picks it)
+        # the store each arm pretrains from (as stages.s03_pretrain.write_pretrain_config picks it)
         store = "macenko" if arm == "macenko" and not on_the_fly else "raw"
         if store not in cfg.normalize.stores:
             raise ConfigError(f"config key arms: arm {arm!r} pretrains from the {store!r} patch store, which "

@@ -191,7 +191,7 @@ def test_timm_specs():
 def test_extra_backbones_with_the_same_file_name_are_all_kept(tmp_path):
     from types import SimpleNamespace
 
-    from exaonepath_core.stages.workflow import backbone_specs
+    from exaonepath_core.stages.s04_features import backbone_specs
 
     extra = [f"exaonepath:{tmp_path}/lab_a/EXAONEPath.ckpt", f"exaonepath:{tmp_path}/lab_b/EXAONEPath.ckpt",
              "timm:resnet18", "timm:resnet18"]
@@ -212,18 +212,18 @@ def test_official_checkpoint_gets_the_runs_macenko_reference(exaonepath_ckpt, sh
     from exaonepath_core.config import load_config
     from exaonepath_core.data.stain.macenko import fit_reference
     from exaonepath_core.data.stain.reference import MacenkoReference
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages import s04_features
 
     path, _ = exaonepath_ckpt
     cfg = load_config("smoke", {"device": "cpu"})
-    _, _, info = workflow.load_backbone_with_transform(f"exaonepath:{path}", cfg)
+    _, _, info = s04_features.load_backbone_with_transform(f"exaonepath:{path}", cfg)
     assert info.preprocess.macenko_reference == MacenkoReference.default().to_dict()
     assert (info.preprocess.resize, info.preprocess.crop) == (224, 224)  # smoke: center_crop_fraction 1.0
     assert "target_TCGA-55-A48X" in capsys.readouterr().out  # the user is told how to match the official colours
 
     target = shared_data / "stain" / "tiatoolbox_target_image.png"
     cfg = load_config("smoke", {"device": "cpu", "normalize.reference_image": str(target)})
-    _, transform, info = workflow.load_backbone_with_transform(f"exaonepath:{path}", cfg)
+    _, transform, info = s04_features.load_backbone_with_transform(f"exaonepath:{path}", cfg)
     fitted = fit_reference(np.asarray(Image.open(target).convert("RGB")))
     np.testing.assert_allclose(info.preprocess.macenko_reference["stain_matrix"], fitted.stain_matrix, atol=1e-9)
     assert "target_TCGA-55-A48X" not in capsys.readouterr().out
@@ -234,15 +234,15 @@ def test_official_checkpoint_gets_the_runs_macenko_reference(exaonepath_ckpt, sh
 
 def test_one_evaluation_crop_recipe_for_every_backbone():
     from exaonepath_core.config import load_config
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages import s04_features
 
     cfg = load_config("paper", {"device": "cpu"})
     assert cfg.features.center_crop_fraction == 0.875
-    _, transform, info = workflow.load_backbone_with_transform("timm:vit_tiny_patch16_224", cfg)
+    _, transform, info = s04_features.load_backbone_with_transform("timm:vit_tiny_patch16_224", cfg)
     assert (info.preprocess.resize, info.preprocess.crop) == (256, 224)  # DINO's linear-eval Resize 256 + crop 224
     batch = torch.arange(96 * 96 * 3, dtype=torch.int64).reshape(1, 96, 96, 3).remainder(256).to(torch.uint8)
     cropped = transform(batch)
-    whole = workflow.load_backbone_with_transform(
+    whole = s04_features.load_backbone_with_transform(
         "timm:vit_tiny_patch16_224", load_config("paper", {"device": "cpu", "features.center_crop_fraction": 1.0}))
     assert whole[2].preprocess.resize == 224 and cropped.shape == whole[1](batch).shape == (1, 3, 224, 224)
     assert not torch.equal(cropped, whole[1](batch))
@@ -250,15 +250,15 @@ def test_one_evaluation_crop_recipe_for_every_backbone():
 
 def test_feature_time_macenko_uses_the_runs_estimate_parameters(exaonepath_ckpt, shared_data):
     from exaonepath_core.config import load_config
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages import s04_features
 
     path, _ = exaonepath_ckpt
     spec = f"exaonepath:{path}"
-    paper_values = workflow.load_backbone_with_transform(spec, load_config("smoke", {"device": "cpu"}))
-    strict = workflow.load_backbone_with_transform(spec, load_config("smoke", {"device": "cpu", "normalize.beta": 0.6}))
+    paper_values = s04_features.load_backbone_with_transform(spec, load_config("smoke", {"device": "cpu"}))
+    strict = s04_features.load_backbone_with_transform(spec, load_config("smoke", {"device": "cpu", "normalize.beta": 0.6}))
     assert paper_values[2].preprocess.macenko_params == {"Io": 240.0, "alpha": 1.0, "beta": 0.15}
     assert strict[2].preprocess.macenko_params["beta"] == 0.6
-    raw = workflow.load_backbone_with_transform("timm:vit_tiny_patch16_224", load_config("smoke", {"device": "cpu"}))
+    raw = s04_features.load_backbone_with_transform("timm:vit_tiny_patch16_224", load_config("smoke", {"device": "cpu"}))
     assert raw[2].preprocess.macenko_params is None  # no Macenko step, nothing to parametrise
     tile = np.asarray(Image.open(shared_data / "stain" / "tiatoolbox_source_image.png").convert("RGB"))[:96, :96]
     batch = torch.from_numpy(tile.copy())[None]

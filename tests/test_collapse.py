@@ -217,7 +217,7 @@ def _metric_rows(arm: str, rows: dict[str, tuple[float, float, float]]) -> list[
 
 def test_verdict_counts_a_drop_only_when_the_intervals_are_apart():
     from exaonepath_core.evaluation import collapse
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages.verdict import collapse_verdict
 
     knn = collapse.KNN_LEAVE_ONE_SLIDE_OUT
     raw = {collapse.SLIDE_PROBE: (0.69, 0.60, 0.78), collapse.SAME_SLIDE_NEIGHBOURS: (0.53, 0.48, 0.58),
@@ -233,7 +233,7 @@ def test_verdict_counts_a_drop_only_when_the_intervals_are_apart():
     metrics = pd.DataFrame(_metric_rows("raw", raw) + _metric_rows("macenko", apart)
                            + _metric_rows("stain_augmentation", overlap) + _metric_rows("untrained_raw", raw)
                            + _metric_rows("untrained_macenko", no_ci))
-    verdict = workflow.collapse_verdict(metrics).set_index(["comparison", "metric"])["outcome"]
+    verdict = collapse_verdict(metrics).set_index(["comparison", "metric"])["outcome"]
     assert verdict[("macenko vs raw", collapse.SLIDE_PROBE)] == "lower (CIs apart)"
     assert verdict[("macenko vs raw", "claim_holds")] == "holds"
     assert verdict[("stain_augmentation vs raw", collapse.SLIDE_PROBE)] == "lower, CIs overlap (not counted)"
@@ -245,20 +245,20 @@ def test_verdict_counts_a_drop_only_when_the_intervals_are_apart():
 
 def test_verdict_judges_pretraining_arms_only_not_extra_backbones():
     from exaonepath_core.evaluation import collapse
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages.verdict import collapse_verdict
 
     rows = {collapse.SLIDE_PROBE: (0.69, 0.60, 0.78), collapse.SAME_SLIDE_NEIGHBOURS: (0.53, 0.48, 0.58)}
     low = {collapse.SLIDE_PROBE: (0.10, 0.05, 0.15), collapse.SAME_SLIDE_NEIGHBOURS: (0.10, 0.05, 0.15)}
     metrics = pd.DataFrame(_metric_rows("raw", rows) + _metric_rows("macenko", low)
                            + _metric_rows("timm_vit_small_patch16_224", low) + _metric_rows("exaonepath", low))
-    verdict = workflow.collapse_verdict(metrics)
+    verdict = collapse_verdict(metrics)
     assert set(verdict.comparison) == {"macenko vs raw"}
 
 
 def test_report_states_the_verdict_in_words(tmp_path):
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages.verdict import collapse_verdict, verdict_paragraph
 
-    assert workflow.verdict_paragraph(tmp_path) == ""  # no stage 06 yet: nothing claimed
+    assert verdict_paragraph(tmp_path) == ""  # no stage 06 yet: nothing claimed
     rows = {collapse.SLIDE_PROBE: (0.69, 0.60, 0.78), collapse.SAME_SLIDE_NEIGHBOURS: (0.53, 0.48, 0.58),
             collapse.KNN_LEAVE_ONE_SLIDE_OUT: (0.65, 0.60, 0.70)}
     low = {collapse.SLIDE_PROBE: (0.16, 0.10, 0.22), collapse.SAME_SLIDE_NEIGHBOURS: (0.20, 0.17, 0.23),
@@ -266,7 +266,7 @@ def test_report_states_the_verdict_in_words(tmp_path):
     metrics = pd.DataFrame(_metric_rows("raw", rows) + _metric_rows("macenko", low)
                            + _metric_rows("stain_augmentation", rows))
     metrics.insert(0, "cohort", "synthetic")
-    workflow.collapse_verdict(metrics).to_csv(tmp_path / "collapse_verdict.csv", index=False)
-    text = workflow.verdict_paragraph(tmp_path)
+    collapse_verdict(metrics).to_csv(tmp_path / "collapse_verdict.csv", index=False)
+    text = verdict_paragraph(tmp_path)
     assert "synthetic: macenko vs raw &rarr; <b>holds</b>" in text
     assert "synthetic: stain_augmentation vs raw &rarr; <b>does not hold</b>" in text

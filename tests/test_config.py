@@ -18,8 +18,9 @@ from exaonepath_core.config import (
     parse_override,
     save_config,
 )
-from exaonepath_core.io.paths import STAGES, ResultsPaths, stage_key
-from exaonepath_core.run.pipeline import HASH_EXCLUDED_KEYS, stage_config_hash
+from exaonepath_core.stages.base import HASH_EXCLUDED_KEYS
+from exaonepath_core.stages.registry import STAGES, stage_config_hash, stage_key
+from exaonepath_core.stages.results import ResultsPaths
 
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml")))

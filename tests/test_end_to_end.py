@@ -12,8 +12,9 @@ import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
-from exaonepath_core.io.paths import STAGES, ResultsPaths
 from exaonepath_core.report.html_index import linked_files
+from exaonepath_core.stages.registry import STAGES
+from exaonepath_core.stages.results import ResultsPaths
 
 
 def _run_all(results_root, *args, timeout=1500):

@@ -19,9 +19,12 @@ import pandas as pd
 import pytest
 
 from exaonepath_core.config import ConfigError, load_config
+from exaonepath_core.io import atomic
 from exaonepath_core.pretrain import rank_checks
 from exaonepath_core.report import html_index, stage_tables
-from exaonepath_core.stages import workflow
+from exaonepath_core.stages import datasets as stage_datasets
+from exaonepath_core.stages import s01_tile, s02_normalize, s03_pretrain, s05_probes, s06_collapse, s07_report
+from exaonepath_core.stages import verdict as stage_verdict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # empty tables: header and columns without rows; later stages and the report read them as "nothing measured"
 # ----------------------------------------------------------------------------------------------------------------
 def _header_of(df: pd.DataFrame, path: Path) -> list[str]:
-    workflow.write_csv_atomic(df, path)
+    atomic.write_csv(df, path)
     assert path.read_text().strip(), f"{path.name}: written without a header"
     return list(pd.read_csv(path).columns)
 
@@ -42,23 +45,23 @@ def test_every_stage_table_keeps_its_header_with_no_rows(tmp_path):
     features_dir = tmp_path / "04_features"
     features_dir.mkdir()
     tables = {
-        "tiling_summary": (workflow.tiling_summary(no_slides, no_ledger), stage_tables.TILING_SUMMARY_COLUMNS),
-        "normalize_summary": (workflow.normalize_summary({}), stage_tables.NORMALIZE_SUMMARY_COLUMNS),
-        "features_index": (pd.DataFrame([], columns=workflow.FEATURES_INDEX_COLUMNS),
+        "tiling_summary": (s01_tile.tiling_summary(no_slides, no_ledger), stage_tables.TILING_SUMMARY_COLUMNS),
+        "normalize_summary": (s02_normalize.normalize_summary({}), stage_tables.NORMALIZE_SUMMARY_COLUMNS),
+        "features_index": (pd.DataFrame([], columns=list(stage_tables.FEATURES_INDEX_COLUMNS)),
                            stage_tables.FEATURES_INDEX_COLUMNS),
-        "datasets": (workflow.dataset_status_table({}), stage_tables.DATASET_STATUS_COLUMNS),
-        "probe_results_long": (workflow.run_all_probes(cfg, features_dir), stage_tables.PROBE_RESULTS_COLUMNS),
-        "collapse_metrics": (workflow.collapse_by_arm(cfg, features_dir)[0], stage_tables.COLLAPSE_METRICS_COLUMNS),
-        "collapse_verdict": (workflow.collapse_verdict(stage_tables.empty(stage_tables.COLLAPSE_METRICS_COLUMNS)),
+        "datasets": (stage_datasets.dataset_status_table({}), stage_tables.DATASET_STATUS_COLUMNS),
+        "probe_results_long": (s05_probes.run_all_probes(cfg, features_dir), stage_tables.PROBE_RESULTS_COLUMNS),
+        "collapse_metrics": (s06_collapse.collapse_by_arm(cfg, features_dir)[0], stage_tables.COLLAPSE_METRICS_COLUMNS),
+        "collapse_verdict": (stage_verdict.collapse_verdict(stage_tables.empty(stage_tables.COLLAPSE_METRICS_COLUMNS)),
                              stage_tables.COLLAPSE_VERDICT_COLUMNS),
     }
     for name, (df, columns) in tables.items():
         assert df.empty, name
         assert _header_of(df, tmp_path / f"{name}.csv") == list(columns), name
     # the probe summary of no results still lists the paper's six tasks, with the reason from datasets.csv
-    status = workflow.dataset_status_table({"pcam": {"status": "absent: no root configured", "splits": {}, "n": 0}})
-    workflow.write_csv_atomic(status, features_dir / "datasets.csv")
-    summary = workflow.probe_summary(tables["probe_results_long"][0], features_dir)
+    status = stage_datasets.dataset_status_table({"pcam": {"status": "absent: no root configured", "splits": {}, "n": 0}})
+    atomic.write_csv(status, features_dir / "datasets.csv")
+    summary = s05_probes.probe_summary(tables["probe_results_long"][0], features_dir)
     assert summary.loc[summary.task == "pcam", "status"].item() == "absent: no root configured"
 
 
@@ -70,9 +73,9 @@ def test_the_column_lists_match_the_tables_the_stages_write_with_rows():
     assert stage_tables.PROBE_RESULTS_COLUMNS[:len(probes.RESULT_COLUMNS)] == probes.RESULT_COLUMNS
     slides = pd.DataFrame({"slide_id": ["a"], "source": ["slides"], "split": ["train"]})
     ledger = pd.DataFrame({"slide_id": ["a"], "status": ["ok"], "reason": [""], "n_tiles": [3]})
-    assert tuple(workflow.tiling_summary(slides, ledger).columns) == stage_tables.TILING_SUMMARY_COLUMNS
+    assert tuple(s01_tile.tiling_summary(slides, ledger).columns) == stage_tables.TILING_SUMMARY_COLUMNS
     led = pd.DataFrame({"status": ["ok"], "n_patches": [4], "n_fallback": [1], "reason": [""]})
-    assert tuple(workflow.normalize_summary({"raw": led}).columns) == stage_tables.NORMALIZE_SUMMARY_COLUMNS
+    assert tuple(s02_normalize.normalize_summary({"raw": led}).columns) == stage_tables.NORMALIZE_SUMMARY_COLUMNS
 
 
 def _stage_dirs(root: Path) -> dict[str, Path]:
@@ -88,10 +91,10 @@ def test_not_measured_says_which_datasets_are_absent_and_why(tmp_path):
                for name in ("pcam", "mhist", "crc100k", "til", "msi_crc", "msi_stad")}
     entries["heldout_slides"] = {"status": "absent: no real slide held out (no site had enough slides)",
                                  "splits": {}, "n": 0}
-    workflow.write_csv_atomic(workflow.dataset_status_table(entries), dirs["04"] / "datasets.csv")
-    workflow.write_csv_atomic(pd.DataFrame([], columns=workflow.FEATURES_INDEX_COLUMNS),
+    atomic.write_csv(stage_datasets.dataset_status_table(entries), dirs["04"] / "datasets.csv")
+    atomic.write_csv(pd.DataFrame([], columns=list(stage_tables.FEATURES_INDEX_COLUMNS)),
                               dirs["04"] / "features_index.csv")
-    workflow.write_csv_atomic(stage_tables.empty(stage_tables.PROBE_RESULTS_COLUMNS),
+    atomic.write_csv(stage_tables.empty(stage_tables.PROBE_RESULTS_COLUMNS),
                               dirs["05"] / "probe_results_long.csv")
     (dirs["06"] / "collapse_metrics.csv").write_text("\n")  # a run before the fix: 1 byte, no header
     notes = stage_tables.not_measured(dirs, arms=["macenko"])
@@ -107,7 +110,7 @@ def test_not_measured_says_which_datasets_are_absent_and_why(tmp_path):
 
 def test_the_report_renders_empty_and_headerless_tables_and_says_so(tmp_path):
     with_header = tmp_path / "probe_results_long.csv"
-    workflow.write_csv_atomic(stage_tables.empty(stage_tables.PROBE_RESULTS_COLUMNS), with_header)
+    atomic.write_csv(stage_tables.empty(stage_tables.PROBE_RESULTS_COLUMNS), with_header)
     legacy = tmp_path / "features_index.csv"
     legacy.write_text("\n")  # what stage 04/05 wrote before: pd.read_csv raised EmptyDataError on it
     items = [html_index.ReportItem("05", with_header, "every probe"), html_index.ReportItem("04", legacy, "feature sets")]
@@ -116,18 +119,18 @@ def test_the_report_renders_empty_and_headerless_tables_and_says_so(tmp_path):
 
 
 def test_report_items_list_no_collapse_figure_when_no_cohort_was_measured(tmp_path):
-    from exaonepath_core.io.paths import ResultsPaths
+    from exaonepath_core.stages.results import ResultsPaths
 
     cfg = load_config("first_day", {"results_root": str(tmp_path)})
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
     collapse_dir = paths.stage_dir("06")
-    workflow.write_csv_atomic(stage_tables.empty(stage_tables.COLLAPSE_METRICS_COLUMNS),
+    atomic.write_csv(stage_tables.empty(stage_tables.COLLAPSE_METRICS_COLUMNS),
                               collapse_dir / "collapse_metrics.csv")
-    items, _ = workflow.report_items(cfg, paths)
+    items, _ = s07_report.report_items(cfg, paths)
     names = {Path(item.path).name for item in items}
     assert "collapse_metrics.png" not in names and "embeddings_by_arm.png" not in names
     assert "synthetic_examples.png" not in names  # data.synthetic.enabled is false: never made, not "missing"
-    assert "Not measured in this run" in workflow.report_preamble(cfg, paths)
+    assert "Not measured in this run" in s07_report.report_preamble(cfg, paths)
 
 
 def test_stage_warnings_read_header_only_tables_and_name_a_store_of_fallbacks_only(tmp_path):
@@ -137,10 +140,10 @@ def test_stage_warnings_read_header_only_tables_and_name_a_store_of_fallbacks_on
     for name, columns in (("tiling_summary.csv", stage_tables.TILING_SUMMARY_COLUMNS),
                           ("normalize_summary.csv", stage_tables.NORMALIZE_SUMMARY_COLUMNS),
                           ("datasets.csv", stage_tables.DATASET_STATUS_COLUMNS)):
-        workflow.write_csv_atomic(stage_tables.empty(columns), tmp_path / name)
+        atomic.write_csv(stage_tables.empty(columns), tmp_path / name)
     assert [pipeline.stage_warnings(k, tmp_path, cfg) for k in ("01", "02", "04")] == [[], [], []]
     led = pd.DataFrame({"status": ["ok", "ok"], "n_patches": [5, 7], "n_fallback": [5, 7], "reason": ["", ""]})
-    workflow.write_csv_atomic(workflow.normalize_summary({"raw": led.assign(n_fallback=0), "macenko": led}),
+    atomic.write_csv(s02_normalize.normalize_summary({"raw": led.assign(n_fallback=0), "macenko": led}),
                               tmp_path / "normalize_summary.csv")
     assert pipeline.stage_warnings("02", tmp_path, cfg) == [
         ("store macenko: every one of its 12 patches was passed through unchanged (no stain estimate: "
@@ -151,9 +154,9 @@ def test_stage_02_stops_with_the_reason_when_no_pretraining_slide_gave_a_tile(tm
     cfg = load_config("first_day", {"results_root": str(tmp_path)})
     train = pd.DataFrame({"slide_id": ["a", "b"], "split": ["train", "train"]})
     with pytest.raises(RuntimeError, match=r"no tile to pretrain on: 2 pretraining slide\(s\), 2 failed to tile"):
-        workflow.check_pretraining_tiles(cfg, train, [], tmp_path)
+        s02_normalize.check_pretraining_tiles(cfg, train, [], tmp_path)
     no_arms = load_config("first_day", {"results_root": str(tmp_path), "arms": []})
-    workflow.check_pretraining_tiles(no_arms, train, [], tmp_path)  # nothing to pretrain: nothing to refuse
+    s02_normalize.check_pretraining_tiles(no_arms, train, [], tmp_path)  # nothing to pretrain: nothing to refuse
 
 
 def test_a_run_without_any_slide_is_refused_in_stage_01_naming_the_folders(tmp_path):
@@ -243,7 +246,7 @@ def _kill_children(tmp_path: Path, monkeypatch, mode: str) -> Path:
 def test_a_single_process_killed_by_sigkill_is_reported_as_likely_out_of_memory(tmp_path, monkeypatch):
     out = _kill_children(tmp_path, monkeypatch, "single")
     with pytest.raises(RuntimeError) as err:
-        workflow.run_pretraining(out / "pretrain.yaml", out, nproc_per_node=1)
+        s03_pretrain.run_pretraining(out / "pretrain.yaml", out, nproc_per_node=1)
     first = str(err.value).splitlines()[0]
     assert "rank 0 was killed (likely out of memory; SIGKILL)" in first
     assert str(out / "train_stdout.log") in first
@@ -253,7 +256,7 @@ def test_a_torchrun_rank_killed_by_sigkill_is_named_with_its_own_log(tmp_path, m
     out = _kill_children(tmp_path, monkeypatch, "rank1")
     (out / "train_stdout.log").write_text("an earlier run's lines: exitcode  : -9 (pid: 1)\n")
     with pytest.raises(RuntimeError) as err:
-        workflow.run_pretraining(out / "pretrain.yaml", out, nproc_per_node=2)
+        s03_pretrain.run_pretraining(out / "pretrain.yaml", out, nproc_per_node=2)
     first = str(err.value).splitlines()[0]
     assert "rank(s) 1 killed (likely out of memory; SIGKILL); rank(s) 0 then stopped by torchrun" in first, first
     rank_log = rank_checks.rank_log(out / rank_checks.TORCHRUN_LOG_DIR, 1)
@@ -343,7 +346,8 @@ def test_first_day_profile_end_to_end_on_real_slides(tmp_path, shared_data):
     rc = pipeline.main(["--profile", "first_day", "--set", f"data.slide_dirs=[{','.join(sites)}]",
                         "--set", f"results_root={tmp_path / 'results'}"])
     assert rc == 0
-    from exaonepath_core.io.paths import STAGES, ResultsPaths
+    from exaonepath_core.stages.registry import STAGES
+    from exaonepath_core.stages.results import ResultsPaths
 
     paths = ResultsPaths.for_profile("first_day", str(tmp_path / "results"))
     assert [k for k in STAGES if not paths.done_marker(k).is_file()] == []  # stages 01-07 complete

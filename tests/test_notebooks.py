@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import REPO_ROOT
 
-from exaonepath_core.io.paths import STAGES
+from exaonepath_core.stages.registry import SPECS, STAGES
 
 NOTEBOOKS = [REPO_ROOT / "notebooks" / f"{name}.ipynb" for name, _ in STAGES.values()]
 
@@ -32,7 +32,7 @@ def test_notebook_is_a_clean_parameterised_stage(path):
             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     assert names <= read, f"parameters never used: {sorted(names - read)}"
     stage = path.stem[:2]
-    assert ("force" in names) == (stage in {"01", "02", "03", "04"}) and ("arm" in names) == (stage == "03")
+    assert names == SPECS[stage].parameters  # `force` where the stage reuses finished work, `arm` where per arm
     assert f"open_stage({stage!r}, config_path, profile)" in "".join(code[1]["source"])
     for cell in code:
         assert not cell.get("outputs") and cell.get("execution_count") is None, "stored without outputs"

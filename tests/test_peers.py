@@ -313,20 +313,20 @@ def test_empty_run_gives_header_only_tables_and_figures(tmp_path):
 
 def test_stage_07_writes_the_comparison_with_nothing_measured_and_links_it(tmp_path):
     from exaonepath_core.config import load_config
-    from exaonepath_core.io.paths import ResultsPaths
     from exaonepath_core.report import html_index
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages import s06_collapse, s07_report
+    from exaonepath_core.stages.results import ResultsPaths
 
     cfg = load_config("smoke")
     paths = ResultsPaths.for_profile("smoke", tmp_path / "results")
-    csv, png = workflow.write_model_comparison(cfg, paths)  # no stage 04/05 output at all
+    csv, png = s07_report.write_model_comparison(cfg, paths)  # no stage 04/05 output at all
     table = pd.read_csv(csv)
     assert set(table["source"]) == {"published"} and png.is_file()
     assert (paths.stage_dir("07") / "peer_status.csv").is_file()
     s06 = paths.stage_dir("06")
-    workflow.write_collapse_by_model(pd.DataFrame(), s06)
+    s06_collapse.write_collapse_by_model(pd.DataFrame(), s06)
     assert pd.read_csv(s06 / "collapse_by_model.csv").empty
-    items, _ = workflow.report_items(cfg, paths)
+    items, _ = s07_report.report_items(cfg, paths)
     index = html_index.write_index_html(paths.profile_dir, items, title="t")
     linked = {p.name for p in html_index.linked_files(index)}
     assert {"model_comparison.csv", "model_comparison.png", "collapse_by_model.png", "peer_status.csv"} <= linked

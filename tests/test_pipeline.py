@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from exaonepath_core.config import ConfigError, save_config
-from exaonepath_core.io.paths import STAGES, ResultsPaths
 from exaonepath_core.run import pipeline
+from exaonepath_core.stages import registry
+from exaonepath_core.stages.registry import STAGES
+from exaonepath_core.stages.results import ResultsPaths, open_stage
 
 PARAMS = 'config_path = ""\nprofile = ""\nforce = False\narm = None\n'
 BODY = """
@@ -196,19 +198,19 @@ def test_strict_inputs_hold_under_a_sweep_and_an_inheriting_profile(tmp_path, ca
 def test_notebook_setup_requires_finished_upstream_stages(setup):
     _nbs, results, cfg = setup
     with pytest.raises(ConfigError, match=r"run_all\.sh --profile .*tiny\.yaml --only 01"):
-        pipeline.open_stage("04", "", str(cfg))
+        open_stage("04", "", str(cfg))
     loaded = pipeline.load_config(str(cfg))
     paths = ResultsPaths.for_profile(loaded.results_name, loaded.results_root)
     save_config(loaded, paths.config_path)
     paths.mark_done("01", "h")
     with pytest.raises(RuntimeError, match=r"02_normalize_stains, 03_pretrain_dino of run 'tiny'.*--from 02"):
-        pipeline.open_stage("04", "", str(cfg))
-    got, got_paths = pipeline.open_stage("02", str(paths.config_path))
+        open_stage("04", "", str(cfg))
+    got, got_paths = open_stage("02", str(paths.config_path))
     assert got.to_dict() == loaded.to_dict() and got_paths.profile_dir == results / "tiny"
     # without pretraining arms (untrained / extra backbones only) stages 02-03 have nothing to do
     no_arms = pipeline.load_config(str(cfg), {"arms": []})
     save_config(no_arms, paths.config_path)
-    got, _ = pipeline.open_stage("04", str(paths.config_path))
+    got, _ = open_stage("04", str(paths.config_path))
     assert got.arms == []
 
 
@@ -440,7 +442,7 @@ def test_outputs_under_a_corrupt_marker_are_moved_aside_and_unmarked_ones_kept(s
     nbs, results, cfg = setup
     paths = ResultsPaths(results, "tiny")
     pipeline.run_pipeline(str(cfg), only=["01"], notebook_dir=nbs, progress=False)
-    chash = pipeline.stage_config_hash(pipeline.load_config(str(cfg)), "01")
+    chash = registry.stage_config_hash(pipeline.load_config(str(cfg)), "01")
     assert paths.built_from("01") == chash
     (paths.stage_dir("01") / "made_before.txt").write_text("unknown config")
     paths.inputs_marker("01").write_text('{"config_hash": ')  # cut off mid-write by a full disk, say
@@ -483,3 +485,33 @@ def test_shards_starting_together_move_the_old_outputs_aside_once(tmp_path):
     assert len(moved) == 1 and [p.name for p in moved[0].iterdir() if p.suffix == ".txt"] == ["old_output.txt"]
     assert len(list(paths.stage_dir("01").glob("work_*.txt"))) == 6  # every shard's output in the one folder
     assert paths.built_from("01") == "new-config-hash"
+
+
+# The smoke and paper profiles' stage hashes as of the stage-module split (issue 18): a change here reruns, and
+# moves aside, every existing run folder's stages, so it must be a deliberate config change, never a refactor.
+PINNED_STAGE_HASHES = {
+    "smoke": {"01": "0ee28c1a09f0e1af", "02": "aa0977d39203651d", "03": "2fd1417c65455a4e",
+              "04": "235a8618cb33c8fc", "05": "9221e82c8c9c349d", "06": "be7c48c9cd14c593",
+              "07": "be7c48c9cd14c593"},
+    "paper": {"01": "f0b4b383cc18a786", "02": "a465c82b9929af59", "03": "bb72a0edfcf603e2",
+              "04": "b40b40800a03ee4b", "05": "99715ae8ba9b5d26", "06": "ead86be61bdb443f",
+              "07": "ead86be61bdb443f"},
+}
+
+
+@pytest.mark.parametrize("profile", sorted(PINNED_STAGE_HASHES))
+def test_stage_hashes_are_those_of_existing_run_folders(profile):
+    cfg = pipeline.load_config(profile)
+    assert {key: registry.stage_config_hash(cfg, key) for key in STAGES} == PINNED_STAGE_HASHES[profile]
+
+
+def test_the_registry_lists_every_stage_module_once_in_order():
+    from exaonepath_core.stages import s03_pretrain
+
+    keys = [m.SPEC.key for m in registry.MODULES]
+    assert keys == sorted(keys) == list(STAGES) and len(set(keys)) == len(keys)
+    assert all(registry.module(m.SPEC.notebook) is m and callable(m.run) for m in registry.MODULES)
+    # stage 03 records the patch store's config with the runner's stage-02 hash
+    cfg = pipeline.load_config("smoke", {"normalize.batch_size": 7})
+    assert s03_pretrain.patches_config_hash(cfg) == registry.stage_config_hash(cfg, "02")
+    assert s03_pretrain.patches_config_hash(cfg) != registry.stage_config_hash(pipeline.load_config("smoke"), "02")

@@ -218,7 +218,7 @@ def test_intervals_resample_whole_patients_when_ids_name_them():
 
 
 def test_a_feature_folder_without_its_test_split_is_listed_not_dropped(tmp_path):
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages import s05_probes
 
     for backbone, splits in (("raw", ("train", "test")), ("macenko", ("train",)), ("untrained_raw", ("test",))):
         for split in splits:
@@ -227,11 +227,11 @@ def test_a_feature_folder_without_its_test_split_is_listed_not_dropped(tmp_path)
     weights = tmp_path / "untrained_backbones" / "raw"  # stage 04 keeps the untrained weights here: not features
     weights.mkdir(parents=True)
     (weights / "teacher_backbone.pth").write_bytes(b"weights")
-    tasks, incomplete = workflow.probe_feature_dirs(tmp_path)
+    tasks, incomplete = s05_probes.probe_feature_dirs(tmp_path)
     assert list(tasks) == ["crc_subset"] and list(tasks["crc_subset"]) == ["raw"]
     assert incomplete == [{"task": "crc_subset", "backbone": "macenko", "missing": "test"},
                           {"task": "crc_subset", "backbone": "untrained_raw", "missing": "train"}]
-    summary = workflow.probe_summary(pd.DataFrame(), tmp_path)
+    summary = s05_probes.probe_summary(pd.DataFrame(), tmp_path)
     rows = summary[summary.task == "crc_subset"].set_index("backbone")["status"]
     assert rows.to_dict() == {
         "macenko": "not probed: no test split features (see stage 04's datasets.csv)",
@@ -239,21 +239,21 @@ def test_a_feature_folder_without_its_test_split_is_listed_not_dropped(tmp_path)
 
 
 def test_chance_per_task_is_the_test_majority_rate_and_is_drawn(tmp_path):
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages import s05_probes
 
     for split, labels in (("train", [0, 1, 1, 2]), ("test", [0, 0, 0, 1, 2, 2, 1, 0])):
         d = tmp_path / "feats" / "raw" / "crc" / split
         d.mkdir(parents=True)
         (d / "manifest.json").write_text("{}")
         np.save(d / "labels.npy", np.asarray(labels))
-    assert workflow.task_chance(tmp_path / "feats") == {"crc": 0.5}
+    assert s05_probes.task_chance(tmp_path / "feats") == {"crc": 0.5}
     results = pd.DataFrame([{"task": "crc", "backbone": "raw", "probe": "logistic", "seed": 0, "metric": "accuracy",
                              "value": 0.7, "ci_low": 0.6, "ci_high": 0.8}])
     out = probes.plot_probe_results(results, tmp_path / "bars.png", chance={"crc": 0.5})
     with Image.open(out) as im:
         assert im.size[0] > 500
-    summary = workflow.probe_summary(pd.DataFrame([{**results.iloc[0], "value": 0.71599999999}]), tmp_path / "feats")
+    summary = s05_probes.probe_summary(pd.DataFrame([{**results.iloc[0], "value": 0.71599999999}]), tmp_path / "feats")
     assert summary.loc[summary.task == "crc", "mean"].item() == 0.716  # rounded for reading
     noted = results.assign(probe="knn", note="kNN only (k=3): 4 training samples, smallest class 1")
-    summary = workflow.probe_summary(noted, tmp_path / "feats").set_index("task")
+    summary = s05_probes.probe_summary(noted, tmp_path / "feats").set_index("task")
     assert summary.loc["crc", "note"] == "kNN only (k=3): 4 training samples, smallest class 1"

@@ -19,8 +19,11 @@ from exaonepath_core.config import load_config
 from exaonepath_core.data import cohort
 from exaonepath_core.data.tiling.dataset import tile_sets, tile_sources
 from exaonepath_core.evaluation import collapse
-from exaonepath_core.io.paths import ResultsPaths
-from exaonepath_core.stages import workflow
+from exaonepath_core.io import atomic
+from exaonepath_core.stages import datasets as stage_datasets
+from exaonepath_core.stages import s03_pretrain, s04_features, s05_probes, s06_collapse, s07_report
+from exaonepath_core.stages import verdict as stage_verdict
+from exaonepath_core.stages.results import ResultsPaths
 
 CAP = 20  # features.max_tiles_per_heldout_slide in the real-run fixture
 
@@ -142,9 +145,8 @@ def test_heldout_list_names_the_slides_and_rejects_unknown_ids(tmp_path):
 
 
 def test_stage_02_selects_only_train_slides():
-    # the pretraining stores are written from exactly this selection (notebook 02); held-out slides never enter
-    source = json.loads((REPO_ROOT / "notebooks" / "02_normalize_stains.ipynb").read_text())
-    code = "".join("".join(c["source"]) for c in source["cells"] if c["cell_type"] == "code")
+    # the pretraining stores are written from exactly this selection (stage 02); held-out slides never enter
+    code = (REPO_ROOT / "exaonepath_core" / "stages" / "s02_normalize.py").read_text()
     assert 'tile_sets(slides[slides.split == "train"], tiles_dir)' in code
 
 
@@ -187,7 +189,7 @@ def real_run(tmp_path_factory):
     # ---- stage 01 (as notebooks/01_tile_slides) ----
     s01 = paths.stage_dir("01")
     slides = cohort.build_slide_table(cfg, progress=False)
-    workflow.write_csv_atomic(slides, s01 / "slides.csv")
+    atomic.write_csv(slides, s01 / "slides.csv")
     params = TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
                           overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction)
     tiles_dir = s01 / params.folder_name()
@@ -201,15 +203,15 @@ def real_run(tmp_path_factory):
 
     # ---- stage 04 ----
     s04 = paths.stage_dir("04")
-    datasets = workflow.feature_datasets(cfg, s01)
-    specs = workflow.untrained_backbones(cfg, s04 / "untrained_backbones", paths.stage_dir("02") / "reference.json")
-    entry = datasets[workflow.REAL_HELDOUT_TASK]
+    datasets = stage_datasets.feature_datasets(cfg, s01)
+    specs = s04_features.untrained_backbones(cfg, s04 / "untrained_backbones", paths.stage_dir("02") / "reference.json")
+    entry = datasets[stage_datasets.REAL_HELDOUT_TASK]
     for name, spec_text in specs.items():
-        model, transform, _ = workflow.load_backbone_with_transform(spec_text, cfg)
+        model, transform, _ = s04_features.load_backbone_with_transform(spec_text, cfg)
         for split, ds in entry["splits"].items():
-            features.extract_features(model, transform, ds, s04 / name / workflow.REAL_HELDOUT_TASK / split,
+            features.extract_features(model, transform, ds, s04 / name / stage_datasets.REAL_HELDOUT_TASK / split,
                                       batch_size=64, device="cpu", progress=False)
-    workflow.write_csv_atomic(workflow.dataset_status_table(datasets), s04 / "datasets.csv")
+    atomic.write_csv(stage_datasets.dataset_status_table(datasets), s04 / "datasets.csv")
     return {"cfg": cfg, "paths": paths, "slides": slides, "ledger": ledger, "datasets": datasets, "store": store,
             "tiles_dir": tiles_dir, "has_cmu": cmu.is_file()}
 
@@ -224,16 +226,16 @@ def test_real_slides_held_out_per_lab_and_absent_from_the_pretraining_store(real
 
     stored = set(patch_store.read_ledger(store).query("status == 'ok'").slide_id)
     assert stored == set(real.slide_id[real.split == "train"]) and not stored & set(held.slide_id)
-    assert workflow.heldout_in_pretraining_stores(slides, store.parent) == {}
+    assert stage_datasets.heldout_in_pretraining_stores(slides, store.parent) == {}
     if real_run["has_cmu"]:  # a one-slide site: reported, kept in pretraining
         assert real.loc[real.site == "wsi", "split"].tolist() == ["train"]
-        status = real_run["datasets"][workflow.REAL_HELDOUT_TASK]["status"]
+        status = real_run["datasets"][stage_datasets.REAL_HELDOUT_TASK]["status"]
         assert "1 site(s) without held-out slides (too few slides): wsi" in status
 
 
 def test_stage_04_caps_tiles_per_slide_and_counts_what_it_left_out(real_run):
-    entry = real_run["datasets"][workflow.REAL_HELDOUT_TASK]
-    ds = entry["splits"][workflow.REAL_HELDOUT_SPLIT]
+    entry = real_run["datasets"][stage_datasets.REAL_HELDOUT_TASK]
+    ds = entry["splits"][stage_datasets.REAL_HELDOUT_SPLIT]
     per_slide = ds.per_slide.set_index("slide_id")
     assert len(per_slide) == 4 and (per_slide.available > 0).all()
     # lab1's slides have more tissue tiles than the cap, lab0's fewer (their stain passes fewer tissue tests):
@@ -254,17 +256,17 @@ def test_stage_04_caps_tiles_per_slide_and_counts_what_it_left_out(real_run):
                        real_run["tiles_dir"])[0].coords
     assert [int(x), int(y)] in coords.tolist()
     # the subsample is a function of (seed, slide): rebuilding gives the same tiles
-    again = workflow.feature_datasets(real_run["cfg"], real_run["paths"].stage_dir("01"))
-    ds2 = again[workflow.REAL_HELDOUT_TASK]["splits"][workflow.REAL_HELDOUT_SPLIT]
+    again = stage_datasets.feature_datasets(real_run["cfg"], real_run["paths"].stage_dir("01"))
+    ds2 = again[stage_datasets.REAL_HELDOUT_TASK]["splits"][stage_datasets.REAL_HELDOUT_SPLIT]
     assert [ds2[i][2] for i in range(0, len(ds2), 7)] == [ds[i][2] for i in range(0, len(ds), 7)]
     status = pd.read_csv(real_run["paths"].stage_dir("04") / "datasets.csv").set_index("dataset")
-    assert status.loc[workflow.REAL_HELDOUT_TASK, "status"] == "present"
-    assert status.loc[workflow.REAL_HELDOUT_TASK, "n"] == len(ds)
+    assert status.loc[stage_datasets.REAL_HELDOUT_TASK, "status"] == "present"
+    assert status.loc[stage_datasets.REAL_HELDOUT_TASK, "n"] == len(ds)
     # the features on disk honour the cap too
     from exaonepath_core.evaluation import features
 
     X, y, ids, manifest = features.load_features(real_run["paths"].stage_dir("04") / "untrained_raw" /
-                                                 workflow.REAL_HELDOUT_TASK / workflow.REAL_HELDOUT_SPLIT)
+                                                 stage_datasets.REAL_HELDOUT_TASK / stage_datasets.REAL_HELDOUT_SPLIT)
     assert X.shape[0] == len(ds) and (y == -1).all()
     per_slide_rows = pd.Series([i.split("|")[0] for i in ids]).value_counts()
     assert per_slide_rows.sort_index().tolist() == per_slide.kept.sort_index().tolist()
@@ -273,17 +275,17 @@ def test_stage_04_caps_tiles_per_slide_and_counts_what_it_left_out(real_run):
 
 def test_stage_05_does_not_probe_the_unlabelled_task(real_run):
     s04 = real_run["paths"].stage_dir("04")
-    results = workflow.run_all_probes(real_run["cfg"], s04)
+    results = s05_probes.run_all_probes(real_run["cfg"], s04)
     assert results.empty  # the only task here is unlabelled
-    summary = workflow.probe_summary(results, s04).set_index("task")
-    assert summary.loc[workflow.REAL_HELDOUT_TASK, "status"].startswith("not probed: no tissue labels")
+    summary = s05_probes.probe_summary(results, s04).set_index("task")
+    assert summary.loc[stage_datasets.REAL_HELDOUT_TASK, "status"].startswith("not probed: no tissue labels")
     assert summary.loc["pcam", "status"].startswith("absent")
 
 
 def test_stage_06_measures_slide_identity_and_skips_class_metrics_with_a_note(real_run, tmp_path):
     cfg, paths = real_run["cfg"], real_run["paths"]
-    metrics, embeds = workflow.collapse_by_arm(cfg, paths.stage_dir("04"))
-    n_tiles = real_run["datasets"][workflow.REAL_HELDOUT_TASK]["n"]
+    metrics, embeds = s06_collapse.collapse_by_arm(cfg, paths.stage_dir("04"))
+    n_tiles = real_run["datasets"][stage_datasets.REAL_HELDOUT_TASK]["n"]
     assert set(metrics.cohort) == {"real"} and set(metrics.arm) == {"untrained_raw", "untrained_macenko"}
     for arm, part in metrics.groupby("arm"):
         m = part.set_index("metric")
@@ -302,7 +304,7 @@ def test_stage_06_measures_slide_identity_and_skips_class_metrics_with_a_note(re
     value = metrics.pivot_table(index="metric", columns="arm", values="value")
     for name in (collapse.SITE_PROBE, collapse.SAME_SITE_NEIGHBOURS):
         assert value.loc[name, "untrained_macenko"] < value.loc[name, "untrained_raw"], name
-    verdict = workflow.collapse_verdict(metrics)
+    verdict = stage_verdict.collapse_verdict(metrics)
     assert set(verdict.cohort) == {"real"}
     comparison = verdict[verdict.comparison == "untrained_macenko vs untrained_raw"].set_index("metric")
     assert comparison.loc[collapse.KNN_LEAVE_ONE_SLIDE_OUT, "outcome"] == "skipped: no tissue labels"
@@ -312,7 +314,7 @@ def test_stage_06_measures_slide_identity_and_skips_class_metrics_with_a_note(re
         "slide identity lower; class not checked (no tissue labels)" if lower else "does not hold")
     assert comparison.loc["claim_holds", "value"] == float(lower)
 
-    written = workflow.write_collapse_figures(metrics, embeds, tmp_path)
+    written = s06_collapse.write_collapse_figures(metrics, embeds, tmp_path)
     assert [p.name for p in written] == ["collapse_metrics_real.png", "embeddings_by_arm_real.png"]
     for p in written:
         with Image.open(p) as im:
@@ -323,11 +325,11 @@ def test_stage_06_measures_slide_identity_and_skips_class_metrics_with_a_note(re
 
 def test_report_lists_the_real_cohort_figures(real_run):
     cfg, paths = real_run["cfg"], real_run["paths"]
-    metrics, embeds = workflow.collapse_by_arm(cfg, paths.stage_dir("04"))
+    metrics, embeds = s06_collapse.collapse_by_arm(cfg, paths.stage_dir("04"))
     s06 = paths.stage_dir("06")
-    workflow.write_csv_atomic(metrics, s06 / "collapse_metrics.csv")
-    workflow.write_collapse_figures(metrics, embeds, s06)
-    items, _ = workflow.report_items(cfg, paths)
+    atomic.write_csv(metrics, s06 / "collapse_metrics.csv")
+    s06_collapse.write_collapse_figures(metrics, embeds, s06)
+    items, _ = s07_report.report_items(cfg, paths)
     names = [Path(i.path).name for i in items if i.section == "06 Feature collapse"]
     assert "collapse_metrics_real.png" in names and "embeddings_by_arm_real.png" in names
     assert "embeddings_by_arm.png" not in names  # no synthetic cohort in this run: not listed as missing
@@ -346,14 +348,14 @@ def test_a_store_holding_a_heldout_slide_stops_stage_04(real_run, tmp_path):
     patch_store.normalize_slides(tile_sources(sets), results / "02_normalize" / "raw", mode="raw",
                                  progress=False)
     with pytest.raises(RuntimeError, match=held.slide_id.iloc[0]):
-        workflow.feature_datasets(real_run["cfg"], s01)
+        stage_datasets.feature_datasets(real_run["cfg"], s01)
     # once every arm's pretraining config excludes the held-out slides, the store's copy is never trained on
     assert real_run["cfg"].arms
     for arm in real_run["cfg"].arms:
-        config_path = workflow.write_pretrain_config(real_run["cfg"], arm, results / "02_normalize",
+        config_path = s03_pretrain.write_pretrain_config(real_run["cfg"], arm, results / "02_normalize",
                                                      results / "03_pretrain" / arm)
         assert held.slide_id.iloc[0] in yaml.safe_load(config_path.read_text())["exclude_slide_ids"]
-    assert workflow.REAL_HELDOUT_TASK in workflow.feature_datasets(real_run["cfg"], s01)
+    assert stage_datasets.REAL_HELDOUT_TASK in stage_datasets.feature_datasets(real_run["cfg"], s01)
 
 
 @pytest.mark.slow
@@ -389,10 +391,10 @@ def test_run_all_on_a_paper_like_real_cohort(tmp_path, shared_data):
     assert code == 0
     paths = ResultsPaths(tmp_path / "results", "paper")
     datasets = pd.read_csv(paths.stage_dir("04") / "datasets.csv").set_index("dataset")
-    assert datasets.loc[workflow.REAL_HELDOUT_TASK, "status"] == "present"
-    assert "left out by the cap of 20 per slide" in datasets.loc[workflow.REAL_HELDOUT_TASK, "detail"]
+    assert datasets.loc[stage_datasets.REAL_HELDOUT_TASK, "status"] == "present"
+    assert "left out by the cap of 20 per slide" in datasets.loc[stage_datasets.REAL_HELDOUT_TASK, "detail"]
     summary = pd.read_csv(paths.stage_dir("05") / "probe_summary.csv").set_index("task")
-    assert summary.loc[workflow.REAL_HELDOUT_TASK, "status"].startswith("not probed")
+    assert summary.loc[stage_datasets.REAL_HELDOUT_TASK, "status"].startswith("not probed")
     assert "pcam_subset" in summary.index
     metrics = pd.read_csv(paths.stage_dir("06") / "collapse_metrics.csv")
     assert set(metrics.cohort) == {"real"} and set(metrics.arm) == {"untrained_raw", "untrained_macenko"}

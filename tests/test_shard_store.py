@@ -311,7 +311,7 @@ def test_data_scale_benchmark_quick(tmp_path, shared_data):
 def test_heldout_slides_in_a_shard_store_or_storeless_index_are_found(tmp_path):
     import pandas as pd
 
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages import datasets
 
     normalize_dir = tmp_path / "02_normalize"
     _write(normalize_dir / "raw", {"train1": _random_tiles(0, 3), "held1": _random_tiles(1, 3)}, encoding="png")
@@ -321,7 +321,7 @@ def test_heldout_slides_in_a_shard_store_or_storeless_index_are_found(tmp_path):
             for s in ("held2", "train1")]
     storeless.write_storeless_index(sets, normalize_dir / "storeless")
     slides = pd.DataFrame({"slide_id": ["train1", "held1", "held2"], "split": ["train", "heldout", "heldout"]})
-    assert workflow.heldout_in_pretraining_stores(slides, normalize_dir) == {"raw": ["held1"],
+    assert datasets.heldout_in_pretraining_stores(slides, normalize_dir) == {"raw": ["held1"],
                                                                              "storeless": ["held2"]}
 
 
@@ -329,11 +329,11 @@ def test_storeless_data_source_points_every_arm_at_the_coordinate_index(tmp_path
     import yaml
 
     from exaonepath_core.config import load_config
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages import s03_pretrain
 
     cfg = load_config("ci", {"results_root": str(tmp_path), "pretrain.data_source": "storeless"})
     for arm in ("raw", "macenko"):
-        written = yaml.safe_load(workflow.write_pretrain_config(cfg, arm, tmp_path / "02_normalize",
+        written = yaml.safe_load(s03_pretrain.write_pretrain_config(cfg, arm, tmp_path / "02_normalize",
                                                                 tmp_path / "03_pretrain" / arm).read_text())
         assert written["data_root"] == str(tmp_path / "02_normalize" / "storeless")
         assert written["normalize_on_the_fly"] is (arm == "macenko")  # raw tiles: macenko on the device

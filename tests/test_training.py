@@ -384,7 +384,7 @@ def test_the_trainer_process_dies_with_the_process_that_started_it(tmp_path):
         f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
     (tmp_path / "starter.py").write_text(
         "import subprocess, sys, time\n"
-        "from exaonepath_core.stages.workflow import _die_with_parent\n"
+        "from exaonepath_core.stages.s03_pretrain import _die_with_parent\n"
         f"subprocess.Popen([sys.executable, {str(tmp_path / 'child.py')!r}], preexec_fn=_die_with_parent)\n"
         "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, str(tmp_path / "starter.py")],
@@ -412,22 +412,22 @@ def test_the_trainer_process_dies_with_the_process_that_started_it(tmp_path):
 
 def test_changed_settings_move_an_arms_earlier_run_aside(tmp_path, capsys):
     from exaonepath_core.config import load_config
-    from exaonepath_core.stages import workflow
+    from exaonepath_core.stages import s03_pretrain
 
     out = tmp_path / "03_pretrain" / "raw"
     cfg = load_config("ci", {"results_root": str(tmp_path)})
-    first = workflow.write_pretrain_config(cfg, "raw", tmp_path / "02_normalize", out)
+    first = s03_pretrain.write_pretrain_config(cfg, "raw", tmp_path / "02_normalize", out)
     (out / "checkpoint.pth").write_bytes(b"trained")
     mtime = first.stat().st_mtime_ns
     # same settings, or only ones a resumed run may change: the run stays and resumes
-    assert workflow.write_pretrain_config(cfg, "raw", tmp_path / "02_normalize", out).stat().st_mtime_ns == mtime
+    assert s03_pretrain.write_pretrain_config(cfg, "raw", tmp_path / "02_normalize", out).stat().st_mtime_ns == mtime
     longer = load_config("ci", {"results_root": str(tmp_path), "pretrain.max_steps": 50})
-    workflow.write_pretrain_config(longer, "raw", tmp_path / "02_normalize", out)
+    s03_pretrain.write_pretrain_config(longer, "raw", tmp_path / "02_normalize", out)
     assert (out / "checkpoint.pth").is_file() and not list(out.parent.glob("raw.superseded-*"))
     # a new learning rate, or patches normalized with another beta: a new run, the old one kept aside
     for change in ({"pretrain.lr": 0.004}, {"normalize.beta": 0.3}):
         changed = load_config("ci", {"results_root": str(tmp_path), **change})
-        workflow.write_pretrain_config(changed, "raw", tmp_path / "02_normalize", out)
+        s03_pretrain.write_pretrain_config(changed, "raw", tmp_path / "02_normalize", out)
         assert not (out / "checkpoint.pth").exists()
         (out / "checkpoint.pth").write_bytes(b"trained")
     assert len(list(out.parent.glob("raw.superseded-*"))) == 2

@@ -44,6 +44,14 @@ def read_table(path: str | Path) -> pd.DataFrame | None:
         return pd.DataFrame()
 
 
+def read_csv_or_none(path: str | Path) -> pd.DataFrame | None:
+    """A stage's CSV for the runner's warnings; None when it is absent, unreadable or empty (nothing to warn of)."""
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError):
+        return None
+
+
 def _not_present(datasets: pd.DataFrame) -> dict[str, str]:
     """{dataset: detail} of the datasets stage 04 did not embed."""
     status = datasets["status"].astype(str)

@@ -5,8 +5,8 @@ Each stage is one notebook in `notebooks/`. The runner resolves the profile's co
 executes each notebook with papermill, passing the parameters it declares among `config_path`, `profile`, `force`
 (and, for stage 03, one `arm` per run so each pretraining arm keeps its own executed copy).
 A stage whose done-marker carries the same config hash is skipped; once a stage runs, every later stage runs too.
-The hash covers the config keys the stage or an upstream stage reads, less those that change speed or display
-only (`HASH_EXCLUDED_KEYS`).
+The hash covers the config keys the stage or an upstream stage reads (each stage module's `SPEC`), less those
+that change speed or display only (`stages.base.HASH_EXCLUDED_KEYS`).
 A failing notebook stops the run with exit code 1, naming the stage, the failing cell and the error; the
 executed notebook (with the traceback in it) is kept under `results/<profile>/notebooks/`.
 One runner works on a run folder at a time (`hold_run_folder`: a second exits 4 naming the first), except shards
@@ -34,13 +34,17 @@ from exaonepath_core.config import (
     ConfigError,
     ProjectConfig,
     load_config,
-    load_run_config,
     parse_override,
     resolve_path,
     save_config,
     shard_count,
 )
-from exaonepath_core.io.paths import STAGES, ResultsPaths, stage_key
+from exaonepath_core.data.cohort import parse_shard
+from exaonepath_core.data.downstream.check import available_datasets
+from exaonepath_core.io.atomic import LockBusy, file_lock
+from exaonepath_core.stages import registry
+from exaonepath_core.stages.registry import SPECS, STAGES, stage_config_hash, stage_key
+from exaonepath_core.stages.results import ResultsPaths, missing_upstream
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 KERNEL_NAME = "exaonepath"  # registered into .venv by run_all.sh; falls back to the running interpreter's python3
@@ -51,46 +55,6 @@ def kernel_name() -> str:
     from jupyter_client.kernelspec import KernelSpecManager
 
     return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else "python3"
-
-# Config keys (sections or dotted keys) each stage reads; a stage's hash covers its own and every upstream
-# stage's keys, so a change upstream re-runs everything below it.
-_STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "01": ("profile", "seed", "data", "tiling"),
-    "02": ("normalize",),
-    "03": ("arms", "pretrain", "nproc_per_node", "device"),
-    "04": ("features", "data.downstream_roots"),
-    "05": ("probes",),
-    "06": ("collapse",),
-    "07": (),
-}
-
-# Keys left out of every stage hash: they change how fast a stage runs or what its notebook displays, not what
-# it writes (or, for downstream_roots, only what stage 04 reads, so they sit in stage 04's keys instead).
-HASH_EXCLUDED_KEYS: dict[str, str] = {
-    "data.downstream_roots": "read by stage 04 only (listed there)",
-    "tiling.workers": "parallel processes; the same tiles",
-    "tiling.qc_figures": "how many QC images the notebook displays",
-    "pretrain.num_workers": "data-loader processes; samples are seeded per (epoch, index)",
-    "pretrain.progress_bar": "terminal display",
-    "pretrain.tensorboard": "live curves beside log.jsonl",
-    "pretrain.wandb_project": "where live curves are sent",
-    "features.num_workers": "data-loader processes; the same features in the same order",
-    # every shard of a stage writes into the one stage folder, and the run without a shard that completes it
-    # must find their outputs there (a hash per shard would move each shard's work aside as "another config")
-    "tiling.shard": "which part of the slide list this process tiles",
-    "normalize.shard": "which part of the slide list this process normalizes",
-}
-
-
-def stage_config_hash(cfg: ProjectConfig, stage: str) -> str:
-    """Hash of every config key this stage or an upstream stage reads (less `HASH_EXCLUDED_KEYS`)."""
-    keys: list[str] = []
-    for key in STAGES:
-        keys.extend(_STAGE_KEYS[key])
-        if key == stage_key(stage):
-            break
-    return cfg.keys_hash(keys, exclude=HASH_EXCLUDED_KEYS)
-
 
 class RunBusy(RuntimeError):
     """Another runner is working on the same run folder."""
@@ -146,8 +110,6 @@ def hold_run_folder(profile_dir: Path, shard_tag: str = "") -> Iterator[bool]:
     holder. Shards of one stage (SLURM array tasks) share the folder, each holding its own shard's lock too.
     The kernel releases a dead runner's locks. On a file system without flock the run goes on unguarded.
     """
-    from exaonepath_core.io.atomic import LockBusy, file_lock
-
     holder = (f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
               + " ".join(sys.argv))
     wanted = [(profile_dir / ".run_all.lock", bool(shard_tag))]  # (lock file, shared)
@@ -173,14 +135,13 @@ def hold_run_folder(profile_dir: Path, shard_tag: str = "") -> Iterator[bool]:
 @contextlib.contextmanager
 def _stage_setup_lock(profile_dir: Path, stage: str) -> Iterator[None]:
     """A short exclusive lock (waiting) around a stage's supersede / mark-inputs step."""
-    from exaonepath_core.io.atomic import file_lock
-
     with file_lock(profile_dir / f".stage-{stage_key(stage)}.setup.lock", wait=True):
         yield
 
 
 def prepare_stage_folder(paths: ResultsPaths, stage: str, config_hash: str) -> Path | None:
-    """Before a stage runs: move its outputs of another config aside (not stage 03's, which decides per arm),
+    """Before a stage runs: move its outputs of another config aside (not a per-arm stage's, 03, which decides
+    per arm),
     clear its done-marker and record the config it is now built from; returns where old outputs went.
 
     Shards starting together share the folder: one at a time does this under a short lock, so a second shard
@@ -188,7 +149,7 @@ def prepare_stage_folder(paths: ResultsPaths, stage: str, config_hash: str) -> P
     """
     key = stage_key(stage)
     with _stage_setup_lock(paths.profile_dir, key):
-        moved = paths.supersede_outputs(key, config_hash) if key != "03" else None
+        moved = None if SPECS[key].per_arm else paths.supersede_outputs(key, config_hash)
         paths.clear_done(key)
         paths.mark_inputs(key, config_hash)
     return moved
@@ -203,8 +164,6 @@ def _shards(cfg: ProjectConfig) -> list[tuple[str, str, str]]:
 
 def shard_tag(cfg: ProjectConfig) -> str:
     """'' for a whole run, else e.g. 'tiling-shard1of4': names this shard's config, notebooks and lock."""
-    from exaonepath_core.data.cohort import parse_shard
-
     # parsed: "01/4" and "1/4" are one shard, with one lock
     return ".".join("{}-shard{}of{}".format(section, *parse_shard(value)) for section, _, value in _shards(cfg))
 
@@ -215,47 +174,14 @@ def sharded_stages(cfg: ProjectConfig) -> set[str]:
 
 
 def stage_warnings(stage: str, stage_dir: Path, cfg: ProjectConfig) -> list[str]:
-    """What a finished stage's own tables say went wrong (failed slides, datasets not loaded), one line each.
+    """What a finished stage's own tables say went wrong (failed slides, datasets not loaded), one line each
+    (the stage module's `warnings`; none for a stage without one).
 
     The notebooks count every failure in their tables; this puts the counts on the console, where a run that
     exits 0 would otherwise leave them unseen.
     """
-    import pandas as pd
-
-    def table(name: str) -> pd.DataFrame | None:
-        try:
-            return pd.read_csv(stage_dir / name)
-        except (OSError, ValueError):
-            return None
-
-    out = []
-    key = stage_key(stage)
-    if key == "01" and (summary := table("tiling_summary.csv")) is not None and len(summary):
-        total = summary[summary["source"] == "all"]
-        row = (total if len(total) else summary).iloc[-1]
-        where = f"{stage_dir / 'tiling_summary.csv'} and the ledger.csv beside the tiles"
-        if int(row["failed"]):
-            out.append(f"{int(row['failed'])} of {int(row['slides'])} slide(s) failed to tile (see {where})")
-        if int(row.get("zero_tile_slides", 0)):
-            out.append(f"{int(row['zero_tile_slides'])} slide(s) gave no tile (no tissue at the threshold; see "
-                       f"{where})")
-    if key == "02" and (summary := table("normalize_summary.csv")) is not None:
-        for _, row in summary[summary["slides_failed"] > 0].iterrows():
-            reasons = str(row.get("failed_reasons", ""))
-            out.append(f"store {row['store']}: {int(row['slides_failed'])} slide(s) could not be read and are not "
-                       f"in it ({reasons[:300]}{' ...' if len(reasons) > 300 else ''}; see "
-                       f"{stage_dir / 'normalize_summary.csv'})")
-        for _, row in summary[(summary["patches"] > 0) & (summary["fallback_passed_through"] == summary["patches"])
-                              & (summary["store"] == "macenko")].iterrows():
-            out.append(f"store macenko: every one of its {int(row['patches'])} patches was passed through unchanged "
-                       "(no stain estimate: background-only tiles?), so the macenko arm sees raw colours")
-    if key == "04" and (status := table("datasets.csv")) is not None:
-        detail = dict(zip(status["dataset"], status["detail"].astype(str)))
-        for name, root in cfg.data.downstream_roots.items():
-            text = detail.get(name, "not listed")
-            if not text.startswith("present"):
-                out.append(f"dataset {name} (data.downstream_roots: {root}) was not loaded: {text}")
-    return out
+    check = getattr(registry.module(stage), "warnings", None)
+    return check(Path(stage_dir), cfg) if check is not None else []
 
 
 class StageFailed(RuntimeError):
@@ -328,10 +254,10 @@ def run_pipeline(
         selected = [s for s in selected if s in wanted]
     check_shards(cfg, selected)
     check_paper_inputs(cfg)
-    if "03" in selected and cfg.arms:  # before any stage: not after hours of tiling, as 8 CPU ranks killed for memory
-        from exaonepath_core.pretrain.rank_checks import check_nproc_per_node
-
-        check_nproc_per_node(cfg.nproc_per_node, cfg.device)
+    for key in selected:  # each stage's own checks before any stage runs (e.g. 03: ranks the device can hold)
+        preflight = getattr(registry.module(key), "preflight", None)
+        if preflight is not None:
+            preflight(cfg)
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
     if selected:  # the stages this run does not run must have finished before: say so before any work
         missing = [k for k in missing_upstream(cfg, paths, selected[0]) if k not in selected]
@@ -380,9 +306,7 @@ def _run_stages(cfg: ProjectConfig, paths: ResultsPaths, selected: list[str], ta
             print(f"[run_all] {nb_name}: its outputs were built from another config; moved aside to "
                   f"{moved} (delete it when no longer needed) and rebuilt", flush=True)
         t0 = time.time()
-        runs = [None]
-        if key == "03":
-            runs = list(cfg.arms)
+        runs = list(cfg.arms) if SPECS[key].per_arm else [None]
         declared = notebook_parameters(notebook)
         for arm in runs:
             suffix = (f"_{arm}" if arm else "") + (f".{tag}" if tag else "")
@@ -465,8 +389,6 @@ def check_paper_inputs(cfg: ProjectConfig) -> None:
         )
     # the layouts too (class folders, h5 keys; no decoding): a broken dataset found in stage 04 would come after
     # days of pretraining, and would then only be listed as absent
-    from exaonepath_core.data.downstream.check import available_datasets
-
     roots = {name: resolve_path(root) for name, root in cfg.data.downstream_roots.items()}
     status = available_datasets(roots, strict=True, names=list(roots))
     broken = [f"data.downstream_roots.{name}: {text}" for name, text in status.items() if text != "present"]
@@ -476,30 +398,6 @@ def check_paper_inputs(cfg: ProjectConfig) -> None:
             "(`python -m exaonepath_core.data.downstream check --dataset NAME --root DIR [--deep]` for details):\n  "
             + "\n  ".join(broken)
         )
-
-
-def missing_upstream(cfg: ProjectConfig, paths: ResultsPaths, stage: str) -> list[str]:
-    """Keys of the stages before `stage` that have no done-marker in this run's folder."""
-    key = stage_key(stage)
-    upstream = [k for k in STAGES if k < key]
-    if not cfg.arms:  # no pretraining arm: stages 02-03 have nothing to do (untrained / extra backbones only)
-        upstream = [k for k in upstream if k not in ("02", "03")]
-    return [k for k in upstream if not paths.done_marker(k).is_file()]
-
-
-def open_stage(stage: str, config_path: str = "", profile: str = "smoke") -> tuple[ProjectConfig, ResultsPaths]:
-    """A stage notebook's set-up: its run's resolved config and paths; upstream stages must have finished."""
-    key = stage_key(stage)
-    cfg = load_run_config(config_path, profile)
-    paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
-    missing = missing_upstream(cfg, paths, key)
-    if missing:
-        first = STAGES[missing[0]][0]
-        raise RuntimeError(
-            f"stage {STAGES[key][0]} needs stage(s) {', '.join(STAGES[k][0] for k in missing)} of run "
-            f"{cfg.results_name!r} first (no done-marker under {paths.profile_dir}): run "
-            f"`./run_all.sh --profile {cfg.profile} --from {missing[0]}` ({first} onwards)")
-    return cfg, paths
 
 
 def _parse_sweep(text: str) -> tuple[str, list[Any]]:

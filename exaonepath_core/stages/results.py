@@ -1,4 +1,5 @@
-"""The one map of `results/<profile>/<stage>/...` and the stage done-markers."""
+"""The one map of `results/<run>/<stage>/...`, the stage done-markers, and a stage notebook's set-up
+(`open_stage`: the run's config and paths, upstream stages finished)."""
 from __future__ import annotations
 
 import json
@@ -7,30 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Stage key -> (notebook file stem, results sub-folder). Order is the pipeline order.
-STAGES: dict[str, tuple[str, str]] = {
-    "01": ("01_tile_slides", "01_tiles"),
-    "02": ("02_normalize_stains", "02_normalize"),
-    "03": ("03_pretrain_dino", "03_pretrain"),
-    "04": ("04_extract_features", "04_features"),
-    "05": ("05_linear_probes", "05_probes"),
-    "06": ("06_feature_collapse", "06_collapse"),
-    "07": ("07_figures_and_tables", "07_report"),
-}
-
-
-def stage_key(name: str) -> str:
-    """Accept '03', '3', '03_pretrain', '03_pretrain_dino' or 'pretrain' and return the stage key '03'."""
-    name = name.strip()
-    if name.isdigit():
-        key = f"{int(name):02d}"
-        if key in STAGES:
-            return key
-    for key, (nb, folder) in STAGES.items():
-        if name in (nb, folder) or name == nb.split("_", 1)[1] or name == folder.split("_", 1)[1]:
-            return key
-    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(nb for nb, _ in STAGES.values())}")
-
+from exaonepath_core.config import ProjectConfig, load_run_config, resolve_path
+from exaonepath_core.io import atomic
+from exaonepath_core.stages.registry import SPECS, STAGES, stage_key
 
 UNREADABLE_MARKER = "unreadable-marker"
 
@@ -45,9 +25,12 @@ class ResultsPaths:
     @classmethod
     def for_profile(cls, profile: str, results_root: str | Path = "results") -> ResultsPaths:
         """Paths of `profile` under `results_root` (relative roots are taken from the repository root)."""
-        from exaonepath_core.config import resolve_path
-
         return cls(resolve_path(results_root), profile)
+
+    @property
+    def stages(self) -> dict[str, tuple[str, str]]:
+        """Stage key -> (notebook, folder), in pipeline order."""
+        return STAGES
 
     @property
     def profile_dir(self) -> Path:
@@ -95,8 +78,7 @@ class ResultsPaths:
         marker = self.done_marker(stage)
         marker.parent.mkdir(parents=True, exist_ok=True)
         payload = {"stage": STAGES[stage_key(stage)][0], "config_hash": config_hash, "finished": time.time(), **info}
-        write_json_atomic(marker, payload)
-        return marker
+        return atomic.write_json(marker, payload)
 
     def clear_done(self, stage: str) -> None:
         self.done_marker(stage).unlink(missing_ok=True)
@@ -130,19 +112,34 @@ class ResultsPaths:
         old = self.built_from(stage)
         if old is None or old == config_hash or not folder.is_dir():
             return None
-        from exaonepath_core.io.atomic import move_aside
-
-        return move_aside(folder, "unreadable" if old == UNREADABLE_MARKER else old[:8])
+        return atomic.move_aside(folder, "unreadable" if old == UNREADABLE_MARKER else old[:8])
 
     def mark_inputs(self, stage: str, config_hash: str) -> Path:
         """Record, before the stage runs, which config its outputs are built from (see `supersede_outputs`)."""
         marker = self.inputs_marker(stage)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        return write_json_atomic(marker, {"stage": STAGES[stage_key(stage)][0], "config_hash": config_hash})
+        return atomic.write_json(marker, {"stage": STAGES[stage_key(stage)][0], "config_hash": config_hash})
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """JSON to a temp file in the same folder, then rename (never a half-written file)."""
-    from exaonepath_core.io import atomic
+def missing_upstream(cfg: ProjectConfig, paths: ResultsPaths, stage: str) -> list[str]:
+    """Keys of the stages before `stage` that have no done-marker in this run's folder."""
+    key = stage_key(stage)
+    upstream = [k for k in STAGES if k < key]
+    if not cfg.arms:  # no pretraining arm: stages 02-03 have nothing to do (untrained / extra backbones only)
+        upstream = [k for k in upstream if not SPECS[k].needs_arms]
+    return [k for k in upstream if not paths.done_marker(k).is_file()]
 
-    return atomic.write_json(path, payload)
+
+def open_stage(stage: str, config_path: str = "", profile: str = "smoke") -> tuple[ProjectConfig, ResultsPaths]:
+    """A stage notebook's set-up: its run's resolved config and paths; upstream stages must have finished."""
+    key = stage_key(stage)
+    cfg = load_run_config(config_path, profile)
+    paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
+    missing = missing_upstream(cfg, paths, key)
+    if missing:
+        first = STAGES[missing[0]][0]
+        raise RuntimeError(
+            f"stage {STAGES[key][0]} needs stage(s) {', '.join(STAGES[k][0] for k in missing)} of run "
+            f"{cfg.results_name!r} first (no done-marker under {paths.profile_dir}): run "
+            f"`./run_all.sh --profile {cfg.profile} --from {missing[0]}` ({first} onwards)")
+    return cfg, paths
