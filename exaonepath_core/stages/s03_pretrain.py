@@ -121,7 +121,7 @@ def _die_with_parent() -> None:
 
 def run_pretraining(pretrain_yaml: Path, out_dir: Path, nproc_per_node: int = 1, force: bool = False,
                     nnodes: int = 1, rdzv_endpoint: str = "") -> dict:
-    """Run `exaonepath_core.pretrain.training` in a subprocess (torchrun when nproc > 1); resume when a checkpoint exists.
+    """Run `exaonepath_core.pretrain.cli` in a subprocess (torchrun when nproc > 1); resume when a checkpoint exists.
 
     `nnodes` > 1 joins torchrun's c10d rendezvous at `rdzv_endpoint` (this node is one of them; the others run
     `python -m exaonepath_core.pretrain.launch` with the same settings, see tools/slurm/pretrain.sbatch).
