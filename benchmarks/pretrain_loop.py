@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from exaonepath_core import config
 from exaonepath_core.models.backbones import create_backbone
 from exaonepath_core.pretrain import dino, training
 
@@ -69,13 +70,13 @@ def build_store(root: Path, data: Path) -> Path:
     return root
 
 
-def loop_rate(cfg: training.PretrainConfig) -> tuple[float, int]:
+def loop_rate(cfg: config.PretrainConfig) -> tuple[float, int]:
     """The training loop's median img/s (first read interval left out) and its number of steps."""
     summary = training.train(cfg)
     return float(summary["median_img_per_s"]), int(summary["steps"])
 
 
-def step_rates(cfg: training.PretrainConfig, steps: int) -> list[float]:
+def step_rates(cfg: config.PretrainConfig, steps: int) -> list[float]:
     """img/s of `DINOTrainStep` alone on pre-made crops of the loop's shapes (first step left out)."""
     torch.manual_seed(cfg.seed)
     nets = []
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps (CI / loaded machines)")
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
-    parser.add_argument("--arm", default="raw", choices=training.INPUT_ARMS)
+    parser.add_argument("--arm", default="raw", choices=config.INPUT_ARMS)
     parser.add_argument("--rounds", type=int, default=None, help="alternating loop / step rounds (2 quick, 3)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("EXAONEPATH_TEST_DATA", "../shared/data")))
     args = parser.parse_args(argv)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         store = build_store(Path(tmp) / "store", args.data)
         loop_rates, single_rates = [], []
         for round_index in range(rounds):  # alternate so load drift hits both
-            cfg = training.PretrainConfig(**SMOKE, input_arm=args.arm, data_root=str(store), epochs=100,
+            cfg = config.PretrainConfig(**SMOKE, input_arm=args.arm, data_root=str(store), epochs=100,
                                           max_steps=steps, output_dir=str(Path(tmp) / f"run{round_index}"))
             rate, _ = loop_rate(cfg)
             loop_rates.append(rate)

@@ -16,11 +16,10 @@ import pytest
 import torch
 import yaml
 
+from exaonepath_core.config import ConfigError, PretrainConfig, load_config
 from exaonepath_core.config import ConfigError as ProjectConfigError
-from exaonepath_core.config import load_config
 from exaonepath_core.data import patch_store
 from exaonepath_core.pretrain import elastic, launch, preemption, schedules, training
-from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}

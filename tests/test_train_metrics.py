@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from exaonepath_core.config import PretrainConfig
 from exaonepath_core.pretrain import train_metrics, training
-from exaonepath_core.pretrain.training import PretrainConfig
 
 PATCH = 48
 # the curves the issue asks for (gpu_mem_mb too, on CUDA only)

@@ -45,11 +45,12 @@ NOTEBOOKS["01_tile_slides"] = [
 import pandas as pd
 from IPython.display import Image, display
 
+from exaonepath_core.config import parse_shard
 from exaonepath_core.data import cohort, tiling
-from exaonepath_core.stages import workflow
-from exaonepath_core.config import save_config
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.io.paths import write_json_atomic
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("01")
 save_config(cfg, out / "config.yaml")
 slides = cohort.build_slide_table(cfg)
@@ -63,7 +64,7 @@ print(slides.groupby(["source", "split"]).size().rename("slides").to_string())
 tiles_dir = out / params.folder_name()
 overrides = {p: cfg.data.mpp_override for p in slides.path} if cfg.data.mpp_override else None
 ledger = tiling.tile_cohort(list(slides.path), tiles_dir, params, workers=cfg.tiling.workers,
-                            shard=cohort.parse_shard(cfg.tiling.shard), force=force, mpp_overrides=overrides)
+                            shard=parse_shard(cfg.tiling.shard), force=force, mpp_overrides=overrides)
 write_json_atomic(out / "tiles.json", {"tiles_dir": str(tiles_dir), "params": params.folder_name()})
 summary = workflow.tiling_summary(slides, ledger)
 workflow.write_csv_atomic(summary, out / "tiling_summary.csv")
@@ -105,10 +106,11 @@ import matplotlib
 import numpy as np
 from IPython.display import Image, display
 
-from exaonepath_core.data import cohort, patch_store, stain, storeless
-from exaonepath_core.stages import workflow
-from exaonepath_core.config import save_config
+from exaonepath_core.config import parse_shard
+from exaonepath_core.data import cohort, normalize_store, stain, storeless
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("02")
 save_config(cfg, out / "config.yaml")
 slides = cohort.read_slide_table(paths.stage_dir("01") / "slides.csv")
@@ -123,10 +125,10 @@ workflow.check_pretraining_tiles(cfg, slides[slides.split == "train"], train_set
 sources = cohort.tile_sources(train_sets, batch_size=cfg.normalize.batch_size)
 ledgers = {}
 for mode in cfg.normalize.stores:
-    ledgers[mode] = patch_store.normalize_slides(
+    ledgers[mode] = normalize_store.normalize_slides(
         sources, out / mode, mode=mode, reference=reference if mode == "macenko" else None,
         batch_size=cfg.normalize.batch_size, device=workflow.device(cfg),
-        shard=cohort.parse_shard(cfg.normalize.shard), force=force,
+        shard=parse_shard(cfg.normalize.shard), force=force,
         macenko_params=cfg.normalize.macenko_params(), store_format=cfg.normalize.store_format,
         encoding=cfg.normalize.encoding, quality=cfg.normalize.jpeg_quality,
         jpeg_subsampling=cfg.normalize.jpeg_subsampling, shard_max_bytes=cfg.normalize.shard_max_mb << 20)
@@ -155,10 +157,10 @@ NOTEBOOKS["03_pretrain_dino"] = [
     ("code", setup_cell("03", '''import matplotlib
 from IPython.display import Image, display
 
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.pretrain import training
-from exaonepath_core.stages import workflow
-from exaonepath_core.config import save_config
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("03") / arm
 out.mkdir(parents=True, exist_ok=True)
 save_config(cfg, out / "config.yaml")
@@ -191,9 +193,9 @@ import matplotlib
 import pandas as pd
 
 from exaonepath_core.evaluation import features
-from exaonepath_core.stages import workflow
-from exaonepath_core.config import save_config
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("04")
 save_config(cfg, out / "config.yaml")
 backbones = workflow.backbone_specs(cfg, paths.stage_dir("03"), out)
@@ -237,9 +239,9 @@ NOTEBOOKS["05_linear_probes"] = [
 from IPython.display import Image, display
 
 from exaonepath_core.evaluation import probes
-from exaonepath_core.stages import workflow
-from exaonepath_core.config import save_config
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("05")
 save_config(cfg, out / "config.yaml")
 results = workflow.run_all_probes(cfg, paths.stage_dir("04"))
@@ -269,10 +271,10 @@ NOTEBOOKS["06_feature_collapse"] = [
     ("code", setup_cell("06", '''import matplotlib
 from IPython.display import Image, display
 
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.report import figures
-from exaonepath_core.stages import workflow
-from exaonepath_core.config import save_config
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("06")
 save_config(cfg, out / "config.yaml")
 figures.set_style()
@@ -299,10 +301,10 @@ NOTEBOOKS["07_figures_and_tables"] = [
     ("code", params_cell(force=False)),
     ("code", setup_cell("07", '''import matplotlib
 
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.report import html_index
-from exaonepath_core.stages import workflow
-from exaonepath_core.config import save_config
 from exaonepath_core.run.pipeline import open_stage
+from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("07")
 save_config(cfg, out / "config.yaml")
 workflow.write_model_comparison(cfg, paths)  # the paper's table and Figure 1, published beside measured

@@ -13,8 +13,8 @@ from exaonepath_core.io import atomic
 
 DEFAULT_STAIN_MATRIX = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
 DEFAULT_MAX_CONCENTRATIONS = (1.9705, 1.0308)
-# Io / alpha / beta of the per-patch estimate as the paper (and torchstain) set them: the keyword defaults below
-DEFAULT_MACENKO_PARAMS = {"Io": 240.0, "alpha": 1.0, "beta": 0.15}
+# Io / alpha / beta of the per-patch estimate: the keyword defaults below are the paper's (and torchstain's),
+# config.DEFAULT_MACENKO_PARAMS
 
 
 @dataclass

@@ -48,7 +48,7 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from exaonepath_core.data.cohort import check_shard, parse_shard
+from exaonepath_core.config import check_shard, parse_shard
 from exaonepath_core.io import atomic
 from exaonepath_core.io.slides import Slide, SlideError, open_slide, slide_id_from_path
 

@@ -16,6 +16,8 @@ import torch.nn.functional as nnf
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from exaonepath_core.config import CENTERINGS, CLIP_MODES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -522,7 +524,6 @@ def dino_loss_from_targets(
     return total / n_terms
 
 
-CENTERINGS = ("center", "sinkhorn_knopp")
 
 
 def _distributed() -> bool:
@@ -581,7 +582,6 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
     return center * momentum + (batch_sum / rows) * (1.0 - momentum)
 
 
-CLIP_MODES = ("per_parameter", "global")
 
 
 @torch.no_grad()

@@ -36,8 +36,8 @@ def model_of_backbone(backbone: str) -> str | None:
 def peer_status(extra_backbones: Sequence[str], backbone_names: Sequence[str]) -> pd.DataFrame:
     """One row per registered peer and EXAONEPath: measured (its feature folder exists), absent (configured but
     no weights found, with the reason) or not configured; RudolfV: published numbers only."""
-    from exaonepath_core.config import resolve_backbone_spec
     from exaonepath_core.models import peers
+    from exaonepath_core.models.backbones import resolve_backbone_spec
 
     found = {model_of_backbone(b): b for b in backbone_names if model_of_backbone(b)}
     configured: dict[str, str] = {}
@@ -188,7 +188,7 @@ def _metric_row(part: pd.DataFrame, metric: str) -> pd.Series | None:
 
 def backbone_kind(arm: str) -> str:
     """What a stage-06 arm is: our pretraining arm, the untrained initialisation, a peer or another backbone."""
-    from exaonepath_core.pretrain.training import INPUT_ARMS
+    from exaonepath_core.config import INPUT_ARMS
 
     if arm in INPUT_ARMS:
         return "pretraining arm"

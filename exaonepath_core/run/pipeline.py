@@ -36,11 +36,13 @@ from exaonepath_core.config import (
     load_config,
     load_run_config,
     parse_override,
+    parse_shard,
     resolve_path,
-    save_config,
     shard_count,
 )
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.io.paths import STAGES, ResultsPaths, stage_key
+from exaonepath_core.stages import config_checks
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 KERNEL_NAME = "exaonepath"  # registered into .venv by run_all.sh; falls back to the running interpreter's python3
@@ -203,8 +205,6 @@ def _shards(cfg: ProjectConfig) -> list[tuple[str, str, str]]:
 
 def shard_tag(cfg: ProjectConfig) -> str:
     """'' for a whole run, else e.g. 'tiling-shard1of4': names this shard's config, notebooks and lock."""
-    from exaonepath_core.data.cohort import parse_shard
-
     # parsed: "01/4" and "1/4" are one shard, with one lock
     return ".".join("{}-shard{}of{}".format(section, *parse_shard(value)) for section, _, value in _shards(cfg))
 
@@ -317,7 +317,7 @@ def run_pipeline(
     log_output: bool = False,
 ) -> dict[str, str]:
     """Run the stages of a profile in order; returns {stage: 'ran'|'skipped'}; raises StageFailed."""
-    cfg = load_config(profile, overrides)
+    cfg = config_checks.load_checked_config(profile, overrides)
     if results_name:
         cfg.run_name = results_name  # the folder only: cfg.profile and cfg.strict_inputs keep the profile's values
     selected = list(STAGES)
@@ -490,7 +490,7 @@ def missing_upstream(cfg: ProjectConfig, paths: ResultsPaths, stage: str) -> lis
 def open_stage(stage: str, config_path: str = "", profile: str = "smoke") -> tuple[ProjectConfig, ResultsPaths]:
     """A stage notebook's set-up: its run's resolved config and paths; upstream stages must have finished."""
     key = stage_key(stage)
-    cfg = load_run_config(config_path, profile)
+    cfg = config_checks.validate(load_run_config(config_path, profile))
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
     missing = missing_upstream(cfg, paths, key)
     if missing:

@@ -141,7 +141,7 @@ def write_pretrain_config(cfg: ProjectConfig, arm: str, normalize_dir: Path, out
     """The flat pretraining YAML of one arm: same settings and seed for every arm, only the input differs."""
     import yaml
 
-    from exaonepath_core.pretrain.training import PretrainConfig
+    from exaonepath_core.config import PretrainConfig
 
     settings = dict(cfg.pretrain)
     storeless = settings.get("data_source", "store") == "storeless"
@@ -182,7 +182,7 @@ def _supersede_changed_run(cfg: ProjectConfig, out_dir: Path, settings: dict[str
     stages that made its patch store (data, tiling, normalize). As with the runner's stage folders, a run of
     unknown inputs (no record) is kept; the trainer's own resume check still guards it.
     """
-    from exaonepath_core.pretrain.training import RESUME_MUTABLE_KEYS
+    from exaonepath_core.config import RESUME_MUTABLE_KEYS
     from exaonepath_core.run.pipeline import stage_config_hash
 
     record = {"settings": {k: v for k, v in settings.items() if k not in RESUME_MUTABLE_KEYS},
@@ -304,8 +304,8 @@ def backbone_specs(cfg: ProjectConfig, pretrain_dir: Path, features_dir: Path | 
 
 def _peer_weights_present(spec: str) -> bool:
     """Whether a `peer:` spec's weights file can be found locally (prints why not)."""
-    from exaonepath_core.config import resolve_backbone_spec
     from exaonepath_core.models import peers
+    from exaonepath_core.models.backbones import resolve_backbone_spec
 
     options = resolve_backbone_spec(spec)
     try:
@@ -322,8 +322,8 @@ def untrained_backbones(cfg: ProjectConfig, out_dir: Path, reference_json: Path)
     separates what DINO learned from what the input transformation alone does to slide identifiability."""
     import torch
 
+    from exaonepath_core.config import PretrainConfig
     from exaonepath_core.models.backbones import create_backbone
-    from exaonepath_core.pretrain.training import PretrainConfig
 
     pcfg = PretrainConfig.from_mapping(dict(cfg.pretrain))
     torch.manual_seed(cfg.seed)  # training.train seeds the same way before building the student
@@ -347,8 +347,8 @@ def load_backbone_with_transform(spec: str, cfg: ProjectConfig):
     """Model (eval, on the run's device), its batch transform and info. Each backbone carries its own
     preprocessing: our macenko arm's teacher (its export records the arm and reference) and the official
     EXAONEPath checkpoint see Macenko-normalized inputs, the others raw inputs."""
-    from exaonepath_core.config import resolve_backbone_spec
     from exaonepath_core.models import backbones
+    from exaonepath_core.models.backbones import resolve_backbone_spec
 
     options = resolve_backbone_spec(spec)  # paths read as the config check read them (repository root, ~)
     if options["kind"] == "exaonepath" and options.get("macenko_reference") is None:
@@ -867,7 +867,7 @@ def _verdict_of_cohort(metrics: pd.DataFrame, class_margin: float) -> pd.DataFra
         frame = table[col]
         return float("nan") if frame is None else frame.loc[metric, arm]
 
-    from exaonepath_core.pretrain.training import INPUT_ARMS
+    from exaonepath_core.config import INPUT_ARMS
 
     # the claim is about our pretraining arms (same network, data and schedule, another input); an extra
     # backbone (another architecture, another training) stays in the metrics table, described, not judged
