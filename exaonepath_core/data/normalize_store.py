@@ -17,10 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from exaonepath_core.config import DEFAULT_MACENKO_PARAMS, STORE_FORMATS, STORE_MODES
+from exaonepath_core.config import DEFAULT_MACENKO_PARAMS, STORE_FORMATS, STORE_MODES, NormalizeSection
 from exaonepath_core.data import patch_store, shard_store
 from exaonepath_core.data.stain import MacenkoReference, macenko_normalize_batch
 from exaonepath_core.data.store_layout import LEDGER_COLUMNS, TileSource, shard_slide_ids, validate_slide_id
+
+_NORMALIZE = NormalizeSection()  # the keyword defaults are the config's (normalize.batch_size, ...)
 
 
 def normalize_slides(
@@ -28,7 +30,7 @@ def normalize_slides(
     root: str | os.PathLike,
     mode: str,
     reference: MacenkoReference | None = None,
-    batch_size: int = 64,
+    batch_size: int = _NORMALIZE.batch_size,
     device: str | torch.device = "cpu",
     shard: tuple[int, int] = (0, 1),
     force: bool = False,
@@ -36,10 +38,10 @@ def normalize_slides(
     patch_size: int | None = None,
     macenko_params: dict | None = None,
     store_format: str = "npy",
-    encoding: str = "jpeg",
-    quality: int = 90,
+    encoding: str = _NORMALIZE.encoding,
+    quality: int = _NORMALIZE.jpeg_quality,
     shard_max_bytes: int | None = None,
-    jpeg_subsampling: str = "4:2:0",
+    jpeg_subsampling: str = _NORMALIZE.jpeg_subsampling,
 ) -> pd.DataFrame:
     """Write every slide of this shard into the store (normalized when mode == 'macenko'); returns its ledger.
 

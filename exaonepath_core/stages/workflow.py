@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from exaonepath_core.config import REPO_ROOT, ProjectConfig, pick_device, resolve_path
+from exaonepath_core.config import (
+    INPUT_ARMS,
+    REPO_ROOT,
+    RESUME_MUTABLE_KEYS,
+    PretrainConfig,
+    ProjectConfig,
+    pick_device,
+    resolve_path,
+    store_for_arm,
+)
 from exaonepath_core.io import atomic
 from exaonepath_core.pretrain import rank_checks
 from exaonepath_core.report import stage_tables
@@ -141,13 +150,12 @@ def write_pretrain_config(cfg: ProjectConfig, arm: str, normalize_dir: Path, out
     """The flat pretraining YAML of one arm: same settings and seed for every arm, only the input differs."""
     import yaml
 
-    from exaonepath_core.config import PretrainConfig
-
     settings = dict(cfg.pretrain)
-    storeless = settings.get("data_source", "store") == "storeless"
+    data_source = cfg.pretrain_setting("data_source")
     # storeless tiles are raw: the macenko arm then normalizes them on the training device
-    on_the_fly = (bool(settings.get("normalize_on_the_fly", False)) or storeless) and arm == "macenko"
-    store = "storeless" if storeless else "macenko" if arm == "macenko" and not on_the_fly else "raw"
+    on_the_fly = arm == "macenko" and (bool(cfg.pretrain_setting("normalize_on_the_fly"))
+                                       or data_source == "storeless")
+    store = store_for_arm(arm, on_the_fly, data_source)
     slides_csv = Path(normalize_dir).parent / "01_tiles" / "slides.csv"
     heldout = []
     if slides_csv.is_file():
@@ -182,7 +190,6 @@ def _supersede_changed_run(cfg: ProjectConfig, out_dir: Path, settings: dict[str
     stages that made its patch store (data, tiling, normalize). As with the runner's stage folders, a run of
     unknown inputs (no record) is kept; the trainer's own resume check still guards it.
     """
-    from exaonepath_core.config import RESUME_MUTABLE_KEYS
     from exaonepath_core.run.pipeline import stage_config_hash
 
     record = {"settings": {k: v for k, v in settings.items() if k not in RESUME_MUTABLE_KEYS},
@@ -322,7 +329,6 @@ def untrained_backbones(cfg: ProjectConfig, out_dir: Path, reference_json: Path)
     separates what DINO learned from what the input transformation alone does to slide identifiability."""
     import torch
 
-    from exaonepath_core.config import PretrainConfig
     from exaonepath_core.models.backbones import create_backbone
 
     pcfg = PretrainConfig.from_mapping(dict(cfg.pretrain))
@@ -866,8 +872,6 @@ def _verdict_of_cohort(metrics: pd.DataFrame, class_margin: float) -> pd.DataFra
     def bound(col: str, metric: str, arm: str) -> float:
         frame = table[col]
         return float("nan") if frame is None else frame.loc[metric, arm]
-
-    from exaonepath_core.config import INPUT_ARMS
 
     # the claim is about our pretraining arms (same network, data and schedule, another input); an extra
     # backbone (another architecture, another training) stays in the metrics table, described, not judged
