@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exaonepath_core.evaluation import collapse
+from exaonepath_core.io import atomic
 
 
 def synthetic_features(
@@ -156,10 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(f"peak RSS {summary['peak_rss_mb']} MB")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=float))
-        tmp.replace(args.json)
+        atomic.write_text(args.json, json.dumps(summary, indent=2, default=float) + "\n")
     return summary
 
 

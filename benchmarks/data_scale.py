@@ -48,14 +48,17 @@ def _data_dir() -> Path:
 
 def real_tiles(work: Path):
     """The CMU slide's stage-01 tile set (0.5 um/px, 224 px) and its tiles, uint8 (N, 224, 224, 3)."""
-    from exaonepath_core.data import tiling
+    from exaonepath_core.data.tiling.coords import load_tile_set
+    from exaonepath_core.data.tiling.dataset import read_tiles
+    from exaonepath_core.data.tiling.params import TilingParams
+    from exaonepath_core.data.tiling.slide import tile_slide
 
     slide = _data_dir() / "wsi" / "CMU-1-Small-Region.svs"
     if not slide.is_file():
         sys.exit(f"data_scale: real slide not found at {slide} (set EXAONEPATH_TEST_DATA to the shared/data folder)")
-    tiling.tile_slide(slide, work / "tiles", tiling.TilingParams(qc_figure=False))
-    tile_set = tiling.load_tile_set(work / "tiles" / "coords" / "CMU-1-Small-Region.h5")
-    return tile_set, np.concatenate(list(tiling.read_tiles(tile_set)))
+    tile_slide(slide, work / "tiles", TilingParams(qc_figure=False))
+    tile_set = load_tile_set(work / "tiles" / "coords" / "CMU-1-Small-Region.h5")
+    return tile_set, np.concatenate(list(read_tiles(tile_set)))
 
 
 def bytes_per_patch(work: Path, tiles: np.ndarray) -> dict:
@@ -222,14 +225,16 @@ def storeless_vs_read_region(work: Path, tile_set, n_slides: int, reads: int, ro
     """Tile reads/s of the storeless dataset vs bare OpenSlide read_region over the same coordinates."""
     import openslide
 
-    from exaonepath_core.data import storeless, tiling
+    from exaonepath_core.data import storeless
+    from exaonepath_core.data.tiling.coords import TileSet
+    from exaonepath_core.io.slides import slide_id_from_path
 
     sets = []
     for i in range(n_slides):  # one slide under several names: distinct handles, as distinct slides would be
         path = work / "wsi" / f"slide-{i:03d}.svs"
         path.parent.mkdir(exist_ok=True)
         os.symlink(Path(tile_set.slide_path).resolve(), path)
-        sets.append(tiling.TileSet(**{**tile_set.__dict__, "slide_id": path.stem, "slide_path": str(path)}))
+        sets.append(TileSet(**{**tile_set.__dict__, "slide_id": slide_id_from_path(path), "slide_path": str(path)}))
     storeless.write_storeless_index(sets, work / "storeless")
     dataset = storeless.StorelessDataset(work / "storeless")
     index = np.load(work / "storeless" / "index.npy")

@@ -30,8 +30,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from exaonepath_core.data.downstream import get_dataset
+from exaonepath_core.data.downstream.datasets import get_dataset
 from exaonepath_core.evaluation.features import extract_features, load_features
+from exaonepath_core.io import atomic
 from exaonepath_core.models.backbones import load_backbone, make_transform
 
 
@@ -86,8 +87,7 @@ def peer_throughput(args: argparse.Namespace) -> int:
     result = {"peers": rows, "peak_rss_mb": rss_mb(), "device": "cpu", "torch_threads": torch.get_num_threads(),
               "quick": args.quick}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        atomic.write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -153,8 +153,7 @@ def main() -> int:
     print(f"  ratio: {result['ratio']:.2f}x   max |feature diff| {max_abs_diff:.2e}   "
           f"peak RSS {result['peak_rss_mb']:.0f} MB")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        atomic.write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

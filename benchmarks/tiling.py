@@ -43,14 +43,19 @@ if str(REPO) not in sys.path:
 def _warm(_: int) -> int:
     import openslide  # noqa: F401
 
-    import exaonepath_core.data.tiling  # noqa: F401  (import cost paid before timing, like the baseline's openslide)
+    # import cost paid before timing, like the baseline's openslide
+    import exaonepath_core.data.tiling.dataset
+    import exaonepath_core.data.tiling.slide  # noqa: F401
 
     time.sleep(0.3)  # keep this worker busy so the other warm-up tasks reach the other workers
     return os.getpid()
 
 
 def _ours(args: tuple[str, str, dict]) -> int:
-    from exaonepath_core.data.tiling import TilingParams, load_tile_set, read_tiles, tile_slide
+    from exaonepath_core.data.tiling.coords import load_tile_set
+    from exaonepath_core.data.tiling.dataset import read_tiles
+    from exaonepath_core.data.tiling.params import TilingParams
+    from exaonepath_core.data.tiling.slide import tile_slide
     from exaonepath_core.io.slides import open_slide
 
     slide_path, out_dir, params = args
@@ -73,10 +78,23 @@ def _baseline(args: tuple[str, list, int, int]) -> int:
     return len(coords)
 
 
+def _own_peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (Linux), else ru_maxrss. A spawned child's ru_maxrss starts at its
+    parent's RSS at fork time, so after the parent drew a QC figure it measured the parent, not the tiler."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _peak_rss_of_tiling(args: tuple[str, str, dict]) -> dict:
     """Run in a fresh process: tile one slide and read every tile; that process's peak RSS."""
     n = _ours(args)
-    return {"n_tiles": n, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {"n_tiles": n, "peak_rss_mb": round(_own_peak_rss_mb(), 1)}
 
 
 def _timed_map(pool: ProcessPoolExecutor, fn, tasks: list) -> tuple[int, float]:
@@ -93,7 +111,8 @@ def _loadavg() -> str:
 
 
 def _synthetic_slides(cache: Path, size_px: int) -> list[Path]:
-    from exaonepath_core.data.synthetic import CohortSpec, generate_cohort
+    from exaonepath_core.data.synthetic.spec import CohortSpec
+    from exaonepath_core.data.synthetic.writer import generate_cohort
 
     folder = cache / f"synthetic_{size_px}px"
     start = time.perf_counter()
@@ -106,7 +125,8 @@ def _synthetic_slides(cache: Path, size_px: int) -> list[Path]:
 
 
 def _measure_group(name: str, cohort: list[Path], work: Path, params, workers_list: list[int], reps: int) -> dict:
-    from exaonepath_core.data.tiling import load_tile_set, tile_slide
+    from exaonepath_core.data.tiling.coords import load_tile_set
+    from exaonepath_core.data.tiling.slide import tile_slide
 
     reference = {}
     for p in cohort:
@@ -190,7 +210,7 @@ def main() -> int:
     parser.add_argument("--qc", action="store_true", help="include the QC figure in our timed tiler")
     args = parser.parse_args()
 
-    from exaonepath_core.data.tiling import TilingParams
+    from exaonepath_core.data.tiling.params import TilingParams
 
     sources = [args.data / "wsi" / "CMU-1-Small-Region.svs", args.data / "wsi" / "CMU-1-Small-Region_pyramid_generic.tiff"]
     missing = [str(p) for p in sources if not p.is_file()]
@@ -213,7 +233,8 @@ def main() -> int:
 def _run(args: argparse.Namespace, sources: list[Path], work: Path, copies: int, reps: int, params,
          loadavg_start: str) -> int:
     """Measure every group in the scratch folder `work` (removed by the caller) and print / save the results."""
-    from exaonepath_core.data.tiling import TilingParams, tile_slide
+    from exaonepath_core.data.tiling.params import TilingParams
+    from exaonepath_core.data.tiling.slide import tile_slide
 
     cmu = []
     for c in range(copies):

@@ -32,14 +32,9 @@ LONG_MARK = "# long:"
 # Today's known offenders (file relative to the repository root -> why it may offend for now). The coordinator
 # removes an entry when the branch that fixes the file merges; a new file never goes here.
 ALLOWLIST: dict[str, str] = {
-    "exaonepath_core/data/tiling.py": "being split by issue 18",
-    "exaonepath_core/data/stain.py": "being split by issue 18",
-    "exaonepath_core/data/synthetic.py": "being split by issue 18",
-    "exaonepath_core/data/downstream.py": "being split by issue 18",
     "exaonepath_core/pretrain/training.py": "being split by issue 18",
     "exaonepath_core/pretrain/dino.py": "being split by issue 18 (dino <-> multicrop_device cycle)",
     "exaonepath_core/pretrain/multicrop_device.py": "being split by issue 18 (dino <-> multicrop_device cycle)",
-    "exaonepath_core/evaluation/collapse.py": "being split by issue 18",
     "exaonepath_core/stages/workflow.py": "being split by issue 18 (one module per stage; imports run.pipeline)",
     "exaonepath_core/run/pipeline.py": "being split by issue 18",
 }

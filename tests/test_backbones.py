@@ -143,7 +143,8 @@ def test_transform_matches_torchvision_pil_pipeline(shared_data):
 
 
 def test_macenko_step_uses_the_stain_reference(shared_data):
-    from exaonepath_core.data.stain import MacenkoReference, macenko_normalize_batch
+    from exaonepath_core.data.stain.macenko import macenko_normalize_batch
+    from exaonepath_core.data.stain.reference import MacenkoReference
 
     tile = np.asarray(Image.open(shared_data / "stain" / "tiatoolbox_source_image.png").convert("RGB"))[:224, :224]
     batch = torch.from_numpy(np.ascontiguousarray(tile))[None]
@@ -209,20 +210,21 @@ def test_random_init_timm_backbone_is_reproducible_without_a_seed_in_the_spec():
 
 def test_official_checkpoint_gets_the_runs_macenko_reference(exaonepath_ckpt, shared_data, capsys):
     from exaonepath_core.config import load_config
-    from exaonepath_core.data import stain
+    from exaonepath_core.data.stain.macenko import fit_reference
+    from exaonepath_core.data.stain.reference import MacenkoReference
     from exaonepath_core.stages import workflow
 
     path, _ = exaonepath_ckpt
     cfg = load_config("smoke", {"device": "cpu"})
     _, _, info = workflow.load_backbone_with_transform(f"exaonepath:{path}", cfg)
-    assert info.preprocess.macenko_reference == stain.MacenkoReference.default().to_dict()
+    assert info.preprocess.macenko_reference == MacenkoReference.default().to_dict()
     assert (info.preprocess.resize, info.preprocess.crop) == (224, 224)  # smoke: center_crop_fraction 1.0
     assert "target_TCGA-55-A48X" in capsys.readouterr().out  # the user is told how to match the official colours
 
     target = shared_data / "stain" / "tiatoolbox_target_image.png"
     cfg = load_config("smoke", {"device": "cpu", "normalize.reference_image": str(target)})
     _, transform, info = workflow.load_backbone_with_transform(f"exaonepath:{path}", cfg)
-    fitted = stain.fit_reference(np.asarray(Image.open(target).convert("RGB")))
+    fitted = fit_reference(np.asarray(Image.open(target).convert("RGB")))
     np.testing.assert_allclose(info.preprocess.macenko_reference["stain_matrix"], fitted.stain_matrix, atol=1e-9)
     assert "target_TCGA-55-A48X" not in capsys.readouterr().out
     default = load_backbone(f"exaonepath:{path}")[1]

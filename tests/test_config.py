@@ -342,7 +342,7 @@ def test_loading_a_profile_without_timm_backbones_does_not_import_timm():
 
 
 def test_unknown_downstream_dataset_names_are_rejected_with_the_known_ones():
-    from exaonepath_core.data.downstream import DATASETS
+    from exaonepath_core.data.downstream.datasets import DATASETS
 
     with pytest.raises(ConfigError) as info:
         load_checked_config("smoke", {"data.downstream_roots": {"pcam_subset": "/x", "crc_100k": "/y"}})

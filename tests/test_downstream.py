@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from exaonepath_core.data import downstream
-from exaonepath_core.data.downstream import (
-    CRC_CLASSES,
-    PAPER_ACCURACY,
-    DatasetLayoutError,
-    PrepareError,
-    available_datasets,
-    class_names,
-    get_dataset,
-)
+from exaonepath_core.data.downstream import base, check, cli, datasets, sources
+from exaonepath_core.data.downstream.base import DatasetLayoutError
+from exaonepath_core.data.downstream.check import available_datasets
+from exaonepath_core.data.downstream.datasets import CRC_CLASSES, PAPER_ACCURACY, class_names, get_dataset
+from exaonepath_core.data.downstream.sources import PrepareError
 
 
 def _real_patches(shared_data: Path, n: int, label: int, split: str = "train") -> list[Path]:
@@ -172,18 +167,18 @@ def test_unreadable_images_name_their_file_and_deep_check_lists_them(shared_data
     Image.open(next((test_dir / "MUC").glob("*.png"))).crop((0, 0, 100, 100)).save(small)
     root = str(tmp_path)
     # the default check reads no pixels: the layout is fine, so it stays "present" (fast)
-    assert downstream.main(["check", "--dataset", "crc100k", "--root", root, "--no-strict"]) == 0
+    assert cli.main(["check", "--dataset", "crc100k", "--root", root, "--no-strict"]) == 0
     assert capsys.readouterr().out.strip() == "crc100k: present"
 
     dataset = get_dataset("crc100k", tmp_path, "test", strict=False)
     position = dataset.sample_ids.index(f"CRC-VAL-HE-7K/ADI/{truncated.name}")
-    with pytest.raises(downstream.ImageReadError) as info:
+    with pytest.raises(base.ImageReadError) as info:
         dataset[position]
     message = str(info.value)
     assert message.startswith(f"crc100k/test: cannot read sample CRC-VAL-HE-7K/ADI/{truncated.name} ({truncated})")
     assert "truncated" in message and isinstance(info.value, OSError)
 
-    checks = downstream.check_images(dataset)
+    checks = check.check_images(dataset)
     assert checks.n_checked == len(dataset) == 11 and not checks.ok
     assert sorted(path for path, _ in checks.unreadable) == sorted([str(truncated), str(garbage)])
     assert checks.common_size == (224, 224, 3) and checks.n_odd_size == 1
@@ -194,7 +189,7 @@ def test_unreadable_images_name_their_file_and_deep_check_lists_them(shared_data
     status = available_datasets({"crc100k": tmp_path}, strict=False, names=["crc100k"], deep=True, reports=reports)
     assert status["crc100k"] == "damaged: test: 2 of 11 image(s) unreadable, 1 of another size"
     assert [c.split for c in reports["crc100k"]] == ["train", "test"] and reports["crc100k"][0].ok
-    assert downstream.main(["check", "--dataset", "crc100k", "--root", root, "--no-strict", "--deep"]) == 1
+    assert cli.main(["check", "--dataset", "crc100k", "--root", root, "--no-strict", "--deep"]) == 1
     out = capsys.readouterr().out
     print(out)  # the report the user sees (pytest -s shows it)
     assert "crc100k/test: 11 image(s) decoded, 2 unreadable, 1 of another size than the common 224x224" in out
@@ -213,10 +208,10 @@ def test_sixteen_bit_images_are_refused_not_clipped(shared_data, tmp_path):
     with Image.open(deep) as opened:
         assert opened.mode.startswith("I")  # Pillow reads it as I;16 (old versions: I)
     dataset = get_dataset("msi_crc", tmp_path, "train", strict=False)
-    with pytest.raises(downstream.ImageReadError, match=r"msi_crc/train: cannot read sample TRAIN/MSS/deep.png .*"
+    with pytest.raises(base.ImageReadError, match=r"msi_crc/train: cannot read sample TRAIN/MSS/deep.png .*"
                                                         r"more than 8 bits per sample.*convert it to 8-bit RGB"):
         dataset[dataset.sample_ids.index("TRAIN/MSS/deep.png")]
-    checks = downstream.check_images(dataset)
+    checks = check.check_images(dataset)
     assert [path for path, _ in checks.unreadable] == [str(deep)] and checks.n_checked == 5
 
 
@@ -243,7 +238,7 @@ def test_pcam_garbage_h5_names_the_file(shared_data, tmp_path):
     # a dataset that opens but whose rows cannot be read names the file and the row
     dataset = get_dataset("pcam", tmp_path, "test", strict=False)
     _truncate(tmp_path / "camelyonpatch_level_2_split_test_x.h5", keep=0.3)
-    with pytest.raises(downstream.ImageReadError, match=r"pcam/test: cannot read sample test/000007 "
+    with pytest.raises(base.ImageReadError, match=r"pcam/test: cannot read sample test/000007 "
                                                         r"\(.*camelyonpatch_level_2_split_test_x.h5 row 7\)"):
         dataset[7]
 
@@ -324,21 +319,21 @@ def test_subset_is_stratified(shared_data):
 # ------------------------------------------------------------------------------------------------- prepare
 def test_prepare_fails_cleanly_without_network(tmp_path, capsys):
     with pytest.raises(PrepareError) as info:
-        downstream.prepare("pcam", tmp_path / "pcam", timeout=2, zenodo_api="http://127.0.0.1:9/")
+        sources.prepare("pcam", tmp_path / "pcam", timeout=2, zenodo_api="http://127.0.0.1:9/")
     message = str(info.value)
     assert "unreachable" in message and "camelyonpatch_level_2_split_train_x.h5.gz" in message
     assert "1571f514728f59376b705fc836ff4b63" in message  # the pinned md5 is documented
-    assert downstream.main(["prepare", "--dataset", "mhist", "--root", str(tmp_path / "mhist")]) == 2
+    assert cli.main(["prepare", "--dataset", "mhist", "--root", str(tmp_path / "mhist")]) == 2
     assert "data-use form" in capsys.readouterr().err
-    assert downstream.main(["check", "--dataset", "pcam", "--root", str(tmp_path)]) == 1
+    assert cli.main(["check", "--dataset", "pcam", "--root", str(tmp_path)]) == 1
 
 
 def test_prepare_recognises_a_present_dataset(shared_data, tmp_path):
     _tiny_crc100k(shared_data, tmp_path)
     # the tiny copy fails the strict published-count check, so prepare would try the network
     with pytest.raises(PrepareError, match="unreachable"):
-        downstream.prepare("crc100k", tmp_path, timeout=2, zenodo_api="http://127.0.0.1:9/")
-    assert downstream.main(["check", "--dataset", "crc100k", "--root", str(tmp_path), "--no-strict"]) == 0
+        sources.prepare("crc100k", tmp_path, timeout=2, zenodo_api="http://127.0.0.1:9/")
+    assert cli.main(["check", "--dataset", "crc100k", "--root", str(tmp_path), "--no-strict"]) == 0
 
 
 def test_download_is_atomic_and_checks_md5(tmp_path):
@@ -348,11 +343,25 @@ def test_download_is_atomic_and_checks_md5(tmp_path):
     payload = bytes(range(256)) * 5000
     source.write_bytes(payload)
     target = tmp_path / "dl" / "archive.bin"
-    downstream._download(source.as_uri(), target, hashlib.md5(payload).hexdigest(), timeout=5)
+    sources._download(source.as_uri(), target, hashlib.md5(payload).hexdigest(), timeout=5)
     assert target.read_bytes() == payload
-    with pytest.raises(downstream.PrepareError, match="checksum mismatch"):
-        downstream._download(source.as_uri(), tmp_path / "dl" / "bad.bin", "0" * 32, timeout=5)
+    with pytest.raises(sources.PrepareError, match="checksum mismatch"):
+        sources._download(source.as_uri(), tmp_path / "dl" / "bad.bin", "0" * 32, timeout=5)
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["archive.bin"]  # no partial file left
+
+
+def test_gunzip_is_atomic(tmp_path):
+    import gzip
+
+    payload = bytes(range(256)) * 5000
+    (tmp_path / "x.h5.gz").write_bytes(gzip.compress(payload))
+    sources._extract(tmp_path / "x.h5.gz", tmp_path)
+    assert (tmp_path / "x.h5").read_bytes() == payload
+    (tmp_path / "bad.h5.gz").write_bytes(b"not a gzip stream")
+    with pytest.raises(gzip.BadGzipFile):
+        sources._extract(tmp_path / "bad.h5.gz", tmp_path)
+    # no truncated bad.h5 (that a later layout check would report as a broken HDF5 file) and no temp file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5.gz", "x.h5", "x.h5.gz"]
 
 
 def test_your_own_image_folders_load_as_a_folder_dataset(shared_data, tmp_path, capsys):
@@ -369,14 +378,14 @@ def test_your_own_image_folders_load_as_a_folder_dataset(shared_data, tmp_path, 
                 shutil.copy(f, root / split / cls / f.name)
     (root / "train" / "notes.txt").write_text("beside the class folders: counted, not used")
     (root / "train" / ".ipynb_checkpoints").mkdir()  # JupyterLab's, when someone browses the images: not a class
-    train = downstream.get_dataset("folder_crc3", root, "train")
-    test = downstream.get_dataset("folder_crc3", root, "test")
+    train = datasets.get_dataset("folder_crc3", root, "train")
+    test = datasets.get_dataset("folder_crc3", root, "test")
     assert train.class_names == test.class_names == ("LYM", "STR", "TUM")
     assert len(train) == len(test) == 6 and np.bincount(train.labels).tolist() == [2, 2, 2]
     image, label, sample_id = train[0]
     assert image.shape == (224, 224, 3) and image.dtype == np.uint8 and label == 0
     assert sample_id.startswith("train/LYM/")
-    assert downstream.dataset_class("folder_crc3").probe_splits == ("train", None, "test")
+    assert datasets.dataset_class("folder_crc3").probe_splits == ("train", None, "test")
     # picklable (spawned DataLoader workers), subset index included
     import pickle
 
@@ -388,10 +397,10 @@ def test_your_own_image_folders_load_as_a_folder_dataset(shared_data, tmp_path, 
     assert cfg.data.downstream_roots == {"folder_crc3": str(root)}
     with pytest.raises(ConfigError, match="folder_<task>"):
         load_config("smoke", {"data.downstream_roots": {"folder_": str(root)}})
-    assert downstream.main(["check", "--dataset", "folder_crc3", "--root", str(root)]) == 0
+    assert cli.main(["check", "--dataset", "folder_crc3", "--root", str(root)]) == 0
     shutil.rmtree(root / "test" / "STR")
-    with pytest.raises(downstream.DatasetLayoutError, match="missing class folder"):
-        downstream.get_dataset("folder_crc3", root, "test")
+    with pytest.raises(base.DatasetLayoutError, match="missing class folder"):
+        datasets.get_dataset("folder_crc3", root, "test")
     (tmp_path / "empty_root").mkdir()
-    with pytest.raises(downstream.DatasetLayoutError, match="one folder per class"):
-        downstream.get_dataset("folder_crc3", tmp_path / "empty_root", "train")
+    with pytest.raises(base.DatasetLayoutError, match="one folder per class"):
+        datasets.get_dataset("folder_crc3", tmp_path / "empty_root", "train")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from exaonepath_core.data.downstream import get_dataset
+from exaonepath_core.data.downstream.datasets import get_dataset
 from exaonepath_core.evaluation.features import (
     FEATURE_FILES,
     extract_feature_shard,

@@ -6,8 +6,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from exaonepath_core.data import tiling
+from exaonepath_core.data.tiling.coords import TileSet
+from exaonepath_core.data.tiling.qc import plot_tiling_qc
 from exaonepath_core.evaluation import collapse
+from exaonepath_core.io import plotting
 from exaonepath_core.report import figures
 
 
@@ -166,16 +168,16 @@ def test_tiling_qc_legend_names_mask_and_tiles(tmp_path, saved_figures):
     mask = np.zeros((100, 150), bool)
     mask[20:80, 30:120] = True  # 36% of the thumbnail
     coords = np.array([[x, y] for y in range(800, 3200, 448) for x in range(1200, 4800, 448)])
-    tiling.plot_tiling_qc("/nowhere/slide_a.svs", coords, mask, tmp_path / "qc.png", thumbnail=thumbnail,
-                          level0_patch_size=448, level0_dimensions=(6000, 4000))
+    plot_tiling_qc("/nowhere/slide_a.svs", coords, mask, tmp_path / "qc.png", thumbnail=thumbnail,
+                   level0_patch_size=448, level0_dimensions=(6000, 4000))
     legend = saved_figures[-1].axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["tissue mask (36% of slide)", f"tiles kept ({len(coords)})"]
     assert saved_figures[-1].axes[0].get_title() == f"slide_a: {len(coords)} tiles of 448 px at level 0"
-    tile_set = tiling.TileSet(slide_id="slide_a", slide_path="/nowhere/slide_a.svs", coords=coords[:5],
-                              tissue_fraction=np.ones(5, np.float32), tile_size=224, level0_patch_size=448,
-                              read_level=0, read_size=448, target_mpp=0.5, source_mpp=0.25)
-    tiling.plot_tiling_qc("/nowhere/slide_a.svs", tile_set, None, tmp_path / "qc2.png", thumbnail=thumbnail,
-                          level0_dimensions=(6000, 4000))
+    tile_set = TileSet(slide_id="slide_a", slide_path="/nowhere/slide_a.svs", coords=coords[:5],
+                       tissue_fraction=np.ones(5, np.float32), tile_size=224, level0_patch_size=448,
+                       read_level=0, read_size=448, target_mpp=0.5, source_mpp=0.25)
+    plot_tiling_qc("/nowhere/slide_a.svs", tile_set, None, tmp_path / "qc2.png", thumbnail=thumbnail,
+                   level0_dimensions=(6000, 4000))
     axis = saved_figures[-1].axes[0]
     assert [t.get_text() for t in axis.get_legend().get_texts()] == ["tiles kept (5)"]  # no mask given: no entry
     assert "5 tiles of 224 px at 0.5 um/px = 448 px at level 0" in axis.get_title()
@@ -197,6 +199,6 @@ def test_set_style_applies_house_rc():
     import matplotlib
 
     with matplotlib.rc_context():
-        figures.set_style()
-        assert matplotlib.rcParams["savefig.dpi"] == figures.DPI
+        plotting.set_style()
+        assert matplotlib.rcParams["savefig.dpi"] == plotting.DPI
         assert matplotlib.rcParams["axes.spines.top"] is False

@@ -17,7 +17,8 @@ from exaonepath_core.data.patch_store import (
     rank_indices,
     read_ledger,
 )
-from exaonepath_core.data.stain import MacenkoReference, macenko_normalize_batch
+from exaonepath_core.data.stain.macenko import macenko_normalize_batch
+from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.data.store_layout import shard_slide_ids
 
 PATCH = 8

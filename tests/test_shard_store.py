@@ -16,11 +16,15 @@ import pytest
 import torch
 
 from exaonepath_core.config import ConfigError, PretrainConfig
-from exaonepath_core.data import shard_store, storeless, tiling
+from exaonepath_core.data import shard_store, storeless
 from exaonepath_core.data.normalize_store import normalize_slides
 from exaonepath_core.data.patch_store import PatchStoreWriter
 from exaonepath_core.data.shard_dataset import ShardStoreDataset, open_patch_dataset
 from exaonepath_core.data.shard_store import CorruptRecordError, ShardStoreWriter
+from exaonepath_core.data.tiling.coords import TileSet, load_tile_set
+from exaonepath_core.data.tiling.dataset import read_tiles
+from exaonepath_core.data.tiling.params import TilingParams
+from exaonepath_core.data.tiling.slide import tile_slide
 from exaonepath_core.pretrain import training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +36,9 @@ def cmu_tiles(shared_data, tmp_path_factory) -> np.ndarray:
     """Real 224 px tissue tiles of the CC0 CMU slide (stage-01 tiling at 0.5 um/px), uint8 (N, 224, 224, 3)."""
     slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
     out = tmp_path_factory.mktemp("cmu_tiles")
-    tiling.tile_slide(slide, out, tiling.TilingParams(qc_figure=False))
-    tile_set = tiling.load_tile_set(out / "coords" / "CMU-1-Small-Region.h5")
-    tiles = np.concatenate(list(tiling.read_tiles(tile_set)))
+    tile_slide(slide, out, TilingParams(qc_figure=False))
+    tile_set = load_tile_set(out / "coords" / "CMU-1-Small-Region.h5")
+    tiles = np.concatenate(list(read_tiles(tile_set)))
     assert len(tiles) >= 20
     return tiles
 
@@ -242,17 +246,17 @@ def test_storeless_reads_the_stage_01_tiles_with_a_bounded_lru_and_names_a_vanis
     slide = tmp_path / "copy-1.svs"
     shutil.copy(shared_data / "wsi" / "CMU-1-Small-Region.svs", slide)
     shutil.copy(shared_data / "wsi" / "CMU-1-Small-Region.svs", tmp_path / "copy-2.svs")
-    params = tiling.TilingParams(target_mpp=1.0, tile_size=96, qc_figure=False)
+    params = TilingParams(target_mpp=1.0, tile_size=96, qc_figure=False)
     sets = []
     for name in ("copy-2", "copy-1"):
-        tiling.tile_slide(tmp_path / f"{name}.svs", tmp_path / "tiles", params)
-        sets.append(tiling.load_tile_set(tmp_path / "tiles" / "coords" / f"{name}.h5"))
+        tile_slide(tmp_path / f"{name}.svs", tmp_path / "tiles", params)
+        sets.append(load_tile_set(tmp_path / "tiles" / "coords" / f"{name}.h5"))
     total = storeless.write_storeless_index(sets, tmp_path / "storeless")
     assert total == len(sets[0]) + len(sets[1]) and total > 10
     dataset = open_patch_dataset(tmp_path / "storeless", max_open_slides=1)
     assert isinstance(dataset, storeless.StorelessDataset) and dataset.slide_ids == ["copy-1", "copy-2"]
     assert dataset._index().dtype.itemsize == 12
-    expected = np.concatenate([np.concatenate(list(tiling.read_tiles(ts))) for ts in sets[::-1]])
+    expected = np.concatenate([np.concatenate(list(read_tiles(ts))) for ts in sets[::-1]])
     for i in (0, len(sets[1]), 1, total - 1):  # alternate slides: the LRU of one closes and reopens
         np.testing.assert_array_equal(dataset[i], expected[i])
         assert dataset.open_file_count() == 1
@@ -314,7 +318,7 @@ def test_heldout_slides_in_a_shard_store_or_storeless_index_are_found(tmp_path):
     _write(normalize_dir / "raw", {"train1": _random_tiles(0, 3), "held1": _random_tiles(1, 3)}, encoding="png")
     geometry = {"tissue_fraction": np.ones(2, np.float32), "tile_size": PATCH, "level0_patch_size": PATCH,
                 "read_level": 0, "read_size": PATCH, "target_mpp": 0.5, "source_mpp": 0.5}
-    sets = [tiling.TileSet(slide_id=s, slide_path=f"/nowhere/{s}.svs", coords=np.zeros((2, 2), np.int64), **geometry)
+    sets = [TileSet(slide_id=s, slide_path=f"/nowhere/{s}.svs", coords=np.zeros((2, 2), np.int64), **geometry)
             for s in ("held2", "train1")]
     storeless.write_storeless_index(sets, normalize_dir / "storeless")
     slides = pd.DataFrame({"slide_id": ["train1", "held1", "held2"], "split": ["train", "heldout", "heldout"]})

@@ -208,3 +208,19 @@ def test_direct_numpy_read_equals_public_pil_path(svs, pyramid, tmp_path):
             outside = s.read_rgb(w + 10, h + 10, 0, 8, 8)
             assert (outside == 255).all()
     assert checked == 12
+
+
+def test_slide_files_ids_and_list_files_follow_one_rule(tmp_path):
+    """The one suffix list and slide-id rule every listing uses (cohort, tiling CLI, held-out lists)."""
+    for rel in ("a/one.SVS", "a/b/two.ndpi", "a/notes.txt", "a/three.tiff", "a/.hidden"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "a" / "folder.svs").mkdir()  # a folder named like a slide is not a slide
+    found = slides.find_slides(tmp_path / "a")
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/b/two.ndpi", "a/one.SVS", "a/three.tiff"]
+    assert [slides.slide_id_from_path(p) for p in found] == ["two", "one", "three"]
+    assert slides.slide_id_from_path("/x/TCGA-A6.01.svs") == "TCGA-A6.01"  # only the last extension goes
+    assert slides.slide_id_from_path("/x/no_extension") == "no_extension"
+    listing = tmp_path / "list.txt"
+    listing.write_text("# held-out slides\n  one.svs  \n\nslide_b\n#two.svs\n")
+    assert slides.list_file_entries(listing) == ["one.svs", "slide_b"]

@@ -5,24 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from exaonepath_core.data.stain import (
-    NUMBA_AVAILABLE,
-    MacenkoNormalizer,
-    MacenkoReference,
-    fit_reference,
-    macenko_normalize_batch,
-    optical_density_lut,
-    plot_stain_qc,
-    select_kth,
-    stain_augment_batch,
-)
+from exaonepath_core.data.stain.augment import stain_augment_batch
+from exaonepath_core.data.stain.batched import optical_density_lut
+from exaonepath_core.data.stain.macenko import MacenkoNormalizer, fit_reference, macenko_normalize_batch
+from exaonepath_core.data.stain.percentiles import select_kth
+from exaonepath_core.data.stain.qc import plot_stain_qc
+from exaonepath_core.data.stain.reference import MacenkoReference
 
 TILE = 224
 MIN_TISSUE = 100  # the default min_tissue_pixels
-BACKENDS = [
-    "torch",
-    pytest.param("numba", marks=pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba is not installed")),
-]
+BACKENDS = ["torch", "numba"]
 
 
 def _rgb(path) -> np.ndarray:
@@ -143,7 +135,6 @@ def test_fit_reference_matches_torchstain_fit(shared_data):
     np.testing.assert_allclose(reference.max_concentrations, normalizer.maxCRef.numpy(), rtol=2e-3)
 
 
-@pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba is not installed")
 def test_fit_reference_numba_equals_torch(shared_data):
     target = _rgb(shared_data / "stain" / "tiatoolbox_target_image.png")
     fused = fit_reference(target, backend="numba")
@@ -257,7 +248,6 @@ def test_degenerate_patches_fall_back_without_raising(backend):
         fit_reference(white[0])
 
 
-@pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba is not installed")
 def test_numba_and_torch_backends_agree(cmu_tiles, shared_data):
     tiles, _ = cmu_tiles
     batch = torch.from_numpy(tiles)
@@ -287,9 +277,8 @@ def test_backend_choice_is_checked():
     assert fallback.item() and torch.equal(out, patches)
 
 
-@pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba is not installed")
 def test_numba_histogram_select_is_exact_with_ties():
-    from exaonepath_core.data.stain import _nb_select_two
+    from exaonepath_core.data.stain.percentile_kernels import nb_select_two
 
     rng = np.random.default_rng(2)
     cases = [rng.normal(size=5000), np.round(rng.normal(size=5000), 1), np.full(3000, 0.25),
@@ -298,14 +287,13 @@ def test_numba_histogram_select_is_exact_with_ties():
         n = len(values)
         ordered = np.sort(values)
         for rank_a, rank_b in ((1, n), (1 + round(0.01 * (n - 1)), 1 + round(0.99 * (n - 1))), (n // 2, n // 2)):
-            pick_a, pick_b = _nb_select_two(values, n, rank_a, rank_b, values.min(), values.max(),
+            pick_a, pick_b = nb_select_two(values, n, rank_a, rank_b, values.min(), values.max(),
                                             np.empty(4096, np.int64), np.empty(2 * n), np.empty(2 * n, np.int64))
             assert values[pick_a] == ordered[rank_a - 1] and values[pick_b] == ordered[rank_b - 1]
 
 
-@pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba is not installed")
 def test_numba_pseudo_angle_orders_like_atan2():
-    from exaonepath_core.data.stain import _nb_pseudo_angle
+    from exaonepath_core.data.stain.kernels import _nb_pseudo_angle
 
     rng = np.random.default_rng(3)
     points = np.concatenate([rng.normal(size=(4000, 2)), [[1, 0], [0, 1], [-1, 0.0], [-1, -0.0], [0, -1], [1e-30, -1]]])
@@ -353,7 +341,6 @@ def test_stain_augmentation_is_deterministic_and_bounded(shared_data):
     assert not torch.equal(with_vectors, first)
 
 
-@pytest.mark.skipif(not NUMBA_AVAILABLE, reason="numba is not installed")
 def test_stain_augmentation_numba_estimate_equals_torch(cmu_tiles):
     tiles, _ = cmu_tiles
     batch = torch.from_numpy(tiles[::3])  # 39 tiles, background ones (reference stains) included

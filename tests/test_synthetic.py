@@ -15,8 +15,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from exaonepath_core.data import synthetic
-from exaonepath_core.data.synthetic import CLASS_NAMES, CohortSpec
+from exaonepath_core.data.synthetic import answer_key, plots, render, stains, writer
+from exaonepath_core.data.synthetic.spec import CLASS_NAMES, CohortSpec
 
 # 4 sites x 3 slides of 1536 px: small enough for CI, large enough for every class in every slide.
 SMALL = CohortSpec(n_sites=4, slides_per_site=3, slide_size_px=1536, region_px=384, seed=0)
@@ -30,7 +30,7 @@ def _sha256(path: Path) -> str:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
-    manifest = synthetic.generate_cohort(out, SMALL, progress=False, workers=2)
+    manifest = writer.generate_cohort(out, SMALL, progress=False, workers=2)
     return out, manifest
 
 
@@ -53,15 +53,15 @@ def test_spec_rejects_bad_values_with_clear_messages():
 
 
 def test_site_stains_are_plausible_and_mutually_distinct():
-    sites = synthetic.site_stain_params(CohortSpec(n_sites=6, slides_per_site=1))
+    sites = stains.site_stain_params(CohortSpec(n_sites=6, slides_per_site=1))
     assert len(sites) == 6
     for s in sites:
         h, e = np.array(s.h_od), np.array(s.e_od)
         assert np.allclose([np.linalg.norm(h), np.linalg.norm(e)], 1.0)
         assert h.min() >= 0.1 and e.min() >= 0.1
         assert h[0] > e[0] + 0.15  # Macenko's hematoxylin-first rule still identifies H
-    angles = [max(synthetic._angle(np.array(a.h_od), np.array(b.h_od)),
-                  synthetic._angle(np.array(a.e_od), np.array(b.e_od)))
+    angles = [max(stains._angle(np.array(a.h_od), np.array(b.h_od)),
+                  stains._angle(np.array(a.e_od), np.array(b.e_od)))
               for i, a in enumerate(sites) for b in sites[i + 1:]]
     assert math.degrees(min(angles)) >= 8.0
 
@@ -97,14 +97,14 @@ def test_manifest_and_sidecars_carry_the_answer_key(cohort):
     for column in ("slide_id", "site", "path", "sidecar_path", "width", "height", "mpp", "h_od_r", "e_od_b",
                    "h_scale", "io", "site_h_od_r", "site_e_scale"):
         assert column in manifest.columns
-    on_disk = synthetic._read_manifest(out)
+    on_disk = writer.read_manifest(out)
     assert on_disk["slide_id"].tolist() == manifest["slide_id"].tolist()
     assert json.loads((out / "spec.json").read_text())["spec"] == SMALL.to_dict()
     for _, row in manifest.iterrows():
-        sidecar = synthetic.load_sidecar(row["sidecar_path"])
+        sidecar = answer_key.load_sidecar(row["sidecar_path"])
         assert sidecar["slide_id"] == row["slide_id"] and sidecar["site"] == row["site"]
         assert sidecar["class_names"] == list(CLASS_NAMES)
-        class_map, ds = synthetic.load_class_map(row["sidecar_path"])
+        class_map, ds = answer_key.load_class_map(row["sidecar_path"])
         assert ds == 8 and class_map.shape == (192, 192) and class_map.dtype == np.int8
         assert set(np.unique(class_map)) == {-1, 0, 1, 2, 3, 4, 5}  # every class in every slide
         tissue = (class_map >= 0).mean()
@@ -116,9 +116,9 @@ def test_slide_perturbations_are_smaller_than_site_differences(cohort):
     _, manifest = cohort
     h = manifest[["h_od_r", "h_od_g", "h_od_b"]].to_numpy()
     site_h = manifest[["site_h_od_r", "site_h_od_g", "site_h_od_b"]].to_numpy()
-    within = [math.degrees(synthetic._angle(a, b)) for a, b in zip(h, site_h)]
+    within = [math.degrees(stains._angle(a, b)) for a, b in zip(h, site_h)]
     sites = manifest.groupby("site")[["site_h_od_r", "site_h_od_g", "site_h_od_b"]].first().to_numpy()
-    between = [math.degrees(synthetic._angle(a, b)) for i, a in enumerate(sites) for b in sites[i + 1:]]
+    between = [math.degrees(stains._angle(a, b)) for i, a in enumerate(sites) for b in sites[i + 1:]]
     assert max(within) <= 5.0 + 1e-6
     assert np.mean(within) < 0.5 * np.mean(between)
 
@@ -132,7 +132,7 @@ def _tiles(manifest, level0_px: int = 128):
     for _, row in manifest.iterrows():
         xs = np.arange(0, int(row["width"]) - level0_px + 1, level0_px)
         coords = np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2)
-        label = synthetic.tile_class_labels(row["sidecar_path"], coords, level0_px, min_purity=0.9)
+        label = answer_key.tile_class_labels(row["sidecar_path"], coords, level0_px, min_purity=0.9)
         with openslide.OpenSlide(row["path"]) as slide:
             for (x, y), lab in zip(coords, label):
                 if lab < 0:
@@ -174,7 +174,8 @@ def _macenko(tiles: np.ndarray) -> tuple[np.ndarray, int]:
     import torch
 
     try:
-        from exaonepath_core.data.stain import MacenkoReference, macenko_normalize_batch
+        from exaonepath_core.data.stain.macenko import macenko_normalize_batch
+        from exaonepath_core.data.stain.reference import MacenkoReference
     except ImportError:  # pragma: no cover - stain.py not there yet: torchstain per tile, failures counted
         from torchstain.normalizers import MacenkoNormalizer
 
@@ -232,32 +233,32 @@ def test_tile_class_labels_majority_purity_background(tmp_path):
     class_map = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, -1, -1], [0, 0, -1, -1]])
     sidecar = _write_sidecar(tmp_path, class_map, 10)
     coords = np.array([[0, 0], [20, 0], [10, 0], [20, 20], [15, 15], [2, 2], [-20, 0], [30, 30]])
-    labels = synthetic.tile_class_labels(sidecar, coords, 20, min_purity=0.6)
+    labels = answer_key.tile_class_labels(sidecar, coords, 20, min_purity=0.6)
     # pure tumor, pure stroma, half/half (0.5 < 0.6), background, 2 tumor + stroma + background of 4,
     # pure tumor (cell centres 5 and 15 lie in [2, 22)), outside the slide on the left, corner background.
     assert labels.tolist() == [0, 1, -1, -1, -1, 0, -1, -1]
     # 30 px at (0, 10) covers 3x3 cells: 6 tumor, 1 stroma, 2 background -> tumor at purity 0.67.
-    assert synthetic.tile_class_labels(sidecar, np.array([[0, 10]]), 30, min_purity=0.6).tolist() == [0]
-    assert synthetic.tile_class_labels(sidecar, np.array([[0, 10]]), 30, min_purity=0.7).tolist() == [-1]
-    assert synthetic.tile_class_labels(sidecar, np.array([[10, 0]]), 20, min_purity=0.5).tolist() == [0]
+    assert answer_key.tile_class_labels(sidecar, np.array([[0, 10]]), 30, min_purity=0.6).tolist() == [0]
+    assert answer_key.tile_class_labels(sidecar, np.array([[0, 10]]), 30, min_purity=0.7).tolist() == [-1]
+    assert answer_key.tile_class_labels(sidecar, np.array([[10, 0]]), 20, min_purity=0.5).tolist() == [0]
     # A tile smaller than a cell takes the cell under its centre.
-    assert synthetic.tile_class_labels(sidecar, np.array([[21, 1], [21, 31]]), 4).tolist() == [1, -1]
-    assert synthetic.tile_class_labels(sidecar, np.zeros((0, 2)), 20).shape == (0,)
+    assert answer_key.tile_class_labels(sidecar, np.array([[21, 1], [21, 31]]), 4).tolist() == [1, -1]
+    assert answer_key.tile_class_labels(sidecar, np.zeros((0, 2)), 20).shape == (0,)
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
-        synthetic.tile_class_labels(sidecar, np.zeros((3,)), 20)
+        answer_key.tile_class_labels(sidecar, np.zeros((3,)), 20)
     with pytest.raises(ValueError, match="min_purity"):
-        synthetic.tile_class_labels(sidecar, coords, 20, min_purity=0)
+        answer_key.tile_class_labels(sidecar, coords, 20, min_purity=0)
 
 
 def test_tile_labels_agree_with_the_rendered_class(cohort):
     _, manifest = cohort
     row = manifest.iloc[0]
-    sidecar = synthetic.load_sidecar(row["sidecar_path"])
-    class_map, ds = synthetic.load_class_map(row["sidecar_path"])
+    sidecar = answer_key.load_sidecar(row["sidecar_path"])
+    class_map, ds = answer_key.load_class_map(row["sidecar_path"])
     # One-cell tiles are labelled exactly by the map cell they cover.
     ys, xs = np.meshgrid(np.arange(0, 1536, 64), np.arange(0, 1536, 64), indexing="ij")
     coords = np.stack([xs.ravel(), ys.ravel()], 1)
-    labels = synthetic.tile_class_labels(row["sidecar_path"], coords, ds, min_purity=1.0)
+    labels = answer_key.tile_class_labels(row["sidecar_path"], coords, ds, min_purity=1.0)
     assert np.array_equal(labels, class_map[coords[:, 1] // ds, coords[:, 0] // ds])
     assert sidecar["class_area_fractions"]["tumor"] == pytest.approx((class_map == 0).mean())
 
@@ -266,9 +267,9 @@ def test_tile_labels_agree_with_the_rendered_class(cohort):
 
 
 def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path):
-    a = synthetic.generate_cohort(tmp_path / "a", TINY, progress=False, workers=1)
-    b = synthetic.generate_cohort(tmp_path / "b", TINY, progress=False, workers=2)
-    c = synthetic.generate_cohort(tmp_path / "c", CohortSpec(**{**TINY.to_dict(), "seed": 4}), progress=False,
+    a = writer.generate_cohort(tmp_path / "a", TINY, progress=False, workers=1)
+    b = writer.generate_cohort(tmp_path / "b", TINY, progress=False, workers=2)
+    c = writer.generate_cohort(tmp_path / "c", CohortSpec(**{**TINY.to_dict(), "seed": 4}), progress=False,
                                   workers=1)
     for column in ("path", "class_map_path"):
         assert [_sha256(p) for p in a[column]] == [_sha256(p) for p in b[column]]
@@ -279,45 +280,45 @@ def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path):
 
 def test_deflate_pixels_equal_the_renderer_and_strips_do_not_matter(tmp_path):
     spec = CohortSpec(**{**TINY.to_dict(), "compression": "deflate", "n_sites": 1})
-    manifest = synthetic.generate_cohort(tmp_path, spec, progress=False, workers=1)
-    ctx = synthetic._build_context(spec, 0, 0, synthetic.site_stain_params(spec)[0])
-    rendered = synthetic._render_rows(ctx, 0, 768)
+    manifest = writer.generate_cohort(tmp_path, spec, progress=False, workers=1)
+    ctx = render.build_context(spec, 0, 0, stains.site_stain_params(spec)[0])
+    rendered = render.render_rows(ctx, 0, 768)
     with openslide.OpenSlide(manifest["path"][0]) as slide:
         assert slide.level_count == 2
         read = np.asarray(slide.read_region((0, 0), 0, (768, 768)).convert("RGB"))
     assert np.array_equal(read, rendered)  # lossless: the file holds exactly what was rendered
-    split = np.concatenate([synthetic._render_rows(ctx, y, min(768, y + 80)) for y in range(0, 768, 80)])
+    split = np.concatenate([render.render_rows(ctx, y, min(768, y + 80)) for y in range(0, 768, 80)])
     assert np.array_equal(split, rendered)  # rendering in any strip height gives the same pixels
 
 
 def test_generate_is_idempotent_resumes_and_refuses_another_spec(tmp_path):
-    first = synthetic.generate_cohort(tmp_path, TINY, progress=False, workers=1)
+    first = writer.generate_cohort(tmp_path, TINY, progress=False, workers=1)
     stamps = {p: Path(p).stat().st_mtime_ns for p in first["path"]}
     digests = {p: _sha256(p) for p in first["path"]}
-    again = synthetic.generate_cohort(tmp_path, TINY, progress=False)
+    again = writer.generate_cohort(tmp_path, TINY, progress=False)
     assert again.equals(first) or again.round(9).equals(first.round(9))
     assert {p: Path(p).stat().st_mtime_ns for p in again["path"]} == stamps  # nothing rewritten
     # An interrupted run: one slide missing -> only that slide is rendered again, to the same bytes.
     lost, kept = Path(first["path"][0]), Path(first["path"][1])
     lost.unlink()
     (tmp_path / "manifest.csv").unlink()
-    resumed = synthetic.generate_cohort(tmp_path, TINY, progress=False, workers=1)
+    resumed = writer.generate_cohort(tmp_path, TINY, progress=False, workers=1)
     assert _sha256(lost) == digests[str(lost)]
     assert kept.stat().st_mtime_ns == stamps[str(kept)]
     assert resumed["slide_id"].tolist() == first["slide_id"].tolist()
     other = CohortSpec(**{**TINY.to_dict(), "seed": 9})
     with pytest.raises(FileExistsError, match="force=True"):
-        synthetic.generate_cohort(tmp_path, other, progress=False)
+        writer.generate_cohort(tmp_path, other, progress=False)
     # A cache from an older generator version of the same spec is regenerated without asking.
     stored = json.loads((tmp_path / "spec.json").read_text())
     (tmp_path / "spec.json").write_text(json.dumps({**stored, "digest": "old", "generator_version": "0"}))
-    refreshed = synthetic.generate_cohort(tmp_path, TINY, progress=False, workers=1)
+    refreshed = writer.generate_cohort(tmp_path, TINY, progress=False, workers=1)
     assert refreshed["slide_id"].tolist() == first["slide_id"].tolist()
     assert json.loads((tmp_path / "spec.json").read_text())["digest"] == TINY.digest()
     (tmp_path / "spec.json").write_text("{not json")
     with pytest.raises(FileExistsError, match="not valid JSON"):
-        synthetic.generate_cohort(tmp_path, TINY, progress=False)
-    forced = synthetic.generate_cohort(tmp_path, other, force=True, progress=False, workers=1)
+        writer.generate_cohort(tmp_path, TINY, progress=False)
+    forced = writer.generate_cohort(tmp_path, other, force=True, progress=False, workers=1)
     assert _sha256(forced["path"][0]) != digests[str(lost)]
     assert not list(tmp_path.glob(".*tmp*")) and not list(tmp_path.glob(".pyramid-*"))  # no leftovers
 
@@ -329,7 +330,7 @@ def test_memory_grows_with_slide_width_not_area(tmp_path):
         out = tmp_path / str(size)
         out.mkdir()
         tracemalloc.start()
-        synthetic._generate_slide(str(out), spec.to_dict(), 0, 0)
+        writer._generate_slide(str(out), spec.to_dict(), 0, 0)
         peaks[size] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     # Observed ~38 MB vs ~54 MB (x1.4); holding the slide would grow x4 and cost 27 MB for RGB alone.
@@ -341,7 +342,7 @@ def test_plot_cohort_examples_writes_a_png(cohort, tmp_path):
     _, manifest = cohort
     from PIL import Image
 
-    out = synthetic.plot_cohort_examples(manifest, tmp_path / "fig" / "examples.png", tile_px=64)
+    out = plots.plot_cohort_examples(manifest, tmp_path / "fig" / "examples.png", tile_px=64)
     image = np.asarray(Image.open(out).convert("RGB"))
     assert image.shape[0] > 600 and image.shape[1] > 500
     assert image.std() > 20  # tiles drawn, not an empty canvas
@@ -350,9 +351,9 @@ def test_plot_cohort_examples_writes_a_png(cohort, tmp_path):
 def test_a_copied_cohort_is_read_from_its_new_place(tmp_path):
     import shutil
 
-    first = synthetic.generate_cohort(tmp_path / "a", TINY, progress=False, workers=1)
+    first = writer.generate_cohort(tmp_path / "a", TINY, progress=False, workers=1)
     shutil.copytree(tmp_path / "a", tmp_path / "b")  # e.g. data/ copied into another checkout; the original stays
-    copied = synthetic.generate_cohort(tmp_path / "b", TINY, progress=False)
+    copied = writer.generate_cohort(tmp_path / "b", TINY, progress=False)
     for column in ("path", "sidecar_path", "class_map_path"):
         assert all(Path(p).parent == (tmp_path / "b").resolve() and Path(p).is_file() for p in copied[column])
     assert [Path(p).name for p in copied["path"]] == [Path(p).name for p in first["path"]]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from exaonepath_core.config import ConfigError, PretrainConfig
-from exaonepath_core.data.stain import MacenkoReference
+from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.models.backbones import create_backbone
 from exaonepath_core.pretrain import dino, training
 

@@ -42,11 +42,12 @@ NOTEBOOKS["01_tile_slides"] = [
             "mpp and store level-0 coordinates per slide with a per-slide ledger. Outputs: `results/<profile>/01_tiles/`.")),
     ("code", params_cell(force=True)),
     ("code", setup_cell("01", '''import matplotlib
-import pandas as pd
 from IPython.display import Image, display
 
 from exaonepath_core.config import parse_shard
-from exaonepath_core.data import cohort, tiling
+from exaonepath_core.data import cohort
+from exaonepath_core.data.tiling.params import TilingParams
+from exaonepath_core.data.tiling.run import tile_cohort
 from exaonepath_core.io.config_file import save_config
 from exaonepath_core.io.paths import write_json_atomic
 from exaonepath_core.run.pipeline import open_stage
@@ -58,13 +59,13 @@ workflow.write_csv_atomic(slides, out / "slides.csv")
 print(slides.groupby(["source", "split"]).size().rename("slides").to_string())
 ''')),
     ("md", "## Tiling with a per-slide ledger (rerun skips finished slides; failed ones retried with `force`)"),
-    ("code", '''params = tiling.TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
-                             overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction,
-                             verify_tiles=cfg.tiling.verify_tiles)
+    ("code", '''params = TilingParams(target_mpp=cfg.tiling.target_mpp, tile_size=cfg.tiling.tile_size,
+                      overlap=cfg.tiling.overlap, min_tissue_fraction=cfg.tiling.min_tissue_fraction,
+                      verify_tiles=cfg.tiling.verify_tiles)
 tiles_dir = out / params.folder_name()
 overrides = {p: cfg.data.mpp_override for p in slides.path} if cfg.data.mpp_override else None
-ledger = tiling.tile_cohort(list(slides.path), tiles_dir, params, workers=cfg.tiling.workers,
-                            shard=parse_shard(cfg.tiling.shard), force=force, mpp_overrides=overrides)
+ledger = tile_cohort(list(slides.path), tiles_dir, params, workers=cfg.tiling.workers,
+                     shard=parse_shard(cfg.tiling.shard), force=force, mpp_overrides=overrides)
 write_json_atomic(out / "tiles.json", {"tiles_dir": str(tiles_dir), "params": params.folder_name()})
 summary = workflow.tiling_summary(slides, ledger)
 workflow.write_csv_atomic(summary, out / "tiling_summary.csv")
@@ -84,10 +85,11 @@ for p in cmu_first:
 '''),
     ("md", "## The synthetic cohort: example tiles per tissue class (rows) and per site (columns)"),
     ("code", '''if cfg.data.synthetic.enabled:
-    from exaonepath_core.data import synthetic
+    from exaonepath_core.data.synthetic.plots import plot_cohort_examples
+    from exaonepath_core.data.synthetic.writer import read_manifest
 
-    manifest = pd.read_csv(cohort.synthetic_cohort_dir(cfg) / "manifest.csv")
-    synthetic.plot_cohort_examples(manifest, out / "synthetic_examples.png")
+    manifest = read_manifest(cohort.synthetic_cohort_dir(cfg))
+    plot_cohort_examples(manifest, out / "synthetic_examples.png")
     display(Image(filename=str(out / "synthetic_examples.png")))
 '''),
 ]
@@ -107,7 +109,9 @@ import numpy as np
 from IPython.display import Image, display
 
 from exaonepath_core.config import parse_shard
-from exaonepath_core.data import cohort, normalize_store, stain, storeless
+from exaonepath_core.data import cohort, normalize_store, storeless
+from exaonepath_core.data.stain.qc import plot_stain_qc
+from exaonepath_core.data.tiling.dataset import tile_sets, tile_sources
 from exaonepath_core.io.config_file import save_config
 from exaonepath_core.run.pipeline import open_stage
 from exaonepath_core.stages import workflow
@@ -120,9 +124,9 @@ reference.to_json(out / "reference.json")
 print("reference stain matrix (columns H, E):\\n", np.round(reference.stain_matrix, 4),
       "\\nmax concentrations:", np.round(reference.max_concentrations, 4))
 ''')),
-    ("code", '''train_sets = cohort.tile_sets(slides[slides.split == "train"], tiles_dir)
+    ("code", '''train_sets = tile_sets(slides[slides.split == "train"], tiles_dir)
 workflow.check_pretraining_tiles(cfg, slides[slides.split == "train"], train_sets, tiles_dir)
-sources = cohort.tile_sources(train_sets, batch_size=cfg.normalize.batch_size)
+sources = tile_sources(train_sets, batch_size=cfg.normalize.batch_size)
 ledgers = {}
 for mode in cfg.normalize.stores:
     ledgers[mode] = normalize_store.normalize_slides(
@@ -141,7 +145,7 @@ counts
     ("md", "## QC: before / after Macenko for several slides"),
     ("code", '''before, after, titles = workflow.qc_examples(train_sets, reference, n_slides=6)
 if before:
-    stain.plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
+    plot_stain_qc(before, after, titles, reference, out / "stain_qc.png")
     display(Image(filename=str(out / "stain_qc.png")))
 else:
     print("no pretraining tile to show (no train slide gave a tile; see 01_tiles/tiling_summary.csv)")
@@ -271,13 +275,13 @@ NOTEBOOKS["06_feature_collapse"] = [
     ("code", setup_cell("06", '''import matplotlib
 from IPython.display import Image, display
 
+from exaonepath_core.io import plotting
 from exaonepath_core.io.config_file import save_config
-from exaonepath_core.report import figures
 from exaonepath_core.run.pipeline import open_stage
 from exaonepath_core.stages import workflow
 ''', '''out = paths.stage_dir("06")
 save_config(cfg, out / "config.yaml")
-figures.set_style()
+plotting.set_style()
 metrics, embeds = workflow.collapse_by_arm(cfg, paths.stage_dir("04"))
 workflow.write_csv_atomic(metrics, out / "collapse_metrics.csv")
 verdict = workflow.collapse_verdict(metrics)

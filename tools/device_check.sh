@@ -174,7 +174,7 @@ import time
 import numpy as np
 import torch
 
-from exaonepath_core.data.stain import macenko_normalize_batch
+from exaonepath_core.data.stain.macenko import macenko_normalize_batch
 
 device, tiles_path, out_path = sys.argv[1], sys.argv[2], sys.argv[3]
 tiles = np.load(tiles_path)

@@ -106,7 +106,7 @@ if all(up_to_date(n, "CMU-1-Small-Region.svs") for n in (tiles_name, coords_name
 else:
     import openslide
 
-    from exaonepath_core.data.stain import NUMBA_AVAILABLE, macenko_normalize_batch
+    from exaonepath_core.data.stain.macenko import macenko_normalize_batch
 
     with openslide.OpenSlide(str(svs)) as slide:  # the same 224 px grid as tests/test_stain.py and the benchmark
         width, height = slide.dimensions
@@ -116,9 +116,9 @@ else:
                           for x, y in coords])
     write_atomic(stage / tiles_name, lambda p: np.save(open(p, "wb"), tiles))
     write_atomic(stage / coords_name, lambda p: np.save(open(p, "wb"), coords))
-    # fingerprint of the CPU result here (numba kernel when installed, else torch): per-tile fallback flags
+    # fingerprint of the CPU result here (the numba kernel, the CPU default): per-tile fallback flags
     # and per-channel means of the normalized output, to compare the GPU output against across machines
-    backend = "numba" if NUMBA_AVAILABLE else "torch"
+    backend = "numba"
     normalized, fallback = macenko_normalize_batch(torch.from_numpy(tiles), backend=backend)
     fingerprint = {
         "what": "Macenko (default reference) of cmu_tiles_224.npy on this CPU machine",

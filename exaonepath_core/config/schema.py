@@ -18,7 +18,7 @@ from exaonepath_core.config.vocabulary import DEFAULT_MACENKO_PARAMS, INPUT_ARMS
 
 @dataclass
 class SyntheticSection:
-    """The synthetic multi-site cohort (see `exaonepath_core.data.synthetic.CohortSpec`)."""
+    """The synthetic multi-site cohort (see `exaonepath_core.data.synthetic.spec.CohortSpec`)."""
 
     enabled: bool = True
     n_sites: int = 4
@@ -33,7 +33,7 @@ class SyntheticSection:
 class DataSection:
     """Where slides and downstream datasets come from.
 
-    `downstream_roots` maps dataset names registered in `exaonepath_core.data.downstream.DATASETS`, or
+    `downstream_roots` maps dataset names registered in `exaonepath_core.data.downstream.datasets.DATASETS`, or
     `folder_<task>` for your own `{train,test}/<class>/` image folders (checked at load
     time) to their folders. In a profile that inherits another, a `downstream_roots` mapping REPLACES the
     inherited one instead of being merged into it: the child lists every dataset it wants (repeat the parent's

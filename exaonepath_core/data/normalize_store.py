@@ -19,7 +19,8 @@ import torch
 
 from exaonepath_core.config import DEFAULT_MACENKO_PARAMS, STORE_FORMATS, STORE_MODES, NormalizeSection
 from exaonepath_core.data import patch_store, shard_store
-from exaonepath_core.data.stain import MacenkoReference, macenko_normalize_batch
+from exaonepath_core.data.stain.macenko import macenko_normalize_batch
+from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.data.store_layout import LEDGER_COLUMNS, TileSource, shard_slide_ids, validate_slide_id
 
 _NORMALIZE = NormalizeSection()  # the keyword defaults are the config's (normalize.batch_size, ...)

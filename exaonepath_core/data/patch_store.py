@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from exaonepath_core.config import DEFAULT_MACENKO_PARAMS
-from exaonepath_core.data.stain import MacenkoReference
+from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.data.store_layout import LEDGER_COLUMNS, csv_line, read_manifest, validate_slide_id
 from exaonepath_core.io import atomic
 

@@ -25,7 +25,7 @@ from exaonepath_core.data.shard_store import (
     check_encoded,
     decode_patch,
 )
-from exaonepath_core.data.stain import MacenkoReference
+from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.data.store_layout import SlideSelection, read_manifest
 from exaonepath_core.data.storeless import STORELESS_FORMAT, StorelessDataset
 

@@ -42,7 +42,7 @@ from exaonepath_core.config import (
     NormalizeSection,
     PretrainConfig,
 )
-from exaonepath_core.data.stain import MacenkoReference
+from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.data.store_layout import LEDGER_COLUMNS, read_manifest, validate_slide_id
 from exaonepath_core.io import atomic
 

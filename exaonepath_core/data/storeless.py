@@ -120,16 +120,16 @@ class StorelessDataset(torch.utils.data.Dataset):
         return slide
 
     def __getitem__(self, index: int) -> np.ndarray:
-        from exaonepath_core.data.tiling import _read_one_tile
+        from exaonepath_core.data.tiling.dataset import read_one_tile
 
         row = self._index()[self._selection.row(index)]
         number = int(row["slide"])
-        # the read geometry of stage 01 (tile size, level, region size), as tiling.read_tiles uses it
+        # the read geometry of stage 01 (tile size, level, region size), as tiling.dataset.read_tiles uses it
         geometry = SimpleNamespace(tile_size=self.patch_size, read_level=self._slides["read_level"][number],
                                    read_size=self._slides["read_size"][number])
         slide = self._slide(number)
         try:
-            return _read_one_tile(slide, geometry, int(row["x"]), int(row["y"]))
+            return read_one_tile(slide, geometry, int(row["x"]), int(row["y"]))
         except Exception as error:
             path = self._slides["slide_path"][number]
             gone = "" if Path(path).is_file() else " (the file is gone)"

@@ -10,6 +10,7 @@ parts in rank order (streaming) and removes them; single-process runs write the 
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -78,9 +79,7 @@ def _describe(obj: Any, fallback: str) -> Any:
         if hasattr(obj, method):
             return getattr(obj, method)()
     if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(obj)
+        return dataclasses.asdict(obj)
     return fallback
 
 

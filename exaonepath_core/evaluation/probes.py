@@ -13,9 +13,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from exaonepath_core.data.downstream import PAPER_ACCURACY
-from exaonepath_core.io import atomic
+from exaonepath_core.data.cohort import TCGA_BARCODE
+from exaonepath_core.data.downstream.datasets import PAPER_ACCURACY
+from exaonepath_core.evaluation.features import load_features
+from exaonepath_core.io import plotting
 
 DEFAULT_CS = tuple(np.logspace(-4, 2, 7))
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
@@ -122,8 +125,6 @@ def patient_groups(sample_ids: Sequence[str]) -> np.ndarray | None:
     Kather's MSI tiles (`blk-...-TCGA-A6-2674-01Z-00-DX1.png`) carry their patient's barcode; ids without one
     become their own group. Used to keep one patient's patches on one side of a hyper-parameter split.
     """
-    from exaonepath_core.data.cohort import TCGA_BARCODE
-
     found = [TCGA_BARCODE.search(str(i)) for i in sample_ids]
     if not any(found):
         return None
@@ -211,8 +212,6 @@ def linear_head_probe(Xtr: np.ndarray, ytr: np.ndarray, Xval: np.ndarray | None,
     The weight decay is chosen by validation accuracy (or on a 20% split of train, grouped by `groups` when
     given), then the head is retrained with it on all of train.
     """
-    import torch
-
     Xtr, ytr, Xte, yte = np.asarray(Xtr), np.asarray(ytr, dtype=np.int64), np.asarray(Xte), np.asarray(yte)
     _check_inputs(Xtr, ytr, Xte, yte)
     n_classes = int(max(ytr.max(), yte.max()) + 1)
@@ -303,8 +302,6 @@ def knn_probe(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray
 # Running probes over feature folders, tables, figure
 # ----------------------------------------------------------------------------------------------------------
 def _load_split(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[str]]:
-    from exaonepath_core.evaluation.features import load_features
-
     X, y, ids, manifest = load_features(directory)
     return np.asarray(X, dtype=np.float32), y, manifest, ids
 
@@ -397,12 +394,49 @@ def summary_table(df: pd.DataFrame, available: Mapping[str, str] | None = None, 
     return pd.DataFrame(rows, columns=columns)
 
 
-def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a DataFrame as CSV atomically (temporary file in the same folder, then rename)."""
-    return atomic.write_csv(df, path)
-
-
 PROBE_LABELS = {"logistic": "logistic", "linear_head": "linear head", "knn": "kNN"}
+
+
+def _probe_bars(ax, rows: pd.DataFrame, tasks: list[str], chosen: Mapping[str, str], metric: str, probe: str,
+                paper: Mapping[str, float], chance: Mapping[str, float] | None) -> None:
+    """The bars of `plot_probe_results`: seaborn bars per task and backbone, CIs, paper markers, chance marks."""
+    import seaborn as sns
+
+    selected = pd.concat([rows[(rows["task"] == t) & (rows["probe"] == chosen[t])] for t in tasks])
+    summary = selected.groupby(["task", "backbone"], sort=False).agg(
+        value=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean")).reset_index()
+    backbones = list(dict.fromkeys(summary["backbone"]))
+    sns.barplot(data=summary, x="task", y="value", hue="backbone", order=tasks, hue_order=backbones,
+                errorbar=None, width=0.8, ax=ax)
+    # seaborn draws one container of bars per backbone, in hue order, one bar per task of `tasks` it has
+    for container, backbone in zip(ax.containers, backbones):
+        part = summary[summary["backbone"] == backbone].set_index("task")
+        for bar in container:
+            task = tasks[round(bar.get_x() + bar.get_width() / 2)]
+            if task not in part.index or not np.isfinite(part.at[task, "value"]):
+                continue
+            value, low, high = (float(part.at[task, c]) for c in ("value", "ci_low", "ci_high"))
+            err = np.nan_to_num(np.array([[value - low], [high - value]])).clip(min=0)
+            ax.errorbar(bar.get_x() + bar.get_width() / 2, value, yerr=err, fmt="none", ecolor="black",
+                        elinewidth=1, capsize=3)
+    paper_x = [i for i, t in enumerate(tasks) if t in paper]
+    if paper_x and metric == "accuracy":
+        ax.scatter(paper_x, [paper[tasks[i]] for i in paper_x], marker="D", color="black", zorder=3,
+                   label="EXAONEPath (paper)")
+    ax.set_xticks(np.arange(len(tasks)),
+                  [t if chosen[t] == probe else f"{t}\n({PROBE_LABELS.get(chosen[t], chosen[t])})" for t in tasks],
+                  fontsize=9)
+    ax.set_xlabel("")
+    ax.set_ylabel(f"test {metric.replace('_', ' ')}")
+    ax.set_ylim(0, 1)
+    marked = [i for i, t in enumerate(tasks) if chance and t in chance and metric == "accuracy"]
+    for n, i in enumerate(marked):  # per task: chance differs (2 classes for PCam, 8 for CRC, ...)
+        ax.hlines(chance[tasks[i]], i - 0.45, i + 0.45, colors="black", linestyles="--", lw=1.0, zorder=4,
+                  label="chance (majority class)" if n == 0 else None)
+    # beside the axes, so it never covers a bar
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"{PROBE_LABELS.get(probe, probe).capitalize()} probes on frozen features\n"
+                 f"(bars: 95% bootstrap CI; other probes named under a task)", fontsize=10)
 
 
 def plot_probe_results(df: pd.DataFrame, out_png: str | os.PathLike, metric: str = "accuracy",
@@ -415,12 +449,6 @@ def plot_probe_results(df: pd.DataFrame, out_png: str | os.PathLike, metric: str
     figure says so instead of failing, so a run over absent datasets still finishes. `chance` (task -> the
     accuracy of always answering the test split's majority class) draws a dashed mark per task.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_png = Path(out_png)
     rows = df[df["metric"] == metric] if len(df) else df
     preference = [probe, *[p for p in ("logistic", "linear_head", "knn") if p != probe]]
     chosen: dict[str, str] = {}
@@ -428,42 +456,14 @@ def plot_probe_results(df: pd.DataFrame, out_png: str | os.PathLike, metric: str
         present = set(rows.loc[rows["task"] == task, "probe"])
         chosen[task] = next(p for p in [*preference, *sorted(present)] if p in present)
     tasks = list(chosen)
-    fig_width = max(6.0, 1.7 * len(tasks) + 3.5)
-    fig, ax = plt.subplots(figsize=(fig_width, 4.4), dpi=120)
-    if not tasks:
-        ax.text(0.5, 0.5, f"no {metric.replace('_', ' ')} results to plot\n(every dataset absent or too small: "
-                f"see probe_summary.csv)", ha="center", va="center", fontsize=11, transform=ax.transAxes)
-        ax.set_axis_off()
-    else:
-        selected = pd.concat([rows[(rows["task"] == t) & (rows["probe"] == chosen[t])] for t in tasks])
-        summary = selected.groupby(["task", "backbone"], sort=False).agg(
-            value=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean")).reset_index()
-        backbones = list(dict.fromkeys(summary["backbone"]))
-        width = 0.8 / len(backbones)
-        for j, backbone in enumerate(backbones):
-            part = summary[summary["backbone"] == backbone].set_index("task").reindex(tasks)
-            x = np.arange(len(tasks)) + (j - (len(backbones) - 1) / 2) * width
-            err = np.vstack([part["value"] - part["ci_low"], part["ci_high"] - part["value"]]).clip(min=0)
-            ax.bar(x, part["value"], width=width, yerr=np.nan_to_num(err), capsize=3, label=backbone)
-        paper_x = [i for i, t in enumerate(tasks) if t in paper]
-        if paper_x and metric == "accuracy":
-            ax.scatter(paper_x, [paper[tasks[i]] for i in paper_x], marker="D", color="black", zorder=3,
-                       label="EXAONEPath (paper)")
-        ax.set_xticks(np.arange(len(tasks)),
-                      [t if chosen[t] == probe else f"{t}\n({PROBE_LABELS.get(chosen[t], chosen[t])})"
-                       for t in tasks], fontsize=9)
-        ax.set_ylabel(f"test {metric.replace('_', ' ')}")
-        ax.set_ylim(0, 1)
-        marked = [i for i, t in enumerate(tasks) if chance and t in chance and metric == "accuracy"]
-        for n, i in enumerate(marked):  # per task: chance differs (2 classes for PCam, 8 for CRC, ...)
-            ax.hlines(chance[tasks[i]], i - 0.45, i + 0.45, colors="black", linestyles="--", lw=1.0, zorder=4,
-                      label="chance (majority class)" if n == 0 else None)
-        # beside the axes, so it never covers a bar
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        ax.set_title(f"{PROBE_LABELS.get(probe, probe).capitalize()} probes on frozen features\n"
-                     f"(bars: 95% bootstrap CI; other probes named under a task)", fontsize=10)
-    fig.tight_layout()
-    with atomic.atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return out_png
+    with plotting.house_style():
+        figure = plotting.new_figure(max(6.0, 1.7 * len(tasks) + 3.5), 4.4)
+        ax = figure.subplots()
+        if not tasks:
+            ax.text(0.5, 0.5, f"no {metric.replace('_', ' ')} results to plot\n(every dataset absent or too small: "
+                    f"see probe_summary.csv)", ha="center", va="center", fontsize=11, transform=ax.transAxes)
+            ax.set_axis_off()
+        else:
+            _probe_bars(ax, rows, tasks, chosen, metric, probe, paper, chance)
+        figure.tight_layout()
+        return plotting.save_png(figure, out_png)

@@ -1,14 +1,14 @@
 """Published numbers of the paper's comparison: one table of per-task top-1, WSI counts and releases.
 
 Per-task top-1 (linear evaluation) from EXAONEPath's repository README, whose values other than GigaPath's are
-taken from the RudolfV paper. EXAONEPath's own row is `downstream.PAPER_ACCURACY` (one source of truth).
+taken from the RudolfV paper. EXAONEPath's own row is `downstream.datasets.PAPER_ACCURACY` (one source of truth).
 WSI counts are those each model's paper reports for its pretraining data; ImageNet models saw no WSI.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exaonepath_core.data.downstream import PAPER_ACCURACY
+from exaonepath_core.data.downstream.datasets import PAPER_ACCURACY
 
 SIX_TASKS = tuple(PAPER_ACCURACY)  # pcam, mhist, crc100k, til, msi_crc, msi_stad
 

@@ -17,10 +17,12 @@ publish results that colleagues cannot read. Every helper here gives the result 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -181,8 +183,6 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def move_aside(path: str | os.PathLike, tag: str = "") -> Path:
     """Rename `path` to `<name>.superseded-<time>[-tag][-n]` beside it (a rename: no copy, nothing deleted)."""
-    import time
-
     path = Path(path)
     stem = f"{path.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}" + (f"-{tag}" if tag else "")
     target, n = path.with_name(stem), 2
@@ -209,8 +209,6 @@ def file_lock(path: str | os.PathLike, *, shared: bool = False, wait: bool = Fal
     holder wrote into the file; an exclusive holder writes `holder` there and empties it on release. The kernel
     releases the lock of a process that dies, so a crash never leaves a stale lock behind.
     """
-    import fcntl
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:

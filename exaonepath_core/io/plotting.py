@@ -45,6 +45,14 @@ def house_style() -> Iterator[None]:
         yield
 
 
+def palette(n: int) -> list[tuple[float, float, float]]:
+    """n distinguishable colours: the house palette ("colorblind") when it has enough, else evenly spaced hues."""
+    import seaborn as sns
+
+    house = sns.color_palette("colorblind")
+    return list(house[:n]) if n <= len(house) else list(sns.color_palette("husl", n))
+
+
 def set_style() -> None:
     """Apply the house style globally (for notebooks and interactive use; figure functions do not need it)."""
     import seaborn as sns

@@ -6,6 +6,9 @@ A thin wrapper around `openslide.OpenSlide` that every stage uses the same way:
         level, scale = slide.best_level_for_mpp(0.5)
         rgb = slide.read_rgb(x0, y0, level, w, h)      # uint8 (h, w, 3), transparent areas composited on white
 
+This module also owns the two rules every stage shares about slide files: which suffixes are slides
+(`SLIDE_SUFFIXES`, `find_slides`) and what a slide's id is (`slide_id_from_path`).
+
 Memory: nothing here ever holds a whole level. `thumbnail()` picks the coarsest level that is sharp enough and
 reads it in horizontal strips, resizing each strip to its share of output rows, so a 100k x 100k slide without
 a pyramid still costs one strip plus the (small) thumbnail.
@@ -19,6 +22,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,8 @@ import openslide
 import openslide.lowlevel
 from PIL import Image
 
+# File suffixes (lower case) of the slide formats OpenSlide reads: the one list of every slide listing.
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".svslide", ".bif")
 # A level-0 resolution outside this range is not a microscope slide (72 dpi screen images give 352 um/px).
 PLAUSIBLE_MPP_RANGE = (0.05, 20.0)
 # Relative difference of mpp-x and mpp-y above which a slide is warned about (and their mean used), and above
@@ -60,6 +66,35 @@ class AnisotropicMppError(MissingMppError):
     """The slide's pixels are far from square (mpp-x and mpp-y differ by more than ANISOTROPY_REFUSE)."""
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Slide files: suffixes, listings, ids
+# ------------------------------------------------------------------------------------------------------------
+def slide_id_from_path(path: str | Path) -> str:
+    """Slide id = file name without its (last) extension, e.g. 'CMU-1-Small-Region' (as in CLAM/TRIDENT)."""
+    name = Path(path).name
+    stem, ext = os.path.splitext(name)
+    return stem if ext else name
+
+
+def is_slide_file_name(path: str | Path) -> bool:
+    """True when the file name ends in one of SLIDE_SUFFIXES (any case)."""
+    return Path(path).suffix.lower() in SLIDE_SUFFIXES
+
+
+def find_slides(folder: str | Path) -> list[Path]:
+    """Every file under `folder` (recursive) with a slide suffix, sorted by path."""
+    return sorted(p for p in Path(folder).rglob("*") if is_slide_file_name(p) and p.is_file())
+
+
+def list_file_entries(path: str | Path) -> list[str]:
+    """Non-empty stripped lines of a list file (slide lists, held-out lists); '#' starts a comment line."""
+    lines = (x.strip() for x in Path(path).read_text().splitlines())
+    return [x for x in lines if x and not x.startswith("#")]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Physical resolution (mpp) from the file's properties
+# ------------------------------------------------------------------------------------------------------------
 def _positive_float(value: str | None) -> float | None:
     try:
         number = float(value) if value else None
@@ -92,75 +127,98 @@ def anisotropy(mpp_x: float, mpp_y: float) -> float:
     return abs(mpp_x - mpp_y) / min(mpp_x, mpp_y)
 
 
+@dataclass(frozen=True)
+class MppReading:
+    """A slide's level-0 um/px (None: unknown), where it came from, and a warning about it ('' when none)."""
+
+    mpp: float | None
+    source: str
+    warning: str = ""
+
+
+def square_pixel_mpp(props: dict[str, str], name: str, refuse_anisotropic: bool) -> MppReading:
+    """The file's level-0 um/px for square tiles: the mean of x and y when they differ by at most
+    ANISOTROPY_REFUSE (a warning above ANISOTROPY_WARN); beyond that an AnisotropicMppError (or None
+    when `refuse_anisotropic` is False, e.g. reading tiles back, where the mpp is not needed)."""
+    mpp_x, mpp_y, source = _mpp_xy_from_properties(props)
+    if mpp_x is None or mpp_y is None:
+        return MppReading(None, source)
+    spread = anisotropy(mpp_x, mpp_y)
+    if spread <= ANISOTROPY_WARN:
+        return MppReading(mpp_x, source)
+    values = f"mpp-x {mpp_x:.6g} vs mpp-y {mpp_y:.6g} um/px ({spread:.1%} apart, from {source})"
+    if spread > ANISOTROPY_REFUSE:
+        if not refuse_anisotropic:
+            return MppReading(None, f"anisotropic: {values}")
+        raise AnisotropicMppError(
+            f"slide {name} has non-square pixels: {values}; square tiles would be distorted. "
+            "If the file is wrong, pass the true level-0 um/px with --mpp-override (mpp_override=)"
+        )
+    mean = (mpp_x + mpp_y) / 2.0
+    warning = f"anisotropic pixels: {values}; using their mean {mean:.6g} um/px"
+    warnings.warn(f"slide {name}: {warning}", stacklevel=4)
+    return MppReading(mean, f"mean of mpp-x and mpp-y ({source})", warning)
+
+
+def resolve_mpp(props: dict[str, str], name: str, mpp_override: float | None, require_mpp: bool) -> MppReading:
+    """The level-0 um/px a slide is used with: the override, else the file's (square, plausible) value.
+
+    Raises MissingMppError when `require_mpp` and there is none, naming the objective power when the file
+    states one (a hint for the override).
+    """
+    if mpp_override is not None:  # the override wins over whatever the file says (even anisotropic)
+        if not mpp_override > 0:
+            raise ValueError(f"mpp_override must be > 0, got {mpp_override}")
+        return MppReading(float(mpp_override), "override")
+    reading = square_pixel_mpp(props, name, refuse_anisotropic=require_mpp)
+    if reading.mpp is not None and not PLAUSIBLE_MPP_RANGE[0] <= reading.mpp <= PLAUSIBLE_MPP_RANGE[1]:
+        reading = MppReading(None, f"implausible {reading.mpp:.4g} um/px from {reading.source}")
+    if reading.mpp is None and require_mpp:
+        power = _positive_float(props.get("openslide.objective-power") or props.get("aperio.AppMag"))
+        hint = (f"; the file states objective power {power:g}x, commonly {10.0 / power:.3g} um/px at "
+                "level 0 (scanners differ: check before using it)" if power else "")
+        raise MissingMppError(
+            f"no mpp in {name} ({reading.source}); pass an mpp override "
+            f"(--mpp-override / mpp_override=) with the scanner's um per pixel at level 0{hint}"
+        )
+    return reading
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The slide handle
+# ------------------------------------------------------------------------------------------------------------
+def _open_openslide(path: Path) -> openslide.OpenSlide:
+    """openslide.OpenSlide(path), every way it fails turned into a SlideOpenError naming the file."""
+    if not path.is_file():
+        raise SlideOpenError(f"slide file not found: {path}")
+    if path.stat().st_size == 0:
+        raise SlideOpenError(f"slide file is empty: {path}")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        raise SlideOpenError(f"not a slide format OpenSlide reads: {path.name} ({exc})") from exc
+    except openslide.OpenSlideError as exc:
+        raise SlideOpenError(f"corrupt or truncated slide {path.name}: {exc}") from exc
+    except OSError as exc:  # some corrupt files surface as plain OS errors from the C library
+        raise SlideOpenError(f"cannot open slide {path.name}: {exc}") from exc
+
+
 class Slide:
     """An open whole-slide image with its level-0 mpp; use through `open_slide`."""
 
     def __init__(self, path: str | Path, mpp_override: float | None = None, require_mpp: bool = True):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise SlideOpenError(f"slide file not found: {self.path}")
-        if self.path.stat().st_size == 0:
-            raise SlideOpenError(f"slide file is empty: {self.path}")
-        try:
-            self._osr = openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise SlideOpenError(f"not a slide format OpenSlide reads: {self.path.name} ({exc})") from exc
-        except openslide.OpenSlideError as exc:
-            raise SlideOpenError(f"corrupt or truncated slide {self.path.name}: {exc}") from exc
-        except OSError as exc:  # some corrupt files surface as plain OS errors from the C library
-            raise SlideOpenError(f"cannot open slide {self.path.name}: {exc}") from exc
+        self._osr = _open_openslide(self.path)
         try:
             self._validate_readable()
             self.properties: dict[str, str] = dict(self._osr.properties)
-            self.mpp_source: str
-            self.mpp_warning = ""  # set when the file's pixels are slightly anisotropic (see _square_pixel_mpp)
-            if mpp_override is not None:  # the override wins over whatever the file says (even anisotropic)
-                if not mpp_override > 0:
-                    raise ValueError(f"mpp_override must be > 0, got {mpp_override}")
-                self._mpp: float | None = float(mpp_override)
-                self.mpp_source = "override"
-            else:
-                file_mpp, source = self._square_pixel_mpp(refuse_anisotropic=require_mpp)
-                if file_mpp is not None and PLAUSIBLE_MPP_RANGE[0] <= file_mpp <= PLAUSIBLE_MPP_RANGE[1]:
-                    self._mpp, self.mpp_source = file_mpp, source
-                else:
-                    self._mpp = None
-                    self.mpp_source = source if file_mpp is None else f"implausible {file_mpp:.4g} um/px from {source}"
-            if self._mpp is None and require_mpp:
-                power = _positive_float(self.properties.get("openslide.objective-power")
-                                        or self.properties.get("aperio.AppMag"))
-                hint = (f"; the file states objective power {power:g}x, commonly {10.0 / power:.3g} um/px at "
-                        "level 0 (scanners differ: check before using it)" if power else "")
-                raise MissingMppError(
-                    f"no mpp in {self.path.name} ({self.mpp_source}); pass an mpp override "
-                    f"(--mpp-override / mpp_override=) with the scanner's um per pixel at level 0{hint}"
-                )
+            reading = resolve_mpp(self.properties, self.path.name, mpp_override, require_mpp)
         except BaseException:
             self._osr.close()
             raise
-
-    def _square_pixel_mpp(self, refuse_anisotropic: bool) -> tuple[float | None, str]:
-        """The file's level-0 um/px for square tiles: the mean of x and y when they differ by at most
-        ANISOTROPY_REFUSE (a warning above ANISOTROPY_WARN); beyond that an AnisotropicMppError (or None
-        when `refuse_anisotropic` is False, e.g. reading tiles back, where the mpp is not needed)."""
-        mpp_x, mpp_y, source = _mpp_xy_from_properties(self.properties)
-        if mpp_x is None or mpp_y is None:
-            return None, source
-        spread = anisotropy(mpp_x, mpp_y)
-        if spread <= ANISOTROPY_WARN:
-            return mpp_x, source
-        values = f"mpp-x {mpp_x:.6g} vs mpp-y {mpp_y:.6g} um/px ({spread:.1%} apart, from {source})"
-        if spread > ANISOTROPY_REFUSE:
-            if not refuse_anisotropic:
-                return None, f"anisotropic: {values}"
-            raise AnisotropicMppError(
-                f"slide {self.path.name} has non-square pixels: {values}; square tiles would be distorted. "
-                "If the file is wrong, pass the true level-0 um/px with --mpp-override (mpp_override=)"
-            )
-        mean = (mpp_x + mpp_y) / 2.0
-        self.mpp_warning = f"anisotropic pixels: {values}; using their mean {mean:.6g} um/px"
-        warnings.warn(f"slide {self.path.name}: {self.mpp_warning}", stacklevel=3)
-        return mean, f"mean of mpp-x and mpp-y ({source})"
+        self._mpp: float | None = reading.mpp
+        self.mpp_source: str = reading.source
+        self.mpp_warning: str = reading.warning  # set when the file's pixels are slightly anisotropic
 
     def _validate_readable(self) -> None:
         """Read one pixel at each corner of level 0: truncated files often open fine and fail on first read."""
@@ -239,6 +297,9 @@ class Slide:
         return best, target_mpp / self.level_mpp(best)
 
     # -- pixels -----------------------------------------------------------------------------------------------
+    def _read_error(self, x0: int, y0: int, level: int, w: int, h: int, exc: Exception) -> SlideReadError:
+        return SlideReadError(f"cannot read {self.path.name} at level-0 ({x0}, {y0}), level {level}, {w}x{h}: {exc}")
+
     def read_rgb(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         """uint8 (h, w, 3) region whose top-left is level-0 (x0, y0), size w x h in `level` pixels; alpha on white."""
         if w <= 0 or h <= 0:
@@ -262,9 +323,7 @@ class Slide:
             _LOWLEVEL_READ(handle, argb.ctypes.data_as(_UINT32_POINTER),
                            int(x0), int(y0), int(level), int(w), int(h))
         except openslide.OpenSlideError as exc:
-            raise SlideReadError(
-                f"cannot read {self.path.name} at level-0 ({x0}, {y0}), level {level}, {w}x{h}: {exc}"
-            ) from exc
+            raise self._read_error(x0, y0, level, w, h, exc) from exc
         bgra = argb.view(np.uint8).reshape(int(h), int(w), 4)  # little-endian words: bytes B, G, R, A
         out[..., 0] = bgra[..., 2]  # three plain channel copies are 3x faster than one reversed-slice copy
         out[..., 1] = bgra[..., 1]
@@ -280,9 +339,7 @@ class Slide:
         try:
             region = self._osr.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
         except openslide.OpenSlideError as exc:
-            raise SlideReadError(
-                f"cannot read {self.path.name} at level-0 ({x0}, {y0}), level {level}, {w}x{h}: {exc}"
-            ) from exc
+            raise self._read_error(x0, y0, level, w, h, exc) from exc
         rgba = np.asarray(region)
         out[...] = rgba[..., :3]
         alpha = rgba[..., 3]
@@ -296,10 +353,17 @@ class Slide:
         try:
             region = self._osr.read_region((int(x0), int(y0)), int(level), (int(w), int(h)))
         except openslide.OpenSlideError as exc:
-            raise SlideReadError(
-                f"cannot read {self.path.name} at level-0 ({x0}, {y0}), level {level}, {w}x{h}: {exc}"
-            ) from exc
+            raise self._read_error(x0, y0, level, w, h, exc) from exc
         return _composite_on_white(region)
+
+    def associated_image(self, name: str) -> Image.Image | None:
+        """The file's associated image `name` (e.g. 'thumbnail', 'label'), or None when it has none."""
+        try:
+            images = self._osr.associated_images
+            # `in images` (and `in images.keys()`) decode the image just to test membership: iterate the names.
+            return images[name] if name in list(images) else None
+        except openslide.OpenSlideError:
+            return None
 
     def thumbnail(self, max_size: int, use_associated: bool = True, sharpness_slack: float = 1.25) -> np.ndarray:
         """uint8 RGB overview whose longer side is at most max_size, read with bounded memory.
@@ -324,44 +388,10 @@ class Slide:
                 level = lv
         lw, lh = self.level_dimensions[level]
         if use_associated and lw * lh > 16 * out_w * out_h:
-            assoc = self._associated_thumbnail(out_w, out_h)
+            assoc = _associated_thumbnail(self, out_w, out_h)
             if assoc is not None:
                 return assoc
-        return self._strip_thumbnail(level, out_w, out_h)
-
-    def _associated_thumbnail(self, out_w: int, out_h: int) -> np.ndarray | None:
-        """The file's own overview image resized to (out_w, out_h), if it has the slide's aspect ratio."""
-        try:
-            images = self._osr.associated_images
-            # `in images` (and `in images.keys()`) decode the image just to test membership: iterate the names.
-            if "thumbnail" not in list(images):
-                return None
-            img = images["thumbnail"]
-        except openslide.OpenSlideError:
-            return None
-        w0, h0 = self.dimensions
-        if abs((img.width / img.height) / (w0 / h0) - 1.0) > 0.02:
-            return None  # a label/macro-like image of another region: not a faithful overview
-        rgb = _composite_on_white(img)
-        if rgb.size != (out_w, out_h):
-            rgb = rgb.resize((out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        return np.asarray(rgb)
-
-    def _strip_thumbnail(self, level: int, out_w: int, out_h: int) -> np.ndarray:
-        """Resize `level` to (out_w, out_h) strip by strip; each strip maps exactly onto its output rows."""
-        lw, lh = self.level_dimensions[level]
-        ds = self.level_downsamples[level]
-        sy = lh / out_h  # level rows per output row
-        rows_per_strip = max(1, int(THUMBNAIL_STRIP_PIXELS / max(1, lw) / max(sy, 1.0)))
-        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
-        for o0 in range(0, out_h, rows_per_strip):
-            o1 = min(out_h, o0 + rows_per_strip)
-            top, bottom = o0 * sy, o1 * sy
-            r0, r1 = math.floor(top), min(lh, math.ceil(bottom))
-            strip = self.read_rgb_image(0, round(r0 * ds), level, lw, max(1, r1 - r0))
-            box = (0.0, top - r0, float(lw), min(bottom - r0, float(r1 - r0)))
-            out[o0:o1] = np.asarray(strip.resize((out_w, o1 - o0), Image.Resampling.BILINEAR, box=box))
-        return out
+        return _strip_thumbnail(self, level, out_w, out_h)
 
     def close(self) -> None:
         self._osr.close()
@@ -369,6 +399,40 @@ class Slide:
     def __repr__(self) -> str:
         mpp = f"{self._mpp:.4g}" if self._mpp is not None else "None"
         return f"Slide({self.path.name!r}, {self.dimensions[0]}x{self.dimensions[1]}, levels={self.level_count}, mpp={mpp})"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Thumbnails and compositing
+# ------------------------------------------------------------------------------------------------------------
+def _associated_thumbnail(slide: Slide, out_w: int, out_h: int) -> np.ndarray | None:
+    """The file's own overview image resized to (out_w, out_h), if it has the slide's aspect ratio."""
+    img = slide.associated_image("thumbnail")
+    if img is None:
+        return None
+    w0, h0 = slide.dimensions
+    if abs((img.width / img.height) / (w0 / h0) - 1.0) > 0.02:
+        return None  # a label/macro-like image of another region: not a faithful overview
+    rgb = _composite_on_white(img)
+    if rgb.size != (out_w, out_h):
+        rgb = rgb.resize((out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(rgb)
+
+
+def _strip_thumbnail(slide: Slide, level: int, out_w: int, out_h: int) -> np.ndarray:
+    """Resize `level` to (out_w, out_h) strip by strip; each strip maps exactly onto its output rows."""
+    lw, lh = slide.level_dimensions[level]
+    ds = slide.level_downsamples[level]
+    sy = lh / out_h  # level rows per output row
+    rows_per_strip = max(1, int(THUMBNAIL_STRIP_PIXELS / max(1, lw) / max(sy, 1.0)))
+    out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    for o0 in range(0, out_h, rows_per_strip):
+        o1 = min(out_h, o0 + rows_per_strip)
+        top, bottom = o0 * sy, o1 * sy
+        r0, r1 = math.floor(top), min(lh, math.ceil(bottom))
+        strip = slide.read_rgb_image(0, round(r0 * ds), level, lw, max(1, r1 - r0))
+        box = (0.0, top - r0, float(lw), min(bottom - r0, float(r1 - r0)))
+        out[o0:o1] = np.asarray(strip.resize((out_w, o1 - o0), Image.Resampling.BILINEAR, box=box))
+    return out
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:
@@ -384,18 +448,6 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
     background = Image.new("RGB", img.size, (255, 255, 255))
     background.paste(img, mask=alpha)
     return background
-
-
-def rgba_to_rgb_on_white(img: Image.Image) -> np.ndarray:
-    """uint8 (h, w, 3) array of a PIL image, alpha composited on white."""
-    return np.asarray(_composite_on_white(img))
-
-
-def slide_id_from_path(path: str | Path) -> str:
-    """Slide id = file name without its (last) extension, e.g. 'CMU-1-Small-Region'."""
-    name = Path(path).name
-    stem, ext = os.path.splitext(name)
-    return stem if ext else name
 
 
 @contextlib.contextmanager

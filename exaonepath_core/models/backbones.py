@@ -70,7 +70,7 @@ class BatchTransform:
         self._reference = None
         self.last_fallback_count = 0
         if spec.macenko:
-            from exaonepath_core.data.stain import MacenkoReference
+            from exaonepath_core.data.stain.reference import MacenkoReference
 
             self._reference = (
                 MacenkoReference.from_dict(spec.macenko_reference)
@@ -85,7 +85,7 @@ class BatchTransform:
             )
         spec = self.spec
         if spec.macenko:
-            from exaonepath_core.data.stain import macenko_normalize_batch
+            from exaonepath_core.data.stain.macenko import macenko_normalize_batch
 
             images, fallback = macenko_normalize_batch(images, self._reference, **(spec.macenko_params or {}))
             self.last_fallback_count = int(fallback.sum())
@@ -197,7 +197,7 @@ def _reference_dict(options: Mapping[str, Any]) -> dict | None:
     ref = options.get("macenko_reference")
     if ref is None or isinstance(ref, dict):
         return ref
-    from exaonepath_core.data.stain import MacenkoReference
+    from exaonepath_core.data.stain.reference import MacenkoReference
 
     return MacenkoReference.from_json(ref).to_dict()
 

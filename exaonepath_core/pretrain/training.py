@@ -128,15 +128,14 @@ class MultiCropCollate:
 
 
 def _stain_function(name: str) -> Any:
-    """A function of `exaonepath_core.data.stain`, with a clear error when it is not available."""
-    try:
-        from exaonepath_core.data import stain
+    """`stain_augment_batch` or `macenko_normalize_batch` (exaonepath_core.data.stain), by name."""
+    from exaonepath_core.data.stain.augment import stain_augment_batch
+    from exaonepath_core.data.stain.macenko import macenko_normalize_batch
 
-        return getattr(stain, name)
-    except (ImportError, AttributeError) as err:
-        raise RuntimeError(
-            f"exaonepath_core.data.stain.{name} is required for this input arm but is not available ({err})"
-        ) from err
+    functions = {"stain_augment_batch": stain_augment_batch, "macenko_normalize_batch": macenko_normalize_batch}
+    if name not in functions:
+        raise ValueError(f"no stain function {name!r}; expected one of {sorted(functions)}")
+    return functions[name]
 
 
 def _load_patch_dataset(cfg: PretrainConfig) -> Dataset:
@@ -516,7 +515,7 @@ def _train(cfg: PretrainConfig, runtime: _Runtime, resume: bool, dataset: Datase
     normalize_batch, macenko_reference = None, None
     if cfg.normalize_on_the_fly:
         normalize_batch = _stain_function("macenko_normalize_batch")
-        from exaonepath_core.data.stain import MacenkoReference
+        from exaonepath_core.data.stain.reference import MacenkoReference
 
         macenko_reference = (MacenkoReference.from_json(cfg.macenko_reference) if cfg.macenko_reference
                              else MacenkoReference.default())
@@ -921,7 +920,7 @@ def _training_reference(cfg: PretrainConfig, patches: Dataset, on_the_fly_refere
     if store_reference is not None:
         return store_reference.to_dict()
     if cfg.macenko_reference:
-        from exaonepath_core.data.stain import MacenkoReference
+        from exaonepath_core.data.stain.reference import MacenkoReference
 
         return MacenkoReference.from_json(cfg.macenko_reference).to_dict()
     return None

@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from exaonepath_core.config import INPUT_ARMS
+from exaonepath_core.evaluation import collapse
 from exaonepath_core.evaluation.published import EXTRA_WSIS, PUBLISHED, SIX_TASKS
+from exaonepath_core.io import plotting
+from exaonepath_core.models import peers
+from exaonepath_core.models.backbones import resolve_backbone_spec
 
 STATUS_COLUMNS = ["model", "title", "backbone", "status", "detail"]
 COMPARISON_COLUMNS = (["model", "title", "source", "backbone", "status"] + list(SIX_TASKS)
@@ -36,9 +41,6 @@ def model_of_backbone(backbone: str) -> str | None:
 def peer_status(extra_backbones: Sequence[str], backbone_names: Sequence[str]) -> pd.DataFrame:
     """One row per registered peer and EXAONEPath: measured (its feature folder exists), absent (configured but
     no weights found, with the reason) or not configured; RudolfV: published numbers only."""
-    from exaonepath_core.models import peers
-    from exaonepath_core.models.backbones import resolve_backbone_spec
-
     found = {model_of_backbone(b): b for b in backbone_names if model_of_backbone(b)}
     configured: dict[str, str] = {}
     for spec in extra_backbones:
@@ -72,8 +74,6 @@ def peer_status(extra_backbones: Sequence[str], backbone_names: Sequence[str]) -
 
 
 def _parameters(key: str) -> tuple[int | None, str]:
-    from exaonepath_core.models import peers
-
     if key in peers.PEERS:
         return peers.count_parameters(key), "architecture as loaded (strict key/shape match)"
     if key == "exaonepath":
@@ -136,16 +136,13 @@ def model_comparison_table(probe_summary: pd.DataFrame, status: pd.DataFrame,
 def plot_model_comparison(table: pd.DataFrame, out_png: str | Path) -> Path:
     """Figure 1's two panels: six-task average top-1 vs parameters and vs WSIs (log x); published points as
     filled circles, this run's measured points as open diamonds; what could not be drawn is said on the panel."""
-    import matplotlib
     import seaborn as sns
-
-    from exaonepath_core.report.figures import _new_figure, _save_png, style_rc
 
     plotted = table[table["avg"].notna()].copy()
     plotted["marker_source"] = plotted["source"].map({"published": "published (paper's table)",
                                                       "measured": "measured (this run)"})
-    with matplotlib.rc_context(style_rc()):
-        figure = _new_figure(11, 4.4)
+    with plotting.house_style():
+        figure = plotting.new_figure(11, 4.4)
         axes = figure.subplots(1, 2)
         for ax, column, label in ((axes[0], "n_parameters", "parameters"), (axes[1], "n_wsis", "WSIs")):
             shown = plotted[plotted[column].astype(float) > 0]
@@ -178,7 +175,7 @@ def plot_model_comparison(table: pd.DataFrame, out_png: str | Path) -> Path:
             ax.set_ylabel("six-task average top-1")
             ax.set_title(f"average top-1 vs {label}")
         figure.tight_layout()
-        return _save_png(figure, out_png)
+        return plotting.save_png(figure, out_png)
 
 
 def _metric_row(part: pd.DataFrame, metric: str) -> pd.Series | None:
@@ -188,8 +185,6 @@ def _metric_row(part: pd.DataFrame, metric: str) -> pd.Series | None:
 
 def backbone_kind(arm: str) -> str:
     """What a stage-06 arm is: our pretraining arm, the untrained initialisation, a peer or another backbone."""
-    from exaonepath_core.config import INPUT_ARMS
-
     if arm in INPUT_ARMS:
         return "pretraining arm"
     if arm.startswith("untrained_"):
@@ -202,8 +197,6 @@ def backbone_kind(arm: str) -> str:
 def collapse_by_model(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per cohort, every backbone ranked by slide identifiability (slide-ID probe accuracy over chance, most
     slide-identifiable first), beside its same-slide neighbour fraction and leave-one-slide-out class kNN."""
-    from exaonepath_core.evaluation import collapse
-
     if metrics.empty or not {"cohort", "arm", "metric", "value"} <= set(metrics.columns):
         return pd.DataFrame(columns=COLLAPSE_RANK_COLUMNS)
     rows = []
@@ -229,20 +222,55 @@ def collapse_by_model(metrics: pd.DataFrame) -> pd.DataFrame:
     return table[COLLAPSE_RANK_COLUMNS].reset_index(drop=True)
 
 
+_KINDS = ("pretraining arm", "untrained initialisation", "peer model", "extra backbone")
+_KIND_COLOURS = (0, 7, 3, 2)  # blue, grey, red, green of the house ("colorblind") palette
+_RANK_PANELS = (("slide_id_probe_accuracy", "slide_id_probe_ci_low", "slide_id_probe_ci_high", "slide-ID probe accuracy"),
+                ("same_slide_neighbour_fraction", "same_slide_ci_low", "same_slide_ci_high",
+                 "same-slide neighbour fraction"))
+
+
+def _ranked_panel(ax, part: pd.DataFrame, columns: tuple[str, str, str, str], cohort: str, colours: dict,
+                  with_legend: bool) -> None:
+    """One cohort's panel: a point per model (rank order, top = rank 1) with its 95 % interval, coloured by kind."""
+    import seaborn as sns
+
+    value, low, high, title = columns
+    points = part.assign(y=np.arange(len(part)))
+    finite = points[np.isfinite(points[value].astype(float))]
+    if len(finite):
+        sns.scatterplot(data=finite, x=value, y="y", hue="kind", hue_order=[k for k in _KINDS if k in set(part["kind"])],
+                        palette=colours, s=40, legend=False, ax=ax, zorder=3)
+        bounded = finite[np.isfinite(finite[low].astype(float)) & np.isfinite(finite[high].astype(float))]
+        for _, row in bounded.iterrows():  # one call per model: error-bar caps take a single colour
+            xerr = [[max(row[value] - row[low], 0)], [max(row[high] - row[value], 0)]]
+            ax.errorbar(row[value], row["y"], xerr=xerr, fmt="none", capsize=3, ecolor=colours[row["kind"]])
+    for y in points.loc[~points.index.isin(finite.index), "y"]:
+        ax.text(0, y, "n/a", va="center", fontsize=7)
+    if value == "slide_id_probe_accuracy" and part["slide_probe_chance"].notna().any():
+        ax.axvline(float(part["slide_probe_chance"].mean()), color="black", linestyle="--", lw=1)
+    ax.set_yticks(points["y"])
+    ax.set_yticklabels(part["model"], fontsize=8)
+    ax.set_ylim(-0.5, len(part) - 0.5)
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.set_title(f"{cohort}: {title}", fontsize=9)
+    if with_legend:  # every kind of the cohort, even one with no finite value in this panel
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], marker="o", ls="", color=colours[k], label=k) for k in _KINDS if k in set(part["kind"])]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # off the points
+
+
 def plot_collapse_by_model(ranked: pd.DataFrame, out_png: str | Path) -> Path:
     """One row of panels per cohort: slide-ID probe accuracy and same-slide neighbour fraction per model (95 %
     intervals), in rank order, coloured by kind; a text panel when no cohort was measured."""
-    import matplotlib
-    from matplotlib.lines import Line2D
-
-    from exaonepath_core.report.figures import _new_figure, _save_png, style_rc
-
     cohorts = list(dict.fromkeys(ranked["cohort"])) if len(ranked) else []
-    kinds = ["pretraining arm", "untrained initialisation", "peer model", "extra backbone"]
-    colours = dict(zip(kinds, ("#1f77b4", "#7f7f7f", "#d62728", "#2ca02c")))
     n_models = max([int((ranked["cohort"] == c).sum()) for c in cohorts] or [1])
-    with matplotlib.rc_context(style_rc()):
-        figure = _new_figure(10, max(2.2, 0.32 * n_models + 1.2) * max(1, len(cohorts)))
+    with plotting.house_style():
+        house = plotting.palette(max(_KIND_COLOURS) + 1)
+        colours = {kind: house[i] for kind, i in zip(_KINDS, _KIND_COLOURS)}
+        figure = plotting.new_figure(10, max(2.2, 0.32 * n_models + 1.2) * max(1, len(cohorts)))
         axes = figure.subplots(max(1, len(cohorts)), 2, squeeze=False)
         if not cohorts:
             for ax in axes.ravel():
@@ -251,31 +279,10 @@ def plot_collapse_by_model(ranked: pd.DataFrame, out_png: str | Path) -> Path:
                                     "(see 04_features/datasets.csv)", fontsize=10)
         for row_axes, cohort in zip(axes, cohorts):
             part = ranked[ranked["cohort"] == cohort].sort_values("rank", ascending=False)
-            for ax, (value, low, high, title) in zip(row_axes, (
-                    ("slide_id_probe_accuracy", "slide_id_probe_ci_low", "slide_id_probe_ci_high",
-                     "slide-ID probe accuracy"),
-                    ("same_slide_neighbour_fraction", "same_slide_ci_low", "same_slide_ci_high",
-                     "same-slide neighbour fraction"))):
-                y = np.arange(len(part))
-                for i, (_, row) in enumerate(part.iterrows()):
-                    if not np.isfinite(row[value]):
-                        ax.text(0, i, "n/a", va="center", fontsize=7)
-                        continue
-                    err = None
-                    if np.isfinite(row[low]) and np.isfinite(row[high]):
-                        err = [[max(row[value] - row[low], 0)], [max(row[high] - row[value], 0)]]
-                    ax.errorbar(row[value], i, xerr=err, fmt="o", color=colours[row["kind"]], capsize=3)
-                if value == "slide_id_probe_accuracy" and part["slide_probe_chance"].notna().any():
-                    ax.axvline(float(part["slide_probe_chance"].mean()), color="black", linestyle="--", lw=1)
-                ax.set_yticks(y)
-                ax.set_yticklabels(part["model"], fontsize=8)
-                ax.set_xlim(0, 1.02)
-                ax.set_title(f"{cohort}: {title}", fontsize=9)
-            handles = [Line2D([], [], marker="o", ls="", color=colours[k], label=k)
-                       for k in kinds if k in set(part["kind"])]
-            row_axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # off the points
+            for ax, columns in zip(row_axes, _RANK_PANELS):
+                _ranked_panel(ax, part, columns, cohort, colours, with_legend=ax is row_axes[1])
         figure.tight_layout()
-        return _save_png(figure, out_png)
+        return plotting.save_png(figure, out_png)
 
 
 def comparison_note(status: pd.DataFrame, datasets: Mapping[str, str]) -> str:

@@ -1,11 +1,12 @@
-"""Plot style and the figure functions the notebooks call (Agg canvases; nothing global at import).
+"""The figure functions the notebooks call: 2-D embeddings per arm and collapse-metric bars (seaborn).
 
-Figures are drawn on `matplotlib.figure.Figure` objects with an Agg canvas inside `matplotlib.rc_context`,
-so they do not depend on (or change) pyplot's global state or the interactive backend.
+Every figure is drawn with seaborn on a `plotting.new_figure` inside `plotting.house_style()` and written by
+`plotting.save_png`, so it shares the house style, never touches pyplot's global state, and is written atomically.
 """
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,54 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from exaonepath_core.io import atomic
+from exaonepath_core.evaluation import collapse
+from exaonepath_core.io import atomic, plotting
 
-DPI = 120
 _MAX_LEGEND_ENTRIES = 12
-
-
-def style_rc() -> dict:
-    """The house matplotlib rc settings: readable font sizes, light grid, no top/right spines."""
-    return {
-        "figure.dpi": DPI,
-        "savefig.dpi": DPI,
-        "savefig.bbox": "tight",
-        "font.size": 10,
-        "axes.titlesize": 11,
-        "axes.labelsize": 10,
-        "xtick.labelsize": 9,
-        "ytick.labelsize": 9,
-        "legend.fontsize": 8,
-        "axes.spines.top": False,
-        "axes.spines.right": False,
-        "axes.grid": True,
-        "grid.alpha": 0.3,
-        "image.cmap": "viridis",
-    }
-
-
-def set_style() -> None:
-    """Apply the house style to matplotlib's global rc (for notebooks; figure functions do not need it)."""
-    import matplotlib
-
-    matplotlib.rcParams.update(style_rc())
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=DPI)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save_png(figure, out_png: str | Path) -> Path:
-    """Write the figure atomically (temporary file in the same folder, then rename; `atomic.atomic_path`)."""
-    out = Path(out_png)
-    with atomic.atomic_path(out) as tmp:
-        figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-    return out
 
 
 EMBEDDING_METHOD_NAMES = {
@@ -125,17 +82,6 @@ def embedding_2d(features: np.ndarray, method: str = "tsne", max_points: int = 3
     return Embedding2D(out, method)
 
 
-def _colours(n: int) -> np.ndarray:
-    """n distinguishable RGBA colours: tab10/tab20 when they suffice, else evenly spaced hues."""
-    from matplotlib import colormaps
-
-    if n <= 10:
-        return colormaps["tab10"](np.arange(n))
-    if n <= 20:
-        return colormaps["tab20"](np.arange(n))
-    return colormaps["hsv"](np.linspace(0, 1, n, endpoint=False))
-
-
 def _scatter_by(ax, xy: np.ndarray, labels: np.ndarray | None, arm: str, what: str) -> None:
     title = f"{arm}: by {what}"
     plural = "es" if what.endswith("s") else "s"
@@ -145,24 +91,27 @@ def _scatter_by(ax, xy: np.ndarray, labels: np.ndarray | None, arm: str, what: s
         ax.set_xticks([])
         ax.set_yticks([])
         return
+    import seaborn as sns
+
     labels = np.asarray(labels)
     shown = np.all(np.isfinite(xy), axis=1)
     values = labels[shown]
-    uniques = np.unique(values.astype(str) if values.dtype == object else values)
-    colours = _colours(len(uniques))
+    keys, codes = np.unique(values.astype(str) if values.dtype == object else values, return_inverse=True)
+    names = [str(key) for key in keys]
     size = float(np.clip(8000.0 / max(int(shown.sum()), 1), 4.0, 24.0))  # visible for hundreds, not a blob for 10^4
-    for i, value in enumerate(uniques):
-        mask = values == value
-        ax.scatter(xy[shown][mask, 0], xy[shown][mask, 1], s=size, color=colours[i], label=str(value),
-                   alpha=0.75, linewidths=0, rasterized=True)
+    with_legend = len(names) <= _MAX_LEGEND_ENTRIES
+    # hue as strings with a fixed order: numeric ids are categories here, not a colour scale
+    sns.scatterplot(x=xy[shown, 0], y=xy[shown, 1], hue=np.asarray(names, dtype=object)[codes.ravel()],
+                    hue_order=names, palette=plotting.palette(len(names)), s=size, alpha=0.75, linewidth=0,
+                    rasterized=True, legend="full" if with_legend else False, ax=ax)
     # the point count is in the figure's suptitle; the panel says how many groups the colours stand for
-    ax.set_title(f"{title} ({len(uniques)} {what}{'' if len(uniques) == 1 else plural})")
+    ax.set_title(f"{title} ({len(names)} {what}{'' if len(names) == 1 else plural})")
     ax.set_xticks([])
     ax.set_yticks([])
-    if len(uniques) <= _MAX_LEGEND_ENTRIES:
+    if with_legend and ax.get_legend() is not None:
         # beside the panel, so it never hides points
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), markerscale=max(1.0, 36.0 / size) ** 0.5,
-                  frameon=False, fontsize=7, borderaxespad=0.2)
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), markerscale=max(1.0, 36.0 / size) ** 0.5,
+                        frameon=False, fontsize=7, borderaxespad=0.2, title=None)
 
 
 def _embedding_suptitle(embeds: Mapping, method: str | None) -> str:
@@ -198,8 +147,6 @@ def plot_embeddings_by_arm(
     (points not embedded) are not drawn and are counted in the suptitle, which also names the 2-D method:
     `method` when given, else the one `embedding_2d` recorded on xy (`Embedding2D.method`).
     """
-    import matplotlib
-
     if not embeds:
         raise ValueError("embeds is empty")
     for arm, entry in embeds.items():
@@ -217,8 +164,8 @@ def plot_embeddings_by_arm(
         rows.append(("class", 2))
     if any(entry[3] is not None for entry in embeds.values()):
         rows.append(("site", 3))
-    with matplotlib.rc_context(style_rc()):
-        figure = _new_figure(4.0 * len(embeds), 3.8 * len(rows) + 0.4)
+    with plotting.house_style():
+        figure = plotting.new_figure(4.0 * len(embeds), 3.8 * len(rows) + 0.4)
         axes = figure.subplots(len(rows), len(embeds), squeeze=False)
         for col, (arm, entry) in enumerate(embeds.items()):
             xy = np.asarray(entry[0], dtype=float)
@@ -230,24 +177,24 @@ def plot_embeddings_by_arm(
         # wrapped to the figure width, so a one-arm figure does not clip it
         figure.suptitle(textwrap.fill(suptitle, width=45 * len(embeds)), fontsize=11)
         figure.tight_layout()
-        return _save_png(figure, out_png)
+        return plotting.save_png(figure, out_png)
 
 
-# Short readable panel titles for the collapse metrics (keys: exaonepath_core.evaluation.collapse metric names, which the
-# CSV keeps); an unknown metric is shown by its name with spaces.
+# Short readable panel titles of the collapse metrics (keyed by collapse's metric names, which the CSV keeps); an
+# unknown metric is shown by its name with spaces.
 METRIC_DISPLAY_NAMES = {
-    "slide_id_probe_accuracy": "slide-ID probe accuracy",
-    "slide_id_probe_accuracy_over_chance": "slide-ID probe accuracy / chance",
-    "same_slide_neighbour_fraction": "same-slide neighbours (k-NN fraction)",
-    "silhouette_slide": "silhouette by slide",
-    "silhouette_class": "silhouette by class",
-    "knn_class_accuracy_within_slide": "k-NN class accuracy, same slide",
-    "knn_class_accuracy_leave_one_slide_out": "k-NN class accuracy, other slides",
-    "knn_class_accuracy_gap": "k-NN class gap (same - other slides)",
-    "site_id_probe_accuracy": "site-ID probe accuracy",
-    "site_id_probe_accuracy_over_chance": "site-ID probe accuracy / chance",
-    "same_site_neighbour_fraction": "same-site neighbours (k-NN fraction)",
-    "silhouette_site": "silhouette by site",
+    collapse.SLIDE_PROBE: "slide-ID probe accuracy",
+    collapse.SLIDE_PROBE_OVER_CHANCE: "slide-ID probe accuracy / chance",
+    collapse.SAME_SLIDE_NEIGHBOURS: "same-slide neighbours (k-NN fraction)",
+    collapse.SILHOUETTE_SLIDE: "silhouette by slide",
+    collapse.SILHOUETTE_CLASS: "silhouette by class",
+    collapse.KNN_WITHIN_SLIDE: "k-NN class accuracy, same slide",
+    collapse.KNN_LEAVE_ONE_SLIDE_OUT: "k-NN class accuracy, other slides",
+    collapse.KNN_GAP: "k-NN class gap (same - other slides)",
+    collapse.SITE_PROBE: "site-ID probe accuracy",
+    collapse.SITE_PROBE_OVER_CHANCE: "site-ID probe accuracy / chance",
+    collapse.SAME_SITE_NEIGHBOURS: "same-site neighbours (k-NN fraction)",
+    collapse.SILHOUETTE_SITE: "silhouette by site",
 }
 _TITLE_CHARS_PER_INCH = 11  # at the 9 pt title size, measured so neighbouring titles keep apart
 _TICK_WRAP_CHARS = 11
@@ -260,8 +207,6 @@ def metric_display_name(metric: str) -> str:
 
 def _wrap_identifier(name: str, width: int) -> str:
     """Break an identifier like `stain_augmentation` into lines of about `width` chars at '_', '-', '/', ':' or spaces."""
-    import re
-
     parts = [p for p in re.split(r"(?<=[_\-/: ])", name) if p]
     lines, line = [], ""
     for part in parts:
@@ -279,14 +224,45 @@ def _labels_overlap(labels) -> bool:
     return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
+def _collapse_panel(ax, rows: pd.DataFrame, metric: str, arms: list, colours: list, tick_labels: list[str],
+                    title_width: int) -> None:
+    """One metric's panel: a seaborn bar per arm ('n/a' where not measured), 95% intervals, the chance line."""
+    import seaborn as sns
+
+    values = rows["value"].reindex(arms).astype(float)
+    bars = pd.DataFrame({"arm": [str(arm) for arm in arms], "value": values.to_numpy()})
+    sns.barplot(data=bars, x="arm", y="value", hue="arm", order=bars["arm"], hue_order=bars["arm"],
+                palette=colours, errorbar=None, legend=False, edgecolor="black", linewidth=0.5, ax=ax)
+    positions = np.arange(len(arms))
+    for i in np.flatnonzero(~np.isfinite(values.to_numpy())):
+        ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
+    low, high = (rows[c].reindex(arms).astype(float).to_numpy() for c in ("ci_low", "ci_high"))
+    with_interval = np.isfinite(values.to_numpy()) & np.isfinite(low) & np.isfinite(high)
+    if with_interval.any():
+        value = values.to_numpy()[with_interval]
+        yerr = np.vstack([value - low[with_interval], high[with_interval] - value]).clip(min=0.0)
+        ax.errorbar(positions[with_interval], value, yerr=yerr, fmt="none", ecolor="black", elinewidth=1, capsize=4)
+    chances = rows["chance"].astype(float)
+    chances = chances[np.isfinite(chances)]
+    if len(chances):
+        chance = float(chances.mean())
+        ax.axhline(chance, color="black", linestyle="--", linewidth=1)
+        # labelled on the line itself: a legend box would sit on the bars
+        ax.annotate("chance", xy=(1.0, chance), xycoords=("axes fraction", "data"), xytext=(2, 0),
+                    textcoords="offset points", va="center", ha="left", fontsize=7)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.set_xticks(positions)
+    ax.set_xticklabels(tick_labels, fontsize=8)
+    ax.set_title(textwrap.fill(metric_display_name(metric), title_width), fontsize=9)
+
+
 def plot_collapse_bars(metrics_df: pd.DataFrame, out_png: str | Path, metrics: Sequence[str] | None = None) -> Path:
     """A panel per metric with one bar per arm, 95% interval error bars and a dashed chance line.
 
     Panel titles are readable names (`METRIC_DISPLAY_NAMES`); arm names on the x axis are wrapped at '_' and
     the panels widen with the number of arms, so tick labels and titles do not overlap (rotated as a last resort).
     """
-    import matplotlib
-
     required = {"arm", "metric", "value", "ci_low", "ci_high", "chance"}
     missing = required - set(metrics_df.columns)
     if missing:
@@ -298,36 +274,19 @@ def plot_collapse_bars(metrics_df: pd.DataFrame, out_png: str | Path, metrics: S
         raise ValueError("metrics_df has no metrics or no arms")
     n_cols = min(4, len(metrics))
     n_rows = math.ceil(len(metrics) / n_cols)
-    colours = _colours(len(arms))
     tick_labels = [_wrap_identifier(str(arm), _TICK_WRAP_CHARS) for arm in arms]
     tick_lines = max(label.count("\n") + 1 for label in tick_labels)
     panel_width = max(3.4, 0.85 * len(arms) + 0.8)  # about 0.85 inch per wrapped arm name
-    with matplotlib.rc_context(style_rc()):
-        figure = _new_figure(panel_width * n_cols, (2.8 + 0.15 * tick_lines) * n_rows)
+    with plotting.house_style():
+        colours = plotting.palette(len(arms))
+        figure = plotting.new_figure(panel_width * n_cols, (2.8 + 0.15 * tick_lines) * n_rows)
         axes = figure.subplots(n_rows, n_cols, squeeze=False).ravel()
         for ax, metric in zip(axes, metrics):
             rows = metrics_df[metrics_df["metric"] == metric].set_index("arm")
-            positions = np.arange(len(arms))
-            for i, arm in enumerate(arms):
-                if arm not in rows.index or not np.isfinite(rows.at[arm, "value"]):
-                    ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
-                    continue
-                value, low, high = (float(rows.at[arm, c]) for c in ("value", "ci_low", "ci_high"))
-                yerr = None
-                if np.isfinite(low) and np.isfinite(high):
-                    yerr = [[max(value - low, 0.0)], [max(high - value, 0.0)]]
-                ax.bar(i, value, color=colours[i], yerr=yerr, capsize=4, edgecolor="black", linewidth=0.5)
-            chances = rows["chance"].astype(float)
-            chances = chances[np.isfinite(chances)]
-            if len(chances):
-                chance = float(chances.mean())
-                ax.axhline(chance, color="black", linestyle="--", linewidth=1)
-                # labelled on the line itself: a legend box would sit on the bars
-                ax.annotate("chance", xy=(1.0, chance), xycoords=("axes fraction", "data"), xytext=(2, 0),
-                            textcoords="offset points", va="center", ha="left", fontsize=7)
-            ax.set_xticks(positions)
-            ax.set_xticklabels(tick_labels, fontsize=8)
-            ax.set_title(textwrap.fill(metric_display_name(metric), int(_TITLE_CHARS_PER_INCH * panel_width)), fontsize=9)
+            if rows.index.duplicated().any():
+                raise ValueError(f"metric {metric!r} has several rows for arm(s) "
+                                 f"{sorted(map(str, set(rows.index[rows.index.duplicated()])))}; one per arm expected")
+            _collapse_panel(ax, rows, metric, arms, colours, tick_labels, int(_TITLE_CHARS_PER_INCH * panel_width))
         for ax in axes[len(metrics):]:
             ax.set_visible(False)
         figure.tight_layout()
@@ -336,7 +295,7 @@ def plot_collapse_bars(metrics_df: pd.DataFrame, out_png: str | Path, metrics: S
             for ax in axes[: len(metrics)]:  # a word longer than the wrap width: rotate rather than overlap
                 ax.set_xticklabels(tick_labels, fontsize=8, rotation=30, ha="right", rotation_mode="anchor")
             figure.tight_layout()
-        return _save_png(figure, out_png)
+        return plotting.save_png(figure, out_png)
 
 
 def _markdown_table(df: pd.DataFrame) -> str:
@@ -353,8 +312,7 @@ def _markdown_table(df: pd.DataFrame) -> str:
 
 def save_table(df: pd.DataFrame, out_csv: str | Path, out_md: str | Path | None = None) -> Path:
     """Write df as CSV (and optionally as a Markdown table), each atomically; returns the CSV path."""
-    out_csv = Path(out_csv)
-    atomic.write_text(out_csv, df.to_csv(index=False))
+    out_csv = atomic.write_csv(df, out_csv)
     if out_md is not None:
         atomic.write_text(Path(out_md), _markdown_table(df))
     return out_csv

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import html
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from exaonepath_core.io import atomic
 
 
 @dataclass
@@ -60,17 +63,11 @@ def write_index_html(profile_dir: str | Path, items: list[ReportItem], title: st
             elif len(df) <= 60:
                 parts.append(df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
     parts.append("</body></html>")
-    out = profile_dir / "index.html"
-    tmp = out.with_name(".index.html.tmp")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, out)
-    return out
+    return atomic.write_text(profile_dir / "index.html", "\n".join(parts))
 
 
 def linked_files(index_html: str | Path) -> list[Path]:
     """Every local file index.html links to (href/src), resolved against its folder."""
-    import re
-
     index_html = Path(index_html)
     text = index_html.read_text()
     refs = set(re.findall(r"(?:href|src)='([^']+)'", text))

@@ -465,7 +465,7 @@ def check_paper_inputs(cfg: ProjectConfig) -> None:
         )
     # the layouts too (class folders, h5 keys; no decoding): a broken dataset found in stage 04 would come after
     # days of pretraining, and would then only be listed as absent
-    from exaonepath_core.data.downstream import available_datasets
+    from exaonepath_core.data.downstream.check import available_datasets
 
     roots = {name: resolve_path(root) for name, root in cfg.data.downstream_roots.items()}
     status = available_datasets(roots, strict=True, names=list(roots))

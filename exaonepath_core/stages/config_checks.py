@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from exaonepath_core.config import ConfigError, ProjectConfig, load_config
-from exaonepath_core.data.downstream import dataset_class
+from exaonepath_core.data.downstream.datasets import dataset_class
 from exaonepath_core.models import backbones
 from exaonepath_core.pretrain.launch import LaunchError, check_endpoint
 

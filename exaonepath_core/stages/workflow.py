@@ -79,14 +79,15 @@ def tiling_summary(slides: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
 
 def stain_reference(cfg: ProjectConfig):
     """The Macenko reference: the standard H&E one, or fitted once to `normalize.reference_image`."""
-    from exaonepath_core.data import stain
+    from exaonepath_core.data.stain.macenko import fit_reference
+    from exaonepath_core.data.stain.reference import MacenkoReference
 
     if not cfg.normalize.reference_image:
-        return stain.MacenkoReference.default()
+        return MacenkoReference.default()
     from PIL import Image
 
     image = np.asarray(Image.open(resolve_path(cfg.normalize.reference_image)).convert("RGB"))
-    return stain.fit_reference(image, **cfg.normalize.macenko_params())
+    return fit_reference(image, **cfg.normalize.macenko_params())
 
 
 def normalize_summary(ledgers: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -119,7 +120,8 @@ def qc_examples(tile_sets: list, reference, n_slides: int = 6) -> tuple[list, li
     """One tissue-rich tile per slide (sites spread out) before and after Macenko, for the QC grid."""
     import torch
 
-    from exaonepath_core.data import stain, tiling
+    from exaonepath_core.data.stain.macenko import macenko_normalize_batch
+    from exaonepath_core.data.tiling.dataset import read_tiles
 
     chosen = _spread(tile_sets, n_slides)
     before, titles = [], []
@@ -127,12 +129,12 @@ def qc_examples(tile_sets: list, reference, n_slides: int = 6) -> tuple[list, li
         if len(ts.coords) == 0:
             continue
         best = int(np.argmax(ts.tissue_fraction)) if len(ts.tissue_fraction) else 0
-        batch = next(iter(tiling.read_tiles(ts, indices=[best], batch_size=1)))
+        batch = next(iter(read_tiles(ts, indices=[best], batch_size=1)))
         before.append(batch[0])
         titles.append(ts.slide_id)
     if not before:
         return [], [], []
-    out, _ = stain.macenko_normalize_batch(torch.from_numpy(np.stack(before)), reference)
+    out, _ = macenko_normalize_batch(torch.from_numpy(np.stack(before)), reference)
     return before, list(out.numpy()), titles
 
 
@@ -385,10 +387,12 @@ class SyntheticTileDataset:
     """
 
     def __init__(self, tile_sets: list, sidecars: dict[str, str]):
-        from exaonepath_core.data import synthetic, tiling
+        from exaonepath_core.data.synthetic.answer_key import tile_class_labels
+        from exaonepath_core.data.synthetic.spec import CLASS_NAMES
+        from exaonepath_core.data.tiling.dataset import TileDataset
 
-        self._tiles = tiling.TileDataset(tile_sets)
-        labels = [synthetic.tile_class_labels(sidecars[ts.slide_id], ts.coords, ts.level0_patch_size)
+        self._tiles = TileDataset(tile_sets)
+        labels = [tile_class_labels(sidecars[ts.slide_id], ts.coords, ts.level0_patch_size)
                   for ts in tile_sets if len(ts.coords)]
         labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
         if len(labels) != len(self._tiles):
@@ -396,7 +400,7 @@ class SyntheticTileDataset:
         self.index = np.flatnonzero(labels >= 0)
         self.labels = labels[self.index]
         self.n_unlabelled = int((labels < 0).sum())
-        self.class_names = list(synthetic.CLASS_NAMES)
+        self.class_names = list(CLASS_NAMES)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -425,7 +429,7 @@ class HeldoutSlideTileDataset:
 
     At most `max_tiles_per_slide` tiles per slide (0 = all), a seeded subsample drawn per slide (the same tiles
     whatever other slides are present); `per_slide` counts available and kept tiles, `n_left_out` the rest.
-    Tiles are read lazily through `tiling.TileDataset`, one at a time: no slide is held in memory.
+    Tiles are read lazily through `tiling.dataset.TileDataset`, one at a time: no slide is held in memory.
     """
 
     name = REAL_HELDOUT_TASK
@@ -436,7 +440,7 @@ class HeldoutSlideTileDataset:
         import dataclasses
         import zlib
 
-        from exaonepath_core.data import tiling
+        from exaonepath_core.data.tiling.dataset import TileDataset
 
         if max_tiles_per_slide < 0:
             raise ValueError(f"max_tiles_per_slide must be >= 0 (0 = all), got {max_tiles_per_slide}")
@@ -453,7 +457,7 @@ class HeldoutSlideTileDataset:
         self.per_slide = pd.DataFrame(rows, columns=["slide_id", "available", "kept"])
         self.n_available = int(self.per_slide["available"].sum())
         self.n_left_out = self.n_available - int(self.per_slide["kept"].sum())
-        self._tiles = tiling.TileDataset(kept)
+        self._tiles = TileDataset(kept)
 
     def __len__(self) -> int:
         return len(self._tiles)
@@ -516,6 +520,7 @@ def real_heldout_dataset(cfg: ProjectConfig, slides: pd.DataFrame, tiles_dir: Pa
     slides' tiles with the per-slide cap, and a status that counts slides, sites, tiles, tiles left out by
     the cap, slides without coordinates and sites that could not hold out any slide."""
     from exaonepath_core.data import cohort
+    from exaonepath_core.data.tiling.dataset import tile_sets
 
     real = slides[slides.source == "slides"]
     if real.empty:
@@ -530,7 +535,7 @@ def real_heldout_dataset(cfg: ProjectConfig, slides: pd.DataFrame, tiles_dir: Pa
         how = ("data.heldout_slides_per_site is 0 and data.heldout_list is empty"
                if not (cfg.data.heldout_slides_per_site or cfg.data.heldout_list) else "no site had enough slides")
         return {"status": f"absent: no real slide held out ({how}){sites_note}", "splits": {}, "n": 0}
-    sets = cohort.tile_sets(held, tiles_dir)
+    sets = tile_sets(held, tiles_dir)
     n_missing = len(held) - len(sets)
     ds = HeldoutSlideTileDataset(sets, int(cfg.features.max_tiles_per_heldout_slide), cfg.seed)
     cap = cfg.features.max_tiles_per_heldout_slide
@@ -549,7 +554,9 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
 
     Raises when a held-out slide sits in a pretraining store of this run (see `heldout_in_pretraining_stores`).
     """
-    from exaonepath_core.data import cohort, downstream
+    from exaonepath_core.data import cohort
+    from exaonepath_core.data.downstream.datasets import PAPER_ACCURACY, dataset_class, get_dataset
+    from exaonepath_core.data.tiling.dataset import tile_sets
 
     out: dict[str, dict[str, Any]] = {}
     slides = cohort.read_slide_table(Path(tiles_stage_dir) / "slides.csv")
@@ -573,7 +580,7 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
         splits, n_missing = {}, 0
         for name, ids in synthetic_probe_slides(held).items():
             chosen = held[held.slide_id.isin(ids)]
-            sets = cohort.tile_sets(chosen, tiles_dir)
+            sets = tile_sets(chosen, tiles_dir)
             n_missing += len(chosen) - len(sets)  # failed in stage 01 (its ledger says why): counted, not hidden
             splits[name] = SyntheticTileDataset(sets, sidecars)
         unlabelled = sum(ds.n_unlabelled for ds in splits.values())
@@ -586,9 +593,9 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
     for name, root in cfg.data.downstream_roots.items():
         root_path = resolve_path(root)
         try:
-            cls = downstream.dataset_class(name)
+            cls = dataset_class(name)
             wanted = [s for s in cls.probe_splits if s is not None]
-            splits = {split: downstream.get_dataset(name, root_path, split, strict=cfg.strict_inputs)
+            splits = {split: get_dataset(name, root_path, split, strict=cfg.strict_inputs)
                       for split in wanted}
             if cfg.features.max_samples_per_split:
                 splits = {k: _subset(v, cfg.features.max_samples_per_split, cfg.seed) for k, v in splits.items()}
@@ -599,7 +606,7 @@ def feature_datasets(cfg: ProjectConfig, tiles_stage_dir: Path) -> dict[str, dic
             kind = "unreadable" if root_path.exists() else "absent"  # there, but not laid out as expected
             out[name] = {"status": f"{kind}: {type(err).__name__}: {str(err).splitlines()[0]}", "splits": {},
                          "n": 0}
-    for name in downstream.PAPER_ACCURACY:
+    for name in PAPER_ACCURACY:
         out.setdefault(name, {"status": "absent: no root configured", "splits": {}, "n": 0})
     return out
 
