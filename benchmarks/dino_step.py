@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from exaonepath_core.config import PRECISIONS
 from exaonepath_core.models.backbones import create_backbone
 from exaonepath_core.pretrain import head as dino_head
 from exaonepath_core.pretrain import step as pretrain_step
-from exaonepath_core.pretrain import training
 
 CONFIGS = {
     # the smoke profile's tiny ViT at small crops (patch 8 so the crops hold 64 / 16 tokens)
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method")
     parser.add_argument("--batch", type=int, default=None, help="override the configuration's batch size")
-    parser.add_argument("--precision", default="auto", choices=["auto", *training.PRECISIONS])
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS])
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--baseline-dir", type=Path, default=None, help="folder holding facebookresearch-dino/")

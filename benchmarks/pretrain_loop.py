@@ -32,9 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from exaonepath_core import config
 from exaonepath_core.models.backbones import create_backbone
 from exaonepath_core.pretrain import head as dino_head
-from exaonepath_core.pretrain import multicrop, training, view_params
+from exaonepath_core.pretrain import multicrop, view_params
 from exaonepath_core.pretrain import step as pretrain_step
 from exaonepath_core.pretrain import train as trainer
 
@@ -72,13 +73,13 @@ def build_store(root: Path, data: Path) -> Path:
     return root
 
 
-def loop_rate(cfg: training.PretrainConfig) -> tuple[float, int]:
+def loop_rate(cfg: config.PretrainConfig) -> tuple[float, int]:
     """The training loop's median img/s (first read interval left out) and its number of steps."""
     summary = trainer.train(cfg)
     return float(summary["median_img_per_s"]), int(summary["steps"])
 
 
-def step_rates(cfg: training.PretrainConfig, steps: int) -> list[float]:
+def step_rates(cfg: config.PretrainConfig, steps: int) -> list[float]:
     """img/s of `DINOTrainStep` alone on pre-made crops of the loop's shapes (first step left out)."""
     torch.manual_seed(cfg.seed)
     nets = []
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps (CI / loaded machines)")
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
-    parser.add_argument("--arm", default="raw", choices=training.INPUT_ARMS)
+    parser.add_argument("--arm", default="raw", choices=config.INPUT_ARMS)
     parser.add_argument("--rounds", type=int, default=None, help="alternating loop / step rounds (2 quick, 3)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("EXAONEPATH_TEST_DATA", "../shared/data")))
     args = parser.parse_args(argv)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         store = build_store(Path(tmp) / "store", args.data)
         loop_rates, single_rates = [], []
         for round_index in range(rounds):  # alternate so load drift hits both
-            cfg = training.PretrainConfig(**SMOKE, input_arm=args.arm, data_root=str(store), epochs=100,
+            cfg = config.PretrainConfig(**SMOKE, input_arm=args.arm, data_root=str(store), epochs=100,
                                           max_steps=steps, output_dir=str(Path(tmp) / f"run{round_index}"))
             rate, _ = loop_rate(cfg)
             loop_rates.append(rate)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
+from exaonepath_core.models.backbone_info import PreprocessSpec
 from exaonepath_core.models.backbones import (
-    CheckpointMismatchError,
-    PreprocessSpec,
     create_backbone,
     load_backbone,
     load_exaonepath_checkpoint,
     make_transform,
 )
+from exaonepath_core.models.weights import CheckpointMismatchError
 
 
 def _dino_vit_base_state_dict() -> dict[str, torch.Tensor]:

@@ -16,9 +16,10 @@ from exaonepath_core.config import (
     load_config,
     load_run_config,
     parse_override,
-    save_config,
 )
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.stages.base import HASH_EXCLUDED_KEYS
+from exaonepath_core.stages.config_checks import load_checked_config
 from exaonepath_core.stages.registry import STAGES, stage_config_hash, stage_key
 from exaonepath_core.stages.results import ResultsPaths
 
@@ -303,7 +304,7 @@ def test_cli_turns_broken_yaml_into_exit_2_without_a_traceback(tmp_path, capsys)
 def test_extra_backbones_are_checked_at_load_time(tmp_path, monkeypatch):
     def error(*specs: str) -> str:
         with pytest.raises(ConfigError) as info:
-            load_config("smoke", {"features.extra_backbones": list(specs)})
+            load_checked_config("smoke", {"features.extra_backbones": list(specs)})
         return str(info.value)
 
     message = error("foo")
@@ -323,7 +324,7 @@ def test_extra_backbones_are_checked_at_load_time(tmp_path, monkeypatch):
     # relative paths: from the repository root, wherever the loader runs (JupyterLab runs from notebooks/)
     monkeypatch.chdir(tmp_path)
     ok = [f"ours:{weights}", "exaonepath:configs/paper.yaml", "timm:resnet18"]
-    assert load_config("smoke", {"features.extra_backbones": ok}).features.extra_backbones == ok
+    assert load_checked_config("smoke", {"features.extra_backbones": ok}).features.extra_backbones == ok
     assert f"not found: {REPO_ROOT / 'arm' / 'teacher_backbone.pth'}" in error("ours:arm/teacher_backbone.pth")
     message = error("timm:resnet_18")
     assert "timm has no architecture named 'resnet_18'" in message and "close names: resnet18" in message, message
@@ -333,8 +334,9 @@ def test_loading_a_profile_without_timm_backbones_does_not_import_timm():
     import subprocess
     import sys
 
-    code = ("import sys; from exaonepath_core.config import load_config; "
-            "load_config('paper'); load_config('smoke', {'features.extra_backbones': ['exaonepath:configs/ci.yaml']}); "
+    code = ("import sys; from exaonepath_core.stages.config_checks import load_checked_config; "
+            "load_checked_config('paper'); "
+            "load_checked_config('smoke', {'features.extra_backbones': ['exaonepath:configs/ci.yaml']}); "
             "print('timm' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False", done.stdout + done.stderr
@@ -344,11 +346,11 @@ def test_unknown_downstream_dataset_names_are_rejected_with_the_known_ones():
     from exaonepath_core.data.downstream.datasets import DATASETS
 
     with pytest.raises(ConfigError) as info:
-        load_config("smoke", {"data.downstream_roots": {"pcam_subset": "/x", "crc_100k": "/y"}})
+        load_checked_config("smoke", {"data.downstream_roots": {"pcam_subset": "/x", "crc_100k": "/y"}})
     message = str(info.value)
     assert "data.downstream_roots.crc_100k: unknown dataset 'crc_100k' (did you mean 'crc100k'?)" in message, message
     assert f"known: {', '.join(DATASETS)}" in message and len(DATASETS) >= 8
-    assert load_config("smoke", {"data.downstream_roots": {name: "/x" for name in DATASETS}}).data.downstream_roots
+    assert load_checked_config("smoke", {"data.downstream_roots": {name: "/x" for name in DATASETS}}).data.downstream_roots
 
 
 def test_a_childs_downstream_roots_replace_the_inherited_ones(tmp_path):

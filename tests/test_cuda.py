@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from exaonepath_core.config import PretrainConfig
 from exaonepath_core.data.stain.augment import stain_augment_batch
 from exaonepath_core.data.stain.macenko import MacenkoNormalizer, fit_reference, macenko_normalize_batch
 from exaonepath_core.data.stain.reference import MacenkoReference
@@ -23,7 +24,7 @@ from exaonepath_core.models.backbones import create_backbone
 from exaonepath_core.pretrain import checkpoint as checkpoints
 from exaonepath_core.pretrain import head as dino_head
 from exaonepath_core.pretrain import loss as dino_losses
-from exaonepath_core.pretrain import multicrop, training
+from exaonepath_core.pretrain import multicrop
 from exaonepath_core.pretrain import train as trainer
 
 CUDA = torch.cuda.is_available()
@@ -238,7 +239,7 @@ def test_train_on_cuda_exports_a_teacher_loadable_on_cpu(cmu_tiles, tmp_path):
         writer.write_slide(f"cmu{slide}", coords, [crops[part]])
     writer.finalize()
     out = tmp_path / "run"
-    cfg = training.PretrainConfig(
+    cfg = PretrainConfig(
         arch="vit_tiny_patch16_224", patch_size=8, global_crop_size=32, local_crop_size=16, n_local_crops=2,
         out_dim=128, head_hidden_dim=64, head_bottleneck_dim=16, epochs=2, batch_size_per_gpu=16, lr=0.002,
         warmup_epochs=1, num_workers=0, seed=3, saveckp_freq=100, data_root=str(store), input_arm="macenko",

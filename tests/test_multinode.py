@@ -16,12 +16,11 @@ import pytest
 import torch
 import yaml
 
+from exaonepath_core.config import ConfigError, PretrainConfig, load_config
 from exaonepath_core.config import ConfigError as ProjectConfigError
-from exaonepath_core.config import load_config
 from exaonepath_core.data import patch_store
 from exaonepath_core.pretrain import curves, elastic, launch, preemption, schedules
 from exaonepath_core.pretrain import train as trainer
-from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -299,7 +298,8 @@ def _free_port() -> int:
 _RECORDING_TRAINER = '''
 import json, os, sys
 import numpy as np, torch
-from exaonepath_core.pretrain import curves, train as trainer, training
+from exaonepath_core.pretrain import curves, train as trainer
+from exaonepath_core.config import PretrainConfig
 
 class Recording(torch.utils.data.Dataset):
     def __init__(self):
@@ -313,7 +313,7 @@ class Recording(torch.utils.data.Dataset):
 
 config, label, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
 dataset = Recording()
-cfg = training.PretrainConfig.from_yaml(config).with_overrides(sys.argv[4:])
+cfg = PretrainConfig.from_yaml(config).with_overrides(sys.argv[4:])
 trainer.train(cfg, resume=resume, dataset=dataset)
 with open(os.path.join(cfg.output_dir, f"seen_{label}_rank{os.environ.get('RANK', '0')}.json"), "w") as handle:
     json.dump(dataset.seen, handle)

@@ -8,18 +8,18 @@ import pandas as pd
 import pytest
 import torch
 
-from exaonepath_core.data import patch_store
+from exaonepath_core.config import parse_shard
+from exaonepath_core.data import normalize_store, store_layout
+from exaonepath_core.data.normalize_store import normalize_slides
 from exaonepath_core.data.patch_store import (
     PatchStoreDataset,
     PatchStoreWriter,
-    normalize_slides,
-    parse_shard,
     rank_indices,
     read_ledger,
-    shard_slide_ids,
 )
 from exaonepath_core.data.stain.macenko import macenko_normalize_batch
 from exaonepath_core.data.stain.reference import MacenkoReference
+from exaonepath_core.data.store_layout import shard_slide_ids
 
 PATCH = 8
 
@@ -150,16 +150,14 @@ def read_manifest_counts(root):
 
 def test_macenko_warm_up_runs_once_before_the_first_slide(tmp_path, monkeypatch):
     """The JIT compile runs in one warm-up call, not inside the first slide's timing; none in raw mode."""
-    from exaonepath_core.data import patch_store
-
     calls = []
-    real = patch_store.warm_up_normalizer
+    real = normalize_store.warm_up_normalizer
 
     def counting(reference, device="cpu"):
         calls.append(len(read_ledger(tmp_path / "m")))  # ledger rows written before the warm-up
         return real(reference, device)
 
-    monkeypatch.setattr(patch_store, "warm_up_normalizer", counting)
+    monkeypatch.setattr(normalize_store, "warm_up_normalizer", counting)
     sources = [_source(f"s{i}", _tiles(40 + i, 3)) for i in range(3)]
     ledger = normalize_slides(sources, tmp_path / "m", "macenko", patch_size=PATCH, progress=False)
     assert calls == [0] and ledger.attrs["warmup_seconds"] > 0 and (ledger["status"] == "ok").all()
@@ -167,7 +165,7 @@ def test_macenko_warm_up_runs_once_before_the_first_slide(tmp_path, monkeypatch)
     normalize_slides(sources, tmp_path / "r", "raw", patch_size=PATCH, progress=False)
     assert calls == [0]
     # The warm-up batch is tissue-coloured: the kernel's full path runs (no fallback), so all of it is compiled.
-    _, fallback = macenko_normalize_batch(torch.from_numpy(patch_store._warm_up_tiles()), MacenkoReference.default())
+    _, fallback = macenko_normalize_batch(torch.from_numpy(normalize_store._warm_up_tiles()), MacenkoReference.default())
     assert fallback.tolist() == [False, False]
 
 
@@ -290,17 +288,17 @@ def test_store_records_its_macenko_parameters_and_refuses_others(tmp_path):
     tiles = tiles.astype(np.uint8)
     coords = np.array([[0, 0], [32, 0], [0, 32], [32, 32]])
     source = [("s1", coords, lambda: iter([tiles]))]
-    default = patch_store.normalize_slides(source, tmp_path / "a", "macenko", progress=False)
-    assert patch_store.read_manifest(tmp_path / "a")["macenko_params"] == {"Io": 240.0, "alpha": 1.0, "beta": 0.15}
-    strict = patch_store.normalize_slides(source, tmp_path / "b", "macenko", progress=False,
+    default = normalize_store.normalize_slides(source, tmp_path / "a", "macenko", progress=False)
+    assert store_layout.read_manifest(tmp_path / "a")["macenko_params"] == {"Io": 240.0, "alpha": 1.0, "beta": 0.15}
+    strict = normalize_store.normalize_slides(source, tmp_path / "b", "macenko", progress=False,
                                           macenko_params={"beta": 0.6})
-    assert patch_store.read_manifest(tmp_path / "b")["macenko_params"]["beta"] == 0.6
+    assert store_layout.read_manifest(tmp_path / "b")["macenko_params"]["beta"] == 0.6
     assert int(default.n_patches.sum()) == int(strict.n_patches.sum()) == 4
     # the parameters reach the kernel: a stricter optical-density threshold changes the output
-    a = patch_store.PatchStoreDataset(tmp_path / "a")
-    b = patch_store.PatchStoreDataset(tmp_path / "b")
+    a = PatchStoreDataset(tmp_path / "a")
+    b = PatchStoreDataset(tmp_path / "b")
     assert not np.array_equal(np.stack([a[i] for i in range(4)]), np.stack([b[i] for i in range(4)]))
     with pytest.raises(RuntimeError, match="macenko_params: store has .*'beta': 0.15.*asked for .*'beta': 0.6"):
-        patch_store.normalize_slides(source, tmp_path / "a", "macenko", progress=False, macenko_params={"beta": 0.6})
+        normalize_store.normalize_slides(source, tmp_path / "a", "macenko", progress=False, macenko_params={"beta": 0.6})
     with pytest.raises(ValueError, match="macenko_params takes"):
-        patch_store.normalize_slides(source, tmp_path / "c", "macenko", progress=False, macenko_params={"gamma": 1})
+        normalize_store.normalize_slides(source, tmp_path / "c", "macenko", progress=False, macenko_params={"gamma": 1})

@@ -12,12 +12,8 @@ import torch
 from PIL import Image
 
 from exaonepath_core.models import peers
-from exaonepath_core.models.backbones import (
-    CheckpointMismatchError,
-    load_backbone,
-    make_transform,
-    parse_backbone_spec,
-)
+from exaonepath_core.models.backbones import load_backbone, make_transform, parse_backbone_spec
+from exaonepath_core.models.weights import CheckpointMismatchError
 from exaonepath_core.report import comparison
 
 # Models small enough to build at their released size here; the others get 2 blocks with the same per-block keys
@@ -333,7 +329,8 @@ def test_stage_07_writes_the_comparison_with_nothing_measured_and_links_it(tmp_p
 
 
 def test_config_check_of_peer_specs(tmp_path):
-    from exaonepath_core.config import ConfigError, check_backbone_spec
+    from exaonepath_core.config import ConfigError
+    from exaonepath_core.models.backbones import check_backbone_spec
 
     check_backbone_spec("features.extra_backbones[0]", "peer:phikon")  # cache lookup: may be absent at run time
     weights = tmp_path / "w.safetensors"

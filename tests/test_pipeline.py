@@ -10,7 +10,8 @@ import nbformat
 import pytest
 import yaml
 
-from exaonepath_core.config import ConfigError, save_config
+from exaonepath_core.config import ConfigError
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.run import pipeline
 from exaonepath_core.stages import registry
 from exaonepath_core.stages.registry import STAGES

@@ -159,7 +159,7 @@ def real_run(tmp_path_factory):
     cohort; the real CMU slide (when the shared data is present) joins through data.slide_list as a one-slide
     site. Stage 01 tiles them, stage 02's selection writes a raw store, stage 04 embeds the held-out slides
     with the untrained tiny ViT (raw and Macenko input)."""
-    from exaonepath_core.data import patch_store
+    from exaonepath_core.data import normalize_store
     from exaonepath_core.data.synthetic.spec import CohortSpec
     from exaonepath_core.data.synthetic.writer import generate_cohort
     from exaonepath_core.data.tiling.params import TilingParams
@@ -199,7 +199,7 @@ def real_run(tmp_path_factory):
     # ---- stage 02's selection: only split == train slides go into the pretraining store ----
     train_sets = tile_sets(slides[slides.split == "train"], tiles_dir)
     store = paths.stage_dir("02") / "raw"
-    patch_store.normalize_slides(tile_sources(train_sets), store, mode="raw", progress=False)
+    normalize_store.normalize_slides(tile_sources(train_sets), store, mode="raw", progress=False)
 
     # ---- stage 04 ----
     s04 = paths.stage_dir("04")
@@ -337,7 +337,7 @@ def test_report_lists_the_real_cohort_figures(real_run):
 
 def test_a_store_holding_a_heldout_slide_stops_stage_04(real_run, tmp_path):
     # a store reused from a run with another held-out choice keeps that run's slides: stage 04 refuses
-    from exaonepath_core.data import patch_store
+    from exaonepath_core.data import normalize_store
 
     results = tmp_path / "results" / "paper"
     s01 = results / "01_tiles"
@@ -345,8 +345,8 @@ def test_a_store_holding_a_heldout_slide_stops_stage_04(real_run, tmp_path):
     slides = real_run["slides"]
     held = slides[slides.split == "heldout"].iloc[:1]
     sets = tile_sets(held, real_run["tiles_dir"])
-    patch_store.normalize_slides(tile_sources(sets), results / "02_normalize" / "raw", mode="raw",
-                                 progress=False)
+    normalize_store.normalize_slides(tile_sources(sets), results / "02_normalize" / "raw", mode="raw",
+                                     progress=False)
     with pytest.raises(RuntimeError, match=held.slide_id.iloc[0]):
         stage_datasets.feature_datasets(real_run["cfg"], s01)
     # once every arm's pretraining config excludes the held-out slides, the store's copy is never trained on

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from exaonepath_core.config import ConfigError, PretrainConfig
 from exaonepath_core.data import shard_store, storeless
-from exaonepath_core.data.patch_store import PatchStoreWriter, normalize_slides
+from exaonepath_core.data.normalize_store import normalize_slides
+from exaonepath_core.data.patch_store import PatchStoreWriter
 from exaonepath_core.data.shard_dataset import ShardStoreDataset, open_patch_dataset
 from exaonepath_core.data.shard_store import CorruptRecordError, ShardStoreWriter
 from exaonepath_core.data.tiling.coords import TileSet, load_tile_set
@@ -24,7 +26,7 @@ from exaonepath_core.data.tiling.dataset import read_tiles
 from exaonepath_core.data.tiling.params import TilingParams
 from exaonepath_core.data.tiling.slide import tile_slide
 from exaonepath_core.pretrain import datasets as pretrain_datasets
-from exaonepath_core.pretrain import multicrop, training
+from exaonepath_core.pretrain import multicrop
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = 8
@@ -269,13 +271,13 @@ def test_storeless_reads_the_stage_01_tiles_with_a_bounded_lru_and_names_a_vanis
 
 def test_training_opens_whichever_store_the_folder_holds(tmp_path):
     _write(tmp_path / "shards", {"a": _random_tiles(0, 6), "held": _random_tiles(1, 4)}, encoding="png")
-    cfg = training.PretrainConfig(data_root=str(tmp_path / "shards"), exclude_slide_ids=["held"], input_arm="raw",
+    cfg = PretrainConfig(data_root=str(tmp_path / "shards"), exclude_slide_ids=["held"], input_arm="raw",
                                   store_max_open_files=3, store_on_corrupt="skip")
     dataset = pretrain_datasets.load_patch_dataset(cfg)
     assert isinstance(dataset, ShardStoreDataset) and len(dataset) == 6 and dataset.slide_ids == ["a"]
     assert dataset.max_open_files == 3 and dataset.on_corrupt == "skip"
-    with pytest.raises(training.ConfigError, match="holds raw patches .*normalize_on_the_fly"):
-        pretrain_datasets.load_patch_dataset(training.PretrainConfig(data_root=str(tmp_path / "shards"), input_arm="macenko"))
+    with pytest.raises(ConfigError, match="holds raw patches .*normalize_on_the_fly"):
+        pretrain_datasets.load_patch_dataset(PretrainConfig(data_root=str(tmp_path / "shards"), input_arm="macenko"))
     with pytest.raises(FileNotFoundError, match="not finalized"):
         ShardStoreWriter(tmp_path / "open", PATCH, "raw").write_slide("x", np.zeros((1, 2), int),
                                                                       [_random_tiles(0, 1)])

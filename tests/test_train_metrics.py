@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from exaonepath_core.config import PretrainConfig
 from exaonepath_core.pretrain import checkpoint as checkpoints
 from exaonepath_core.pretrain import train as trainer
 from exaonepath_core.pretrain import train_metrics
-from exaonepath_core.pretrain.training import PretrainConfig
 
 PATCH = 48
 # the curves the issue asks for (gpu_mem_mb too, on CUDA only)

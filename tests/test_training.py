@@ -13,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
+from exaonepath_core.config import ConfigError, PretrainConfig
 from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.models.backbones import create_backbone
 from exaonepath_core.pretrain import checkpoint as checkpoints
-from exaonepath_core.pretrain import cli, curves, multicrop, training
+from exaonepath_core.pretrain import cli, curves, multicrop
 from exaonepath_core.pretrain import datasets as pretrain_datasets
 from exaonepath_core.pretrain import loss as dino_losses
 from exaonepath_core.pretrain import step as pretrain_step
 from exaonepath_core.pretrain import train as trainer
-from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 
 PATCH = 48
 
@@ -442,9 +442,9 @@ def test_precision_setting_resolves_per_device_and_old_use_amp_configs_still_loa
     assert pretrain_step.resolve_precision("auto", cpu) in ("bf16", "fp32")  # bf16 only where the CPU has it natively
     assert PretrainConfig(use_amp=False).precision == "auto"  # an old config: fp32, as before
     assert pretrain_step.run_precision(PretrainConfig(use_amp=False), cpu) == "fp32"
-    with pytest.raises(training.ConfigError, match="precision must be one of auto, bf16, fp16, fp32; got 'half'"):
+    with pytest.raises(ConfigError, match="precision must be one of auto, bf16, fp16, fp32; got 'half'"):
         PretrainConfig(precision="half")
-    with pytest.raises(training.ConfigError, match="use_amp is false but precision is 'bf16'"):
+    with pytest.raises(ConfigError, match="use_amp is false but precision is 'bf16'"):
         PretrainConfig(use_amp=False, precision="bf16")
 
 

@@ -194,21 +194,3 @@ def read_slide_table(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
-    """Return `shard` (i, N) if 0 <= i < N (shards are numbered from 0), else raise a ValueError that says so."""
-    index, count = (int(v) for v in shard)
-    if count < 1:
-        raise ValueError(f"shard {index}/{count}: the number of shards N must be >= 1")
-    if not 0 <= index < count:
-        last = f"; the last of {count} is {count - 1}/{count}" if index == count else ""
-        raise ValueError(f"shard {index}/{count} is out of range (need 0 <= i < N): shard indices are 0-based, "
-                         f"from 0/{count} to {count - 1}/{count}{last}")
-    return index, count
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/N' -> (i, N): this process handles the 0-based i-th of N parts (the one shard parser of every stage)."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not match:
-        raise ValueError(f"shard must look like i/N with a 0-based i (e.g. 0/4 ... 3/4), got {text!r}")
-    return check_shard((int(match.group(1)), int(match.group(2))))

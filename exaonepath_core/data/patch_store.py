@@ -16,60 +16,23 @@ atomically and ledger rows are appended with single O_APPEND writes.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
-import re
-import sys
 import time
-import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from exaonepath_core.data.cohort import check_shard, parse_shard  # noqa: F401 - parse_shard re-exported
-from exaonepath_core.data.stain.macenko import macenko_normalize_batch
-from exaonepath_core.data.stain.reference import DEFAULT_MACENKO_PARAMS, MacenkoReference
+from exaonepath_core.config import DEFAULT_MACENKO_PARAMS
+from exaonepath_core.data.stain.reference import MacenkoReference
+from exaonepath_core.data.store_layout import LEDGER_COLUMNS, csv_line, read_manifest, validate_slide_id
 from exaonepath_core.io import atomic
 
 STORE_FORMAT_VERSION = 1
-STORE_MODES = ("raw", "macenko")
-STORE_FORMATS = ("npy", "shards")
-LEDGER_COLUMNS = ["slide_id", "status", "reason", "n_patches", "n_fallback", "seconds"]
 INDEX_COLUMNS = ["patch_index", "slide_id", "x", "y", "fallback"]
-_SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
-
-TileSource = tuple[str, np.ndarray, Callable[[], Iterator[np.ndarray]]]
-
-
-def _csv_line(values: list) -> bytes:
-    """One CSV row, newlines inside fields flattened so that one row stays one line."""
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(
-        [str(v).replace("\r", " ").replace("\n", " | ") for v in values]
-    )
-    return buffer.getvalue().encode()
-
-
-def validate_slide_id(slide_id: str) -> str:
-    """Return `slide_id` if it is safe as a file name, else raise ValueError."""
-    if not isinstance(slide_id, str) or not _SLIDE_ID_PATTERN.match(slide_id):
-        raise ValueError(
-            f"slide id {slide_id!r} is not a safe file name (letters, digits, '._+-', not starting with a dot)"
-        )
-    return slide_id
-
-
-def shard_slide_ids(slide_ids: Iterable[str], shard: tuple[int, int]) -> list[str]:
-    """The deterministic i-th of N parts of the sorted slide ids (round robin over the sorted list)."""
-    index, count = check_shard(shard)
-    return [s for position, s in enumerate(sorted(slide_ids)) if position % count == index]
-
 
 def read_ledger(root: str | os.PathLike, latest_only: bool = True) -> pd.DataFrame:
     """The ledger of a store root (last attempt per slide when `latest_only`); empty frame when none."""
@@ -82,15 +45,6 @@ def read_ledger(root: str | os.PathLike, latest_only: bool = True) -> pd.DataFra
     if latest_only:
         ledger = ledger.drop_duplicates("slide_id", keep="last").reset_index(drop=True)
     return ledger
-
-
-def read_manifest(root: str | os.PathLike) -> dict:
-    """The manifest.json of a store root."""
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no patch store at {root}: {path} is missing")
-    with open(path) as handle:
-        return json.load(handle)
 
 
 def _slide_table(root: Path, slide_id: str) -> pd.DataFrame:
@@ -192,14 +146,14 @@ class PatchStoreWriter:
 
     def _create_ledger(self) -> None:
         # create_once links a complete file into place, so concurrent writers create the header exactly once
-        atomic.create_once(self.root / "ledger.csv", _csv_line(LEDGER_COLUMNS))
+        atomic.create_once(self.root / "ledger.csv", csv_line(LEDGER_COLUMNS))
 
     def record(self, slide_id: str, status: str, reason: str = "", n_patches: int = 0,
                n_fallback: int = 0, seconds: float = 0.0) -> None:
         """Append one ledger row (a single O_APPEND write, safe with concurrent writers)."""
         if status not in ("ok", "failed"):
             raise ValueError(f"status must be 'ok' or 'failed', got {status!r}")
-        line = _csv_line([slide_id, status, reason, int(n_patches), int(n_fallback), f"{seconds:.3f}"])
+        line = csv_line([slide_id, status, reason, int(n_patches), int(n_fallback), f"{seconds:.3f}"])
         fd = os.open(self.root / "ledger.csv", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # umask applies
         try:
             os.write(fd, line)
@@ -317,192 +271,6 @@ def is_store_complete(root: str | os.PathLike, slide_ids: Iterable[str]) -> bool
     """True when every one of `slide_ids` has a ledger row (ok or failed) in the store at `root`."""
     done = set(read_ledger(root)["slide_id"])
     return all(slide_id in done for slide_id in slide_ids)
-
-
-def warm_up_normalizer(reference: MacenkoReference | None, device: str | torch.device = "cpu") -> float:
-    """Run the Macenko kernel once on a tiny batch (numba JIT compile, CUDA context); returns the seconds."""
-    start = time.perf_counter()
-    macenko_normalize_batch(torch.from_numpy(_warm_up_tiles()).to(device), reference)
-    return time.perf_counter() - start
-
-
-def _warm_up_tiles() -> np.ndarray:
-    """Two 16 px tiles of pink and purple pixels of varied density: the kernel takes its full (non-fallback) path."""
-    rng = np.random.default_rng(0)
-    base = np.array([[200, 120, 180], [130, 60, 150], [230, 170, 200]], dtype=np.float64)
-    pixels = base[rng.integers(0, 3, size=(2, 16, 16))] * rng.uniform(0.85, 1.0, size=(2, 16, 16, 1))
-    return np.clip(pixels, 0, 255).astype(np.uint8)
-
-
-def _normalized_batches(
-    make_batch_iterator: Callable[[], Iterator[np.ndarray]],
-    mode: str,
-    reference: MacenkoReference | None,
-    batch_size: int,
-    device: str | torch.device,
-    fallback_sink: list[np.ndarray],
-    macenko_params: dict | None = None,
-) -> Iterator[np.ndarray]:
-    """Yield the slide's batches (split to at most batch_size), Macenko-normalized when mode is macenko."""
-    for batch in make_batch_iterator():
-        batch = np.asarray(batch)
-        for start in range(0, len(batch), batch_size):
-            chunk = batch[start : start + batch_size]
-            if mode == "raw":
-                fallback_sink.append(np.zeros(len(chunk), dtype=bool))
-                yield chunk
-                continue
-            if chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[-1] != 3:
-                raise ValueError(f"tiles must be uint8 (b, T, T, 3), got {chunk.dtype} {chunk.shape}")
-            tensor = torch.from_numpy(np.ascontiguousarray(chunk)).to(device)
-            normalized, fallback = macenko_normalize_batch(tensor, reference, **(macenko_params or {}))
-            fallback_sink.append(fallback.cpu().numpy())
-            yield normalized.cpu().numpy()
-
-
-def normalize_slides(
-    tile_sources: Iterable[TileSource],
-    root: str | os.PathLike,
-    mode: str,
-    reference: MacenkoReference | None = None,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    shard: tuple[int, int] = (0, 1),
-    force: bool = False,
-    progress: bool = True,
-    patch_size: int | None = None,
-    macenko_params: dict | None = None,
-    store_format: str = "npy",
-    encoding: str = "jpeg",
-    quality: int = 90,
-    shard_max_bytes: int | None = None,
-    jpeg_subsampling: str = "4:2:0",
-) -> pd.DataFrame:
-    """Write every slide of this shard into the store (normalized when mode == 'macenko'); returns its ledger.
-
-    `macenko_params`: Io / alpha / beta of the per-patch stain estimate (default 240 / 1 / 0.15, the paper's);
-    recorded in the store's manifest, which refuses a later run with other values unless force.
-    `store_format`: "npy" (this module's uncompressed store) or "shards" (`shard_store`: `encoding` jpeg | png |
-    webp at `quality`, JPEG chroma `jpeg_subsampling`, tar shards of at most `shard_max_bytes`).
-
-    `tile_sources` yields (slide_id, coords (N, 2), make_batch_iterator) where the iterator yields uint8
-    (b, T, T, 3) tiles in the order of coords. A failing slide is recorded in the ledger with its reason and
-    the run goes on; slides whose last ledger row is ok are skipped unless force. The patch size comes from
-    `patch_size` or from the first tile batch. Returns the latest ledger rows of this shard's slides with a
-    `skipped` column; the fallback total is printed when progress is on.
-
-    When every slide of `tile_sources` (all shards, not only this one) has a ledger row, the store is finalized
-    (`finalize_store`: index.csv and the manifest counts); `ledger.attrs["store_finalized"]` says whether it was.
-    In macenko mode the kernel is warmed up once before the first slide, so the JIT compile time is not in any
-    slide's seconds; `ledger.attrs["warmup_seconds"]` holds it (None when no slide was normalized).
-    """
-    if mode not in STORE_MODES:
-        raise ValueError(f"mode must be one of {STORE_MODES}, got {mode!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if mode == "macenko" and reference is None:
-        reference = MacenkoReference.default()
-    if mode == "raw" and reference is not None:
-        raise ValueError("a reference makes no sense for mode='raw'")
-    sources: dict[str, TileSource] = {}
-    for source in tile_sources:
-        slide_id = validate_slide_id(source[0])
-        if slide_id in sources:
-            raise ValueError(f"slide id {slide_id!r} appears twice in tile_sources")
-        sources[slide_id] = source
-    selected = shard_slide_ids(sources, shard)
-    root = Path(root)
-    if macenko_params is not None and set(macenko_params) - set(DEFAULT_MACENKO_PARAMS):
-        raise ValueError(f"macenko_params takes {sorted(DEFAULT_MACENKO_PARAMS)}, got {sorted(macenko_params)}")
-    if store_format not in STORE_FORMATS:
-        raise ValueError(f"store_format must be one of {STORE_FORMATS}, got {store_format!r}")
-
-    def open_writer(size: int):
-        if store_format == "npy":
-            return PatchStoreWriter(root, size, mode, reference, force=force, macenko_params=macenko_params)
-        from exaonepath_core.data import shard_store
-
-        return shard_store.ShardStoreWriter(
-            root, size, mode, reference, force=force, macenko_params=macenko_params, encoding=encoding,
-            quality=quality, shard_max_bytes=shard_max_bytes or shard_store.DEFAULT_SHARD_MAX_BYTES,
-            subsampling=jpeg_subsampling)
-
-    writer = None if patch_size is None else open_writer(patch_size)
-    skipped: list[str] = []
-    warmup_seconds = None
-    for position, slide_id in enumerate(selected):
-        _, coords, make_batch_iterator = sources[slide_id]
-        if writer is not None and not force and writer.has_slide(slide_id):
-            skipped.append(slide_id)
-            continue
-        if mode == "macenko" and warmup_seconds is None:
-            # The first call compiles the numba kernel (or starts CUDA): tens of seconds that would otherwise
-            # be charged to the first slide's ledger row.
-            warmup_seconds = warm_up_normalizer(reference, device)
-            if progress:
-                print(f"normalize_slides: kernel warm-up (JIT compile) {warmup_seconds:.1f} s, not charged to "
-                      "any slide", file=sys.stderr)
-        start = time.perf_counter()
-        try:
-            batches = iter(make_batch_iterator())
-            first = next(batches, None)
-            if writer is None:
-                if first is None:
-                    raise ValueError("no tiles and no patch_size given: cannot tell the store's patch size")
-                writer = open_writer(int(np.asarray(first).shape[1]))
-                if not force and writer.has_slide(slide_id):
-                    skipped.append(slide_id)
-                    continue
-
-            def replay(first=first, batches=batches):
-                if first is not None:
-                    yield first
-                yield from batches
-
-            flags: list[np.ndarray] = []
-            row = writer.write_slide(
-                slide_id, np.asarray(coords),
-                _normalized_batches(replay, mode, reference, batch_size, device, flags, writer.macenko_params),
-                fallback=flags,
-            )
-            if progress:
-                print(f"[{position + 1}/{len(selected)}] {slide_id}: {row['n_patches']} patches, "
-                      f"{row['n_fallback']} fallback, {row['seconds']:.1f} s", file=sys.stderr)
-        except Exception as error:  # one bad slide must not stop the cohort
-            reason = f"{type(error).__name__}: {error}"
-            if writer is None:
-                raise RuntimeError(f"slide {slide_id} failed before the store could be opened: {reason}") from error
-            writer.record(slide_id, "failed", reason, seconds=time.perf_counter() - start)
-            if progress:
-                print(f"[{position + 1}/{len(selected)}] {slide_id}: FAILED {reason}", file=sys.stderr)
-                traceback.print_exc(limit=3, file=sys.stderr)
-    if writer is not None and hasattr(writer, "close"):
-        writer.close()  # the shard writer's open tar gets its end-of-archive blocks
-    # Every shard checks whether the whole listing is done; the last to finish writes the index and the counts
-    # (finalizing is idempotent, so two shards finishing together both write the same files).
-    if store_format == "npy":
-        finalized = (root / "manifest.json").is_file() and is_store_complete(root, sources)
-        if finalized:
-            finalize_store(root)
-        ledger = read_ledger(root)
-    else:
-        from exaonepath_core.data import shard_store
-
-        finalized = (root / "manifest.json").is_file() and shard_store.is_shard_store_complete(root, sources)
-        if finalized:
-            shard_store.finalize_shard_store(root)
-        ledger = shard_store.read_shard_ledger(root)[LEDGER_COLUMNS]
-    ledger = ledger[ledger["slide_id"].isin(selected)].reset_index(drop=True)
-    ledger["skipped"] = ledger["slide_id"].isin(skipped)
-    ledger.attrs.update(store_finalized=finalized, warmup_seconds=warmup_seconds)
-    if progress:
-        ok = ledger["status"] == "ok"
-        state = ("store finalized (index.csv, manifest counts)" if finalized
-                 else "store not finalized yet: other shards' slides are missing")
-        print(f"normalize_slides: {int(ok.sum())} ok ({len(skipped)} skipped as done), "
-              f"{int((~ok).sum())} failed, {int(ledger.loc[ok, 'n_patches'].sum())} patches, "
-              f"{int(ledger.loc[ok, 'n_fallback'].sum())} fallback; {state}", file=sys.stderr)
-    return ledger
 
 
 def rank_indices(n: int, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:

@@ -15,50 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exaonepath_core.data.patch_store import read_manifest
+from exaonepath_core.config import ON_CORRUPT
+from exaonepath_core.data.patch_store import PatchStoreDataset
 from exaonepath_core.data.shard_store import (
     DEFAULT_MAX_OPEN_FILES,
     INDEX_DTYPE,
-    ON_CORRUPT,
     SHARD_FORMAT,
     CorruptRecordError,
     check_encoded,
     decode_patch,
 )
 from exaonepath_core.data.stain.reference import MacenkoReference
-
-
-class SlideSelection:
-    """Dataset index -> index row over a subset of slides, from per-slide arrays only (no per-patch objects)."""
-
-    def __init__(self, all_slide_ids: list[str], first_row: np.ndarray, slide_ids: Iterable[str] | None,
-                 where: str) -> None:
-        position = {s: i for i, s in enumerate(all_slide_ids)}
-        if slide_ids is None:
-            kept = np.arange(len(all_slide_ids))
-        else:
-            wanted = sorted(set(slide_ids))
-            missing = [s for s in wanted if s not in position]
-            if missing:
-                raise KeyError(f"slides not in {where}: {missing[:10]} ({len(missing)} in all)")
-            kept = np.array([position[s] for s in wanted], dtype=np.int64)
-        first_row = np.asarray(first_row, dtype=np.int64)
-        self.slide_ids = [all_slide_ids[i] for i in kept]
-        self.first_row = first_row[kept] if len(kept) else np.zeros(0, dtype=np.int64)
-        counts = (first_row[1:] - first_row[:-1])[kept] if len(kept) else np.zeros(0, dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def row(self, index: int) -> int:
-        """Row in the full index of dataset item `index` (negative indices count from the end)."""
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"patch index {index} out of range for {n} patches")
-        index = int(index) % n
-        slide = int(np.searchsorted(self.starts, index, side="right")) - 1
-        return int(self.first_row[slide] + index - self.starts[slide])
+from exaonepath_core.data.store_layout import SlideSelection, read_manifest
+from exaonepath_core.data.storeless import STORELESS_FORMAT, StorelessDataset
 
 
 class ShardStoreDataset(torch.utils.data.Dataset):
@@ -203,14 +172,10 @@ def open_patch_dataset(root: str | os.PathLike, slide_ids: Iterable[str] | None 
     if kind == SHARD_FORMAT:
         keys = ("max_open_files", "on_corrupt")
         return ShardStoreDataset(root, slide_ids, **{k: v for k, v in options.items() if k in keys})
-    if kind == "storeless":
-        from exaonepath_core.data.storeless import StorelessDataset
-
+    if kind == STORELESS_FORMAT:
         return StorelessDataset(root, slide_ids, **{k: v for k, v in options.items() if k == "max_open_slides"})
     if kind != "npy":
         raise ValueError(f"{root}/manifest.json: unknown store format {kind!r} (shards, storeless or npy)")
-    from exaonepath_core.data.patch_store import PatchStoreDataset
-
     # a .npy store (one uint8 file per slide, 150 KB per 224 px patch) is still read; it keeps one open memmap
     # per slide, so rebuild it as shards (normalize.store_format: shards, ./run_all.sh --from 02) past ~1,000 slides
     return PatchStoreDataset(root, slide_ids)

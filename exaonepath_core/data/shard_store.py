@@ -35,17 +35,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from exaonepath_core.data.patch_store import LEDGER_COLUMNS, read_manifest, validate_slide_id
-from exaonepath_core.data.stain.reference import DEFAULT_MACENKO_PARAMS, MacenkoReference
+from exaonepath_core.config import (
+    DEFAULT_MACENKO_PARAMS,
+    ENCODINGS,
+    JPEG_SUBSAMPLINGS,
+    NormalizeSection,
+    PretrainConfig,
+)
+from exaonepath_core.data.stain.reference import MacenkoReference
+from exaonepath_core.data.store_layout import LEDGER_COLUMNS, read_manifest, validate_slide_id
 from exaonepath_core.io import atomic
 
 SHARD_FORMAT = "shards"
 SHARD_FORMAT_VERSION = 1
-ENCODINGS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-ON_CORRUPT = ("raise", "skip")
-JPEG_SUBSAMPLINGS = ("4:2:0", "4:4:4")
-DEFAULT_SHARD_MAX_BYTES = 512 << 20
-DEFAULT_MAX_OPEN_FILES = 64
+_NORMALIZE = NormalizeSection()  # the writer's defaults are the config's (normalize.encoding, ...)
+DEFAULT_SHARD_MAX_BYTES = _NORMALIZE.shard_max_mb << 20
+DEFAULT_MAX_OPEN_FILES = PretrainConfig.store_max_open_files
 INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("crc32", "<u4"),
                         ("slide", "<u4"), ("x", "<i4"), ("y", "<i4")])
 RECORD_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("crc32", "<u4"), ("x", "<i4"), ("y", "<i4"),
@@ -140,8 +145,9 @@ class ShardStoreWriter:
     """
 
     def __init__(self, root: str | os.PathLike, patch_size: int, mode: str, reference: MacenkoReference | None = None,
-                 force: bool = False, macenko_params: dict | None = None, encoding: str = "jpeg",
-                 quality: int = 90, shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES, subsampling: str = "4:2:0") -> None:
+                 force: bool = False, macenko_params: dict | None = None, encoding: str = _NORMALIZE.encoding,
+                 quality: int = _NORMALIZE.jpeg_quality, shard_max_bytes: int = DEFAULT_SHARD_MAX_BYTES,
+                 subsampling: str = _NORMALIZE.jpeg_subsampling) -> None:
         if int(patch_size) <= 0:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
         if encoding not in ENCODINGS:

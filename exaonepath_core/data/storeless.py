@@ -23,8 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from exaonepath_core.data.patch_store import read_manifest, validate_slide_id
-from exaonepath_core.data.shard_dataset import SlideSelection
+from exaonepath_core.data.store_layout import SlideSelection, read_manifest, validate_slide_id
 from exaonepath_core.io import atomic
 
 STORELESS_FORMAT = "storeless"

@@ -9,9 +9,9 @@ Each carries its preprocessing (`PreprocessSpec`), applied batch-wise on uint8 t
 """
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from exaonepath_core.config import ConfigError, ProjectConfig, resolve_path
+from exaonepath_core.models.backbone_info import BackboneInfo, PreprocessSpec
+from exaonepath_core.models.peers import get_peer, load_peer
+from exaonepath_core.models.weights import (
+    CheckpointMismatchError,
+    load_state_dict_strict,
+    strip_key_prefixes,
+    torch_load,
+)
+
 EXAONEPATH_ARCH = "vit_base_patch16_224"
-# Prefixes written by DDP (`module.`), DINO's MultiCropWrapper (`backbone.`) and Lightning-style wrappers
-# (`model.`, `teacher.`); stripped (repeatedly, in any order) before the strict key comparison.
-ACCEPTED_KEY_PREFIXES = ("module.", "backbone.", "model.", "teacher.")
 
 
 def create_backbone(
@@ -55,46 +60,8 @@ def create_backbone(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Preprocessing description and its batched transform
+# The batched transform a backbone's PreprocessSpec describes
 # ----------------------------------------------------------------------------------------------------------
-@dataclass
-class PreprocessSpec:
-    """What a backbone expects: optional Macenko, shorter-side resize, centre crop, mean/std."""
-
-    resize: int
-    crop: int
-    macenko: bool = False
-    macenko_reference: dict | None = None  # MacenkoReference.to_dict(); None = MacenkoReference.default()
-    macenko_params: dict | None = None  # Io / alpha / beta of the per-patch estimate; None = 240 / 1 / 0.15
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        if self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
-        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
-            raise ValueError(f"unsupported interpolation {self.interpolation!r}")
-        self.mean = tuple(float(v) for v in self.mean)
-        self.std = tuple(float(v) for v in self.std)
-
-
-@dataclass
-class BackboneInfo:
-    """Identity and input contract of a loaded backbone (goes into every feature manifest)."""
-
-    name: str
-    embed_dim: int
-    input_size: int
-    preprocess: PreprocessSpec
-    source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form."""
-        return asdict(self)
-
-
 class BatchTransform:
     """uint8 (B,H,W,3) tensor -> normalized float (B,3,crop,crop); picklable, device-agnostic."""
 
@@ -147,74 +114,6 @@ def make_transform(info: BackboneInfo | PreprocessSpec) -> BatchTransform:
     return BatchTransform(spec)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Strict state-dict loading
-# ----------------------------------------------------------------------------------------------------------
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint's keys or shapes do not match the model; the message names every offending key."""
-
-
-def strip_key_prefixes(state_dict: Mapping[str, torch.Tensor],
-                       prefixes: tuple[str, ...] = ACCEPTED_KEY_PREFIXES) -> dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (`module.`, `backbone.`, ...) that every key shares."""
-    out = dict(state_dict)
-    changed = True
-    while changed and out:
-        changed = False
-        for prefix in prefixes:
-            if all(key.startswith(prefix) for key in out):
-                out = {key[len(prefix):]: value for key, value in out.items()}
-                changed = True
-    return out
-
-
-def raise_on_key_mismatch(header: str, missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> None:
-    """Raise `CheckpointMismatchError` under `header` listing every missing, unexpected and mis-shaped key, if any."""
-    if not (missing or unexpected or wrong_shape):
-        return
-    lines = [header]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if wrong_shape:
-        lines.append(f"  shape mismatches ({len(wrong_shape)}): {'; '.join(wrong_shape)}")
-    raise CheckpointMismatchError("\n".join(lines))
-
-
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
-                           assign: bool = False) -> None:
-    """Load with exact key and shape equality; raise `CheckpointMismatchError` listing every difference."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in set(expected) & set(state_dict)
-        if tuple(state_dict[key].shape) != tuple(expected[key].shape)
-    )
-    raise_on_key_mismatch(f"checkpoint {source} does not match {type(model).__name__}:", missing, unexpected,
-                          wrong_shape)
-    model.load_state_dict(state_dict, strict=True, assign=assign)
-
-
-def _torch_load(path: Path) -> Any:
-    """torch.load on CPU; weights_only first (safe), a clear error when the file is not a checkpoint."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path named
-        # torch's own message suggests weights_only=False, which would run arbitrary code from the file: the
-        # checkpoints this loader accepts hold tensors and plain containers only, so a file that needs it is not one
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointMismatchError(
-            f"cannot read {path} as a checkpoint of tensors and plain dicts (torch.load(weights_only=True) "
-            f"failed: {first_line}). Expected the official EXAONEPath.ckpt, a DINO checkpoint or a state_dict "
-            f"saved with torch.save; a truncated download or a non-PyTorch file gives this error."
-        ) from None
-
-
 def exaonepath_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The backbone state_dict inside an EXAONEPath/DINO checkpoint object.
 
@@ -247,7 +146,7 @@ def load_exaonepath_checkpoint(path: str | Path, arch: str = EXAONEPATH_ARCH) ->
     import timm
 
     path = Path(path)
-    state_dict = exaonepath_state_dict(_torch_load(path), source=str(path))
+    state_dict = exaonepath_state_dict(torch_load(path), source=str(path))
     # weights re-saved in fp16/bf16 would otherwise stay in that dtype (assign=True keeps the checkpoint's
     # tensors) and fail at the first float32 forward; features are computed in float32 (autocast may lower it)
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -285,8 +184,6 @@ def parse_backbone_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
         return {"kind": kind, "path": value}
     if kind == "peer":  # peer:NAME=PATH, or peer:NAME (weights from the local Hugging Face cache)
         name, _, path = value.partition("=")
-        from exaonepath_core.models.peers import get_peer
-
         try:
             get_peer(name)
         except KeyError as err:
@@ -332,7 +229,7 @@ def _load_timm(options: dict[str, Any]) -> tuple[nn.Module, BackboneInfo]:
         model = timm.create_model(model_name, **kwargs)
     weights = options.get("weights")
     if weights:
-        state_dict = strip_key_prefixes(exaonepath_state_dict(_torch_load(Path(weights)), source=str(weights)))
+        state_dict = strip_key_prefixes(exaonepath_state_dict(torch_load(Path(weights)), source=str(weights)))
         load_state_dict_strict(model, state_dict, source=str(weights))
     resize = int(options.get("resize", input_size))
     preprocess = PreprocessSpec(resize=resize, crop=input_size, macenko=bool(options.get("macenko", False)),
@@ -357,7 +254,7 @@ def _load_ours(options: dict[str, Any]) -> tuple[nn.Module, BackboneInfo]:
     if missing:
         raise ValueError(f"{meta_path} lacks {', '.join(missing)}")
     model = create_backbone(meta["arch"], img_size=int(meta["img_size"]), patch_size=int(meta["patch_size"]))
-    load_state_dict_strict(model, strip_key_prefixes(_torch_load(path)), source=str(path))
+    load_state_dict_strict(model, strip_key_prefixes(torch_load(path)), source=str(path))
     if int(model.num_features) != int(meta["embed_dim"]):
         raise ValueError(f"{meta_path}: embed_dim {meta['embed_dim']} but the model has {model.num_features}")
     # Trained on Macenko-normalized patches -> normalize the same way at inference.
@@ -374,8 +271,6 @@ def _load_ours(options: dict[str, Any]) -> tuple[nn.Module, BackboneInfo]:
 def load_backbone(spec: str | Mapping[str, Any]) -> tuple[nn.Module, BackboneInfo]:
     """Load any backbone from `exaonepath:PATH`, `timm:NAME`, `ours:PATH` or `peer:NAME[=PATH]` (or the dict
     form) in eval mode."""
-    from exaonepath_core.models.peers import load_peer
-
     options = parse_backbone_spec(spec)
     loader = {"exaonepath": _load_exaonepath, "timm": _load_timm, "ours": _load_ours,
               "peer": load_peer}[options["kind"]]
@@ -388,3 +283,63 @@ def load_backbone(spec: str | Mapping[str, Any]) -> tuple[nn.Module, BackboneInf
     for param in model.parameters():
         param.requires_grad_(False)
     return model, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config checks of backbone specs (features.extra_backbones), run by stages.config_checks before any stage
+# ----------------------------------------------------------------------------------------------------------
+BACKBONE_FORMS = ("'exaonepath:/path/EXAONEPath.ckpt'", "'ours:/path/teacher_backbone.pth'", "'timm:<model_name>'",
+                  "'peer:NAME=/path/to/weights' (NAME from exaonepath_core.models.peers.PEERS)")
+
+
+def resolve_backbone_spec(spec: str) -> dict[str, Any]:
+    """`parse_backbone_spec(spec)` with a checkpoint path made absolute as every config path is
+    (`resolve_path`: `~` expanded, relative to the repository root); ValueError for a malformed spec."""
+    options = parse_backbone_spec(spec)
+    if "path" in options:
+        options["path"] = str(resolve_path(options["path"]))
+    return options
+
+
+def check_backbone_spec(dotted: str, spec: str) -> None:
+    """ConfigError unless `spec` parses, its checkpoint (and for `ours:` the teacher_backbone.json beside it)
+    exists, and a `timm:` name is a timm architecture; what stage 04 would otherwise find after pretraining."""
+    try:
+        options = resolve_backbone_spec(spec)
+    except ValueError as err:
+        reason = "no kind: prefix" if ":" not in spec else str(err)
+        raise ConfigError(f"config key {dotted}: {spec!r} is not a backbone spec ({reason}); accepted forms: "
+                          f"{', '.join(BACKBONE_FORMS)}") from None
+    if options["kind"] == "peer":
+        # an explicit weights path must exist; `peer:NAME` alone (the local Hugging Face cache) may be absent:
+        # stage 04 then lists the peer as absent instead of stopping the run
+        if "path" in options and not Path(options["path"]).exists():
+            raise ConfigError(f"config key {dotted}: weights of {spec!r} not found: {options['path']} "
+                              "(a file, a Hugging Face snapshot or cache folder; relative paths are read from "
+                              "the repository root)")
+        return
+    if options["kind"] in ("exaonepath", "ours"):
+        # local checkpoints are never downloaded: a missing one can only fail later
+        path = Path(options["path"])
+        if not path.is_file():
+            raise ConfigError(f"config key {dotted}: checkpoint of {spec!r} not found: {path} is not a file "
+                              "(relative paths are read from the repository root)")
+        meta = path.with_name("teacher_backbone.json")
+        if options["kind"] == "ours" and not meta.is_file():
+            raise ConfigError(f"config key {dotted}: {spec!r} needs {meta} beside the weights (written with them "
+                              "by pretraining's export: arch, patch_size, img_size, embed_dim)")
+        return
+    import timm  # slow to import (seconds): only for a timm: entry
+
+    name = options["model_name"]
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise ConfigError(f"config key {dotted}: timm has no architecture named {name!r} in {spec!r} (see "
+                          f"timm.list_models(); pretrained tags such as '.augreg_in21k' are not accepted){hint}")
+
+
+def check_config(cfg: ProjectConfig) -> None:
+    """Every `features.extra_backbones` entry parses and its weights exist (`check_backbone_spec`)."""
+    for i, spec in enumerate(cfg.features.extra_backbones):
+        check_backbone_spec(f"features.extra_backbones[{i}]", spec)

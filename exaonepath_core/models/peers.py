@@ -21,16 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from exaonepath_core.models.backbones import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BackboneInfo,
+from exaonepath_core.models.backbone_info import IMAGENET_MEAN, IMAGENET_STD, BackboneInfo, PreprocessSpec
+from exaonepath_core.models.weights import (
     CheckpointMismatchError,
-    PreprocessSpec,
-    _torch_load,
     load_state_dict_strict,
     raise_on_key_mismatch,
     strip_key_prefixes,
+    torch_load,
 )
 
 LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)  # Lunit's own pathology statistics (benchmark-ssl-pathology)
@@ -404,7 +401,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             return dict(load_file(str(path), device="cpu"))
         except Exception as exc:  # noqa: BLE001 - re-raised with the path named
             raise CheckpointMismatchError(f"cannot read {path} as safetensors: {exc}") from None
-    return _torch_load(path)
+    return torch_load(path)
 
 
 def _unwrap(checkpoint: Any, peer: PeerModel, source: str) -> dict[str, torch.Tensor]:

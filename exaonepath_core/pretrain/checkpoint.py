@@ -12,12 +12,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from exaonepath_core.config import RESUME_MUTABLE_KEYS, ConfigError, PretrainConfig
 from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.io import atomic
 from exaonepath_core.models.backbones import create_backbone
 from exaonepath_core.pretrain import elastic, schedules
 from exaonepath_core.pretrain.runtime import Runtime
-from exaonepath_core.pretrain.training import RESUME_MUTABLE_KEYS, ConfigError, PretrainConfig
 from exaonepath_core.pretrain.view_params import sample_seed
 
 CHECKPOINT_NAME = "checkpoint.pth"

@@ -13,12 +13,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from exaonepath_core.config import ConfigError, PretrainConfig
 from exaonepath_core.pretrain.curves import plot_training_curves
 from exaonepath_core.pretrain.preemption import EXIT_PREEMPTED, Preempted
 from exaonepath_core.pretrain.runtime import OutputDirBusyError
 from exaonepath_core.pretrain.step import NonFiniteLossError
 from exaonepath_core.pretrain.train import train
-from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from exaonepath_core.config import ConfigError, PretrainConfig
 from exaonepath_core.data import patch_store
 from exaonepath_core.data.shard_dataset import open_patch_dataset
 from exaonepath_core.data.stain.augment import stain_augment_batch
 from exaonepath_core.data.stain.macenko import macenko_normalize_batch
 from exaonepath_core.pretrain.multicrop import MultiCropAugmentation
-from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 from exaonepath_core.pretrain.view_params import sample_seed
 
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exaonepath_core.data import patch_store
+
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The epoch's seeded permutation of `range(n)` (the one `patch_store.rank_indices` splits across ranks)."""
-    from exaonepath_core.data import patch_store
-
     return np.asarray(patch_store.rank_indices(n, 0, 1, seed, epoch), dtype=np.int64)
 
 

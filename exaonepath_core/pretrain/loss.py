@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as nnf
 from torch import nn
 
+from exaonepath_core.config import CENTERINGS, CLIP_MODES
+
 
 def dino_loss(
     student_out: torch.Tensor,
@@ -64,9 +66,6 @@ def dino_loss_from_targets(
             total = total + torch.sum(-q * student_logp[v], dim=-1).mean()
             n_terms += 1
     return total / n_terms
-
-
-CENTERINGS = ("center", "sinkhorn_knopp")
 
 
 def _distributed() -> bool:
@@ -123,9 +122,6 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
         dist.all_reduce(batch_sum)
         dist.all_reduce(rows)
     return center * momentum + (batch_sum / rows) * (1.0 - momentum)
-
-
-CLIP_MODES = ("per_parameter", "global")
 
 
 @torch.no_grad()

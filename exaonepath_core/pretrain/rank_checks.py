@@ -9,29 +9,14 @@ import re
 import signal
 from pathlib import Path
 
-from exaonepath_core.config import ConfigError
+from exaonepath_core.config import ConfigError, visible_gpu_count
 
-AUTO = "auto"
 TORCHRUN_LOG_DIR = "torchrun_logs"  # under an arm's folder: torchrun's per-rank stdout/stderr (--log-dir)
 
 # torchrun's failure summary: "rank      : 1 (local_rank: 1)" then "exitcode  : -9 (pid: 4836)"
 _SUMMARY_ROW = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 # its agent's log line, printed even when the summary is cut: "failed (exitcode: -9) local_rank: 1 (pid: ..."
 _AGENT_LINE = re.compile(r"failed \(exitcode:\s*(-?\d+)\)\s*local_rank:\s*(\d+)")
-
-
-def visible_gpu_count() -> int:
-    """GPUs this process may use (torch.cuda.device_count(): honours CUDA_VISIBLE_DEVICES); 0 without CUDA."""
-    import torch
-
-    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-
-
-def resolve_nproc_per_node(value: object) -> object:
-    """`auto` -> one process per visible GPU, 1 on a machine without one; anything else unchanged (typed later)."""
-    if isinstance(value, str) and value.strip().lower() == AUTO:
-        return max(1, visible_gpu_count())
-    return value
 
 
 def check_nproc_per_node(nproc_per_node: int, device: str, gpus: int | None = None) -> None:

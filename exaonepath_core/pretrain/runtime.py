@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from exaonepath_core.config import ConfigError, PretrainConfig
 from exaonepath_core.io import atomic, env_check
-from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 
 
 @dataclass

@@ -1,37 +1,9 @@
 """Per-step schedules (one value per optimisation step), indexed by the global step as in DINO."""
 from __future__ import annotations
 
-import math
-import re
-
 import numpy as np
 
-# A schedule length is a number of epochs (fractions allowed: 0.045 is 4.5% of one pass over the store) or an
-# explicit count of optimisation steps written "2500 steps" (steps of this run's global batch).
-_LENGTH_TEXT = re.compile(r"\s*(?P<value>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*(?P<unit>steps?|epochs?)\s*")
-
-
-def parse_length(key: str, value: float | str) -> tuple[float, str]:
-    """`value` of a schedule length as `(amount, unit)`, unit "epochs" or "steps"; ValueError names the key.
-
-    A number means epochs; a string is "N steps" (an integer) or "X epochs".
-    """
-    if isinstance(value, bool):
-        raise ValueError(  # noqa: TRY004 (config errors are ValueErrors here, whatever the wrong value)
-            f"{key} must be a number of epochs or a string 'N steps', got {value!r}")
-    if isinstance(value, (int, float)):
-        amount, unit = float(value), "epochs"
-    else:
-        match = _LENGTH_TEXT.fullmatch(str(value))
-        if match is None:
-            raise ValueError(f"{key} must be a number of epochs (e.g. 0.5) or a string like '2500 steps' or "
-                             f"'0.5 epochs', got {value!r}")
-        amount, unit = float(match["value"]), "steps" if match["unit"].startswith("step") else "epochs"
-        if unit == "steps" and not amount.is_integer():
-            raise ValueError(f"{key}: a step count must be a whole number, got {value!r}")
-    if not math.isfinite(amount) or amount < 0:
-        raise ValueError(f"{key} must be >= 0, got {value!r}")
-    return amount, unit
+from exaonepath_core.config import parse_length
 
 
 def length_in_steps(key: str, value: float | str, steps_per_epoch: int) -> int:

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from exaonepath_core.config import PRECISIONS, ConfigError, PretrainConfig
 from exaonepath_core.pretrain import head, loss
 from exaonepath_core.pretrain.runtime import world_size
-from exaonepath_core.pretrain.training import PRECISIONS, ConfigError, PretrainConfig
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from exaonepath_core.config import ConfigError, PretrainConfig
 from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.io import atomic
 from exaonepath_core.models.backbones import create_backbone
@@ -43,7 +44,6 @@ from exaonepath_core.pretrain.preemption import Preempted, StopRequest
 from exaonepath_core.pretrain.runtime import Runtime, init_distributed, prepare_run, sole_writer
 from exaonepath_core.pretrain.schedules import cosine_schedule_steps, warmup_then_constant_steps
 from exaonepath_core.pretrain.step import DINOTrainStep, NonFiniteLossError, make_optimizer, run_precision
-from exaonepath_core.pretrain.training import ConfigError, PretrainConfig
 
 
 def train(cfg: PretrainConfig, resume: bool = False, dataset: Dataset | None = None) -> dict[str, Any]:

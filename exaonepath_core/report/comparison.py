@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from exaonepath_core.config import resolve_backbone_spec
+from exaonepath_core.config import INPUT_ARMS
 from exaonepath_core.evaluation import collapse
 from exaonepath_core.evaluation.published import EXTRA_WSIS, PUBLISHED, SIX_TASKS
 from exaonepath_core.io import plotting
 from exaonepath_core.models import peers
-from exaonepath_core.pretrain.training import INPUT_ARMS
+from exaonepath_core.models.backbones import resolve_backbone_spec
 
 STATUS_COLUMNS = ["model", "title", "backbone", "status", "detail"]
 COMPARISON_COLUMNS = (["model", "title", "source", "backbone", "status"] + list(SIX_TASKS)

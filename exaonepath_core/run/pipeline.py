@@ -35,14 +35,14 @@ from exaonepath_core.config import (
     ProjectConfig,
     load_config,
     parse_override,
+    parse_shard,
     resolve_path,
-    save_config,
     shard_count,
 )
-from exaonepath_core.data.cohort import parse_shard
 from exaonepath_core.data.downstream.check import available_datasets
 from exaonepath_core.io.atomic import LockBusy, file_lock
-from exaonepath_core.stages import registry
+from exaonepath_core.io.config_file import save_config
+from exaonepath_core.stages import config_checks, registry
 from exaonepath_core.stages.registry import SPECS, STAGES, stage_config_hash, stage_key
 from exaonepath_core.stages.results import ResultsPaths, missing_upstream
 
@@ -243,7 +243,7 @@ def run_pipeline(
     log_output: bool = False,
 ) -> dict[str, str]:
     """Run the stages of a profile in order; returns {stage: 'ran'|'skipped'}; raises StageFailed."""
-    cfg = load_config(profile, overrides)
+    cfg = config_checks.load_checked_config(profile, overrides)
     if results_name:
         cfg.run_name = results_name  # the folder only: cfg.profile and cfg.strict_inputs keep the profile's values
     selected = list(STAGES)

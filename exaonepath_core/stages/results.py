@@ -10,6 +10,7 @@ from typing import Any
 
 from exaonepath_core.config import ProjectConfig, load_run_config, resolve_path
 from exaonepath_core.io import atomic
+from exaonepath_core.stages import config_checks
 from exaonepath_core.stages.registry import SPECS, STAGES, stage_key
 
 UNREADABLE_MARKER = "unreadable-marker"
@@ -133,7 +134,7 @@ def missing_upstream(cfg: ProjectConfig, paths: ResultsPaths, stage: str) -> lis
 def open_stage(stage: str, config_path: str = "", profile: str = "smoke") -> tuple[ProjectConfig, ResultsPaths]:
     """A stage notebook's set-up: its run's resolved config and paths; upstream stages must have finished."""
     key = stage_key(stage)
-    cfg = load_run_config(config_path, profile)
+    cfg = config_checks.validate(load_run_config(config_path, profile))
     paths = ResultsPaths.for_profile(cfg.results_name, cfg.results_root)
     missing = missing_upstream(cfg, paths, key)
     if missing:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from exaonepath_core.config import ProjectConfig, save_config
+from exaonepath_core.config import ProjectConfig, parse_shard
 from exaonepath_core.data import cohort
 from exaonepath_core.data.synthetic.plots import plot_cohort_examples
 from exaonepath_core.data.tiling.params import TilingParams
 from exaonepath_core.data.tiling.run import tile_cohort
 from exaonepath_core.io import atomic
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.report import stage_tables
 from exaonepath_core.stages.base import StageSpec
 
@@ -75,7 +76,7 @@ def run(cfg: ProjectConfig, paths, force: bool = False) -> TileResult:
     tiles_dir = out / params.folder_name()
     overrides = {p: cfg.data.mpp_override for p in slides.path} if cfg.data.mpp_override else None
     ledger = tile_cohort(list(slides.path), tiles_dir, params, workers=cfg.tiling.workers,
-                                shard=cohort.parse_shard(cfg.tiling.shard), force=force, mpp_overrides=overrides)
+                                shard=parse_shard(cfg.tiling.shard), force=force, mpp_overrides=overrides)
     atomic.write_json(out / "tiles.json", {"tiles_dir": str(tiles_dir), "params": params.folder_name()})
     summary = tiling_summary(slides, ledger)
     atomic.write_csv(summary, out / "tiling_summary.csv")

@@ -11,13 +11,15 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from exaonepath_core.config import ProjectConfig, pick_device, resolve_path, save_config
-from exaonepath_core.data import cohort, patch_store, storeless
+from exaonepath_core.config import ProjectConfig, parse_shard, pick_device, resolve_path
+from exaonepath_core.data import cohort, storeless
+from exaonepath_core.data.normalize_store import normalize_slides
 from exaonepath_core.data.stain.macenko import fit_reference, macenko_normalize_batch
 from exaonepath_core.data.stain.qc import plot_stain_qc
 from exaonepath_core.data.stain.reference import MacenkoReference
 from exaonepath_core.data.tiling.dataset import read_tiles, tile_sets, tile_sources
 from exaonepath_core.io import atomic
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.report import stage_tables
 from exaonepath_core.stages import s01_tile
 from exaonepath_core.stages.base import StageSpec
@@ -97,10 +99,10 @@ def write_stores(cfg: ProjectConfig, sources: list, out: Path, reference, force:
     """Every store of `normalize.stores` (a rerun skips finished slides; `force` redoes them): {mode: ledger}."""
     ledgers = {}
     for mode in cfg.normalize.stores:
-        ledgers[mode] = patch_store.normalize_slides(
+        ledgers[mode] = normalize_slides(
             sources, out / mode, mode=mode, reference=reference if mode == "macenko" else None,
             batch_size=cfg.normalize.batch_size, device=pick_device(cfg.device),
-            shard=cohort.parse_shard(cfg.normalize.shard), force=force,
+            shard=parse_shard(cfg.normalize.shard), force=force,
             macenko_params=cfg.normalize.macenko_params(), store_format=cfg.normalize.store_format,
             encoding=cfg.normalize.encoding, quality=cfg.normalize.jpeg_quality,
             jpeg_subsampling=cfg.normalize.jpeg_subsampling, shard_max_bytes=cfg.normalize.shard_max_mb << 20)

@@ -17,13 +17,19 @@ from typing import Any
 import numpy as np
 import yaml
 
-from exaonepath_core.config import REPO_ROOT, ProjectConfig, save_config
+from exaonepath_core.config import (
+    REPO_ROOT,
+    RESUME_MUTABLE_KEYS,
+    PretrainConfig,
+    ProjectConfig,
+    store_for_arm,
+)
 from exaonepath_core.data import cohort
 from exaonepath_core.io import atomic
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.pretrain import rank_checks
 from exaonepath_core.pretrain.curves import plot_training_curves
 from exaonepath_core.pretrain.launch import torchrun_command
-from exaonepath_core.pretrain.training import RESUME_MUTABLE_KEYS, PretrainConfig
 from exaonepath_core.stages import s01_tile, s02_normalize
 from exaonepath_core.stages.base import StageSpec, config_hash
 
@@ -56,10 +62,11 @@ def preflight(cfg: ProjectConfig) -> None:
 def write_pretrain_config(cfg: ProjectConfig, arm: str, normalize_dir: Path, out_dir: Path) -> Path:
     """The flat pretraining YAML of one arm: same settings and seed for every arm, only the input differs."""
     settings = dict(cfg.pretrain)
-    storeless = settings.get("data_source", "store") == "storeless"
+    data_source = cfg.pretrain_setting("data_source")
     # storeless tiles are raw: the macenko arm then normalizes them on the training device
-    on_the_fly = (bool(settings.get("normalize_on_the_fly", False)) or storeless) and arm == "macenko"
-    store = "storeless" if storeless else "macenko" if arm == "macenko" and not on_the_fly else "raw"
+    on_the_fly = arm == "macenko" and (bool(cfg.pretrain_setting("normalize_on_the_fly"))
+                                       or data_source == "storeless")
+    store = store_for_arm(arm, on_the_fly, data_source)
     slides_csv = Path(normalize_dir).parent / s01_tile.SPEC.folder / "slides.csv"
     heldout = []
     if slides_csv.is_file():

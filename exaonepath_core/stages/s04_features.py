@@ -11,11 +11,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from exaonepath_core.config import ProjectConfig, pick_device, resolve_backbone_spec, save_config
+from exaonepath_core.config import PretrainConfig, ProjectConfig, pick_device
 from exaonepath_core.evaluation import features
 from exaonepath_core.io import atomic
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.models import backbones, peers
-from exaonepath_core.pretrain.training import PretrainConfig
+from exaonepath_core.models.backbones import resolve_backbone_spec
 from exaonepath_core.report import stage_tables
 from exaonepath_core.stages import datasets as stage_datasets
 from exaonepath_core.stages import s01_tile, s02_normalize, s03_pretrain

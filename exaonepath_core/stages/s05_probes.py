@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from exaonepath_core.config import ProjectConfig, save_config
+from exaonepath_core.config import ProjectConfig
 from exaonepath_core.evaluation import probes
 from exaonepath_core.io import atomic
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.report import stage_tables
 from exaonepath_core.stages import s04_features
 from exaonepath_core.stages.base import StageSpec

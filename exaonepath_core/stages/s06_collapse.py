@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from exaonepath_core.config import ProjectConfig, save_config
+from exaonepath_core.config import ProjectConfig
 from exaonepath_core.data import cohort
 from exaonepath_core.evaluation import collapse, features
 from exaonepath_core.io import atomic
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.report import comparison, figures, stage_tables
 from exaonepath_core.stages import s01_tile, s04_features
 from exaonepath_core.stages.base import StageSpec

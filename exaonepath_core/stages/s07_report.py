@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from exaonepath_core.config import REPO_ROOT, ProjectConfig, pick_device, save_config
+from exaonepath_core.config import REPO_ROOT, ProjectConfig, pick_device
 from exaonepath_core.io import atomic
+from exaonepath_core.io.config_file import save_config
 from exaonepath_core.report import comparison, html_index, stage_tables
 from exaonepath_core.report.html_index import ReportItem
 from exaonepath_core.stages.base import StageSpec

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from exaonepath_core.config import INPUT_ARMS
 from exaonepath_core.evaluation import collapse
-from exaonepath_core.pretrain.training import INPUT_ARMS
 from exaonepath_core.report import stage_tables
 
 

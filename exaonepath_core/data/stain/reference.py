@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from exaonepath_core.config import DEFAULT_MACENKO_PARAMS
 from exaonepath_core.io import atomic
 
 DEFAULT_STAIN_MATRIX = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
 DEFAULT_MAX_CONCENTRATIONS = (1.9705, 1.0308)
-# Io / alpha / beta of the per-patch estimate as the paper (and torchstain) set them; every function of this
-# package takes its keyword defaults from here
-DEFAULT_MACENKO_PARAMS = {"Io": 240.0, "alpha": 1.0, "beta": 0.15}
+# Io / alpha / beta of the per-patch estimate as the paper (and torchstain) set them (config.DEFAULT_MACENKO_PARAMS,
+# one rule with normalize.Io/alpha/beta); every function of this package takes its keyword defaults from here
 IO = DEFAULT_MACENKO_PARAMS["Io"]
 ALPHA = DEFAULT_MACENKO_PARAMS["alpha"]
 BETA = DEFAULT_MACENKO_PARAMS["beta"]

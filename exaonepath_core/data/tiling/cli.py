@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from exaonepath_core.data.cohort import parse_shard
+from exaonepath_core.config import parse_shard
 from exaonepath_core.data.tiling.params import TilingParams, tiling_dir
 from exaonepath_core.data.tiling.run import list_slides, tile_cohort
 from exaonepath_core.io.slides import SLIDE_SUFFIXES

@@ -185,5 +185,5 @@ def tile_sets(slides: pd.DataFrame, tiles_dir: str | Path) -> list[TileSet]:
 
 
 def tile_sources(sets: list[TileSet], batch_size: int = 64) -> list[tuple[str, np.ndarray, Callable]]:
-    """(slide_id, coords, make_batch_iterator) per slide, the input of `patch_store.normalize_slides`."""
+    """(slide_id, coords, make_batch_iterator) per slide, the input of `normalize_store.normalize_slides`."""
     return [(ts.slide_id, ts.coords, partial(read_tiles, ts, batch_size=batch_size)) for ts in sets]

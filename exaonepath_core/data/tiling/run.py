@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from exaonepath_core.data.cohort import check_shard
+from exaonepath_core.config import check_shard
 from exaonepath_core.data.tiling import ledger
 from exaonepath_core.data.tiling.coords import coords_path
 from exaonepath_core.data.tiling.params import TilingParams

@@ -1,7 +1,8 @@
-"""The pretraining settings (`PretrainConfig`): every key of a DINO run, its defaults and its checks.
+"""The pretraining section: `PretrainConfig`, every setting of a DINO run with its one set of defaults.
 
-The training itself lives beside this module: `train` (set-up and loop), `step`, `datasets`, `checkpoint`, and the
-command line `python -m exaonepath_core.pretrain.cli`.
+`ProjectConfig.pretrain` holds the keys a profile sets (validated here at load time; the stage-03 hash covers
+just those, so a new default changes no hash), and `PretrainConfig.from_mapping` fills in the rest from the
+fields below: the defaults live in this class only (configs/paper.yaml writes the paper's values out).
 """
 from __future__ import annotations
 
@@ -13,11 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exaonepath_core import config
-from exaonepath_core.pretrain import loss, schedules
+import yaml
 
-INPUT_ARMS = ("raw", "macenko", "stain_augmentation")
-PRECISIONS = ("bf16", "fp16", "fp32")
+from exaonepath_core.config.values import ConfigError, check_value, describe_type
+from exaonepath_core.config.vocabulary import (
+    CENTERINGS,
+    CLIP_MODES,
+    DATA_SOURCES,
+    DEVICES,
+    INPUT_ARMS,
+    ON_CORRUPT,
+    PRECISIONS,
+    parse_length,
+)
+
 # settings a resumed run may change without breaking "same step, same schedules, same data order"
 RESUME_MUTABLE_KEYS = frozenset(
     {"max_steps", "output_dir", "num_workers", "saveckp_freq", "keep_numbered_checkpoints", "log_every",
@@ -25,13 +35,6 @@ RESUME_MUTABLE_KEYS = frozenset(
 )
 
 
-class ConfigError(config.ConfigError):
-    """A pretraining setting is unknown, mistyped or inconsistent."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class PretrainConfig:
     """Every setting of a DINO pretraining run (defaults: the DINO ViT recipe; the smoke profile overrides sizes)."""
@@ -54,7 +57,7 @@ class PretrainConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     # optimisation (lr is the base rate for a total batch of 256, scaled linearly as DINO)
     # epochs may be fractional (the same images seen on a store of another size); the three schedule lengths
-    # below take epochs (fractions allowed) or a step count written "2500 steps" (schedules.parse_length)
+    # below take epochs (fractions allowed) or a step count written "2500 steps" (config.vocabulary.parse_length)
     epochs: float = 100
     batch_size_per_gpu: int = 64
     lr: float = 0.0005
@@ -115,22 +118,22 @@ class PretrainConfig:
             raise ConfigError(f"input_arm must be one of {INPUT_ARMS}, got {self.input_arm!r}")
         if self.normalize_on_the_fly and self.input_arm != "macenko":
             raise ConfigError("normalize_on_the_fly applies to input_arm 'macenko' only (it reads a raw store)")
-        if self.data_source not in ("store", "storeless"):
+        if self.data_source not in DATA_SOURCES:
             raise ConfigError(f"data_source must be store or storeless, got {self.data_source!r}")
-        if self.store_on_corrupt not in ("raise", "skip"):
+        if self.store_on_corrupt not in ON_CORRUPT:
             raise ConfigError(f"store_on_corrupt must be raise or skip, got {self.store_on_corrupt!r}")
         if self.store_max_open_files < 1:
             raise ConfigError(f"store_max_open_files must be >= 1, got {self.store_max_open_files}")
-        if self.clip_grad_mode not in loss.CLIP_MODES:
-            raise ConfigError(f"clip_grad_mode must be one of {loss.CLIP_MODES}, got {self.clip_grad_mode!r}")
-        if self.centering not in loss.CENTERINGS:
-            raise ConfigError(f"centering must be one of {loss.CENTERINGS}, got {self.centering!r}")
+        if self.clip_grad_mode not in CLIP_MODES:
+            raise ConfigError(f"clip_grad_mode must be one of {CLIP_MODES}, got {self.clip_grad_mode!r}")
+        if self.centering not in CENTERINGS:
+            raise ConfigError(f"centering must be one of {CENTERINGS}, got {self.centering!r}")
         if self.precision not in ("auto", *PRECISIONS):
             raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
         if not self.use_amp and self.precision not in ("auto", "fp32"):
             raise ConfigError(f"use_amp is false but precision is {self.precision!r}: drop use_amp (superseded by "
                               "precision) or set precision: fp32")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("epochs", "batch_size_per_gpu", "out_dim", "global_crop_size", "local_crop_size",
                      "saveckp_freq", "log_every"):
@@ -138,7 +141,7 @@ class PretrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer"):
             try:
-                amount, unit = schedules.parse_length(name, getattr(self, name))
+                amount, unit = parse_length(name, getattr(self, name))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
             if name == "warmup_epochs" and unit == "epochs" and amount > self.epochs:
@@ -164,8 +167,6 @@ class PretrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> PretrainConfig:
         """Load a flat YAML mapping (an empty file gives the defaults)."""
-        import yaml
-
         if not Path(path).is_file():
             raise ConfigError(f"pretraining config not found: {path}")
         with open(path) as handle:
@@ -179,8 +180,6 @@ class PretrainConfig:
 
     def with_overrides(self, assignments: Sequence[str]) -> PretrainConfig:
         """A copy with `key=value` assignments applied (values parsed as YAML scalars/lists)."""
-        import yaml
-
         mapping = dataclasses.asdict(self)
         for assignment in assignments:
             key, sep, text = assignment.partition("=")
@@ -195,10 +194,39 @@ class PretrainConfig:
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
-    """Check a YAML value against a field's annotation (`config.check_value`: ints accepted where floats are
+    """Check a YAML value against a field's annotation (`check_value`: ints accepted where floats are
     expected, numbers written as strings converted)."""
     try:
-        return config.check_value(key, hint, value)
-    except config.ConfigError:
-        raise ConfigError(f"{key} must be {config.describe_type(hint)}, got {value!r}") from None
+        return check_value(key, hint, value)
+    except ConfigError:
+        raise ConfigError(f"{key} must be {describe_type(hint)}, got {value!r}") from None
 
+
+def pretrain_setting(section: dict[str, Any], key: str) -> Any:
+    """A pretraining setting of a profile's `pretrain` mapping: its value there, else `PretrainConfig`'s default
+    (the one place pretraining defaults are written)."""
+    if key in section:
+        return section[key]
+    default = _FIELDS[key]
+    return default.default_factory() if default.default is dataclasses.MISSING else default.default
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+
+
+def validate_pretrain_section(section: dict[str, Any]) -> None:
+    """Check the pretraining keys against `PretrainConfig`: unknown keys, types, and its own range checks."""
+    unknown = sorted(set(section) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(
+            "unknown config key(s): " + ", ".join(f"pretrain.{k}" for k in unknown)
+        )
+    hints = typing.get_type_hints(PretrainConfig)
+    for key, value in section.items():
+        section[key] = check_value(f"pretrain.{key}", hints[key], value)
+    if pretrain_setting(section, "num_workers") < 0:
+        raise ConfigError(f"config key pretrain.num_workers: must be >= 0, got {section['num_workers']!r}")
+    try:
+        PretrainConfig.from_mapping(section)  # its own checks: positive sizes, warmup <= epochs, choices
+    except ConfigError as err:
+        raise ConfigError(f"config section pretrain: {err}") from None
