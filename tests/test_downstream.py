@@ -395,8 +395,8 @@ def test_your_own_image_folders_load_as_a_folder_dataset(shared_data, tmp_path, 
     assert [clone[i][2] for i in range(len(clone))] == [subset[i][2] for i in range(len(subset))]
     cfg = load_config("smoke", {"data.downstream_roots": {"folder_crc3": str(root)}})
     assert cfg.data.downstream_roots == {"folder_crc3": str(root)}
-    with pytest.raises(ConfigError, match="folder_<task>"):
-        load_config("smoke", {"data.downstream_roots": {"folder_": str(root)}})
+    with pytest.raises(ConfigError, match="folder_<task>"):  # checked with the run's config (stages.config_checks)
+        load_checked_config("smoke", {"data.downstream_roots": {"folder_": str(root)}})
     assert cli.main(["check", "--dataset", "folder_crc3", "--root", str(root)]) == 0
     shutil.rmtree(root / "test" / "STR")
     with pytest.raises(base.DatasetLayoutError, match="missing class folder"):
