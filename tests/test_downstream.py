@@ -367,6 +367,7 @@ def test_gunzip_is_atomic(tmp_path):
 def test_your_own_image_folders_load_as_a_folder_dataset(shared_data, tmp_path, capsys):
     """`folder_<task>`: classes from train/'s sub-folders (sorted), test/ must match, config and check accept it."""
     from exaonepath_core.config import ConfigError, load_config
+    from exaonepath_core.stages.config_checks import load_checked_config
 
     source = shared_data / "patches" / "crc_val_he_7k_subset"
     root = tmp_path / "mine"
