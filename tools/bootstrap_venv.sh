@@ -97,6 +97,9 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
         echo "[bootstrap] pip install failed (full log: $VENV/pip-install.log)" >&2
         exit 1
     fi
+    # the editable build's leftover: with the repo root on sys.path (python -m from here) its copy of the
+    # metadata would be found before the installed one, and go stale when pyproject.toml changes
+    rm -rf "$ROOT/exaonepath_core.egg-info"
     if [ "$SYSTEM_SITE" = "1" ]; then
         AFTER="$("$VENV/bin/python" "$ROOT/tools/requirement_sets.py" torch-stack || true)"
         if [ "$AFTER" != "$ENV_TORCH" ]; then
