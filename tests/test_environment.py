@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -166,3 +167,113 @@ def test_bootstrap_refuses_an_unknown_install_mode_and_a_venv_of_the_other_kind(
     proc = _bootstrap(tmp_path, EXAONEPATH_SYSTEM_SITE_PACKAGES="1", EXAONEPATH_VENV=str(tmp_path / "plain"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{tmp_path / 'plain'} exists without --system-site-packages" in proc.stderr
+
+
+def _venv_site(python: Path) -> Path:
+    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    return Path(out.strip())
+
+
+def _fake_dist(site_dir: Path, name: str, version: str, module_source: str | None = None) -> None:
+    """A minimal installed distribution: its dist-info, as pip leaves it, and a module when given."""
+    if module_source is not None:
+        (site_dir / f"{name}.py").write_text(module_source)
+    info = site_dir / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_a_venv_made_from_a_venv_reaches_the_parents_site_packages_through_the_pth(tmp_path):
+    # `venv --system-site-packages` from inside a venv sees only the BASE interpreter's site: a module installed
+    # in the parent venv (where a cluster's torch would be) is invisible until the bootstrap writes the .pth
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(parent)], check=True, timeout=300)
+    parent_py = parent / "bin" / "python"
+    _fake_dist(_venv_site(parent_py), "triton", "9.9.1", "WHERE = 'parent'\n")
+    subprocess.run([str(parent_py), "-m", "venv", "--without-pip", "--system-site-packages", str(child)],
+                   check=True, timeout=300)
+    child_py, child_site = child / "bin" / "python", _venv_site(child / "bin" / "python")
+    probe = [str(child_py), "-c", "import triton; print(triton.WHERE)"]
+    assert subprocess.run(probe, check=False, capture_output=True, timeout=300).returncode != 0
+    tool = str(REPO_ROOT / "tools" / "requirement_sets.py")
+    said = subprocess.run([str(parent_py), tool, "parent-site", str(child_site)], check=True, capture_output=True,
+                          text=True, timeout=300).stdout
+    assert f"{parent} is a venv" in said and (child_site / requirement_sets.PARENT_SITE_PTH).is_file()
+    assert subprocess.run(probe, check=True, capture_output=True, text=True, timeout=300).stdout.strip() == "parent"
+    # the child's own copy wins over the parent's (the lock's packages over the environment's)
+    _fake_dist(child_site, "triton", "9.9.2", "WHERE = 'child'\n")
+    assert subprocess.run(probe, check=True, capture_output=True, text=True, timeout=300).stdout.strip() == "child"
+    # a second call with nothing new says nothing; a base interpreter as PYTHON removes the file
+    again = subprocess.run([str(parent_py), tool, "parent-site", str(child_site)], check=True, capture_output=True,
+                           text=True, timeout=300).stdout
+    assert again == ""
+    base = str(Path(sys.base_prefix) / "bin" / "python3")
+    subprocess.run([base, tool, "parent-site", str(child_site)], check=True, timeout=300)
+    assert not (child_site / requirement_sets.PARENT_SITE_PTH).exists()
+
+
+def test_torch_stack_lists_the_first_visible_copy_and_exits_3_without_torch(tmp_path):
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=300)
+    site_dir = _venv_site(env / "bin" / "python")
+    _fake_dist(site_dir, "triton", "9.9.1")
+    tool = [str(env / "bin" / "python"), str(REPO_ROOT / "tools" / "requirement_sets.py"), "torch-stack"]
+    proc = subprocess.run(tool, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == requirement_sets.EXIT_NO_TORCH, proc.stderr
+    assert proc.stdout.strip() == f"triton==9.9.1 {site_dir.resolve()}"
+
+
+def test_bootstrap_keep_your_torch_refuses_an_environment_without_torch(tmp_path):
+    # a base interpreter's venv with no torch in its (or its base's) site: the keep-your-torch path stops
+    # before installing anything, naming what to do
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(bare)], check=True,
+                   timeout=300)
+    if subprocess.run([str(bare / "bin" / "python"), "-c", "import torch"], check=False,
+                      capture_output=True, timeout=300).returncode == 0:
+        pytest.skip("the base interpreter has a torch of its own")
+    # the venv made beforehand as the bootstrap makes it, less pip (ensurepip alone takes a minute under load)
+    subprocess.run([str(bare / "bin" / "python"), "-m", "venv", "--without-pip", "--system-site-packages",
+                    str(tmp_path / "kyt")], check=True, timeout=300)
+    proc = _bootstrap(tmp_path, PYTHON=str(bare / "bin" / "python"), EXAONEPATH_SYSTEM_SITE_PACKAGES="1",
+                      EXAONEPATH_VENV=str(tmp_path / "kyt"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "keeps the environment's own torch, but" in proc.stderr and "sees none" in proc.stderr
+    assert not (tmp_path / "kyt" / "pip-install.log").exists()
+
+
+@pytest.mark.slow
+def test_bootstrap_keeps_the_environments_torch_and_exits_2_when_it_is_outside_the_range(tmp_path):
+    # The environment is this interpreter's own (a venv with torch, as a cluster's module/conda env would be):
+    # nothing needs downloading, since every lock package is already satisfied by it.
+    from importlib import metadata
+
+    import torch
+
+    torch_home = Path(torch.__file__).resolve().parent.parent
+    kyt = tmp_path / "kyt"
+    proc = _bootstrap(tmp_path, EXAONEPATH_SYSTEM_SITE_PACKAGES="1", EXAONEPATH_VENV=str(kyt))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"keeping the environment's own torch=={metadata.version('torch')} {torch_home}" in proc.stdout
+    assert "every dependency is inside its tested range" in proc.stdout and "[env_check] torch=" in proc.stdout
+    where = subprocess.run([str(kyt / "bin" / "python"), "-c", "import torch; print(torch.__file__)"], check=True,
+                           capture_output=True, text=True, timeout=300).stdout.strip()
+    assert Path(where).resolve().is_relative_to(torch_home), "torch was reinstalled into the new venv"
+    assert not list(_venv_site(kyt / "bin" / "python").glob("torch*")), "the torch stack came in again"
+    again = _bootstrap(tmp_path, EXAONEPATH_SYSTEM_SITE_PACKAGES="1", EXAONEPATH_VENV=str(kyt))
+    assert again.returncode == 0 and "installing" not in again.stdout, again.stdout + again.stderr
+    # An environment whose torchvision is older than the range: a venv on top of this one with an old
+    # torchvision's metadata first on its path. The bootstrap installs, then refuses with exit 2 naming it.
+    old_env = tmp_path / "old-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(old_env)], check=True, timeout=300)
+    old_py = old_env / "bin" / "python"
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "requirement_sets.py"), "parent-site",
+                    str(_venv_site(old_py))], check=True, timeout=300)
+    _fake_dist(_venv_site(old_py), "torchvision", "0.1.0")
+    old = _bootstrap(tmp_path, PYTHON=str(old_py), EXAONEPATH_SYSTEM_SITE_PACKAGES="1",
+                     EXAONEPATH_VENV=str(tmp_path / "kyt-old"))
+    assert old.returncode == 2, old.stdout + old.stderr
+    assert re.search(r"torchvision +installed 0\.1\.0 +tested >=\S+ +OUTSIDE the tested range", old.stdout)
+    assert "torchvision 0.1.0 (tested >=" in old.stderr and "EXAONEPATH_ALLOW_UNTESTED=1" in old.stderr
+    assert not (tmp_path / "kyt-old" / ".exaonepath-install-stamp").exists()

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Create or reuse a venv and install the project only when its dependency spec changed.
-# Sourced by run_all.sh and run_tests.sh; sets VENV and VENV_PY. A second run costs a hash and a file read.
+# Sourced by run_all.sh and run_tests.sh; sets VENV and VENV_PY. A second run costs a hash and a file read
+# (and, with EXAONEPATH_SYSTEM_SITE_PACKAGES=1, two short Python starts that list the environment's torch).
 #   default                             .venv with the exact, hashed set in requirements.lock
 #   EXAONEPATH_VENV=PATH                another venv folder
 #   EXAONEPATH_SYSTEM_SITE_PACKAGES=1   a venv that sees the environment's own torch (conda, module, container):
 #                                       the lock less torch/torchvision/CUDA wheels, then the range check
+#                                       (PYTHON=the environment's python; a venv's site-packages are reached too)
 #   EXAONEPATH_INSTALL=lowest           every range's lower bound (./run_tests.sh --lowest, .venv-lowest)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,8 +42,27 @@ elif [ "$SYSTEM_SITE" = "1" ] && ! grep -qi '^include-system-site-packages *= *t
          "remove it or name another folder with EXAONEPATH_VENV" >&2
     exit 2
 fi
-WANT="$( (cat "$ROOT/pyproject.toml" "$LOCK" "$ROOT/tools/bootstrap_venv.sh"; echo "$INSTALL_MODE $SYSTEM_SITE") \
-         | sha256sum | cut -d' ' -f1)"
+ENV_TORCH=""
+if [ "$SYSTEM_SITE" = "1" ]; then
+    # A venv made from a venv sees the BASE interpreter's site only, not the parent venv's (where its torch is):
+    # a .pth file adds the parent's (removed again when PYTHON is a base/conda/module interpreter).
+    "$PYTHON_BIN" "$ROOT/tools/requirement_sets.py" parent-site \
+        "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+    # the environment's torch stack is part of what was checked: a module/conda update re-runs the range check
+    STACK_RC=0
+    ENV_TORCH="$("$VENV/bin/python" "$ROOT/tools/requirement_sets.py" torch-stack)" || STACK_RC=$?
+    if [ "$STACK_RC" -ne 0 ] && [ "$STACK_RC" -ne 3 ]; then
+        echo "[bootstrap] listing the environment's torch with $VENV/bin/python failed (exit $STACK_RC, above)" >&2
+        exit 1
+    elif [ "$STACK_RC" -eq 3 ]; then
+        echo "[bootstrap] EXAONEPATH_SYSTEM_SITE_PACKAGES=1 keeps the environment's own torch, but $VENV/bin/python" \
+             "sees none (PYTHON=$PYTHON_BIN). Load the module / activate the env that has torch and set PYTHON" \
+             "to its python, or drop EXAONEPATH_SYSTEM_SITE_PACKAGES to install the lock's torch." >&2
+        exit 2
+    fi
+fi
+WANT="$( (cat "$ROOT/pyproject.toml" "$LOCK" "$ROOT/tools/bootstrap_venv.sh" "$ROOT/tools/requirement_sets.py"
+          echo "$INSTALL_MODE $SYSTEM_SITE $ENV_TORCH") | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     # A fresh install needs ~6.5 GB; pip's own "No space left on device" comes late and names no size.
     NEED_KB=$((7 * 1024 * 1024))
@@ -76,11 +97,27 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
         echo "[bootstrap] pip install failed (full log: $VENV/pip-install.log)" >&2
         exit 1
     fi
-    if [ "$SYSTEM_SITE" = "1" ] && ! "$VENV/bin/python" -m exaonepath_core.io.env_check \
-        && [ "${EXAONEPATH_ALLOW_UNTESTED:-0}" != "1" ]; then
-        echo "[bootstrap] the environment's packages above fall outside the tested ranges; fix them, or set" \
-             "EXAONEPATH_ALLOW_UNTESTED=1 to run anyway" >&2
-        exit 2
+    # the editable build's leftover: with the repo root on sys.path (python -m from here) its copy of the
+    # metadata would be found before the installed one, and go stale when pyproject.toml changes
+    rm -rf "$ROOT/exaonepath_core.egg-info"
+    if [ "$SYSTEM_SITE" = "1" ]; then
+        AFTER="$("$VENV/bin/python" "$ROOT/tools/requirement_sets.py" torch-stack || true)"
+        if [ "$AFTER" != "$ENV_TORCH" ]; then
+            echo "[bootstrap] the install changed the torch stack the environment provides (before / after):" >&2
+            printf '%s\n---\n%s\n' "$ENV_TORCH" "$AFTER" >&2
+            exit 1
+        fi
+        echo "[bootstrap] keeping the environment's own $(echo "$ENV_TORCH" | grep '^torch==')"
+        CHECK=0
+        "$VENV/bin/python" -m exaonepath_core.io.env_check || CHECK=$?
+        if [ "$CHECK" -eq 2 ] && [ "${EXAONEPATH_ALLOW_UNTESTED:-0}" != "1" ]; then
+            echo "[bootstrap] the environment's packages above fall outside the tested ranges; fix them, or set" \
+                 "EXAONEPATH_ALLOW_UNTESTED=1 to run anyway" >&2
+            exit 2
+        elif [ "$CHECK" -ne 0 ] && [ "$CHECK" -ne 2 ]; then
+            echo "[bootstrap] python -m exaonepath_core.io.env_check failed (exit $CHECK, reason above)" >&2
+            exit 1
+        fi
     fi
     "$VENV/bin/python" -m ipykernel install --sys-prefix --name exaonepath --display-name "Python (exaonepath)" >/dev/null
     echo "$WANT" > "$STAMP"

@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         names = ", ".join(f"{f.name} {f.installed or '(missing)'} (tested {f.specifier})" for f in problems)
         print(f"[env_check] {len(problems)} dependenc{'y' if len(problems) == 1 else 'ies'} outside the tested "
               f"ranges: {names}. The run may still work; results are only vouched for inside the ranges "
-              "(install them with: pip install -r requirements.lock, or adjust your environment).",
+              "(the tested set: pip install --require-hashes -r requirements.lock; to keep an environment's own "
+              "torch, load or install a torch/torchvision pair inside the ranges instead).",
               file=sys.stderr)
         return EXIT_OUTSIDE_RANGE
     print("[env_check] every dependency is inside its tested range")
