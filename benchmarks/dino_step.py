@@ -145,7 +145,8 @@ class DinoStep:
 class OurStep:
     """The production step, `step.DINOTrainStep`, as the training loop builds it for this device."""
 
-    def __init__(self, p: dict, device: torch.device, precision: str, compile_model: bool) -> None:
+    def __init__(self, p: dict, device: torch.device, precision: str, compile_model: bool,
+                 attention: str = "auto") -> None:
         torch.manual_seed(0)
         nets = []
         for _ in range(2):
@@ -163,6 +164,11 @@ class OurStep:
                                                 student_temp=HYPER["student_temp"], centering="center",
                                                 sinkhorn_iterations=3, clip_grad=HYPER["clip"],
                                                 precision=precision)
+        if attention == "fused" and self.step.attention == "math":  # the ablation: undo the step's CPU bf16 switch
+            for module in [*self.student.modules(), *self.teacher.modules()]:
+                if getattr(module, "fused_attn", None) is False:
+                    module.fused_attn = True
+            self.step.attention = "fused"
         self.center = torch.zeros(1, p["out_dim"], device=device)
 
     def __call__(self, images: list[torch.Tensor]) -> float:
@@ -210,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None, help="override the configuration's batch size")
     parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS])
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    parser.add_argument("--attention", default="auto", choices=["auto", "fused"],
+                        help="auto: the step's own choice (math attention on CPU bf16); fused: keep timm's SDPA")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--baseline-dir", type=Path, default=None, help="folder holding facebookresearch-dino/")
     args = parser.parse_args(argv)
@@ -238,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     ensure_process_group()
 
     crops = make_crops(p, device)
-    theirs, ours = DinoStep(p, modules, device), OurStep(p, device, precision, compile_model)
+    theirs, ours = DinoStep(p, modules, device), OurStep(p, device, precision, compile_model, args.attention)
     for _ in range(warmup):
         _timed(theirs, crops, device)
         _timed(ours, crops, device)
@@ -272,9 +280,11 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_step_cpu_s": [r[1] for r in our_runs],
         "dino_step_cpu_s": [r[1] for r in dino_runs],
         "ours_precision": precision,
+        "ours_attention": ours.step.attention,
         "dino_precision": "fp16 + GradScaler" if device.type == "cuda" else "fp32 (its autocast is CUDA-only)",
         "ours_features": "pretrain_step.DINOTrainStep: grouped crops, fused AdamW, foreach clipping and EMA, "
-                         f"{precision} autocast (last layer and loss fp32), no collectives in a world of one"
+                         f"{precision} autocast (last layer and loss fp32), {ours.step.attention} attention, "
+                         "no collectives in a world of one"
                          + (", torch.compile" if compile_model else ""),
         "torch": torch.__version__,
         "load_avg": list(os.getloadavg()),
@@ -284,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     print(f"model: {model} on {result['device']} (load {result['load_avg'][0]:.1f})")
     print(f"facebookresearch/dino step : {dino_ips:8.2f} img/s ({result['dino_precision']})")
-    print(f"ours (DINOTrainStep)       : {our_ips:8.2f} img/s ({precision})")
+    print(f"ours (DINOTrainStep)       : {our_ips:8.2f} img/s ({precision}, {ours.step.attention} attention)")
     print(f"ratio_vs_dino              : {result['ratio_vs_dino']:8.2f}x (CPU time per step: {cpu_ratio:.2f}x)")
     if args.json:
         write_json(args.json, result)

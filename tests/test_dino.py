@@ -778,3 +778,40 @@ def test_sync_free_step_skips_a_non_finite_update_and_stays_stopped():
                                                                         if not torch.equal(after[k], before[k])]
         assert torch.equal(center, center_before)
     assert not bool(step.healthy)
+
+
+def test_cpu_bf16_step_runs_math_attention_and_computes_the_same_step():
+    """On CPU under bf16 the step switches timm attention to the math path (the fused SDPA backward is several
+    times slower there); fp32 keeps the fused kernel. The switch changes the speed, not the function: the math
+    path's backbone output equals the fused kernel's in fp32, and the bf16 step's loss stays within bf16 rounding
+    of the fp32 step's (the fused bf16 kernel is as far off, in its own direction)."""
+    def build(precision: str):
+        torch.manual_seed(0)
+        nets = []
+        for _ in range(2):
+            backbone = create_backbone("vit_tiny_patch16_224", 16, 8)
+            nets.append(dino_head.MultiCropWrapper(backbone, dino_head.DINOHead(backbone.num_features, 32, 16, 8)))
+        student, teacher = nets
+        teacher.load_state_dict(student.state_dict())
+        teacher.requires_grad_(False)
+        step = pretrain_step.DINOTrainStep(student, student, teacher, pretrain_step.make_optimizer(student, True),
+                                           student_temp=0.1, centering="center", sinkhorn_iterations=3,
+                                           clip_grad=3.0, precision=precision)
+        return step, student
+
+    fp32_step, fp32_student = build("fp32")
+    assert fp32_step.attention == "fused"
+    assert all(m.fused_attn for m in fp32_student.modules() if hasattr(m, "fused_attn"))
+    math_step, math_student = build("bf16")
+    assert math_step.attention == "math"
+    flags = [m.fused_attn for m in math_student.modules() if hasattr(m, "fused_attn")]
+    assert flags and not any(flags)
+
+    gen = torch.Generator().manual_seed(3)
+    views = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(2)] + [torch.randn(4, 3, 8, 8, generator=gen)]
+    with torch.no_grad():  # same weights (seed 0), math path vs fused kernel, both fp32
+        torch.testing.assert_close(math_student.backbone(views[0]), fp32_student.backbone(views[0]),
+                                   rtol=1e-4, atol=1e-5)
+    kwargs = {"lr": 1e-3, "weight_decay": 0.04, "teacher_temp": 0.04, "momentum": 0.9, "freeze_last_layer": False}
+    reference = fp32_step(views, torch.zeros(1, 32), **kwargs).loss
+    assert math_step(views, torch.zeros(1, 32), **kwargs).loss == pytest.approx(reference, rel=3e-2)

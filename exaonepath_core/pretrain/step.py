@@ -85,6 +85,23 @@ def resolve_precision(precision: str, device: torch.device, use_amp: bool = True
 
 
 
+def use_math_attention_(model: nn.Module) -> int:
+    """Switch timm attention blocks (`fused_attn`) to the explicit q @ k^T, softmax, @ v path; returns how many.
+
+    On CPU under bf16 autocast, the fused `scaled_dot_product_attention` kernel's backward is 3-8x slower than the
+    math path at ViT token counts (2 threads, forward + backward of one attention call: 34 vs 10 ms at 32 x 3 heads
+    x 65 tokens, 223 vs 46 ms at 160 x 6 heads x 37 tokens) and took half of the step's time; the math path's
+    bmm runs bf16 on AMX / AVX-512 like the linears. `benchmarks/dino_step.py --attention fused` times the step
+    without this switch. fp32 (where the fused kernel is the faster) and CUDA keep the fused kernel.
+    """
+    count = 0
+    for module in model.modules():
+        if getattr(module, "fused_attn", None) is True:
+            module.fused_attn = False
+            count += 1
+    return count
+
+
 class DINOTrainStep:
     """One DINO optimisation step: both forwards, the loss, backward, clipping, AdamW, the EMA teacher.
 
@@ -100,6 +117,9 @@ class DINOTrainStep:
     weights or the teacher; the loop raises when it next reads the flag (every `log_every` steps and before every
     checkpoint). Other optimizers and fp16 (whose GradScaler owns `found_inf`) read the flag every step and
     return before backward, as before.
+
+    On CPU under bf16 the constructor switches the networks' timm attention to the math path
+    (`use_math_attention_`); `attention` says which path the step runs.
     """
 
     def __init__(
@@ -132,6 +152,10 @@ class DINOTrainStep:
         fused = bool(optimizer.defaults.get("fused"))
         self.sync_free = fused and self.scaler is None
         self.healthy = torch.ones((), dtype=torch.bool, device=parameter.device)
+        self.attention = "fused"
+        if self.device_type == "cpu" and self.precision == "bf16":
+            if use_math_attention_(student_net) + use_math_attention_(teacher_net):
+                self.attention = "math"
 
     def __call__(
         self,
