@@ -153,9 +153,9 @@ class DINOTrainStep:
         self.sync_free = fused and self.scaler is None
         self.healthy = torch.ones((), dtype=torch.bool, device=parameter.device)
         self.attention = "fused"
-        if self.device_type == "cpu" and self.precision == "bf16":
-            if use_math_attention_(student_net) + use_math_attention_(teacher_net):
-                self.attention = "math"
+        cpu_bf16 = self.device_type == "cpu" and self.precision == "bf16"
+        if cpu_bf16 and use_math_attention_(student_net) + use_math_attention_(teacher_net):
+            self.attention = "math"
 
     def __call__(
         self,
