@@ -165,9 +165,8 @@ class OurStep:
                                                 sinkhorn_iterations=3, clip_grad=HYPER["clip"],
                                                 precision=precision)
         if attention == "fused" and self.step.attention == "math":  # the ablation: undo the step's CPU bf16 switch
-            for module in [*self.student.modules(), *self.teacher.modules()]:
-                if getattr(module, "fused_attn", None) is False:
-                    module.fused_attn = True
+            pretrain_step.set_fused_attention_(self.student, True)
+            pretrain_step.set_fused_attention_(self.teacher, True)
             self.step.attention = "fused"
         self.center = torch.zeros(1, p["out_dim"], device=device)
 

@@ -738,9 +738,8 @@ def test_device_multicrop_path_never_reads_a_device_value_on_the_host():
         bool(views[0].sum() > 0)  # the check above is real: a host read on meta fails
 
 
-def test_sync_free_step_skips_a_non_finite_update_and_stays_stopped():
-    """Fused AdamW: a non-finite loss leaves weights, moments, step count, teacher and centre as they were, with
-    no host read in the step; later finite steps stay skipped until the loop reads the flag and stops."""
+def _tiny_vit_step(precision: str) -> tuple[pretrain_step.DINOTrainStep, nn.Module, nn.Module]:
+    """The production step over a ViT-Tiny/8 student and its teacher copy (seed 0), fused AdamW, 32-way head."""
     torch.manual_seed(0)
     nets = []
     for _ in range(2):
@@ -750,8 +749,15 @@ def test_sync_free_step_skips_a_non_finite_update_and_stays_stopped():
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     step = pretrain_step.DINOTrainStep(student, student, teacher, pretrain_step.make_optimizer(student, fused=True),
-                                  student_temp=0.1, centering="center", sinkhorn_iterations=3, clip_grad=3.0,
-                                  precision="fp32")
+                                       student_temp=0.1, centering="center", sinkhorn_iterations=3, clip_grad=3.0,
+                                       precision=precision)
+    return step, student, teacher
+
+
+def test_sync_free_step_skips_a_non_finite_update_and_stays_stopped():
+    """Fused AdamW: a non-finite loss leaves weights, moments, step count, teacher and centre as they were, with
+    no host read in the step; later finite steps stay skipped until the loop reads the flag and stops."""
+    step, student, teacher = _tiny_vit_step("fp32")
     assert step.sync_free
     views = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8)]
     kwargs = {"lr": 1e-3, "weight_decay": 0.04, "teacher_temp": 0.04, "momentum": 0.9, "freeze_last_layer": False}
@@ -785,24 +791,10 @@ def test_cpu_bf16_step_runs_math_attention_and_computes_the_same_step():
     times slower there); fp32 keeps the fused kernel. The switch changes the speed, not the function: the math
     path's backbone output equals the fused kernel's in fp32, and the bf16 step's loss stays within bf16 rounding
     of the fp32 step's (the fused bf16 kernel is as far off, in its own direction)."""
-    def build(precision: str):
-        torch.manual_seed(0)
-        nets = []
-        for _ in range(2):
-            backbone = create_backbone("vit_tiny_patch16_224", 16, 8)
-            nets.append(dino_head.MultiCropWrapper(backbone, dino_head.DINOHead(backbone.num_features, 32, 16, 8)))
-        student, teacher = nets
-        teacher.load_state_dict(student.state_dict())
-        teacher.requires_grad_(False)
-        step = pretrain_step.DINOTrainStep(student, student, teacher, pretrain_step.make_optimizer(student, True),
-                                           student_temp=0.1, centering="center", sinkhorn_iterations=3,
-                                           clip_grad=3.0, precision=precision)
-        return step, student
-
-    fp32_step, fp32_student = build("fp32")
+    fp32_step, fp32_student, _ = _tiny_vit_step("fp32")
     assert fp32_step.attention == "fused"
     assert all(m.fused_attn for m in fp32_student.modules() if hasattr(m, "fused_attn"))
-    math_step, math_student = build("bf16")
+    math_step, math_student, _ = _tiny_vit_step("bf16")
     assert math_step.attention == "math"
     flags = [m.fused_attn for m in math_student.modules() if hasattr(m, "fused_attn")]
     assert flags and not any(flags)
